@@ -1,0 +1,191 @@
+//! The one place bakery talks to AWS from: client construction (the `aws-config` default chain
+//! with the user's region, profile and endpoint overrides) and the single retry policy every
+//! call goes through. Service-specific wrappers live beside it, one file per service.
+
+pub mod ec2;
+
+use std::future::Future;
+use std::time::Duration;
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_smithy_types::retry::RetryConfig;
+use backon::{ExponentialBuilder, Retryable};
+
+/// How the user pointed bakery at AWS (global CLI options).
+#[derive(Debug, Clone, Default)]
+pub struct Target {
+    pub region: Option<String>,
+    pub profile: Option<String>,
+    pub endpoint_url: Option<String>,
+}
+
+/// Clients for every service bakery uses, sharing one configuration.
+#[derive(Clone, Debug)]
+pub struct Aws {
+    pub region: String,
+    pub ec2: aws_sdk_ec2::Client,
+    pub ssm: aws_sdk_ssm::Client,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "no AWS region is configured: pass --region, set AWS_REGION, or set `region` in your AWS profile"
+    )]
+    NoRegion,
+}
+
+impl Aws {
+    /// Loads the shared configuration: environment, profile (`--profile`), SSO, assume-role and
+    /// IMDS, as every AWS tool does. The SDK's own retries are turned off so that [`call`] is the
+    /// only retry policy (one budget, one place that logs a retry).
+    pub async fn connect(target: &Target) -> Result<Self, ConfigError> {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(RetryConfig::disabled());
+        if let Some(region) = &target.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        if let Some(profile) = &target.profile {
+            loader = loader.profile_name(profile);
+        }
+        if let Some(url) = &target.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        let config: SdkConfig = loader.load().await;
+        let region = config
+            .region()
+            .map(|r| r.to_string())
+            .ok_or(ConfigError::NoRegion)?;
+        Ok(Self {
+            region,
+            ec2: aws_sdk_ec2::Client::new(&config),
+            ssm: aws_sdk_ssm::Client::new(&config),
+        })
+    }
+}
+
+/// A failed AWS call, after retries: what was attempted, on what, and AWS's own code.
+#[derive(Debug, thiserror::Error)]
+#[error("{action} ({resource}) failed: {message}")]
+pub struct AwsError {
+    pub action: &'static str,
+    pub resource: String,
+    /// The AWS error code (`InvalidAMIID.NotFound`, ...), when the service answered with one.
+    pub code: Option<String>,
+    pub message: String,
+}
+
+impl AwsError {
+    pub fn code(&self) -> Option<&str> {
+        self.code.as_deref()
+    }
+
+    /// True when AWS says the thing does not exist (any `*.NotFound` / `*NotFound*` code).
+    pub fn is_not_found(&self) -> bool {
+        self.code().is_some_and(|c| c.contains("NotFound"))
+    }
+}
+
+/// Error codes AWS services use for throttling; retried with backoff.
+const THROTTLING_CODES: &[&str] = &[
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottledException",
+    "TooManyRequestsException",
+    "RequestLimitExceeded",
+    "RequestThrottled",
+    "SlowDown",
+    "PriorRequestNotComplete",
+    "EC2ThrottledException",
+];
+
+/// Error codes that mean "try again" without being throttling.
+const TRANSIENT_CODES: &[&str] = &[
+    "InternalError",
+    "InternalFailure",
+    "ServiceUnavailable",
+    "Unavailable",
+    "RequestTimeout",
+    "RequestTimeoutException",
+];
+
+/// The retry decision for one failed attempt.
+fn is_retryable<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> bool
+where
+    R: HttpStatus,
+{
+    match err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            true
+        }
+        SdkError::ServiceError(ctx) => {
+            let status = ctx.raw().status_code();
+            err.code()
+                .is_some_and(|c| THROTTLING_CODES.contains(&c) || TRANSIENT_CODES.contains(&c))
+                || (500..600).contains(&status)
+        }
+        _ => false,
+    }
+}
+
+/// Access to a raw response's status, so [`is_retryable`] can treat any 5xx as transient.
+pub trait HttpStatus {
+    fn status_code(&self) -> u16;
+}
+
+impl HttpStatus for aws_smithy_runtime_api::http::Response {
+    fn status_code(&self) -> u16 {
+        self.status().as_u16()
+    }
+}
+
+/// The retry policy: jittered exponential backoff from 200 ms, at most 5 s apart, for at most
+/// 9 attempts and about 30 s of sleeping. Long enough to ride out a throttling burst, short enough
+/// that a real outage surfaces while the user is still watching.
+pub fn backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_max_times(8)
+        .with_total_delay(Some(Duration::from_secs(30)))
+        .with_jitter()
+}
+
+/// Runs one AWS call under the retry policy and turns its final error into an [`AwsError`]
+/// naming `action` and `resource`.
+pub async fn call<T, E, F, Fut>(
+    action: &'static str,
+    resource: impl Into<String>,
+    f: F,
+) -> Result<T, AwsError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, SdkError<E, aws_smithy_runtime_api::http::Response>>>,
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let resource = resource.into();
+    f.retry(backoff())
+        .sleep(tokio::time::sleep)
+        .when(is_retryable)
+        .notify(|err, after| {
+            tracing::warn!(
+                action,
+                resource = %resource,
+                code = err.code().unwrap_or("-"),
+                retry_in_ms = after.as_millis() as u64,
+                "AWS call failed; retrying"
+            );
+        })
+        .await
+        .map_err(|err| AwsError {
+            action,
+            resource: resource.clone(),
+            code: err.code().map(str::to_string),
+            message: match err.message() {
+                Some(m) => format!("{}: {m}", err.code().unwrap_or("error")),
+                None => DisplayErrorContext(&err).to_string(),
+            },
+        })
+}

@@ -1,0 +1,994 @@
+//! The bake pipeline: from a validated recipe to an AMI, leaving nothing behind.
+//!
+//! resolve source -> key pair + security group (in parallel) -> launch -> wait for SSH and
+//! verify the host key -> provisioners -> stop -> create image -> wait available -> release the
+//! temporaries -> manifest. Each temporary resource is pushed on the [`undo::UndoStack`] before
+//! it is created; [`run`] releases the stack whatever happens, Ctrl-C included.
+
+pub mod manifest;
+pub mod undo;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use tokio::sync::Mutex;
+
+use crate::aws::{ec2, Aws, AwsError};
+use crate::comm::ssh::{HostKeyPolicy, SshSession, SshTarget};
+use crate::comm::{hostkey, keys, CommError, LineSink};
+use crate::output::{Event, Reporter};
+use crate::recipe::{
+    Communicator, Interface, Provisioner, Recipe, ShellBody, ShellProvisioner, SourceAmi,
+};
+use crate::wait::{self, Poll, Probe};
+use manifest::{Manifest, Step};
+use undo::{Temp, UndoStack, BUILD_ID_TAG};
+
+/// Temporary resources carry this tag so `bakery gc` and people can tell them apart.
+pub const TEMPORARY_TAG: &str = "bakery:temporary";
+/// When a temporary resource may be collected even if its bake still looks alive.
+pub const EXPIRES_TAG: &str = "bakery:expires-at";
+/// Lifetime written in the expiry tag: longer than any sane bake.
+const TEMPORARY_TTL: Duration = Duration::from_secs(6 * 3600);
+/// How long to wait for a launched instance to be `running` with an address.
+const RUNNING_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+/// How long to wait for a stopped instance.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// Per-attempt TCP connect timeout while waiting for SSH.
+const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnError {
+    /// Remove every temporary resource (the default).
+    Cleanup,
+    /// Keep them for debugging and print how to remove them.
+    Abort,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub on_error: OnError,
+    pub trust_host_key_on_first_use: bool,
+    pub manifest_path: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BakeError {
+    #[error("source AMI {0}: not found (check the id and the region, or that your account may use it)")]
+    SourceNotFound(String),
+    #[error("source AMI {id} is {state}, not available; pick an available image")]
+    SourceNotAvailable { id: String, state: String },
+    #[error("no AMI matches owners {owners:?} and name {name:?}; check the pattern with `aws ec2 describe-images --owners ... --filters Name=name,Values=...`")]
+    NoSourceMatch { owners: Vec<String>, name: String },
+    #[error("SSM parameter {0} holds no AMI id")]
+    BadSsmParameter(String),
+    #[error("an AMI named {name:?} already exists ({id}); change [image] name (add {{{{timestamp}}}}) or deregister it")]
+    ImageNameTaken { name: String, id: String },
+    #[error("subnet {0} not found in this region; check [instance] subnet")]
+    SubnetNotFound(String),
+    #[error("the recipe names no subnet and the region has no default subnet; set [instance] subnet")]
+    NoSubnet,
+    #[error("instance {id} has no {interface} to connect to; set [communicator] interface (e.g. \"private_ip\") or host")]
+    NoAddress { id: String, interface: &'static str },
+    #[error("instance {id} went {state} while waiting for it to run")]
+    InstanceDied { id: String, state: String },
+    #[error(transparent)]
+    Aws(#[from] AwsError),
+    #[error("{0}")]
+    Wait(String),
+    #[error("SSH to {host} never came up: {detail}")]
+    SshUnavailable { host: String, detail: String },
+    #[error("instance {id}: its console output shows no host key fingerprints after {waited:?}; \
+             bakery cannot verify the SSH server. If the image does not print them (no cloud-init), \
+             pass --trust-host-key-on-first-use")]
+    NoFingerprints { id: String, waited: Duration },
+    #[error(transparent)]
+    HostKey(CommError),
+    #[error("provisioner {label} failed with {status}; last output:\n{}", .tail.join("\n"))]
+    ProvisionerFailed {
+        label: String,
+        status: String,
+        tail: Vec<String>,
+    },
+    #[error("provisioner {label}: {source}")]
+    ProvisionerError { label: String, source: CommError },
+    #[error("image {id} ended {state}{}", .reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default())]
+    ImageFailed {
+        id: String,
+        state: String,
+        reason: Option<String>,
+    },
+    #[error("{0}")]
+    Key(#[from] keys::KeyError),
+    #[error("writing the manifest {path}: {source}")]
+    Manifest {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("interrupted by {0}")]
+    Interrupted(&'static str),
+}
+
+impl BakeError {
+    /// The process exit code for this failure (see the README's table).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            BakeError::ProvisionerFailed { .. } | BakeError::ProvisionerError { .. } => 3,
+            BakeError::HostKey(_) | BakeError::NoFingerprints { .. } => 4,
+            BakeError::Interrupted("SIGINT") => 130,
+            BakeError::Interrupted(_) => 143,
+            BakeError::SourceNotFound(_)
+            | BakeError::SourceNotAvailable { .. }
+            | BakeError::NoSourceMatch { .. }
+            | BakeError::BadSsmParameter(_)
+            | BakeError::ImageNameTaken { .. }
+            | BakeError::SubnetNotFound(_)
+            | BakeError::NoSubnet => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// What a finished bake produced, and whether its cleanup was complete.
+pub struct Outcome {
+    pub result: Result<Manifest, BakeError>,
+    pub cleanup_failures: Vec<undo::CleanupFailure>,
+    /// Resources deliberately kept (`--on-error=abort`) or left by an aborted cleanup.
+    pub left_behind: Vec<Temp>,
+}
+
+/// Bakes `recipe`, then releases every temporary resource (unless `--on-error=abort` and the
+/// bake failed). SIGINT/SIGTERM interrupt the bake and run the cleanup; a second signal aborts
+/// the cleanup and reports what is left.
+pub async fn run(aws: &Aws, recipe: &Recipe, opts: &Options, reporter: &Reporter) -> Outcome {
+    let build_id = new_build_id();
+    let undo = Arc::new(Mutex::new(UndoStack::default()));
+    let cancel = Arc::new(AtomicBool::new(false));
+    let mut signals = Signals::new();
+    reporter.emit(Event::BuildStarted {
+        build_id: build_id.clone(),
+        recipe: recipe.path.display().to_string(),
+        region: aws.region.clone(),
+    });
+    let bake = Bake {
+        aws,
+        recipe,
+        opts,
+        reporter,
+        build_id: build_id.clone(),
+        undo: undo.clone(),
+        cancel: cancel.clone(),
+        steps: std::sync::Mutex::new(Vec::new()),
+        started: OffsetDateTime::now_utc(),
+        clock: Instant::now(),
+    };
+    let result = tokio::select! {
+        r = bake.run() => r,
+        sig = signals.next() => {
+            cancel.store(true, Ordering::SeqCst);
+            Err(BakeError::Interrupted(sig))
+        }
+    };
+    if let Err(e) = &result {
+        reporter.emit(Event::BuildFailed {
+            error: format!("{e}"),
+            exit_code: e.exit_code(),
+        });
+    }
+    let mut stack = std::mem::take(&mut *undo.lock().await);
+    if result.is_ok() {
+        stack.keep_images();
+    }
+    if result.is_err() && opts.on_error == OnError::Abort {
+        for t in stack.items() {
+            reporter.emit(Event::ResourceKept {
+                kind: t.kind().into(),
+                id: t.label(),
+                remove_with: t.removal_hint(&aws.region),
+            });
+        }
+        return Outcome {
+            result,
+            cleanup_failures: Vec::new(),
+            left_behind: stack.items().to_vec(),
+        };
+    }
+    let (cleanup_failures, left_behind) = cleanup(aws, stack, reporter, &mut signals).await;
+    Outcome {
+        result,
+        cleanup_failures,
+        left_behind,
+    }
+}
+
+async fn cleanup(
+    aws: &Aws,
+    mut stack: UndoStack,
+    reporter: &Reporter,
+    signals: &mut Signals,
+) -> (Vec<undo::CleanupFailure>, Vec<Temp>) {
+    if stack.is_empty() {
+        return (Vec::new(), Vec::new());
+    }
+    reporter.emit(Event::StepStarted {
+        step: "cleanup".into(),
+    });
+    let mut failures = Vec::new();
+    while let Some(t) = stack.pop() {
+        let released = tokio::select! {
+            r = undo::release(&aws.ec2, &t, reporter) => r,
+            _ = signals.next() => {
+                // Second signal: stop cleaning, say exactly what is left and how to remove it.
+                let mut left = stack.items().to_vec();
+                left.push(t);
+                for l in &left {
+                    reporter.emit(Event::ResourceKept {
+                        kind: l.kind().into(),
+                        id: l.label(),
+                        remove_with: l.removal_hint(&aws.region),
+                    });
+                }
+                return (failures, left);
+            }
+        };
+        if let Err(e) = released {
+            reporter.emit(Event::CleanupFailed {
+                kind: t.kind().into(),
+                id: t.label(),
+                error: e.to_string(),
+            });
+            failures.push(undo::CleanupFailure {
+                kind: t.kind(),
+                id: t.label(),
+                error: e.to_string(),
+            });
+        }
+    }
+    (failures, Vec::new())
+}
+
+/// SIGINT and SIGTERM as one stream.
+struct Signals {
+    int: Option<tokio::signal::unix::Signal>,
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        Self {
+            int: signal(SignalKind::interrupt()).ok(),
+            term: signal(SignalKind::terminate()).ok(),
+        }
+    }
+
+    async fn next(&mut self) -> &'static str {
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = recv(&mut self.int) => "SIGINT",
+            _ = recv(&mut self.term) => "SIGTERM",
+        }
+    }
+}
+
+fn new_build_id() -> String {
+    let now = OffsetDateTime::now_utc();
+    format!(
+        "{:04}{:02}{:02}{:02}{:02}{:02}-{}",
+        now.year(),
+        now.month() as u8,
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second(),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+/// The state of one bake in progress.
+struct Bake<'a> {
+    aws: &'a Aws,
+    recipe: &'a Recipe,
+    opts: &'a Options,
+    reporter: &'a Reporter,
+    build_id: String,
+    undo: Arc<Mutex<UndoStack>>,
+    cancel: Arc<AtomicBool>,
+    steps: std::sync::Mutex<Vec<Step>>,
+    started: OffsetDateTime,
+    clock: Instant,
+}
+
+impl Bake<'_> {
+    /// Times `f` as the named step, for progress and the manifest.
+    async fn step<T, F>(&self, name: &str, f: F) -> Result<T, BakeError>
+    where
+        F: std::future::Future<Output = Result<T, BakeError>>,
+    {
+        self.reporter.emit(Event::StepStarted { step: name.into() });
+        let started_at = rfc3339(OffsetDateTime::now_utc());
+        let t = Instant::now();
+        let r = f.await;
+        let duration_s = t.elapsed().as_secs_f64();
+        if r.is_ok() {
+            self.reporter.emit(Event::StepFinished {
+                step: name.into(),
+                duration_s,
+            });
+        }
+        self.steps.lock().unwrap().push(Step {
+            name: name.into(),
+            started_at,
+            duration_s,
+        });
+        r
+    }
+
+    fn info(&self, step: &str, message: String) {
+        self.reporter.emit(Event::Info {
+            step: step.into(),
+            message,
+        });
+    }
+
+    fn created(&self, kind: &str, id: &str) {
+        self.reporter.emit(Event::ResourceCreated {
+            kind: kind.into(),
+            id: id.into(),
+        });
+    }
+
+    fn temporary_tags(&self, name: &str) -> ec2::Tags {
+        let expires = OffsetDateTime::now_utc() + TEMPORARY_TTL;
+        BTreeMap::from([
+            ("Name".to_string(), name.to_string()),
+            (BUILD_ID_TAG.to_string(), self.build_id.clone()),
+            (TEMPORARY_TAG.to_string(), "true".to_string()),
+            (EXPIRES_TAG.to_string(), rfc3339(expires)),
+        ])
+    }
+
+    async fn run(&self) -> Result<Manifest, BakeError> {
+        let ec2c = &self.aws.ec2;
+        let recipe = self.recipe;
+        let Communicator::Ssh(ssh) = &recipe.communicator;
+        let timestamp = {
+            let n = self.started;
+            format!(
+                "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+                n.year(),
+                n.month() as u8,
+                n.day(),
+                n.hour(),
+                n.minute(),
+                n.second()
+            )
+        };
+        let image_name = recipe.image_name(&timestamp, &self.build_id);
+
+        let source = self.step("resolve_source", self.resolve_source()).await?;
+        self.info(
+            "resolve_source",
+            format!("{} ({})", source.id, source.name),
+        );
+        if let Some(existing) = ec2::image_named(ec2c, &image_name).await? {
+            return Err(BakeError::ImageNameTaken {
+                name: image_name,
+                id: existing.id,
+            });
+        }
+        let subnet = match &recipe.instance.subnet {
+            Some(id) => ec2::subnet(ec2c, id)
+                .await?
+                .ok_or_else(|| BakeError::SubnetNotFound(id.clone()))?,
+            None => ec2::default_subnet(ec2c).await?.ok_or(BakeError::NoSubnet)?,
+        };
+
+        let name = format!("bakery-{}", self.build_id);
+        let (key, group) = self
+            .step("prepare", async {
+                tokio::try_join!(self.make_key_pair(&name), self.make_security_group(&name, &subnet, ssh))
+            })
+            .await?;
+
+        let instance_id = self
+            .step("launch", async {
+                self.undo.lock().await.push(Temp::Instances {
+                    build_id: self.build_id.clone(),
+                });
+                let mut groups = recipe.instance.security_groups.clone();
+                groups.extend(group);
+                let spec = ec2::LaunchSpec {
+                    image_id: source.id.clone(),
+                    instance_type: recipe.instance.instance_type.clone(),
+                    subnet_id: subnet.id.clone(),
+                    security_group_ids: groups,
+                    key_name: Some(name.clone()),
+                    instance_profile: recipe.instance.instance_profile.clone(),
+                    associate_public_ip: recipe.instance.associate_public_ip,
+                    root_device_name: source.root_device_name.clone(),
+                    root_volume: recipe.instance.root_volume.clone(),
+                    client_token: self.build_id.clone(),
+                    tags: self.temporary_tags(&name),
+                };
+                let id = ec2::run_instance(ec2c, &spec).await?;
+                self.created("instance", &id);
+                Ok(id)
+            })
+            .await?;
+
+        let instance = self
+            .step("wait_running", self.wait_running(&instance_id))
+            .await?;
+        let host = match &ssh.host {
+            Some(h) => h.clone(),
+            None => address(&instance, ssh.interface)?,
+        };
+        self.info("wait_running", format!("{instance_id} at {host}"));
+
+        let target = SshTarget {
+            host: host.clone(),
+            port: ssh.port,
+            user: ssh.user.clone(),
+            public_key: key.public_openssh.clone(),
+            private_key: key.private_openssh.clone(),
+        };
+        let mut session = self
+            .step("connect", self.connect(&instance_id, target, ssh.connect_timeout))
+            .await?;
+
+        for (i, p) in recipe.provisioners.iter().enumerate() {
+            let label = p.label(i);
+            session = self
+                .step(&format!("provision: {label}"), self.provision(session, p, &label, ssh.connect_timeout))
+                .await?;
+        }
+        drop(session);
+
+        if !recipe.image.no_reboot {
+            self.step("stop", async {
+                ec2::stop_instance(ec2c, &instance_id).await?;
+                self.wait_state(&instance_id, "stopped", STOP_TIMEOUT).await
+            })
+            .await?;
+        }
+
+        let image = self
+            .step("create_image", async {
+                self.undo.lock().await.push(Temp::Images {
+                    build_id: self.build_id.clone(),
+                });
+                let mut tags = recipe.image.tags.clone();
+                tags.insert(BUILD_ID_TAG.into(), self.build_id.clone());
+                tags.insert("bakery:source-ami".into(), source.id.clone());
+                tags.insert("bakery:recipe-sha256".into(), recipe.sha256.clone());
+                let id = ec2::create_image(
+                    ec2c,
+                    &instance_id,
+                    &image_name,
+                    recipe.image.description.as_deref(),
+                    // Already stopped unless the recipe asked not to reboot.
+                    true,
+                    &tags,
+                )
+                .await?;
+                self.created("image", &id);
+                let image = self.wait_image(&id, recipe.image.timeout).await?;
+                let mut snap_tags = recipe.image.snapshot_tags.clone();
+                snap_tags.insert(BUILD_ID_TAG.into(), self.build_id.clone());
+                snap_tags.insert("bakery:image".into(), id.clone());
+                ec2::create_tags(ec2c, &image.snapshot_ids, &snap_tags).await?;
+                Ok(image)
+            })
+            .await?;
+
+        // Release the temporaries now, as a timed step; `run` releases whatever is left.
+        self.step("cleanup_temporaries", async {
+            loop {
+                let next = {
+                    let mut stack = self.undo.lock().await;
+                    stack.keep_images();
+                    stack.pop()
+                };
+                let Some(t) = next else { break };
+                if let Err(e) = undo::release(ec2c, &t, self.reporter).await {
+                    // Put it back so the final cleanup retries and reports it.
+                    self.undo.lock().await.push(t);
+                    return Err(e.into());
+                }
+            }
+            Ok(())
+        })
+        .await?;
+
+        let finished = OffsetDateTime::now_utc();
+        let manifest = Manifest {
+            bakery_version: env!("CARGO_PKG_VERSION").into(),
+            build_id: self.build_id.clone(),
+            recipe: recipe.path.display().to_string(),
+            recipe_sha256: recipe.sha256.clone(),
+            region: self.aws.region.clone(),
+            source_ami: source.id.clone(),
+            ami_id: image.id.clone(),
+            ami_name: image.name.clone(),
+            snapshot_ids: image.snapshot_ids.clone(),
+            started_at: rfc3339(self.started),
+            finished_at: rfc3339(finished),
+            duration_s: self.clock.elapsed().as_secs_f64(),
+            steps: self.steps.lock().unwrap().clone(),
+        };
+        if let Some(path) = &self.opts.manifest_path {
+            manifest.write(path).map_err(|source| BakeError::Manifest {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(manifest)
+    }
+
+    async fn resolve_source(&self) -> Result<ec2::ImageInfo, BakeError> {
+        let ec2c = &self.aws.ec2;
+        let image = match &self.recipe.source {
+            SourceAmi::Id(id) => ec2::describe_image(ec2c, id)
+                .await?
+                .ok_or_else(|| BakeError::SourceNotFound(id.clone()))?,
+            SourceAmi::Filter {
+                owners,
+                name,
+                most_recent,
+            } => {
+                let found = ec2::find_images(ec2c, owners, name).await?;
+                let pick = if *most_recent {
+                    found.into_iter().next()
+                } else if found.len() == 1 {
+                    found.into_iter().next()
+                } else {
+                    None
+                };
+                pick.ok_or_else(|| BakeError::NoSourceMatch {
+                    owners: owners.clone(),
+                    name: name.clone(),
+                })?
+            }
+            SourceAmi::SsmParameter(path) => {
+                let id = self.ssm_parameter(path).await?;
+                ec2::describe_image(ec2c, &id)
+                    .await?
+                    .ok_or(BakeError::SourceNotFound(id))?
+            }
+        };
+        if image.state != "available" {
+            return Err(BakeError::SourceNotAvailable {
+                id: image.id,
+                state: image.state,
+            });
+        }
+        Ok(image)
+    }
+
+    async fn ssm_parameter(&self, path: &str) -> Result<String, BakeError> {
+        let ssm = &self.aws.ssm;
+        let out = crate::aws::call("ssm:GetParameter", path, || {
+            ssm.get_parameter().name(path).send()
+        })
+        .await?;
+        out.parameter()
+            .and_then(|p| p.value())
+            .filter(|v| v.starts_with("ami-"))
+            .map(str::to_string)
+            .ok_or_else(|| BakeError::BadSsmParameter(path.to_string()))
+    }
+
+    async fn make_key_pair(&self, name: &str) -> Result<keys::KeyPair, BakeError> {
+        let key = keys::generate(name)?;
+        self.undo.lock().await.push(Temp::KeyPair { name: name.into() });
+        ec2::import_key_pair(&self.aws.ec2, name, &key.public_openssh, &self.temporary_tags(name))
+            .await?;
+        self.created("key pair", name);
+        Ok(key)
+    }
+
+    /// A group admitting SSH only from `allowed_cidr`, or else from this machine's own address
+    /// toward the subnet. `None` when the recipe brings its own groups.
+    async fn make_security_group(
+        &self,
+        name: &str,
+        subnet: &ec2::SubnetInfo,
+        ssh: &crate::recipe::SshSpec,
+    ) -> Result<Option<String>, BakeError> {
+        if !self.recipe.instance.security_groups.is_empty() {
+            return Ok(None);
+        }
+        let cidr = match ssh.allowed_cidr {
+            Some(c) => c.to_string(),
+            None => format!("{}/32", caller_address_toward(&subnet.cidr)),
+        };
+        self.undo.lock().await.push(Temp::SecurityGroup {
+            name: name.into(),
+            vpc_id: subnet.vpc_id.clone(),
+            id: None,
+        });
+        let id = ec2::create_security_group(
+            &self.aws.ec2,
+            name,
+            &subnet.vpc_id,
+            &format!("bakery build {}: SSH from {cidr} only", self.build_id),
+            &self.temporary_tags(name),
+        )
+        .await?;
+        self.undo.lock().await.set_group_id(name, &id);
+        self.created("security group", &id);
+        ec2::authorize_tcp_ingress(&self.aws.ec2, &id, ssh.port, &cidr, "bakery build SSH").await?;
+        self.info("prepare", format!("{id} admits tcp/{} from {cidr} only", ssh.port));
+        Ok(Some(id))
+    }
+
+    async fn wait_running(&self, id: &str) -> Result<ec2::InstanceInfo, BakeError> {
+        let ec2c = &self.aws.ec2;
+        wait::until(format!("instance {id} to run"), RUNNING_TIMEOUT, Poll::API, || async {
+            match ec2::describe_instance(ec2c, id).await? {
+                None => Ok(Probe::Pending("not yet visible".into())),
+                Some(i) if i.state == "running" => Ok(Probe::Ready(i)),
+                Some(i) if matches!(i.state.as_str(), "pending") => Ok(Probe::Pending(i.state)),
+                Some(i) => Err(BakeError::InstanceDied {
+                    id: id.into(),
+                    state: i.state,
+                }),
+            }
+        })
+        .await
+        .map_err(wait_error)
+    }
+
+    async fn wait_state(&self, id: &str, state: &str, timeout: Duration) -> Result<(), BakeError> {
+        let ec2c = &self.aws.ec2;
+        wait::until(format!("instance {id} to be {state}"), timeout, Poll::API, || async {
+            Ok::<_, BakeError>(match ec2::describe_instance(ec2c, id).await? {
+                Some(i) if i.state == state => Probe::Ready(()),
+                Some(i) => Probe::Pending(i.state),
+                None => Probe::Pending("not visible".into()),
+            })
+        })
+        .await
+        .map_err(wait_error)
+    }
+
+    async fn wait_image(&self, id: &str, timeout: Duration) -> Result<ec2::ImageInfo, BakeError> {
+        let ec2c = &self.aws.ec2;
+        wait::until(format!("image {id} to be available"), timeout, Poll::API, || async {
+            match ec2::describe_image(ec2c, id).await? {
+                Some(i) if i.state == "available" => Ok(Probe::Ready(i)),
+                Some(i) if matches!(i.state.as_str(), "failed" | "error" | "invalid" | "deregistered") => {
+                    Err(BakeError::ImageFailed {
+                        id: id.into(),
+                        state: i.state,
+                        reason: None,
+                    })
+                }
+                Some(i) => Ok(Probe::Pending(i.state)),
+                None => Ok(Probe::Pending("not yet visible".into())),
+            }
+        })
+        .await
+        .map_err(wait_error)
+    }
+
+    /// Waits for the console's host-key fingerprints and an SSH login that matches them.
+    async fn connect(
+        &self,
+        instance_id: &str,
+        target: SshTarget,
+        timeout: Duration,
+    ) -> Result<SshSession, BakeError> {
+        let start = Instant::now();
+        let policy = if self.opts.trust_host_key_on_first_use {
+            self.info("connect", "trusting the host key on first use (--trust-host-key-on-first-use)".into());
+            HostKeyPolicy::TrustOnFirstUse
+        } else {
+            let ec2c = &self.aws.ec2;
+            let fingerprints = wait::until(
+                format!("host key fingerprints in the console output of {instance_id}"),
+                timeout,
+                Poll::API,
+                || async {
+                    Ok::<_, AwsError>(match ec2::console_output(ec2c, instance_id).await? {
+                        Some(text) => match hostkey::fingerprints_from_console(&text) {
+                            Some(f) => Probe::Ready(f),
+                            None => Probe::Pending("console output without fingerprints".into()),
+                        },
+                        None => Probe::Pending("no console output yet".into()),
+                    })
+                },
+            )
+            .await
+            .map_err(|e| match e {
+                wait::WaitError::Failed(e) => BakeError::Aws(e),
+                wait::WaitError::Timeout { .. } => BakeError::NoFingerprints {
+                    id: instance_id.into(),
+                    waited: start.elapsed(),
+                },
+            })?;
+            HostKeyPolicy::Fingerprints(fingerprints)
+        };
+        let remaining = timeout.saturating_sub(start.elapsed());
+        let host = format!("{}:{}", target.host, target.port);
+        let session = wait::until(format!("SSH on {host}"), remaining, Poll::CONNECT, || {
+            let target = target.clone();
+            let policy = policy.clone();
+            async move {
+                match SshSession::connect(target, policy, TCP_CONNECT_TIMEOUT).await {
+                    Ok(s) => Ok(Probe::Ready(s)),
+                    Err(e) if e.is_transient() => Ok(Probe::Pending(e.to_string())),
+                    Err(e) => Err(e),
+                }
+            }
+        })
+        .await
+        .map_err(|e| match e {
+            wait::WaitError::Failed(e @ CommError::HostKeyMismatch { .. }) => BakeError::HostKey(e),
+            wait::WaitError::Failed(e) => BakeError::SshUnavailable {
+                host: host.clone(),
+                detail: e.to_string(),
+            },
+            wait::WaitError::Timeout { waited, last, .. } => BakeError::SshUnavailable {
+                host: host.clone(),
+                detail: format!("gave up after {waited:.1?}; last error: {last}"),
+            },
+        })?;
+        self.info(
+            "connect",
+            format!("{host} verified host key SHA256:{}", session.fingerprint()),
+        );
+        Ok(session)
+    }
+
+    fn sink(&self, label: &str) -> LineSink {
+        let reporter = self.reporter.clone();
+        let label = label.to_string();
+        Arc::new(move |stream, line| {
+            reporter.emit(Event::Output {
+                provisioner: label.clone(),
+                stream,
+                line: line.to_string(),
+            });
+            line.to_string()
+        })
+    }
+
+    /// Runs one provisioner; returns the session to use next (a new one after a reboot).
+    async fn provision(
+        &self,
+        session: SshSession,
+        p: &Provisioner,
+        label: &str,
+        connect_timeout: Duration,
+    ) -> Result<SshSession, BakeError> {
+        let cancel = self.cancel.clone();
+        match p {
+            Provisioner::File(f) => {
+                if !f.pause_before.is_zero() {
+                    tokio::time::sleep(f.pause_before).await;
+                }
+                let bytes = session
+                    .upload(&f.source, &f.destination, f.mode, cancel)
+                    .await
+                    .map_err(|source| BakeError::ProvisionerError {
+                        label: label.into(),
+                        source,
+                    })?;
+                self.info(label, format!("uploaded {} ({bytes} bytes) to {}", f.source.display(), f.destination));
+                Ok(session)
+            }
+            Provisioner::Shell(s) => self.shell(session, s, label, connect_timeout).await,
+        }
+    }
+
+    async fn shell(
+        &self,
+        mut session: SshSession,
+        s: &ShellProvisioner,
+        label: &str,
+        connect_timeout: Duration,
+    ) -> Result<SshSession, BakeError> {
+        if !s.pause_before.is_zero() {
+            tokio::time::sleep(s.pause_before).await;
+        }
+        let script = match &s.body {
+            ShellBody::Inline(lines) => format!("#!/bin/sh -e\n{}\n", lines.join("\n")),
+            ShellBody::Script(path) => std::fs::read_to_string(path).map_err(|e| {
+                BakeError::ProvisionerError {
+                    label: label.into(),
+                    source: CommError::Transfer(format!("{}: {e}", path.display())),
+                }
+            })?,
+        };
+        let remote = format!("/tmp/bakery-{}-{}.sh", self.build_id, label.replace(' ', "-"));
+        let command = shell_command(&remote, &s.env, s.sudo);
+        let perr = |source| BakeError::ProvisionerError {
+            label: label.into(),
+            source,
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            session
+                .upload_bytes(script.as_bytes().to_vec(), &remote, 0o700)
+                .await
+                .map_err(perr)?;
+            let outcome = session
+                .exec(command.clone(), s.timeout, self.cancel.clone(), self.sink(label))
+                .await;
+            match outcome {
+                Ok(o) if o.success() => return Ok(session),
+                Err(CommError::Disconnected(why)) if s.expect_disconnect => {
+                    self.info(label, format!("disconnected as expected ({why}); reconnecting"));
+                    return self.reconnect(&session, connect_timeout).await;
+                }
+                Ok(o) if s.expect_disconnect && o.signal.is_some() => {
+                    return self.reconnect(&session, connect_timeout).await;
+                }
+                Ok(o) if attempt <= s.retries as usize => {
+                    self.info(label, format!("failed with {}; retry {attempt} of {}", status_text(&o), s.retries));
+                }
+                Ok(o) => {
+                    return Err(BakeError::ProvisionerFailed {
+                        label: label.into(),
+                        status: status_text(&o),
+                        tail: o.tail,
+                    })
+                }
+                Err(e @ CommError::Disconnected(_)) if attempt <= s.retries as usize => {
+                    self.info(label, format!("{e}; retry {attempt} of {}", s.retries));
+                    session = self.reconnect(&session, connect_timeout).await?;
+                }
+                Err(e) => return Err(perr(e)),
+            }
+        }
+    }
+
+    async fn reconnect(&self, old: &SshSession, timeout: Duration) -> Result<SshSession, BakeError> {
+        wait::until("SSH after the disconnect", timeout, Poll::CONNECT, || async {
+            match old.reconnect(TCP_CONNECT_TIMEOUT).await {
+                Ok(s) => Ok(Probe::Ready(s)),
+                Err(e) if e.is_transient() => Ok(Probe::Pending(e.to_string())),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+        .map_err(|e| match e {
+            wait::WaitError::Failed(e @ CommError::HostKeyMismatch { .. }) => BakeError::HostKey(e),
+            other => BakeError::SshUnavailable {
+                host: "the build instance".into(),
+                detail: other.to_string(),
+            },
+        })
+    }
+}
+
+fn status_text(o: &crate::comm::ExecOutcome) -> String {
+    match (&o.exit_status, &o.signal) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => format!("signal {sig}"),
+        (None, None) => "no exit status".into(),
+    }
+}
+
+/// `env K='v' ... /path` with POSIX single-quoting, so values reach the script verbatim.
+fn shell_command(remote: &str, env: &BTreeMap<String, String>, sudo: bool) -> String {
+    let mut cmd = String::new();
+    if sudo {
+        cmd.push_str("sudo -n -E ");
+    }
+    if !env.is_empty() {
+        cmd.push_str("env");
+        for (k, v) in env {
+            cmd.push_str(&format!(" {k}={}", shell_quote(v)));
+        }
+        cmd.push(' ');
+    }
+    cmd.push_str(&shell_quote(remote));
+    format!("{cmd}; rc=$?; rm -f {}; exit $rc", shell_quote(remote))
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+fn wait_error<E: Into<BakeError>>(e: wait::WaitError<E>) -> BakeError {
+    match e {
+        wait::WaitError::Failed(e) => e.into(),
+        wait::WaitError::Timeout { what, waited, last } => BakeError::Wait(format!(
+            "timed out after {waited:.1?} waiting for {what} (last seen: {last})"
+        )),
+    }
+}
+
+/// The address to connect to, per the recipe's interface.
+fn address(i: &ec2::InstanceInfo, interface: Interface) -> Result<String, BakeError> {
+    let (value, name) = match interface {
+        Interface::Auto => (i.public_ip.clone().or(i.private_ip.clone()), "IP address"),
+        Interface::PublicIp => (i.public_ip.clone(), "public IP"),
+        Interface::PrivateIp => (i.private_ip.clone(), "private IP"),
+        Interface::PublicDns => (i.public_dns.clone(), "public DNS name"),
+        Interface::PrivateDns => (i.private_dns.clone(), "private DNS name"),
+    };
+    value.ok_or_else(|| BakeError::NoAddress {
+        id: i.id.clone(),
+        interface: name,
+    })
+}
+
+/// This machine's source address toward a subnet: what the instance will see us connect from
+/// when no NAT sits between. A UDP `connect` only asks the routing table; no packet is sent.
+fn caller_address_toward(cidr: &str) -> IpAddr {
+    let probe = cidr
+        .parse::<ipnet::Ipv4Net>()
+        .ok()
+        .and_then(|n| n.hosts().nth(3))
+        .unwrap_or(Ipv4Addr::LOCALHOST);
+    UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+        .and_then(|s| {
+            s.connect((probe, 22))?;
+            s.local_addr()
+        })
+        .map(|a| a.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_command_quotes_env_values_and_removes_the_script() {
+        let env = BTreeMap::from([("MSG".to_string(), "it's $HOME".to_string())]);
+        assert_eq!(
+            shell_command("/tmp/s.sh", &env, false),
+            "env MSG='it'\\''s $HOME' '/tmp/s.sh'; rc=$?; rm -f '/tmp/s.sh'; exit $rc"
+        );
+        assert!(shell_command("/tmp/s.sh", &BTreeMap::new(), true).starts_with("sudo -n -E '/tmp/s.sh'"));
+    }
+
+    #[test]
+    fn address_follows_the_interface() {
+        let i = ec2::InstanceInfo {
+            id: "i-1".into(),
+            private_ip: Some("127.10.1.4".into()),
+            ..Default::default()
+        };
+        assert_eq!(address(&i, Interface::Auto).unwrap(), "127.10.1.4");
+        assert!(matches!(
+            address(&i, Interface::PublicIp),
+            Err(BakeError::NoAddress { .. })
+        ));
+    }
+
+    #[test]
+    fn the_caller_address_toward_a_loopback_subnet_is_loopback() {
+        let ip = caller_address_toward("127.10.1.0/24");
+        assert!(ip.is_loopback(), "{ip}");
+    }
+
+    #[test]
+    fn build_ids_are_unique_and_fit_a_client_token() {
+        let a = new_build_id();
+        assert_ne!(a, new_build_id());
+        assert!(a.len() <= 64);
+    }
+}

@@ -1,0 +1,14 @@
+//! bakery: bake AMIs, roll them into Auto Scaling Groups, keep fleets healthy.
+//!
+//! The binary (`main.rs`) is a thin edge over this library. The layout follows the product:
+//! [`recipe`] (the file format), [`bake`] (the bake pipeline), [`comm`] (how commands reach an
+//! instance), [`aws`] (clients and typed wrappers), [`output`] (progress and NDJSON events) and
+//! [`wait`] (adaptive polling).
+
+pub mod aws;
+pub mod bake;
+pub mod cli;
+pub mod comm;
+pub mod output;
+pub mod recipe;
+pub mod wait;

@@ -1,0 +1,149 @@
+//! The `bakery` binary: parses the command line, sets up logging, runs one command and maps
+//! its result to an exit code. Errors are printed once, with their whole chain.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use bakery::cli::{Cli, Command};
+use bakery::output::{Event, Format, Reporter};
+use bakery::{aws, bake, recipe};
+
+/// Exit codes, documented in the README.
+mod exit {
+    pub const FAILURE: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const CLEANUP_INCOMPLETE: u8 = 5;
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.global.verbose, cli.global.quiet);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (_, 0) => "warn",
+        (_, 1) => "info",
+        (_, 2) => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!("{default},aws_config=warn,aws_smithy_runtime=warn"))
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn report_error(reporter: &Reporter, message: &str, code: u8) -> ExitCode {
+    match reporter.format() {
+        Format::Json => reporter.emit(Event::BuildFailed {
+            error: message.to_string(),
+            exit_code: code.into(),
+        }),
+        Format::Human => eprintln!("error: {message}"),
+    }
+    ExitCode::from(code)
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    let reporter = Reporter::new(cli.global.output, cli.global.quiet);
+    match cli.command {
+        Command::Validate(args) => {
+            let sources = recipe::VarSources::from_env(args.var_files, args.vars);
+            match recipe::load(&args.recipe, &sources) {
+                Ok(r) => {
+                    if reporter.format() == Format::Json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"event": "valid", "recipe": r.path, "sha256": r.sha256})
+                        );
+                    } else {
+                        println!("{}: valid", args.recipe.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => report_error(&reporter, &e.to_string(), exit::USAGE),
+            }
+        }
+        Command::Build(args) => {
+            let sources =
+                recipe::VarSources::from_env(args.recipe.var_files, args.recipe.vars);
+            let recipe = match recipe::load(&args.recipe.recipe, &sources) {
+                Ok(r) => r,
+                Err(e) => return report_error(&reporter, &e.to_string(), exit::USAGE),
+            };
+            let target = aws::Target {
+                region: cli.global.region,
+                profile: cli.global.profile,
+                endpoint_url: cli.global.endpoint_url,
+            };
+            let aws = match aws::Aws::connect(&target).await {
+                Ok(a) => a,
+                Err(e) => return report_error(&reporter, &e.to_string(), exit::USAGE),
+            };
+            let opts = bake::Options {
+                on_error: args.on_error,
+                trust_host_key_on_first_use: args.trust_host_key_on_first_use,
+                manifest_path: Some(args.manifest),
+            };
+            let outcome = bake::run(&aws, &recipe, &opts, &reporter).await;
+            finish_build(&reporter, outcome)
+        }
+    }
+}
+
+fn finish_build(reporter: &Reporter, outcome: bake::Outcome) -> ExitCode {
+    let human = reporter.format() == Format::Human;
+    let mut code = match &outcome.result {
+        Ok(manifest) => {
+            let value = serde_json::to_value(manifest).unwrap_or_default();
+            if human {
+                println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+                eprintln!(
+                    "==> {} ({}) ready in {:.1}s",
+                    manifest.ami_id, manifest.ami_name, manifest.duration_s
+                );
+            } else {
+                reporter.emit(Event::BuildFinished { manifest: value });
+            }
+            0
+        }
+        Err(e) => {
+            if human {
+                // The original error first; cleanup problems follow.
+                eprintln!("error: {e}");
+            }
+            e.exit_code()
+        }
+    };
+    if !outcome.cleanup_failures.is_empty() || !outcome.left_behind.is_empty() {
+        if human {
+            for f in &outcome.cleanup_failures {
+                eprintln!("error: cleanup: could not remove {} {}: {}", f.kind, f.id, f.error);
+            }
+            if !outcome.left_behind.is_empty() {
+                eprintln!(
+                    "warning: {} temporary resource(s) left behind; the commands above remove them",
+                    outcome.left_behind.len()
+                );
+            }
+        }
+        if code == 0 {
+            code = exit::CLEANUP_INCOMPLETE.into();
+        }
+    }
+    ExitCode::from(u8::try_from(code).unwrap_or(exit::FAILURE))
+}

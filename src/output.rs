@@ -1,0 +1,163 @@
+//! What the user sees: human progress lines on stderr, or one JSON event per line (NDJSON) on
+//! stdout for pipelines (`--output json`). Commands describe what happened as [`Event`]s and this
+//! module decides how to show them, so the two forms can never drift apart.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Human,
+    Json,
+}
+
+/// Which stream a line of provisioner output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    BuildStarted {
+        build_id: String,
+        recipe: String,
+        region: String,
+    },
+    StepStarted {
+        step: String,
+    },
+    StepFinished {
+        step: String,
+        duration_s: f64,
+    },
+    Info {
+        step: String,
+        message: String,
+    },
+    ResourceCreated {
+        kind: String,
+        id: String,
+    },
+    ResourceReleased {
+        kind: String,
+        id: String,
+    },
+    ResourceKept {
+        kind: String,
+        id: String,
+        remove_with: String,
+    },
+    CleanupFailed {
+        kind: String,
+        id: String,
+        error: String,
+    },
+    Output {
+        provisioner: String,
+        stream: Stream,
+        line: String,
+    },
+    BuildFinished {
+        manifest: serde_json::Value,
+    },
+    BuildFailed {
+        error: String,
+        exit_code: i32,
+    },
+}
+
+/// Sends events to the terminal or the NDJSON stream. Cheap to clone; safe to share with the
+/// blocking threads that stream provisioner output.
+#[derive(Clone)]
+pub struct Reporter {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    format: Format,
+    quiet: bool,
+    lock: Mutex<()>,
+}
+
+impl Reporter {
+    pub fn new(format: Format, quiet: bool) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                format,
+                quiet,
+                lock: Mutex::new(()),
+            }),
+        }
+    }
+
+    pub fn format(&self) -> Format {
+        self.inner.format
+    }
+
+    pub fn emit(&self, event: Event) {
+        let _guard = self.inner.lock.lock().unwrap_or_else(|p| p.into_inner());
+        match self.inner.format {
+            Format::Json => {
+                let ts = OffsetDateTime::now_utc()
+                    .format(&Rfc3339)
+                    .unwrap_or_default();
+                let mut value = serde_json::to_value(&event).unwrap_or_default();
+                if let Some(map) = value.as_object_mut() {
+                    map.insert("ts".into(), ts.into());
+                }
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{value}");
+                let _ = out.flush();
+            }
+            Format::Human => {
+                if let Some(line) = human_line(&event, self.inner.quiet) {
+                    let _ = writeln!(std::io::stderr().lock(), "{line}");
+                }
+            }
+        }
+    }
+}
+
+fn human_line(event: &Event, quiet: bool) -> Option<String> {
+    let line = match event {
+        Event::BuildStarted {
+            build_id,
+            recipe,
+            region,
+        } => format!("==> bake {build_id}: {recipe} in {region}"),
+        Event::StepStarted { step } => format!("==> {step}"),
+        Event::StepFinished { step, duration_s } => {
+            format!("    {step} done in {duration_s:.1}s")
+        }
+        Event::Info { step, message } => format!("    {step}: {message}"),
+        Event::ResourceCreated { kind, id } => format!("    created {kind} {id}"),
+        Event::ResourceReleased { kind, id } => format!("    removed {kind} {id}"),
+        Event::ResourceKept {
+            kind,
+            id,
+            remove_with,
+        } => format!("    kept {kind} {id} (remove with: {remove_with})"),
+        Event::CleanupFailed { kind, id, error } => {
+            return Some(format!("!!  could not remove {kind} {id}: {error}"))
+        }
+        Event::Output {
+            provisioner,
+            stream,
+            line,
+        } => match stream {
+            Stream::Stdout => format!("    {provisioner} | {line}"),
+            Stream::Stderr => format!("    {provisioner} ! {line}"),
+        },
+        Event::BuildFinished { .. } => return None,
+        Event::BuildFailed { error, .. } => return Some(format!("!!  build failed: {error}")),
+    };
+    (!quiet).then_some(line)
+}
