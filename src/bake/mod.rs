@@ -382,11 +382,13 @@ impl Bake<'_> {
         };
         let image_name = recipe.image_name(&timestamp, &self.build_id);
 
-        let source = self.step("resolve_source", self.resolve_source()).await?;
-        self.info(
-            "resolve_source",
-            format!("{} ({})", source.id, source.name),
-        );
+        let source = self
+            .step("resolve_source", async {
+                let source = self.resolve_source().await?;
+                self.info("resolve_source", format!("{} ({})", source.id, source.name));
+                Ok(source)
+            })
+            .await?;
         if let Some(existing) = ec2::image_named(ec2c, &image_name).await? {
             return Err(BakeError::ImageNameTaken {
                 name: image_name,
@@ -433,14 +435,17 @@ impl Bake<'_> {
             })
             .await?;
 
-        let instance = self
-            .step("wait_running", self.wait_running(&instance_id))
+        let host = self
+            .step("wait_running", async {
+                let instance = self.wait_running(&instance_id).await?;
+                let host = match &ssh.host {
+                    Some(h) => h.clone(),
+                    None => address(&instance, ssh.interface)?,
+                };
+                self.info("wait_running", format!("{instance_id} at {host}"));
+                Ok(host)
+            })
             .await?;
-        let host = match &ssh.host {
-            Some(h) => h.clone(),
-            None => address(&instance, ssh.interface)?,
-        };
-        self.info("wait_running", format!("{instance_id} at {host}"));
 
         let target = SshTarget {
             host: host.clone(),
@@ -889,11 +894,13 @@ fn status_text(o: &crate::comm::ExecOutcome) -> String {
     }
 }
 
-/// `env K='v' ... /path` with POSIX single-quoting, so values reach the script verbatim.
+/// `env K='v' ... /path` with POSIX single-quoting, so values reach the script verbatim. With
+/// `sudo`, the script runs through `sudo -n` unless the login user already is root, so one recipe
+/// works for `ec2-user` and `root` alike.
 fn shell_command(remote: &str, env: &BTreeMap<String, String>, sudo: bool) -> String {
     let mut cmd = String::new();
     if sudo {
-        cmd.push_str("sudo -n -E ");
+        cmd.push_str("if [ \"$(id -u)\" -eq 0 ]; then S=; else S='sudo -n -E'; fi; $S ");
     }
     if !env.is_empty() {
         cmd.push_str("env");
@@ -962,7 +969,8 @@ mod tests {
             shell_command("/tmp/s.sh", &env, false),
             "env MSG='it'\\''s $HOME' '/tmp/s.sh'; rc=$?; rm -f '/tmp/s.sh'; exit $rc"
         );
-        assert!(shell_command("/tmp/s.sh", &BTreeMap::new(), true).starts_with("sudo -n -E '/tmp/s.sh'"));
+        assert!(shell_command("/tmp/s.sh", &BTreeMap::new(), true)
+            .starts_with("if [ \"$(id -u)\" -eq 0 ]; then S=; else S='sudo -n -E'; fi; $S '/tmp/s.sh'"));
     }
 
     #[test]

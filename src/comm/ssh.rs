@@ -224,6 +224,7 @@ fn upload_path(
     let meta = std::fs::metadata(local)
         .map_err(|e| CommError::Transfer(format!("{}: {e}", local.display())))?;
     if meta.is_dir() {
+        mkdir_parents(sftp, remote);
         // An existing directory is fine: mkdir fails, the uploads below succeed.
         let _ = sftp.mkdir(remote, 0o755);
         let mut total = 0;
@@ -237,6 +238,7 @@ fn upload_path(
         }
         return Ok(total);
     }
+    mkdir_parents(sftp, remote);
     let mode = mode.unwrap_or_else(|| {
         use std::os::unix::fs::PermissionsExt;
         meta.permissions().mode() & 0o7777
@@ -280,6 +282,23 @@ fn upload_path(
     sftp.setstat(remote, stat)
         .map_err(|e| CommError::Transfer(format!("chmod {}: {e}", remote.display())))?;
     Ok(total)
+}
+
+/// Creates the missing parent folders of `remote` (like `mkdir -p`); failures surface when the
+/// file itself cannot be created, with a clearer message.
+fn mkdir_parents(sftp: &ssh2::Sftp, remote: &Path) {
+    let mut missing = Vec::new();
+    let mut dir = remote.parent();
+    while let Some(d) = dir {
+        if d.as_os_str().is_empty() || d == Path::new("/") || sftp.stat(d).is_ok() {
+            break;
+        }
+        missing.push(d.to_path_buf());
+        dir = d.parent();
+    }
+    for d in missing.iter().rev() {
+        let _ = sftp.mkdir(d, 0o755);
+    }
 }
 
 /// Splits streamed bytes into lines for the sink, keeping a partial last line for later.

@@ -1,0 +1,1 @@
+"""bakeryworld: the local AWS world for bakery's tests and demo (see tests/world/README.md)."""

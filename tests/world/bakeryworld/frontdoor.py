@@ -1,0 +1,285 @@
+"""The front door: WSGI middleware in front of moto's app.
+
+- a call log: service, action, HTTP status, time, fault injected (if any);
+- seeded fault injection per action: throttling with the service's real error code and
+  protocol shape, HTTP 500, dropped connections, added latency;
+- the control API under /_world/.
+
+Faults never apply to /_world/ or /moto-api/.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import re
+import threading
+import time
+import uuid
+from collections import deque
+from urllib.parse import parse_qs
+
+RULE_KEYS = {"action", "throttle", "error500", "drop", "latency_ms"}
+ACTION_RE = re.compile(r"^(\*|[a-z0-9-]+:(\*|[A-Za-z0-9]+))$")
+CRED_RE = re.compile(r"Credential=[^/]+/[0-9]+/([^/]+)/([^/]+)/aws4_request")
+QUERY_NS = {
+    "autoscaling": "http://autoscaling.amazonaws.com/doc/2011-01-01/",
+    "elasticloadbalancing": "http://elasticloadbalancing.amazonaws.com/doc/2015-12-01/",
+    "rds": "http://rds.amazonaws.com/doc/2014-10-31/",
+    "sts": "https://sts.amazonaws.com/doc/2011-06-15/",
+    "iam": "https://iam.amazonaws.com/doc/2010-05-08/",
+}
+
+
+class SpecError(ValueError):
+    pass
+
+
+def validate_spec(spec) -> dict:
+    """Validate a fault spec; raise SpecError naming the offending field."""
+    if not isinstance(spec, dict):
+        raise SpecError("fault spec must be a JSON object with 'rules' (and optional 'seed')")
+    unknown = set(spec) - {"seed", "rules"}
+    if unknown:
+        raise SpecError(f"unknown field(s) {sorted(unknown)}: allowed are 'seed' and 'rules'")
+    seed = spec.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise SpecError("'seed' must be an integer")
+    rules = spec.get("rules", [])
+    if not isinstance(rules, list):
+        raise SpecError("'rules' must be a list")
+    out = []
+    for i, r in enumerate(rules):
+        where = f"rules[{i}]"
+        if not isinstance(r, dict):
+            raise SpecError(f"{where} must be an object")
+        bad = set(r) - RULE_KEYS
+        if bad:
+            raise SpecError(f"{where}: unknown field(s) {sorted(bad)}; allowed: {sorted(RULE_KEYS)}")
+        act = r.get("action")
+        if not isinstance(act, str) or not ACTION_RE.match(act):
+            raise SpecError(
+                f"{where}.action must be '*', 'service:*' or 'service:Action' (e.g. 'ec2:RunInstances'), got {act!r}"
+            )
+        rule = {"action": act}
+        for k in ("throttle", "error500", "drop"):
+            v = r.get(k, 0)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
+                raise SpecError(f"{where}.{k} must be a probability between 0 and 1, got {v!r}")
+            rule[k] = float(v)
+        if rule["throttle"] + rule["error500"] + rule["drop"] > 1.0 + 1e-9:
+            raise SpecError(f"{where}: throttle + error500 + drop must not exceed 1")
+        lat = r.get("latency_ms", 0)
+        if not isinstance(lat, (int, float)) or isinstance(lat, bool) or not 0 <= lat <= 60000:
+            raise SpecError(f"{where}.latency_ms must be a number of milliseconds in 0..60000, got {lat!r}")
+        rule["latency_ms"] = lat
+        out.append(rule)
+    return {"seed": seed, "rules": out}
+
+
+class DropConnection(ConnectionResetError):
+    pass
+
+
+class FrontDoor:
+    def __init__(self, app, world, max_log: int = 200_000) -> None:
+        self.app = app
+        self.world = world
+        self.lock = threading.Lock()
+        self.log: deque = deque(maxlen=max_log)
+        self.counts: dict[str, int] = {}
+        self.total = 0
+        self.spec = {"seed": world.settings.seed, "rules": []}
+        self.fault_counters: dict[str, int] = {}
+        self.injected: dict[str, int] = {}
+        self.control_routes = []  # plug-ins may add (method, path-prefix, fn(environ, body) -> (status, obj))
+
+    # -------------------------------------------------------------- accessors
+    def total_calls(self) -> int:
+        return self.total
+
+    def faults_spec(self) -> dict:
+        with self.lock:
+            return json.loads(json.dumps(self.spec))
+
+    def set_faults(self, spec) -> dict:
+        spec = validate_spec(spec)
+        with self.lock:
+            self.spec = spec
+            self.fault_counters = {}
+            self.injected = {}
+        return spec
+
+    # -------------------------------------------------------------- request classification
+    @staticmethod
+    def classify(environ, body: bytes) -> tuple[str, str, str]:
+        """(service, action, protocol) where protocol is ec2 | query | json | rest."""
+        auth = environ.get("HTTP_AUTHORIZATION", "")
+        m = CRED_RE.search(auth)
+        service = m.group(2) if m else ""
+        target = environ.get("HTTP_X_AMZ_TARGET", "")
+        if target:
+            action = target.rsplit(".", 1)[-1]
+            if not service:
+                service = target.split("_")[0].split(".")[0].lower()
+            return service or "unknown", action, "json"
+        action = ""
+        qs = parse_qs(environ.get("QUERY_STRING", ""))
+        if "Action" in qs:
+            action = qs["Action"][0]
+        ctype = environ.get("CONTENT_TYPE", "")
+        if not action and body and "x-www-form-urlencoded" in ctype:
+            try:
+                form = parse_qs(body.decode("utf-8", "replace"))
+                action = form.get("Action", [""])[0]
+            except Exception:
+                action = ""
+        if not service:
+            host = environ.get("HTTP_HOST", "")
+            service = host.split(".")[0] if "amazonaws" in host else "unknown"
+        if action:
+            return service, action, "ec2" if service == "ec2" else "query"
+        path = environ.get("PATH_INFO", "/")
+        return service, f"{environ.get('REQUEST_METHOD', 'GET')} {path}", "rest"
+
+    # -------------------------------------------------------------- faults
+    def _rule_for(self, key: str, service: str) -> dict | None:
+        rules = self.spec["rules"]
+        for want in (key, f"{service}:*", "*"):
+            for r in rules:
+                if r["action"] == want:
+                    return r
+        return None
+
+    def _decide(self, key: str, service: str):
+        with self.lock:
+            rule = self._rule_for(key, service)
+            if rule is None:
+                return None, 0
+            n = self.fault_counters.get(key, 0)
+            self.fault_counters[key] = n + 1
+            seed = self.spec["seed"]
+        u = random.Random(f"{seed}:{key}:{n}").random()
+        fault = None
+        if u < rule["drop"]:
+            fault = "drop"
+        elif u < rule["drop"] + rule["throttle"]:
+            fault = "throttle"
+        elif u < rule["drop"] + rule["throttle"] + rule["error500"]:
+            fault = "error500"
+        return fault, rule["latency_ms"]
+
+    @staticmethod
+    def error_response(kind: str, protocol: str, service: str, action: str):
+        rid = str(uuid.uuid4())
+        if kind == "throttle":
+            if protocol == "ec2":
+                code, status, msg = "RequestLimitExceeded", 503, "Request limit exceeded."
+            elif protocol == "query":
+                code, status, msg = "Throttling", 400, "Rate exceeded"
+            else:
+                code, status, msg = "ThrottlingException", 400, "Rate exceeded"
+        else:
+            status = 500
+            msg = "We encountered an internal error. Please try again."
+            code = {"ec2": "InternalError", "query": "InternalFailure"}.get(protocol, "InternalServerError")
+        if protocol == "ec2":
+            body = (
+                '<?xml version="1.0" encoding="UTF-8"?>\n'
+                f"<Response><Errors><Error><Code>{code}</Code><Message>{msg}</Message></Error></Errors>"
+                f"<RequestID>{rid}</RequestID></Response>"
+            )
+            headers = [("Content-Type", "text/xml;charset=UTF-8")]
+        elif protocol == "query":
+            ns = QUERY_NS.get(service, f"http://{service}.amazonaws.com/doc/")
+            typ = "Sender" if kind == "throttle" else "Receiver"
+            body = (
+                f'<ErrorResponse xmlns="{ns}"><Error><Type>{typ}</Type><Code>{code}</Code>'
+                f"<Message>{msg}</Message></Error><RequestId>{rid}</RequestId></ErrorResponse>"
+            )
+            headers = [("Content-Type", "text/xml")]
+        else:
+            body = json.dumps({"__type": code, "message": msg})
+            headers = [("Content-Type", "application/x-amz-json-1.1")]
+        headers.append(("x-amzn-RequestId", rid))
+        if kind == "throttle":
+            headers.append(("x-amzn-ErrorType", f"{code}:"))
+        return status, headers, body.encode()
+
+    # -------------------------------------------------------------- WSGI
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path.startswith("/_world/") or path == "/_world":
+            from .control import handle_control
+
+            return handle_control(self, environ, start_response)
+        if path.startswith("/moto-api"):
+            return self.app(environ, start_response)
+
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        body = environ["wsgi.input"].read(length) if length > 0 else b""
+        environ["wsgi.input"] = io.BytesIO(body)
+        environ["CONTENT_LENGTH"] = str(len(body))
+        service, action, protocol = self.classify(environ, body)
+        key = f"{service}:{action}"
+        t0 = time.time()
+        fault, latency = self._decide(key, service)
+        if latency:
+            time.sleep(latency / 1000.0)
+
+        def record(status: int | str) -> None:
+            with self.lock:
+                self.total += 1
+                self.counts[key] = self.counts.get(key, 0) + 1
+                if fault:
+                    self.injected[fault] = self.injected.get(fault, 0) + 1
+                self.log.append(
+                    {
+                        "t": round(t0, 3),
+                        "service": service,
+                        "action": action,
+                        "status": status,
+                        "ms": round((time.time() - t0) * 1000, 1),
+                        "fault": fault,
+                    }
+                )
+
+        if fault == "drop":
+            record("dropped")
+            sock = environ.get("werkzeug.socket")
+            if sock is not None:
+                import socket as _s
+
+                try:
+                    sock.shutdown(_s.SHUT_RDWR)
+                except OSError:
+                    pass
+            raise DropConnection("world: connection dropped by fault injection")
+        if fault in ("throttle", "error500"):
+            status, headers, payload = self.error_response(fault, protocol, service, action)
+            headers.append(("Content-Length", str(len(payload))))
+            start_response(f"{status} {'Service Unavailable' if status == 503 else 'Bad Request' if status == 400 else 'Internal Server Error'}", headers)
+            record(status)
+            return [payload]
+
+        captured = {}
+
+        def sr(status, headers, exc_info=None):
+            captured["status"] = status
+            return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
+
+        try:
+            result = self.app(environ, sr)
+        except Exception:
+            record(500)
+            raise
+        try:
+            code = int(str(captured.get("status", "0")).split()[0])
+        except ValueError:
+            code = 0
+        record(code)
+        return result

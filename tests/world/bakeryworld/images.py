@@ -1,0 +1,85 @@
+"""Image layers: CreateImage captures the source body's upper layer as the new AMI's top
+layer, stacked over the source image's layers. Base (moto built-in) AMIs have no layer.
+
+Layers live on a tmpfs mounted at <state_dir>/images inside the world's mount namespace:
+overlayfs refuses a lower layer that lies inside another lower layer of the same
+filesystem ("overlapping lowerdir path"), and the host's `/` is always the bottom layer, so
+image layers must sit on a different filesystem. The tmpfs disappears with the server, as
+does moto's in-memory state that names the AMIs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+
+class ImageStore:
+    def __init__(self, world) -> None:
+        self.world = world
+        self.dir: Path = world.settings.state_dir / "images"
+        self._layers: dict[str, list[str]] = {}
+        self._meta: dict[str, dict] = {}
+        self._timers: list[threading.Timer] = []
+        self._lock = threading.RLock()
+
+    def layers_for(self, ami_id: str | None) -> list[str]:
+        with self._lock:
+            return list(self._layers.get(ami_id or "", []))
+
+    def describe(self) -> dict:
+        with self._lock:
+            return {k: dict(v, layers=list(self._layers.get(k, []))) for k, v in self._meta.items()}
+
+    def on_create_image(self, ami, instance, no_reboot: bool) -> None:
+        """Called from the patched CreateImage, before the response is sent."""
+        body = self.world.bodies.get(instance.id)
+        started = time.time()
+        ami.state = "pending"
+        if body is not None:
+            dest = self.dir / ami.id
+            body.capture_upper(dest, reboot=not no_reboot)
+            layers = [str(dest), *body.layers]
+        else:
+            layers = self.layers_for(instance.image_id)
+        with self._lock:
+            self._layers[ami.id] = layers
+            self._meta[ami.id] = {
+                "source_instance": instance.id,
+                "source_image": instance.image_id,
+                "no_reboot": no_reboot,
+                "captured_in_s": round(time.time() - started, 3),
+                "state": "pending",
+            }
+        self.world.log(f"{ami.id}: captured from {instance.id} ({len(layers)} layer(s)), pending")
+        self._later(ami, self.world.settings.snapshot_delay)
+
+    def on_copy_image(self, new_ami, source_ami_id: str) -> None:
+        with self._lock:
+            self._layers[new_ami.id] = self.layers_for(source_ami_id)
+            self._meta[new_ami.id] = {"copied_from": source_ami_id, "state": "pending"}
+        new_ami.state = "pending"
+        self._later(new_ami, self.world.settings.snapshot_delay)
+
+    def _later(self, ami, delay: float) -> None:
+        def done():
+            if ami.state == "pending":
+                ami.state = "available"
+            with self._lock:
+                if ami.id in self._meta:
+                    self._meta[ami.id]["state"] = ami.state
+            self.world.log(f"{ami.id}: {ami.state}")
+
+        t = threading.Timer(max(0.0, delay), done)
+        t.daemon = True
+        t.start()
+        self._timers.append(t)
+
+    def shutdown(self) -> None:
+        for t in self._timers:
+            t.cancel()
+        # the tmpfs itself is unmounted by the server (and vanishes with its namespace)
+        for p in list(self.dir.glob("ami-*")) if self.dir.is_dir() else []:
+            shutil.rmtree(p, ignore_errors=True)

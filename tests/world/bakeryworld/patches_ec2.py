@@ -1,0 +1,152 @@
+"""Fidelity patches to moto 5.2.5's EC2, each filling a gap with documented AWS behaviour.
+
+- DescribeInstanceStatus: `initializing` until the body has booted, `impaired` when the
+  body is dead (AWS: instance status checks fail when the OS is unreachable).
+- GetConsoleOutput: the cloud-init SSH host key block, base64-encoded as AWS returns it;
+  no `Output` before the instance has booted (AWS omits it until output is available).
+- CreateImage: captures the body's upper layer; the image is `pending` for the snapshot
+  delay, then `available`; without NoReboot the instance is shut down around the capture
+  and boots again (AWS: "Amazon EC2 reboots the instance" unless NoReboot).
+- CopyImage: the copy shares the source's layers and is `pending` for the snapshot delay.
+- Public IPs: instances in world VPCs (CIDR in 127.0.0.0/8) get no public IP; elsewhere an
+  auto-assigned public IP comes from 127.254.0.0/16 rather than moto's 54.214.x.x, so no
+  client is ever pointed at a non-loopback address.
+- RebootInstances: the body reboots (processes end, boot runs again after the boot delay).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+
+_W = None
+_tls = threading.local()
+_installed = False
+
+
+def _status_block(instance, system: bool) -> dict:
+    if instance.state_code != 16:
+        return {"Status": "not-applicable"}
+    body = _W.bodies.get(instance.id) if _W is not None else None
+    if body is not None:
+        check = body.status_check()
+    else:
+        from .world import is_loopback
+
+        # a world instance whose body the reconciler has not picked up yet is still booting
+        check = "initializing" if is_loopback(instance.private_ip) else "ok"
+    if system and check == "impaired":
+        check = "ok"  # a dead OS fails the instance check; the host (system) is fine
+    detail = {"ok": "passed", "initializing": "initializing", "impaired": "failed"}[check]
+    d = {"Name": "reachability", "Status": detail}
+    if check == "impaired" and body is not None:
+        from moto.core.utils import utcnow
+
+        d["ImpairedSince"] = utcnow()
+    return {"Details": [d], "Status": check}
+
+
+def install(world) -> None:
+    global _W, _installed
+    _W = world
+    if _installed:
+        return
+    _installed = True
+
+    from moto.core.responses import ActionResult
+    from moto.core.types import Base64EncodedString
+    from moto.core.utils import utcnow
+    from moto.ec2.models import amis as amis_models
+    from moto.ec2.models import elastic_network_interfaces as eni_mod
+    from moto.ec2.models import instances as inst_models
+    from moto.ec2.responses import amis as amis_resp
+    from moto.ec2.responses import general as general_resp
+
+    Instance = inst_models.Instance
+
+    # --- status checks -------------------------------------------------------------
+    Instance.instance_status = property(lambda self: _status_block(self, system=False))
+    Instance.system_status = property(lambda self: _status_block(self, system=True))
+
+    # --- console output --------------------------------------------------------------
+    def get_console_output(self):
+        instance_id = self._get_param("InstanceId")
+        instance = self.ec2_backend.get_instance(instance_id)
+        result = {"InstanceId": instance.id, "Timestamp": utcnow()}
+        body = _W.bodies.get(instance.id) if _W is not None else None
+        from .world import is_loopback
+
+        if body is not None or is_loopback(instance.private_ip):
+            text = body.console_output() if body is not None else None
+            if text:
+                result["Output"] = Base64EncodedString.from_raw_string(text)
+        else:
+            result["Output"] = Base64EncodedString.from_raw_string(general_resp.SAMPLE_CONSOLE_OUTPUT)
+        return ActionResult(result)
+
+    general_resp.General.get_console_output = get_console_output
+
+    # --- CreateImage / CopyImage -------------------------------------------------------
+    orig_resp_create_image = amis_resp.AmisResponse.create_image
+
+    def resp_create_image(self):
+        _tls.no_reboot = self._get_bool_param("NoReboot", False)
+        try:
+            return orig_resp_create_image(self)
+        finally:
+            _tls.no_reboot = False
+
+    amis_resp.AmisResponse.create_image = resp_create_image
+
+    orig_create_image = amis_models.AmiBackend.create_image
+
+    def create_image(self, instance_id, name, description, tag_specifications):
+        ami = orig_create_image(self, instance_id, name, description, tag_specifications)
+        instance = self.get_instance(instance_id)
+        if _W is not None:
+            try:
+                _W.images.on_create_image(ami, instance, bool(getattr(_tls, "no_reboot", False)))
+            except Exception as e:
+                ami.state = "failed"
+                _W.log(f"{ami.id}: capture failed: {e!r}")
+        return ami
+
+    amis_models.AmiBackend.create_image = create_image
+
+    orig_copy_image = amis_models.AmiBackend.copy_image
+
+    def copy_image(self, source_image_id, source_region, name=None, description=None):
+        ami = orig_copy_image(self, source_image_id, source_region, name, description)
+        if _W is not None:
+            _W.images.on_copy_image(ami, source_image_id)
+        return ami
+
+    amis_models.AmiBackend.copy_image = copy_image
+
+    # --- public IPs ----------------------------------------------------------------------
+    def loopback_public_ip() -> str:
+        return f"127.254.{random.randint(0, 255)}.{random.randint(1, 254)}"
+
+    eni_mod.random_public_ip = loopback_public_ip
+    orig_check = eni_mod.NetworkInterface.check_auto_public_ip
+
+    def check_auto_public_ip(self):
+        subnet = getattr(self, "subnet", None)
+        vpc_id = getattr(subnet, "vpc_id", None)
+        if _W is not None and _W.is_world_vpc(vpc_id):
+            self.public_ip = None
+            return
+        orig_check(self)
+
+    eni_mod.NetworkInterface.check_auto_public_ip = check_auto_public_ip
+
+    # --- reboot --------------------------------------------------------------------------
+    orig_reboot = Instance.reboot
+
+    def reboot(self):
+        orig_reboot(self)
+        body = _W.bodies.get(self.id) if _W is not None else None
+        if body is not None:
+            body.request_reboot()
+
+    Instance.reboot = reboot

@@ -1,0 +1,139 @@
+"""The World object: one per server process, shared by the patches, the bodies,
+the front door and the plug-in modules (health, asg, ssm)."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_ACCOUNT = "123456789012"
+LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
+# Root-owned parent of every body's chroot (sshd's ChrootDirectory demands that every
+# component of the path is root-owned and not group/world-writable: not under /tmp).
+BODIES_BASE = Path("/var/lib/bakery-world")
+
+
+def base_dir_for(state_dir: Path) -> Path:
+    digest = hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:12]
+    return BODIES_BASE / digest
+
+
+def is_loopback(ip: str | None) -> bool:
+    if not ip:
+        return False
+    try:
+        return ipaddress.ip_address(ip) in LOOPBACK
+    except ValueError:
+        return False
+
+
+def cidr_is_loopback(cidr: str | None) -> bool:
+    if not cidr:
+        return False
+    try:
+        return ipaddress.ip_network(cidr, strict=False).subnet_of(LOOPBACK)
+    except (ValueError, TypeError):
+        return False
+
+
+@dataclass
+class Settings:
+    state_dir: Path
+    port: int = 5599
+    boot_delay: float = 2.0
+    snapshot_delay: float = 3.0
+    seed: int = 0
+    region: str = "us-east-1"
+    host: str = "127.0.0.1"
+    account: str = DEFAULT_ACCOUNT
+    base_dir: Path = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.state_dir = Path(self.state_dir).resolve()
+        if self.base_dir is None:
+            self.base_dir = base_dir_for(self.state_dir)
+
+    def as_dict(self) -> dict:
+        return {
+            "state_dir": str(self.state_dir),
+            "base_dir": str(self.base_dir),
+            "port": self.port,
+            "boot_delay": self.boot_delay,
+            "snapshot_delay": self.snapshot_delay,
+            "seed": self.seed,
+            "region": self.region,
+        }
+
+
+class World:
+    def __init__(self, settings: Settings):
+        from .bodies import BodyManager
+        from .images import ImageStore
+
+        self.settings = settings
+        self.started_at = time.time()
+        self.lock = threading.RLock()
+        self.images = ImageStore(self)
+        self.bodies = BodyManager(self)
+        self.frontdoor = None  # set by server
+        self.plugins: dict[str, object] = {}
+        self.status_hooks: list = []  # callables(dict) -> None, for plug-ins
+
+    # --- moto access -----------------------------------------------------------
+    def ec2(self, region: str | None = None):
+        from moto.ec2.models import ec2_backends
+
+        return ec2_backends[self.settings.account][region or self.settings.region]
+
+    def backend(self, service: str, region: str | None = None):
+        from moto.backends import get_backend
+
+        return get_backend(service)[self.settings.account][region or self.settings.region]
+
+    # --- helpers ---------------------------------------------------------------
+    def is_world_vpc(self, vpc_id: str | None, region: str | None = None) -> bool:
+        if not vpc_id:
+            return False
+        try:
+            vpc = self.ec2(region).get_vpc(vpc_id)
+        except Exception:
+            return False
+        return cidr_is_loopback(getattr(vpc, "cidr_block", None))
+
+    def log(self, msg: str) -> None:
+        ts = time.strftime("%H:%M:%S")
+        print(f"[{ts}] {msg}", flush=True)
+
+    # --- lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        self.bodies.start()
+
+    def shutdown(self) -> None:
+        self.bodies.shutdown()
+        self.images.shutdown()
+
+    def status(self) -> dict:
+        st = {
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "uptime": round(time.time() - self.started_at, 1),
+            "endpoint": f"http://{self.settings.host}:{self.settings.port}",
+            "settings": self.settings.as_dict(),
+            "bodies": [b.describe() for b in self.bodies.all()],
+            "images": self.images.describe(),
+            "plugins": sorted(self.plugins),
+        }
+        if self.frontdoor is not None:
+            st["calls_total"] = self.frontdoor.total_calls()
+            st["faults"] = self.frontdoor.faults_spec()
+        for hook in list(self.status_hooks):
+            try:
+                hook(st)
+            except Exception as e:  # a plug-in must not break status
+                st.setdefault("hook_errors", []).append(repr(e))
+        return st
