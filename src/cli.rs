@@ -53,6 +53,67 @@ pub enum Command {
     Build(BuildArgs),
     /// Check a recipe without calling AWS.
     Validate(RecipeArgs),
+    /// Roll an AMI into an Auto Scaling group in health-gated batches.
+    Rollout(RolloutArgs),
+    /// Show a group: versions, instances, health, and any rollout in progress.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("image").args(["ami", "manifest", "ami_param"])))]
+pub struct RolloutArgs {
+    /// The Auto Scaling group.
+    #[arg(long)]
+    pub asg: String,
+    /// The AMI to roll out.
+    #[arg(long)]
+    pub ami: Option<String>,
+    /// Take the AMI from a `bakery build` manifest.
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// Take the AMI id from an SSM parameter.
+    #[arg(long, value_name = "SSM_PATH")]
+    pub ami_param: Option<String>,
+    /// Instances launched per batch: a count or a percentage of the desired capacity (at least 1).
+    #[arg(long, default_value = "25%")]
+    pub max_surge: crate::rollout::plan::Amount,
+    /// Old instances that may be out of service at once (count or percentage).
+    #[arg(long, default_value = "0")]
+    pub max_unavailable: crate::rollout::plan::Amount,
+    /// Size of the first batch.
+    #[arg(long, default_value_t = 1)]
+    pub canary: u32,
+    /// After the canary is healthy, watch it this long before going on (e.g. 5m).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    pub canary_bake: std::time::Duration,
+    /// How long a batch may take to become healthy before the rollout rolls back.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+    pub health_timeout: std::time::Duration,
+    /// How long a new instance must have run before it counts as ready.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    pub warmup: std::time::Duration,
+    /// On failure, leave the group as it is instead of rolling back.
+    #[arg(long)]
+    pub no_rollback: bool,
+    /// Print the plan and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Roll back the rollout in progress on this group.
+    #[arg(long, conflicts_with = "force")]
+    pub abort: bool,
+    /// Replace a rollout in progress of another AMI with this one.
+    #[arg(long)]
+    pub force: bool,
+    /// Launch-template versions to keep after a successful rollout (never one in use).
+    #[arg(long, default_value_t = 10)]
+    pub keep_versions: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The Auto Scaling group.
+    #[arg(long)]
+    pub asg: String,
 }
 
 #[derive(Debug, Args)]

@@ -1,7 +1,7 @@
 //! bakery: bake AMIs, roll them into Auto Scaling Groups, keep fleets healthy.
 //!
 //! The binary (`main.rs`) is a thin edge over this library. The layout follows the product:
-//! [`recipe`] (the file format), [`bake`] (the bake pipeline), [`comm`] (how commands reach an
+//! [`recipe`] (the file format), [`bake`] (the bake pipeline), [`rollout`] (the rollout engine), [`comm`] (how commands reach an
 //! instance), [`aws`] (clients and typed wrappers), [`output`] (progress and NDJSON events) and
 //! [`wait`] (adaptive polling).
 
@@ -11,4 +11,6 @@ pub mod cli;
 pub mod comm;
 pub mod output;
 pub mod recipe;
+pub mod rollout;
+pub mod signals;
 pub mod wait;

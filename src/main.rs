@@ -8,7 +8,7 @@ use tracing_subscriber::EnvFilter;
 
 use bakery::cli::{Cli, Command};
 use bakery::output::{Event, Format, Reporter};
-use bakery::{aws, bake, recipe};
+use bakery::{aws, bake, recipe, rollout};
 
 /// Exit codes, documented in the README.
 mod exit {
@@ -58,8 +58,17 @@ fn report_error(reporter: &Reporter, message: &str, code: u8) -> ExitCode {
     ExitCode::from(code)
 }
 
+fn target(g: &bakery::cli::Global) -> aws::Target {
+    aws::Target {
+        region: g.region.clone(),
+        profile: g.profile.clone(),
+        endpoint_url: g.endpoint_url.clone(),
+    }
+}
+
 async fn run(cli: Cli) -> ExitCode {
     let reporter = Reporter::new(cli.global.output, cli.global.quiet);
+    let target = target(&cli.global);
     match cli.command {
         Command::Validate(args) => {
             let sources = recipe::VarSources::from_env(args.var_files, args.vars);
@@ -85,11 +94,6 @@ async fn run(cli: Cli) -> ExitCode {
                 Ok(r) => r,
                 Err(e) => return report_error(&reporter, &e.to_string(), exit::USAGE),
             };
-            let target = aws::Target {
-                region: cli.global.region,
-                profile: cli.global.profile,
-                endpoint_url: cli.global.endpoint_url,
-            };
             let aws = match aws::Aws::connect(&target).await {
                 Ok(a) => a,
                 Err(e) => return report_error(&reporter, &e.to_string(), exit::USAGE),
@@ -102,7 +106,77 @@ async fn run(cli: Cli) -> ExitCode {
             let outcome = bake::run(&aws, &recipe, &opts, &reporter).await;
             finish_build(&reporter, outcome)
         }
+        Command::Rollout(args) => {
+            let ami = match (args.ami, args.manifest, args.ami_param) {
+                (Some(id), _, _) => Some(rollout::AmiSource::Id(id)),
+                (_, Some(m), _) => Some(rollout::AmiSource::Manifest(m)),
+                (_, _, Some(p)) => Some(rollout::AmiSource::Param(p)),
+                _ if args.abort => None,
+                _ => {
+                    return report_rollout_error(
+                        &reporter,
+                        "name the AMI to roll out: --ami AMI_ID, --manifest FILE or --ami-param SSM_PATH",
+                        exit::USAGE.into(),
+                    )
+                }
+            };
+            let req = rollout::Request {
+                group: args.asg,
+                ami,
+                max_surge: args.max_surge,
+                max_unavailable: args.max_unavailable,
+                canary: args.canary,
+                canary_bake: args.canary_bake,
+                health_timeout: args.health_timeout,
+                warmup: args.warmup,
+                rollback: !args.no_rollback,
+                dry_run: args.dry_run,
+                abort: args.abort,
+                force: args.force,
+                keep_versions: args.keep_versions,
+            };
+            let aws = match aws::Aws::connect(&target).await {
+                Ok(a) => a,
+                Err(e) => return report_rollout_error(&reporter, &e.to_string(), exit::USAGE.into()),
+            };
+            match rollout::run(&aws, &req, &reporter).await {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => report_rollout_error(&reporter, &format!("{e}"), e.exit_code()),
+            }
+        }
+        Command::Status(args) => {
+            let aws = match aws::Aws::connect(&target).await {
+                Ok(a) => a,
+                Err(e) => return report_error(&reporter, &e.to_string(), exit::USAGE),
+            };
+            match rollout::status::status(&aws, &args.asg).await {
+                Ok(s) => {
+                    if reporter.format() == Format::Json {
+                        println!("{}", serde_json::to_string(&s).unwrap_or_default());
+                    } else {
+                        print!("{}", rollout::status::render(&s));
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => report_error(
+                    &reporter,
+                    &format!("{e}"),
+                    u8::try_from(e.exit_code()).unwrap_or(exit::FAILURE),
+                ),
+            }
+        }
     }
+}
+
+fn report_rollout_error(reporter: &Reporter, message: &str, code: i32) -> ExitCode {
+    match reporter.format() {
+        Format::Json => reporter.emit(Event::RolloutFailed {
+            error: message.to_string(),
+            exit_code: code,
+        }),
+        Format::Human => eprintln!("error: {message}"),
+    }
+    ExitCode::from(u8::try_from(code).unwrap_or(exit::FAILURE))
 }
 
 fn finish_build(reporter: &Reporter, outcome: bake::Outcome) -> ExitCode {

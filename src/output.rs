@@ -72,6 +72,51 @@ pub enum Event {
         error: String,
         exit_code: i32,
     },
+    RolloutStarted {
+        rollout_id: String,
+        group: String,
+        ami: String,
+        launch_template: String,
+        from_version: String,
+        to_version: String,
+        capacity: u32,
+        resumed: bool,
+    },
+    BatchStarted {
+        batch: u32,
+        size: u32,
+        desired: u32,
+        retiring: Vec<String>,
+    },
+    Waiting {
+        why: String,
+    },
+    Retired {
+        instances: Vec<String>,
+        desired: u32,
+    },
+    CanaryBaking {
+        seconds: u64,
+    },
+    CanaryPassed,
+    RollbackStarted {
+        reason: String,
+        instances: Vec<String>,
+    },
+    RolloutPlan {
+        plan: serde_json::Value,
+    },
+    RolloutFinished {
+        result: String,
+        group: String,
+        ami: String,
+        version: String,
+        duration_s: f64,
+    },
+    RolloutFailed {
+        error: String,
+        exit_code: i32,
+    },
 }
 
 /// Sends events to the terminal or the NDJSON stream. Cheap to clone; safe to share with the
@@ -118,7 +163,12 @@ impl Reporter {
                 let _ = out.flush();
             }
             Format::Human => {
-                if let Some(line) = human_line(&event, self.inner.quiet) {
+                if let Event::RolloutPlan { .. } = &event {
+                    // A dry run's plan is its result: stdout, even under --quiet.
+                    if let Some(line) = human_line(&event, false) {
+                        let _ = writeln!(std::io::stdout().lock(), "{line}");
+                    }
+                } else if let Some(line) = human_line(&event, self.inner.quiet) {
                     let _ = writeln!(std::io::stderr().lock(), "{line}");
                 }
             }
@@ -157,6 +207,52 @@ fn human_line(event: &Event, quiet: bool) -> Option<String> {
             Stream::Stderr => format!("    {provisioner} ! {line}"),
         },
         Event::BuildFinished { .. } => return None,
+        Event::RolloutStarted {
+            rollout_id,
+            group,
+            ami,
+            launch_template,
+            from_version,
+            to_version,
+            capacity,
+            resumed,
+        } => format!(
+            "==> {} rollout {rollout_id}: {ami} into {group} ({launch_template} version {from_version} -> {to_version}, capacity {capacity})",
+            if *resumed { "resuming" } else { "starting" }
+        ),
+        Event::BatchStarted {
+            batch,
+            size,
+            desired,
+            retiring,
+        } => {
+            let mut line = format!("==> batch {batch}: launching {size} (desired {desired})");
+            if !retiring.is_empty() {
+                line.push_str(&format!(", retiring {} now", retiring.join(", ")));
+            }
+            line
+        }
+        Event::Waiting { why } => format!("    waiting: {why}"),
+        Event::Retired { instances, desired } => {
+            format!("    retired {} (desired {desired})", instances.join(", "))
+        }
+        Event::CanaryBaking { seconds } => format!("    canary healthy; baking for {seconds}s"),
+        Event::CanaryPassed => "    canary bake passed".to_string(),
+        Event::RollbackStarted { reason, .. } => {
+            return Some(format!("!!  rolling back: {reason}"))
+        }
+        Event::RolloutPlan { plan } => format!(
+            "==> plan (dry run: nothing was changed)\n{}",
+            serde_json::to_string_pretty(plan).unwrap_or_default()
+        ),
+        Event::RolloutFinished {
+            result,
+            group,
+            ami,
+            version,
+            duration_s,
+        } => format!("==> {group}: {result} on {ami} (version {version}) in {duration_s:.1}s"),
+        Event::RolloutFailed { error, .. } => return Some(format!("!!  rollout failed: {error}")),
         Event::BuildFailed { error, .. } => return Some(format!("!!  build failed: {error}")),
     };
     (!quiet).then_some(line)

@@ -560,3 +560,39 @@ pub async fn delete_image(ec2: &Client, image: &ImageInfo) -> Result<(), AwsErro
     }
     Ok(())
 }
+
+/// The image and launch time (seconds since the epoch) of each instance, by id.
+pub async fn images_of(ec2: &Client, ids: &[String]) -> Result<BTreeMap<String, (String, u64)>, AwsError> {
+    let mut found = BTreeMap::new();
+    // DescribeInstances takes up to 1000 ids a call.
+    for chunk in ids.chunks(1000) {
+        let out = call("ec2:DescribeInstances", format!("{} instances", chunk.len()), || {
+            ec2.describe_instances()
+                .set_instance_ids(Some(chunk.to_vec()))
+                .send()
+        })
+        .await;
+        let out = match out {
+            Ok(o) => o,
+            // An id that just went away fails the whole call; ask one by one instead.
+            Err(e) if e.is_not_found() && chunk.len() > 1 => {
+                for id in chunk {
+                    if let Ok(Some(v)) = Box::pin(images_of(ec2, std::slice::from_ref(id))).await.map(|m| m.get(id).cloned()) {
+                        found.insert(id.clone(), v);
+                    }
+                }
+                continue;
+            }
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e),
+        };
+        for i in out.reservations().iter().flat_map(|r| r.instances()) {
+            let launched = i.launch_time().map(|t| t.secs().max(0) as u64).unwrap_or_default();
+            found.insert(
+                i.instance_id().unwrap_or_default().to_string(),
+                (i.image_id().unwrap_or_default().to_string(), launched),
+            );
+        }
+    }
+    Ok(found)
+}

@@ -2,7 +2,10 @@
 //! with the user's region, profile and endpoint overrides) and the single retry policy every
 //! call goes through. Service-specific wrappers live beside it, one file per service.
 
+pub mod autoscaling;
 pub mod ec2;
+pub mod elbv2;
+pub mod launch_template;
 
 use std::future::Future;
 use std::time::Duration;
@@ -26,6 +29,8 @@ pub struct Aws {
     pub region: String,
     pub ec2: aws_sdk_ec2::Client,
     pub ssm: aws_sdk_ssm::Client,
+    pub autoscaling: aws_sdk_autoscaling::Client,
+    pub elb: aws_sdk_elasticloadbalancingv2::Client,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +66,8 @@ impl Aws {
             region,
             ec2: aws_sdk_ec2::Client::new(&config),
             ssm: aws_sdk_ssm::Client::new(&config),
+            autoscaling: aws_sdk_autoscaling::Client::new(&config),
+            elb: aws_sdk_elasticloadbalancingv2::Client::new(&config),
         })
     }
 }

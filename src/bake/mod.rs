@@ -22,6 +22,7 @@ use crate::aws::{ec2, Aws, AwsError};
 use crate::comm::ssh::{HostKeyPolicy, SshSession, SshTarget};
 use crate::comm::{hostkey, keys, CommError, LineSink};
 use crate::output::{Event, Reporter};
+use crate::signals::Signals;
 use crate::recipe::{
     Communicator, Interface, Provisioner, Recipe, ShellBody, ShellProvisioner, SourceAmi,
 };
@@ -252,36 +253,6 @@ async fn cleanup(
     (failures, Vec::new())
 }
 
-/// SIGINT and SIGTERM as one stream.
-struct Signals {
-    int: Option<tokio::signal::unix::Signal>,
-    term: Option<tokio::signal::unix::Signal>,
-}
-
-impl Signals {
-    fn new() -> Self {
-        use tokio::signal::unix::{signal, SignalKind};
-        Self {
-            int: signal(SignalKind::interrupt()).ok(),
-            term: signal(SignalKind::terminate()).ok(),
-        }
-    }
-
-    async fn next(&mut self) -> &'static str {
-        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
-            match s {
-                Some(s) => {
-                    s.recv().await;
-                }
-                None => std::future::pending().await,
-            }
-        }
-        tokio::select! {
-            _ = recv(&mut self.int) => "SIGINT",
-            _ = recv(&mut self.term) => "SIGTERM",
-        }
-    }
-}
 
 fn new_build_id() -> String {
     let now = OffsetDateTime::now_utc();

@@ -170,3 +170,12 @@ def test_scale_in_deregisters_terminated_instances(world, ec2, asg, elb, group):
     (kept,) = wait_for(lambda: len(m := members(asg, name)) == 1 and m, timeout=10, what="scale in")
     listed = lambda: {d["Target"]["Id"] for d in elb.describe_target_health(TargetGroupArn=tg)["TargetHealthDescriptions"]}  # noqa: E731
     wait_for(lambda: listed() == {kept}, timeout=10, what="terminated instance drained out")
+
+
+def test_impaired_status_check_marks_unhealthy_after_grace(world, ec2, asg, group):
+    name = group(desired=1, app=False, grace=2)
+    (iid,) = members(asg, name)
+    wait_for(lambda: has_body(ec2, iid), timeout=20, what="booted")
+    assert world.cli("crash", iid).returncode == 0  # the body dies, the instance stays running
+    wait_for(lambda: iid not in members(asg, name), timeout=10, what="impaired instance replaced")
+    wait_for(lambda: len(members(asg, name)) == 1, timeout=10, what="capacity kept")

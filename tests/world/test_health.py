@@ -27,7 +27,7 @@ exec python3 /opt/app/app.py
 """
 
 INTERVAL, HEALTHY, UNHEALTHY = 1, 2, 2
-SLACK = 2.0
+SLACK = 2.5
 
 
 def elbv2_client(world):

@@ -135,6 +135,16 @@ def _patch_moto() -> None:
     FakeAutoScalingGroup.replace_autoscaling_group_instances = replace_autoscaling_group_instances  # type: ignore[method-assign]
 
 
+def _impaired(body: Any) -> bool:
+    """The instance's EC2 status check is `impaired`: its body died (a crash, not an app kill)."""
+    if body is None:
+        return False
+    status_check = getattr(body, "status_check", None)
+    if status_check is not None:
+        return status_check() == "impaired"
+    return body.booted() and not body.alive()
+
+
 class AsgProcesses:
     def __init__(self, world: Any) -> None:
         self.world = world
@@ -184,8 +194,7 @@ class AsgProcesses:
                 continue
             if now - launched < grace:
                 continue
-            body = self.world.bodies.get(iid)
-            if body is not None and body.booted() and not body.alive():
+            if _impaired(self.world.bodies.get(iid)):
                 self._mark(st, "EC2 status checks impaired")
                 continue
             if (group.health_check_type or "EC2").upper() == "ELB":

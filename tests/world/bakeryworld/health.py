@@ -29,7 +29,6 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import logging
-import re
 import socket
 import ssl
 import threading
@@ -242,10 +241,6 @@ def _code_matches(matcher: dict[str, Any] | None, code: int) -> bool:
         elif int(part) == code:
             return True
     return False
-
-
-def _codes_text(matcher: dict[str, Any] | None) -> str:
-    return str((matcher or {}).get("HttpCode") or "200")
 
 
 def in_loopback(ip: str | None) -> bool:

@@ -110,9 +110,14 @@ def _managed(ec2: Any, instance: Any) -> bool:
 def _ping_status(instance_id: str) -> str | None:
     """`Online`, `ConnectionLost`, or None when the agent never registered (not booted)."""
     body = WORLD.bodies.get(instance_id) if WORLD is not None else None
-    if body is None or not body.booted():
+    if body is None:
         return None
-    return "Online" if body.alive() else "ConnectionLost"
+    if body.alive():
+        return "Online"
+    status_check = getattr(body, "status_check", None)
+    if status_check is not None and status_check() == "impaired":
+        return "ConnectionLost"  # it was up once and died
+    return None
 
 
 def _all_instances(ec2: Any) -> list[Any]:
@@ -430,6 +435,7 @@ def _patch_moto() -> None:
         with _RUNS_LOCK:
             RUNS[cmd.command_id] = invs
         cmd.target_count = len(invs)
+        cmd._bakeryworld_fresh = True  # the SendCommand response itself says Pending, counts 0
         for inv in invs.values():
             threading.Thread(
                 target=_run, args=(inv, spec), name=f"world-ssm-{inv.instance_id}", daemon=True
@@ -440,6 +446,12 @@ def _patch_moto() -> None:
         out = orig_response_object(self)
         invs = RUNS.get(self.command_id)
         if invs is None:
+            return out
+        if getattr(self, "_bakeryworld_fresh", False):
+            self._bakeryworld_fresh = False
+            out.update({"Status": "Pending", "StatusDetails": "Pending", "CompletedCount": 0,
+                        "ErrorCount": 0, "DeliveryTimedOutCount": 0, "TargetCount": len(invs),
+                        "DocumentVersion": "$DEFAULT"})
             return out
         status, details, counts = _aggregate(list(invs.values()))
         out.update(counts)

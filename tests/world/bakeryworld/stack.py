@@ -269,13 +269,16 @@ class Stack:
         )["Instances"][0]
         iid = inst["InstanceId"]
         try:
-            _wait(
-                f"SSM agent of builder {iid} to come online",
-                30 + 3 * self.boot_delay,
-                lambda: self.ssm.describe_instance_information(
-                    Filters=[{"Key": "InstanceIds", "Values": [iid]}, {"Key": "PingStatus", "Values": ["Online"]}]
-                )["InstanceInformationList"],
-            )
+            try:
+                _wait(
+                    f"SSM agent of builder {iid} to come online",
+                    30 + 3 * self.boot_delay,
+                    lambda: self.ssm.describe_instance_information(
+                        Filters=[{"Key": "InstanceIds", "Values": [iid]}, {"Key": "PingStatus", "Values": ["Online"]}]
+                    )["InstanceInformationList"],
+                )
+            except StackError as e:
+                raise StackError(f"{e} ({self._diagnose(iid)}; see the world's server.log)") from None
             cmd = self.ssm.send_command(
                 InstanceIds=[iid],
                 DocumentName="AWS-RunShellScript",
@@ -306,6 +309,19 @@ class Stack:
                 self.ec2.terminate_instances(InstanceIds=[iid])
             except ClientError as e:
                 _log(f"warning: builder {iid} not terminated: {e}")
+
+    def _diagnose(self, iid: str) -> str:
+        try:
+            inst = self.ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
+            assoc = self.ec2.describe_iam_instance_profile_associations(
+                Filters=[{"Name": "instance-id", "Values": [iid]}]
+            )["IamInstanceProfileAssociations"]
+            return (
+                f"instance {inst['State']['Name']} at {inst.get('PrivateIpAddress')}, "
+                f"instance profile associations: {[a['IamInstanceProfile']['Arn'] for a in assoc]}"
+            )
+        except ClientError as e:
+            return f"could not describe {iid}: {e}"
 
     def _wait_image(self, image_id: str) -> None:
         def state() -> bool:

@@ -1,0 +1,208 @@
+//! Thin typed wrappers over the Auto Scaling calls bakery makes, and the plain-data view of a
+//! group that the rollout and the status command work from.
+
+use std::collections::BTreeMap;
+
+use aws_sdk_autoscaling::types::{LaunchTemplateSpecification, Tag};
+use aws_sdk_autoscaling::Client;
+
+use super::{call, AwsError};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupInstance {
+    pub id: String,
+    pub lifecycle: String,
+    pub health: String,
+    pub launch_template_version: Option<String>,
+    pub availability_zone: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchTemplateRef {
+    pub id: Option<String>,
+    pub name: Option<String>,
+    /// As the group names it: a number, `$Latest` or `$Default`.
+    pub version: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub name: String,
+    pub desired: u32,
+    pub min: u32,
+    pub max: u32,
+    pub launch_template: Option<LaunchTemplateRef>,
+    pub uses_mixed_instances_policy: bool,
+    pub uses_launch_configuration: Option<String>,
+    pub target_group_arns: Vec<String>,
+    pub health_check_type: String,
+    pub health_check_grace_period: i32,
+    pub instances: Vec<GroupInstance>,
+    pub tags: BTreeMap<String, String>,
+    pub suspended: Vec<String>,
+}
+
+pub async fn describe(asg: &Client, name: &str) -> Result<Option<Group>, AwsError> {
+    let out = call("autoscaling:DescribeAutoScalingGroups", name, || {
+        asg.describe_auto_scaling_groups()
+            .auto_scaling_group_names(name)
+            .send()
+    })
+    .await?;
+    Ok(out.auto_scaling_groups().first().map(|g| Group {
+        name: g.auto_scaling_group_name().unwrap_or_default().to_string(),
+        desired: g.desired_capacity().unwrap_or_default().max(0) as u32,
+        min: g.min_size().unwrap_or_default().max(0) as u32,
+        max: g.max_size().unwrap_or_default().max(0) as u32,
+        launch_template: g.launch_template().map(|lt| LaunchTemplateRef {
+            id: lt.launch_template_id().map(str::to_string),
+            name: lt.launch_template_name().map(str::to_string),
+            version: lt.version().map(str::to_string),
+        }),
+        uses_mixed_instances_policy: g.mixed_instances_policy().is_some(),
+        uses_launch_configuration: g.launch_configuration_name().map(str::to_string),
+        target_group_arns: g.target_group_arns().to_vec(),
+        health_check_type: g.health_check_type().unwrap_or_default().to_string(),
+        health_check_grace_period: g.health_check_grace_period().unwrap_or_default(),
+        instances: g
+            .instances()
+            .iter()
+            .map(|i| GroupInstance {
+                id: i.instance_id().unwrap_or_default().to_string(),
+                lifecycle: i.lifecycle_state().map(|l| l.as_str().to_string()).unwrap_or_default(),
+                health: i.health_status().unwrap_or_default().to_string(),
+                launch_template_version: i
+                    .launch_template()
+                    .and_then(|lt| lt.version())
+                    .map(str::to_string),
+                availability_zone: i.availability_zone().unwrap_or_default().to_string(),
+            })
+            .collect(),
+        tags: g
+            .tags()
+            .iter()
+            .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or_default().to_string())))
+            .collect(),
+        suspended: g
+            .suspended_processes()
+            .iter()
+            .filter_map(|p| p.process_name().map(str::to_string))
+            .collect(),
+    }))
+}
+
+/// Sets tags on the group (not propagated to instances).
+pub async fn set_tags(asg: &Client, group: &str, tags: &[(&str, String)]) -> Result<(), AwsError> {
+    let tags: Vec<Tag> = tags
+        .iter()
+        .map(|(k, v)| {
+            Tag::builder()
+                .resource_id(group)
+                .resource_type("auto-scaling-group")
+                .key(*k)
+                .value(v)
+                .propagate_at_launch(false)
+                .build()
+        })
+        .collect();
+    call("autoscaling:CreateOrUpdateTags", group, || {
+        asg.create_or_update_tags().set_tags(Some(tags.clone())).send()
+    })
+    .await
+    .map(|_| ())
+}
+
+pub async fn delete_tags(asg: &Client, group: &str, keys: &[&str]) -> Result<(), AwsError> {
+    let tags: Vec<Tag> = keys
+        .iter()
+        .map(|k| {
+            Tag::builder()
+                .resource_id(group)
+                .resource_type("auto-scaling-group")
+                .key(*k)
+                .build()
+        })
+        .collect();
+    call("autoscaling:DeleteTags", group, || {
+        asg.delete_tags().set_tags(Some(tags.clone())).send()
+    })
+    .await
+    .map(|_| ())
+}
+
+pub async fn set_desired(asg: &Client, group: &str, desired: u32) -> Result<(), AwsError> {
+    call("autoscaling:SetDesiredCapacity", group, || {
+        asg.set_desired_capacity()
+            .auto_scaling_group_name(group)
+            .desired_capacity(desired as i32)
+            .honor_cooldown(false)
+            .send()
+    })
+    .await
+    .map(|_| ())
+}
+
+/// Changes sizes and/or the launch-template version; `None` leaves a field as it is.
+pub async fn update(
+    asg: &Client,
+    group: &str,
+    template: Option<(&str, &str)>,
+    min: Option<u32>,
+    max: Option<u32>,
+    desired: Option<u32>,
+) -> Result<(), AwsError> {
+    call("autoscaling:UpdateAutoScalingGroup", group, || {
+        asg.update_auto_scaling_group()
+            .auto_scaling_group_name(group)
+            .set_launch_template(template.map(|(id, version)| {
+                LaunchTemplateSpecification::builder()
+                    .launch_template_id(id)
+                    .version(version)
+                    .build()
+            }))
+            .set_min_size(min.map(|v| v as i32))
+            .set_max_size(max.map(|v| v as i32))
+            .set_desired_capacity(desired.map(|v| v as i32))
+            .send()
+    })
+    .await
+    .map(|_| ())
+}
+
+/// Terminates a group member; with `decrement`, the group does not replace it.
+pub async fn terminate_instance(asg: &Client, id: &str, decrement: bool) -> Result<(), AwsError> {
+    match call("autoscaling:TerminateInstanceInAutoScalingGroup", id, || {
+        asg.terminate_instance_in_auto_scaling_group()
+            .instance_id(id)
+            .should_decrement_desired_capacity(decrement)
+            .send()
+    })
+    .await
+    {
+        // Already gone (or leaving): that is what we wanted.
+        Err(e) if e.code() == Some("ValidationError") && e.message.contains("not found") => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+pub async fn suspend(asg: &Client, group: &str, processes: &[&str]) -> Result<(), AwsError> {
+    call("autoscaling:SuspendProcesses", group, || {
+        asg.suspend_processes()
+            .auto_scaling_group_name(group)
+            .set_scaling_processes(Some(processes.iter().map(|p| p.to_string()).collect()))
+            .send()
+    })
+    .await
+    .map(|_| ())
+}
+
+pub async fn resume(asg: &Client, group: &str, processes: &[&str]) -> Result<(), AwsError> {
+    call("autoscaling:ResumeProcesses", group, || {
+        asg.resume_processes()
+            .auto_scaling_group_name(group)
+            .set_scaling_processes(Some(processes.iter().map(|p| p.to_string()).collect()))
+            .send()
+    })
+    .await
+    .map(|_| ())
+}

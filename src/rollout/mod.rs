@@ -1,0 +1,794 @@
+//! The rollout engine: puts an AMI into a new launch-template version and rolls it into an Auto
+//! Scaling group in health-gated batches, rolling back by itself when the new instances are
+//! unhealthy, and resuming from the group's tags after a crash.
+//!
+//! The loop observes the group, asks [`plan::decide`] for the next step, acts, records its
+//! progress on the group ([`state`]) and repeats. Every action is safe to repeat, so a driver
+//! that dies between acting and recording is resumed correctly by the next one.
+
+pub mod plan;
+pub mod state;
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::aws::{autoscaling, ec2, elbv2, launch_template as lt, Aws, AwsError};
+use crate::output::{Event, Reporter};
+use crate::signals::Signals;
+use plan::{Amount, Decision, Observed, Progress, Settings, TargetHealth};
+use state::{Lock, Phase, ProgressTag, RolloutState, LOCK_TAG, PROGRESS_TAG, STATE_TAG};
+
+/// The rollout's failure reason, kept for a driver that resumes a rollback.
+pub const REASON_TAG: &str = "bakery:rollout-reason";
+/// A lock not renewed for this long may be taken over by another driver.
+const LOCK_TTL: Duration = Duration::from_secs(60);
+/// The ASG process a rollout suspends: it would move instances between zones mid-rollout.
+const AZ_REBALANCE: &str = "AZRebalance";
+
+/// Where the AMI to roll out comes from.
+#[derive(Debug, Clone)]
+pub enum AmiSource {
+    Id(String),
+    Manifest(std::path::PathBuf),
+    Param(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub group: String,
+    /// `None` with `abort`.
+    pub ami: Option<AmiSource>,
+    pub max_surge: Amount,
+    pub max_unavailable: Amount,
+    pub canary: u32,
+    pub canary_bake: Duration,
+    pub health_timeout: Duration,
+    pub warmup: Duration,
+    pub rollback: bool,
+    pub dry_run: bool,
+    pub abort: bool,
+    pub force: bool,
+    pub keep_versions: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error("Auto Scaling group {0:?} not found in this region; check --asg and --region")]
+    GroupNotFound(String),
+    #[error("group {group}: {detail}")]
+    Unsupported { group: String, detail: String },
+    #[error("AMI {0} not found in this region; check the id (bake it with `bakery build` first, or copy it to this region)")]
+    AmiNotFound(String),
+    #[error("AMI {id} is {state}, not available; wait for it or pick another")]
+    AmiNotAvailable { id: String, state: String },
+    #[error("{0}")]
+    BadInput(String),
+    #[error(
+        "group {group} is locked by another rollout driver ({owner}, since {since}, lock expires {expires}); \
+         wait for it to finish, or rerun after the lock expires"
+    )]
+    Locked {
+        group: String,
+        owner: String,
+        since: String,
+        expires: String,
+    },
+    #[error(
+        "group {group} has a rollout of {ami} in progress (started {since}, batch {batch}). Rerun with \
+         --ami {ami} to resume it, add --abort to roll it back, or --force to replace it with {requested}"
+    )]
+    OtherRollout {
+        group: String,
+        ami: String,
+        since: String,
+        batch: u32,
+        requested: String,
+    },
+    #[error("group {0} has no rollout in progress; nothing to abort")]
+    NothingToAbort(String),
+    #[error("rolled back: {reason}")]
+    RolledBack { reason: String, instances: Vec<String> },
+    #[error("{0}")]
+    Failed(String),
+    #[error(transparent)]
+    Aws(#[from] AwsError),
+    #[error("interrupted by {0}; the rollout is paused: rerun the same command to resume it, or add --abort to roll back")]
+    Interrupted(&'static str),
+}
+
+impl RolloutError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RolloutError::GroupNotFound(_)
+            | RolloutError::Unsupported { .. }
+            | RolloutError::AmiNotFound(_)
+            | RolloutError::AmiNotAvailable { .. }
+            | RolloutError::BadInput(_)
+            | RolloutError::NothingToAbort(_) => 2,
+            RolloutError::RolledBack { .. } => 6,
+            RolloutError::Locked { .. } | RolloutError::OtherRollout { .. } => 7,
+            RolloutError::Interrupted("SIGINT") => 130,
+            RolloutError::Interrupted(_) => 143,
+            RolloutError::Failed(_) | RolloutError::Aws(_) => 1,
+        }
+    }
+}
+
+/// What a successful rollout did.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub group: String,
+    pub ami: String,
+    pub version: String,
+    pub changed: bool,
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+fn rfc3339(secs: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs as i64)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| secs.to_string())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+fn pid_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Runs a rollout to its end (success, rollback or failure), or prints its plan (`dry_run`).
+pub async fn run(aws: &Aws, req: &Request, reporter: &Reporter) -> Result<Summary, RolloutError> {
+    let started = Instant::now();
+    let ami = match (&req.ami, req.abort) {
+        (Some(src), _) => Some(resolve_ami(aws, src).await?),
+        (None, true) => None,
+        (None, false) => return Err(RolloutError::BadInput("name the AMI: --ami, --manifest or --ami-param".into())),
+    };
+    let group = autoscaling::describe(&aws.autoscaling, &req.group)
+        .await?
+        .ok_or_else(|| RolloutError::GroupNotFound(req.group.clone()))?;
+    let template_id = template_of(aws, &group).await?;
+    let existing: Option<RolloutState> = group.tags.get(STATE_TAG).and_then(|s| state::decode(s));
+    let me = Lock {
+        owner: format!("{}:{}", hostname(), std::process::id()),
+        token: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
+        since: now(),
+        expires: now() + LOCK_TTL.as_secs(),
+    };
+
+    let mut driver = match existing {
+        Some(st) => {
+            let progress: ProgressTag = group
+                .tags
+                .get(PROGRESS_TAG)
+                .and_then(|s| state::decode(s))
+                .unwrap_or(ProgressTag::new(Phase::Rolling, &Progress { batch: 0, batch_started: None, canary_healthy_at: None, canary_done: false }));
+            let same = ami.as_deref() == Some(st.ami.as_str());
+            if req.dry_run {
+                let plan = serde_json::json!({
+                    "group": group.name,
+                    "in_progress": {
+                        "rollout_id": st.id, "ami": st.ami, "phase": progress.ph,
+                        "batch": progress.b, "from_version": st.from, "to_version": st.to,
+                        "started": rfc3339(st.t),
+                    },
+                    "would": if req.abort { "roll back" } else if same { "resume" } else if req.force { "replace it" } else { "refuse" },
+                });
+                reporter.emit(Event::RolloutPlan { plan });
+                return Ok(Summary { group: group.name, ami: st.ami, version: st.to, changed: false });
+            }
+            if !req.abort && !same && !req.force {
+                return Err(RolloutError::OtherRollout {
+                    group: group.name.clone(),
+                    ami: st.ami.clone(),
+                    since: rfc3339(st.t),
+                    batch: progress.b,
+                    requested: ami.clone().unwrap_or_default(),
+                });
+            }
+            let mut d = Driver::new(aws, req, reporter, group.name.clone(), st, progress, me);
+            d.lock(&group).await?;
+            if req.abort && d.progress.ph == Phase::Rolling {
+                d.start_rollback("aborted by the user (--abort)".into(), Vec::new()).await?;
+            } else if !req.abort && !same {
+                // --force: a new rollout from the same starting point.
+                let new_ami = ami.clone().unwrap_or_default();
+                let source = lt::describe(&aws.ec2, &template_id, &d.st.from)
+                    .await?
+                    .ok_or_else(|| RolloutError::Failed(format!("launch template {template_id} version {} is gone", d.st.from)))?;
+                let to = lt::create_with_image(&aws.ec2, &source, &new_ami, &format!("bakery rollout of {new_ami}")).await?;
+                d.st.ami = new_ami;
+                d.st.to = to.to_string();
+                d.st.t = now();
+                d.progress = ProgressTag::new(Phase::Rolling, &Progress { batch: 0, batch_started: None, canary_healthy_at: None, canary_done: false });
+                d.save_state().await?;
+                autoscaling::update(&aws.autoscaling, &d.group, Some((&template_id, &d.st.to)), None, None, None).await?;
+            } else if d.progress.bt.is_some() {
+                // A batch was in flight when the last driver died: give it a fresh health timeout.
+                d.progress.bt = Some(now());
+                d.save_progress().await?;
+            }
+            if d.progress.ph == Phase::RollingBack && d.rollback_reason.is_none() {
+                let reason = group.tags.get(REASON_TAG).cloned().unwrap_or_else(|| "the rollout was rolled back".into());
+                d.rollback_reason = Some((reason, Vec::new()));
+            }
+            d.resumed = true;
+            d
+        }
+        None => {
+            if req.abort {
+                return Err(RolloutError::NothingToAbort(group.name.clone()));
+            }
+            let ami = ami.unwrap_or_default();
+            let version_name = group
+                .launch_template
+                .as_ref()
+                .and_then(|l| l.version.clone())
+                .unwrap_or_else(|| "$Default".into());
+            let source = lt::describe(&aws.ec2, &template_id, &version_name)
+                .await?
+                .ok_or_else(|| RolloutError::Unsupported {
+                    group: group.name.clone(),
+                    detail: format!("its launch template {template_id} has no version {version_name}"),
+                })?;
+            let plan = initial_plan(req, &group, &source, &ami, aws).await?;
+            if req.dry_run {
+                reporter.emit(Event::RolloutPlan { plan });
+                return Ok(Summary { group: group.name, ami, version: source.number.to_string(), changed: false });
+            }
+            let old: Vec<&autoscaling::GroupInstance> = group.instances.iter().collect();
+            let images = ec2::images_of(&aws.ec2, &old.iter().map(|i| i.id.clone()).collect::<Vec<_>>()).await?;
+            let all_new = images.values().all(|(a, _)| *a == ami) && images.len() as u32 >= group.desired;
+            if source.image_id.as_deref() == Some(ami.as_str()) && all_new {
+                reporter.emit(Event::RolloutFinished {
+                    result: "already running".into(),
+                    group: group.name.clone(),
+                    ami: ami.clone(),
+                    version: source.number.to_string(),
+                    duration_s: started.elapsed().as_secs_f64(),
+                });
+                return Ok(Summary { group: group.name, ami, version: source.number.to_string(), changed: false });
+            }
+            let id = format!("r-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+            let st = RolloutState {
+                id,
+                ami: ami.clone(),
+                lt: template_id.clone(),
+                from: source.number.to_string(),
+                to: String::new(),
+                d: group.desired,
+                mn: group.min,
+                mx: group.max,
+                az: false,
+                t: now(),
+            };
+            let progress = ProgressTag::new(Phase::Rolling, &Progress { batch: 0, batch_started: None, canary_healthy_at: None, canary_done: false });
+            let mut d = Driver::new(aws, req, reporter, group.name.clone(), st, progress, me);
+            d.lock(&group).await?;
+            let to = lt::create_with_image(&aws.ec2, &source, &ami, &format!("bakery rollout of {ami}")).await?;
+            d.st.to = to.to_string();
+            d.save_state().await?;
+            autoscaling::update(&aws.autoscaling, &d.group, Some((&template_id, &d.st.to)), None, None, None).await?;
+            d
+        }
+    };
+    driver.suspend_rebalance(&group.suspended).await?;
+    let result = driver.drive().await;
+    driver.finish(result, started).await
+}
+
+async fn resolve_ami(aws: &Aws, src: &AmiSource) -> Result<String, RolloutError> {
+    let id = match src {
+        AmiSource::Id(id) => id.clone(),
+        AmiSource::Manifest(path) => {
+            let m = crate::bake::manifest::Manifest::read(path).map_err(RolloutError::BadInput)?;
+            if m.region != aws.region {
+                return Err(RolloutError::BadInput(format!(
+                    "{} is for region {}, but this rollout runs in {}; pass --region {} or copy the AMI",
+                    path.display(),
+                    m.region,
+                    aws.region,
+                    m.region
+                )));
+            }
+            m.ami_id
+        }
+        AmiSource::Param(name) => {
+            let ssm = &aws.ssm;
+            let out = crate::aws::call("ssm:GetParameter", name, || ssm.get_parameter().name(name).send())
+                .await
+                .map_err(|e| {
+                    if e.code() == Some("ParameterNotFound") {
+                        RolloutError::BadInput(format!("SSM parameter {name} does not exist"))
+                    } else {
+                        e.into()
+                    }
+                })?;
+            out.parameter()
+                .and_then(|p| p.value())
+                .map(str::to_string)
+                .ok_or_else(|| RolloutError::BadInput(format!("SSM parameter {name} is empty")))?
+        }
+    };
+    match ec2::describe_image(&aws.ec2, &id).await? {
+        None => Err(RolloutError::AmiNotFound(id)),
+        Some(i) if i.state != "available" => Err(RolloutError::AmiNotAvailable { id, state: i.state }),
+        Some(_) => Ok(id),
+    }
+}
+
+async fn template_of(aws: &Aws, group: &autoscaling::Group) -> Result<String, RolloutError> {
+    let unsupported = |detail: String| RolloutError::Unsupported {
+        group: group.name.clone(),
+        detail,
+    };
+    if group.uses_mixed_instances_policy {
+        return Err(unsupported(
+            "it uses a mixed instances policy; bakery rolls groups with a single launch template".into(),
+        ));
+    }
+    let Some(lt_ref) = &group.launch_template else {
+        return Err(unsupported(match &group.uses_launch_configuration {
+            Some(lc) => format!(
+                "it uses launch configuration {lc}; bakery rolls launch templates (migrate the group to a launch template first)"
+            ),
+            None => "it has no launch template".into(),
+        }));
+    };
+    match (&lt_ref.id, &lt_ref.name) {
+        (Some(id), _) => Ok(id.clone()),
+        (None, Some(name)) => lt::id_for_name(&aws.ec2, name)
+            .await?
+            .ok_or_else(|| unsupported(format!("its launch template {name} does not exist"))),
+        (None, None) => Err(unsupported("it names no launch template".into())),
+    }
+}
+
+fn settings(req: &Request, capacity: u32) -> Settings {
+    Settings {
+        capacity,
+        surge: req.max_surge.resolve(capacity).max(1),
+        max_unavailable: req.max_unavailable.resolve(capacity),
+        canary: req.canary.max(1),
+        canary_bake: req.canary_bake,
+        warmup: req.warmup,
+        health_timeout: req.health_timeout,
+    }
+}
+
+/// The `--dry-run` plan: versions, batches and the capacity in service at each step.
+async fn initial_plan(
+    req: &Request,
+    group: &autoscaling::Group,
+    source: &lt::Version,
+    ami: &str,
+    aws: &Aws,
+) -> Result<serde_json::Value, RolloutError> {
+    let s = settings(req, group.desired);
+    let ids: Vec<String> = group.instances.iter().map(|i| i.id.clone()).collect();
+    let images = ec2::images_of(&aws.ec2, &ids).await?;
+    let old = images.values().filter(|(a, _)| a != ami).count() as u32;
+    let mut steps = Vec::new();
+    for (i, size) in plan::batches(&s, old).iter().enumerate() {
+        let surge = (*size).min(s.surge.max(if i == 0 { s.canary } else { s.surge }));
+        steps.push(serde_json::json!({
+            "batch": i + 1,
+            "replace": size,
+            "desired_during": s.capacity + surge,
+            "min_in_service": s.capacity.saturating_sub(s.max_unavailable),
+            "max_needed": (s.capacity + surge).max(group.max),
+        }));
+    }
+    Ok(serde_json::json!({
+        "group": group.name,
+        "launch_template": source.template_id,
+        "from_version": source.number,
+        "from_ami": source.image_id,
+        "to_version": "new (next number)",
+        "to_ami": ami,
+        "capacity": s.capacity,
+        "instances_to_replace": old,
+        "max_surge": s.surge,
+        "max_unavailable": s.max_unavailable,
+        "canary": s.canary,
+        "canary_bake_s": s.canary_bake.as_secs(),
+        "health_timeout_s": s.health_timeout.as_secs(),
+        "batches": steps,
+        "changes": "none (dry run)",
+    }))
+}
+
+struct Driver<'a> {
+    aws: &'a Aws,
+    req: &'a Request,
+    reporter: &'a Reporter,
+    group: String,
+    st: RolloutState,
+    progress: ProgressTag,
+    lock: Lock,
+    last_renew: Instant,
+    resumed: bool,
+    /// Instance id -> (AMI, launch time); instances never change either.
+    images: BTreeMap<String, (String, u64)>,
+    rollback_reason: Option<(String, Vec<String>)>,
+    last_wait: String,
+}
+
+impl<'a> Driver<'a> {
+    fn new(
+        aws: &'a Aws,
+        req: &'a Request,
+        reporter: &'a Reporter,
+        group: String,
+        st: RolloutState,
+        progress: ProgressTag,
+        lock: Lock,
+    ) -> Self {
+        Self {
+            aws,
+            req,
+            reporter,
+            group,
+            st,
+            progress,
+            lock,
+            last_renew: Instant::now(),
+            resumed: false,
+            images: BTreeMap::new(),
+            rollback_reason: None,
+            last_wait: String::new(),
+        }
+    }
+
+    /// Takes the group's lock: refused while another live driver holds it.
+    async fn lock(&mut self, group: &autoscaling::Group) -> Result<(), RolloutError> {
+        if let Some(held) = group.tags.get(LOCK_TAG).and_then(|s| Lock::decode(s)) {
+            if held.token != self.lock.token && !held.is_stale(now(), &hostname(), pid_alive) {
+                return Err(RolloutError::Locked {
+                    group: self.group.clone(),
+                    owner: held.owner,
+                    since: rfc3339(held.since),
+                    expires: rfc3339(held.expires),
+                });
+            }
+        }
+        self.write_lock().await?;
+        // Tags have no compare-and-swap: read back after a moment to see who won a race.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let g = autoscaling::describe(&self.aws.autoscaling, &self.group)
+            .await?
+            .ok_or_else(|| RolloutError::GroupNotFound(self.group.clone()))?;
+        match g.tags.get(LOCK_TAG).and_then(|s| Lock::decode(s)) {
+            Some(l) if l.token == self.lock.token => Ok(()),
+            Some(l) => Err(RolloutError::Locked {
+                group: self.group.clone(),
+                owner: l.owner,
+                since: rfc3339(l.since),
+                expires: rfc3339(l.expires),
+            }),
+            None => Err(RolloutError::Failed(format!("the lock tag on {} vanished while taking it", self.group))),
+        }
+    }
+
+    async fn write_lock(&mut self) -> Result<(), RolloutError> {
+        self.lock.expires = now() + LOCK_TTL.as_secs();
+        autoscaling::set_tags(&self.aws.autoscaling, &self.group, &[(LOCK_TAG, self.lock.encode())]).await?;
+        self.last_renew = Instant::now();
+        Ok(())
+    }
+
+    async fn save_state(&self) -> Result<(), RolloutError> {
+        autoscaling::set_tags(
+            &self.aws.autoscaling,
+            &self.group,
+            &[(STATE_TAG, state::encode(&self.st)), (PROGRESS_TAG, state::encode(&self.progress))],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn save_progress(&self) -> Result<(), RolloutError> {
+        autoscaling::set_tags(&self.aws.autoscaling, &self.group, &[(PROGRESS_TAG, state::encode(&self.progress))]).await?;
+        Ok(())
+    }
+
+    async fn suspend_rebalance(&mut self, suspended: &[String]) -> Result<(), RolloutError> {
+        if !suspended.iter().any(|p| p == AZ_REBALANCE) {
+            autoscaling::suspend(&self.aws.autoscaling, &self.group, &[AZ_REBALANCE]).await?;
+            self.st.az = true;
+            self.save_state().await?;
+        }
+        Ok(())
+    }
+
+    fn target_ami_for_phase(&self) -> Option<&str> {
+        match self.progress.ph {
+            Phase::Rolling => Some(&self.st.ami),
+            Phase::RollingBack => None,
+        }
+    }
+
+    fn settings(&self) -> Settings {
+        let mut s = settings(self.req, self.st.d);
+        if self.progress.ph == Phase::RollingBack {
+            // A rollback has no canary: restore the old fleet at the normal pace.
+            s.canary = s.surge;
+            s.canary_bake = Duration::ZERO;
+        }
+        s
+    }
+
+    async fn observe(&mut self) -> Result<(autoscaling::Group, Observed), RolloutError> {
+        let g = autoscaling::describe(&self.aws.autoscaling, &self.group)
+            .await?
+            .ok_or_else(|| RolloutError::GroupNotFound(self.group.clone()))?;
+        let unknown: Vec<String> = g
+            .instances
+            .iter()
+            .filter(|i| !self.images.contains_key(&i.id))
+            .map(|i| i.id.clone())
+            .collect();
+        if !unknown.is_empty() {
+            let found = ec2::images_of(&self.aws.ec2, &unknown).await?;
+            self.images.extend(found);
+        }
+        let mut health = Vec::new();
+        for tg in &g.target_group_arns {
+            health.push(elbv2::target_health(&self.aws.elb, tg).await?);
+        }
+        let instances = g
+            .instances
+            .iter()
+            .map(|i| {
+                let (ami, launched) = self.images.get(&i.id).cloned().unwrap_or_default();
+                plan::Instance {
+                    id: i.id.clone(),
+                    ami,
+                    lifecycle: i.lifecycle.clone(),
+                    asg_healthy: i.health.eq_ignore_ascii_case("healthy"),
+                    target: combined_health(&health, &i.id),
+                    launched,
+                }
+            })
+            .collect();
+        let desired = g.desired;
+        Ok((g, Observed { desired, instances, now: now() }))
+    }
+
+    /// The loop: observe, decide, act, until done or failed.
+    async fn drive(&mut self) -> Result<(), RolloutError> {
+        let mut signals = Signals::new();
+        self.reporter.emit(Event::RolloutStarted {
+            rollout_id: self.st.id.clone(),
+            group: self.group.clone(),
+            ami: self.st.ami.clone(),
+            launch_template: self.st.lt.clone(),
+            from_version: self.st.from.clone(),
+            to_version: self.st.to.clone(),
+            capacity: self.st.d,
+            resumed: self.resumed,
+        });
+        let rollback_ami = lt::describe(&self.aws.ec2, &self.st.lt, &self.st.from)
+            .await?
+            .and_then(|v| v.image_id)
+            .unwrap_or_default();
+        let mut changed_at = Instant::now();
+        loop {
+            if self.last_renew.elapsed() >= LOCK_TTL / 3 {
+                self.write_lock().await?;
+            }
+            let (group, observed) = self.observe().await?;
+            let target = self.target_ami_for_phase().unwrap_or(&rollback_ami).to_string();
+            let s = self.settings();
+            let decision = plan::decide(&s, &self.progress.progress(), &target, &observed);
+            match decision {
+                Decision::Done => return Ok(()),
+                Decision::StartBatch { batch, desired, retire } => {
+                    // Write-ahead: record the batch before acting, so a resumed driver waits
+                    // for it instead of retiring old instances early.
+                    self.progress.b = batch;
+                    self.progress.bt = Some(now());
+                    self.save_progress().await?;
+                    if desired > group.max {
+                        autoscaling::update(&self.aws.autoscaling, &self.group, None, None, Some(desired), None).await?;
+                    }
+                    autoscaling::set_desired(&self.aws.autoscaling, &self.group, desired).await?;
+                    for id in &retire {
+                        autoscaling::terminate_instance(&self.aws.autoscaling, id, false).await?;
+                    }
+                    self.reporter.emit(Event::BatchStarted {
+                        batch,
+                        size: desired - s.capacity,
+                        desired,
+                        retiring: retire,
+                    });
+                    changed_at = Instant::now();
+                }
+                Decision::Retire { ids } => {
+                    if ids.is_empty() {
+                        autoscaling::set_desired(&self.aws.autoscaling, &self.group, s.capacity).await?;
+                    }
+                    for id in &ids {
+                        autoscaling::terminate_instance(&self.aws.autoscaling, id, true).await?;
+                    }
+                    self.progress.bt = None;
+                    self.save_progress().await?;
+                    self.reporter.emit(Event::Retired { instances: ids, desired: s.capacity });
+                    changed_at = Instant::now();
+                }
+                Decision::StartCanaryBake => {
+                    self.progress.ch = Some(now());
+                    self.save_progress().await?;
+                    self.reporter.emit(Event::CanaryBaking { seconds: s.canary_bake.as_secs() });
+                }
+                Decision::CanaryBaked => {
+                    self.progress.cd = true;
+                    self.save_progress().await?;
+                    self.reporter.emit(Event::CanaryPassed);
+                }
+                Decision::Fail { reason, instances } => {
+                    if self.progress.ph == Phase::Rolling && self.req.rollback {
+                        self.start_rollback(reason, instances).await?;
+                        changed_at = Instant::now();
+                    } else if self.progress.ph == Phase::Rolling {
+                        return Err(RolloutError::Failed(format!(
+                            "{reason} (--no-rollback: the group stays as it is; rerun to retry, or add --abort to roll back)"
+                        )));
+                    } else {
+                        return Err(RolloutError::Failed(format!(
+                            "the rollback itself failed: {reason}; the group runs launch template version {}; inspect it with `bakery status --asg {}`",
+                            self.st.from, self.group
+                        )));
+                    }
+                }
+                Decision::Wait { why } => {
+                    if why != self.last_wait {
+                        self.reporter.emit(Event::Waiting { why: why.clone() });
+                        self.last_wait = why;
+                    }
+                }
+            }
+            // Poll quickly right after a change, then less often (at most every 2 s).
+            let pause = Duration::from_millis(200).max(changed_at.elapsed().mul_f64(0.05)).min(Duration::from_secs(2));
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                sig = signals.next() => return Err(RolloutError::Interrupted(sig)),
+            }
+        }
+    }
+
+    async fn start_rollback(&mut self, reason: String, instances: Vec<String>) -> Result<(), RolloutError> {
+        self.reporter.emit(Event::RollbackStarted {
+            reason: reason.clone(),
+            instances: instances.clone(),
+        });
+        autoscaling::update(&self.aws.autoscaling, &self.group, Some((&self.st.lt, &self.st.from)), None, None, None).await?;
+        self.progress = ProgressTag::new(
+            Phase::RollingBack,
+            &Progress { batch: 0, batch_started: None, canary_healthy_at: None, canary_done: true },
+        );
+        let short: String = reason.chars().take(250).collect();
+        autoscaling::set_tags(
+            &self.aws.autoscaling,
+            &self.group,
+            &[(PROGRESS_TAG, state::encode(&self.progress)), (REASON_TAG, short)],
+        )
+        .await?;
+        self.rollback_reason = Some((reason, instances));
+        Ok(())
+    }
+
+    /// Restores the group's sizes and processes, clears the rollout's tags (unless it must be
+    /// resumable) and prunes old launch-template versions after a success.
+    async fn finish(mut self, result: Result<(), RolloutError>, started: Instant) -> Result<Summary, RolloutError> {
+        let asg = &self.aws.autoscaling;
+        let resumable = matches!(result, Err(RolloutError::Interrupted(_)) | Err(RolloutError::Failed(_)) | Err(RolloutError::Aws(_)));
+        if self.st.az {
+            if let Err(e) = autoscaling::resume(asg, &self.group, &[AZ_REBALANCE]).await {
+                tracing::warn!(group = %self.group, error = %e, "could not resume AZRebalance");
+            } else {
+                self.st.az = false;
+            }
+        }
+        if resumable {
+            // Keep the state for the next driver; free the lock now rather than at expiry.
+            let _ = self.save_state().await;
+            let _ = autoscaling::delete_tags(asg, &self.group, &[LOCK_TAG]).await;
+            return Err(result.err().unwrap_or_else(|| RolloutError::Failed("unknown".into())));
+        }
+        if let Err(e) = result {
+            return Err(e);
+        }
+        autoscaling::update(asg, &self.group, None, Some(self.st.mn), Some(self.st.mx), Some(self.st.d)).await?;
+        let reason = self.rollback_reason.clone().or_else(|| {
+            (self.progress.ph == Phase::RollingBack).then(|| ("the rollout was rolled back".to_string(), Vec::new()))
+        });
+        let version = if reason.is_some() { self.st.from.clone() } else { self.st.to.clone() };
+        if reason.is_none() {
+            if let Err(e) = self.prune().await {
+                tracing::warn!(error = %e, "could not prune old launch template versions");
+            }
+        }
+        autoscaling::delete_tags(asg, &self.group, &[STATE_TAG, PROGRESS_TAG, REASON_TAG, LOCK_TAG]).await?;
+        let ami = if reason.is_some() {
+            lt::describe(&self.aws.ec2, &self.st.lt, &self.st.from).await?.and_then(|v| v.image_id).unwrap_or_default()
+        } else {
+            self.st.ami.clone()
+        };
+        self.reporter.emit(Event::RolloutFinished {
+            result: if reason.is_some() { "rolled back".into() } else { "succeeded".into() },
+            group: self.group.clone(),
+            ami: ami.clone(),
+            version: version.clone(),
+            duration_s: started.elapsed().as_secs_f64(),
+        });
+        match reason {
+            Some((reason, instances)) => Err(RolloutError::RolledBack { reason, instances }),
+            None => Ok(Summary { group: self.group.clone(), ami, version, changed: true }),
+        }
+    }
+
+    async fn prune(&self) -> Result<(), AwsError> {
+        let versions = lt::all_versions(&self.aws.ec2, &self.st.lt).await?;
+        let in_use: Vec<i64> = [&self.st.to].iter().filter_map(|v| v.parse().ok()).collect();
+        let doomed = lt::versions_to_prune(&versions, self.req.keep_versions, &in_use);
+        lt::delete_versions(&self.aws.ec2, &self.st.lt, &doomed).await
+    }
+}
+
+/// An instance's health across every target group of the group.
+fn combined_health(groups: &[BTreeMap<String, elbv2::TargetState>], id: &str) -> TargetHealth {
+    let mut result = TargetHealth::Healthy;
+    for g in groups {
+        match g.get(id) {
+            None => return TargetHealth::Initial,
+            Some(t) => match t.state.as_str() {
+                "healthy" => {}
+                "initial" => result = TargetHealth::Initial,
+                other => {
+                    let why = t.reason.clone().unwrap_or_else(|| other.to_string());
+                    return TargetHealth::Unhealthy(why);
+                }
+            },
+        }
+    }
+    result
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(state: &str, reason: Option<&str>) -> elbv2::TargetState {
+        elbv2::TargetState {
+            state: state.into(),
+            reason: reason.map(str::to_string),
+            description: None,
+        }
+    }
+
+    #[test]
+    fn health_combines_every_target_group() {
+        let a = BTreeMap::from([("i-1".to_string(), ts("healthy", None))]);
+        let b = BTreeMap::from([("i-1".to_string(), ts("unhealthy", Some("Target.Timeout")))]);
+        let c = BTreeMap::from([("i-1".to_string(), ts("initial", Some("Elb.RegistrationInProgress")))]);
+        assert_eq!(combined_health(&[a.clone()], "i-1"), TargetHealth::Healthy);
+        assert_eq!(combined_health(&[a.clone(), b], "i-1"), TargetHealth::Unhealthy("Target.Timeout".into()));
+        assert_eq!(combined_health(&[a.clone(), c], "i-1"), TargetHealth::Initial);
+        assert_eq!(combined_health(&[a], "i-2"), TargetHealth::Initial, "not registered yet");
+        assert_eq!(combined_health(&[], "i-2"), TargetHealth::Healthy, "no target groups: ASG health only");
+    }
+}

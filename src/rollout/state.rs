@@ -1,0 +1,187 @@
+//! A rollout's durable state, kept on the Auto Scaling group's own tags so that any machine can
+//! resume it after the process that began it died: what is being rolled out and from where
+//! (`bakery:rollout`), how far it got (`bakery:rollout-progress`), and who drives it now
+//! (`bakery:rollout-lock`, with an expiry renewed while the driver lives). Tag values are
+//! limited to 256 characters, hence the short keys.
+
+use serde::{Deserialize, Serialize};
+
+use super::plan::Progress;
+
+pub const STATE_TAG: &str = "bakery:rollout";
+pub const PROGRESS_TAG: &str = "bakery:rollout-progress";
+pub const LOCK_TAG: &str = "bakery:rollout-lock";
+
+/// What the rollout is and what it must restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutState {
+    pub id: String,
+    /// The AMI being rolled out.
+    pub ami: String,
+    /// The launch template.
+    pub lt: String,
+    /// The version the group used before, and the version made for the rollout.
+    pub from: String,
+    pub to: String,
+    /// Desired, min and max before the rollout.
+    pub d: u32,
+    pub mn: u32,
+    pub mx: u32,
+    /// True when the rollout suspended `AZRebalance` (and so must resume it).
+    #[serde(default)]
+    pub az: bool,
+    /// When it began (seconds since the epoch).
+    pub t: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    #[serde(rename = "roll")]
+    Rolling,
+    #[serde(rename = "back")]
+    RollingBack,
+}
+
+/// Where it stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressTag {
+    pub ph: Phase,
+    pub b: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bt: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ch: Option<u64>,
+    #[serde(default)]
+    pub cd: bool,
+}
+
+impl ProgressTag {
+    pub fn progress(&self) -> Progress {
+        Progress {
+            batch: self.b,
+            batch_started: self.bt,
+            canary_healthy_at: self.ch,
+            canary_done: self.cd,
+        }
+    }
+
+    pub fn new(phase: Phase, p: &Progress) -> Self {
+        Self {
+            ph: phase,
+            b: p.batch,
+            bt: p.batch_started,
+            ch: p.canary_healthy_at,
+            cd: p.canary_done,
+        }
+    }
+}
+
+/// Who holds the group, until when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lock {
+    /// `host:pid`, plus a random token that tells two processes on one host apart.
+    pub owner: String,
+    pub token: String,
+    pub since: u64,
+    pub expires: u64,
+}
+
+impl Lock {
+    pub fn encode(&self) -> String {
+        format!(
+            "owner={};token={};since={};expires={}",
+            self.owner, self.token, self.since, self.expires
+        )
+    }
+
+    pub fn decode(s: &str) -> Option<Lock> {
+        let mut owner = None;
+        let mut token = None;
+        let mut since = None;
+        let mut expires = None;
+        for part in s.split(';') {
+            match part.split_once('=')? {
+                ("owner", v) => owner = Some(v.to_string()),
+                ("token", v) => token = Some(v.to_string()),
+                ("since", v) => since = v.parse().ok(),
+                ("expires", v) => expires = v.parse().ok(),
+                _ => {}
+            }
+        }
+        Some(Lock {
+            owner: owner?,
+            token: token.unwrap_or_default(),
+            since: since?,
+            expires: expires?,
+        })
+    }
+
+    /// Whether `other` may take this lock at `now`: it expired, or its owner was a process on
+    /// this very host that no longer exists (a SIGKILLed run).
+    pub fn is_stale(&self, now: u64, this_host: &str, pid_alive: impl Fn(u32) -> bool) -> bool {
+        if now >= self.expires {
+            return true;
+        }
+        match self.owner.rsplit_once(':') {
+            Some((host, pid)) if host == this_host => {
+                pid.parse::<u32>().map(|p| !pid_alive(p)).unwrap_or(false)
+            }
+            _ => false,
+        }
+    }
+}
+
+pub fn encode<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+pub fn decode<T: for<'de> Deserialize<'de>>(s: &str) -> Option<T> {
+    serde_json::from_str(s).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_fits_in_a_tag_value() {
+        let s = RolloutState {
+            id: "r-20261127105033-89ddd894".into(),
+            ami: "ami-0ae7d836f38cd2b75".into(),
+            lt: "lt-0123456789abcdef0".into(),
+            from: "12345".into(),
+            to: "12346".into(),
+            d: 1000,
+            mn: 1000,
+            mx: 2000,
+            az: true,
+            t: 1_764_240_000,
+        };
+        let text = encode(&s);
+        assert!(text.len() <= 256, "{} chars: {text}", text.len());
+        assert_eq!(decode::<RolloutState>(&text), Some(s));
+        let p = ProgressTag {
+            ph: Phase::RollingBack,
+            b: 100,
+            bt: Some(1_764_240_000),
+            ch: Some(1_764_240_000),
+            cd: true,
+        };
+        assert_eq!(decode::<ProgressTag>(&encode(&p)), Some(p));
+    }
+
+    #[test]
+    fn a_lock_is_stale_when_expired_or_its_local_owner_is_dead() {
+        let l = Lock {
+            owner: "build-7:4242".into(),
+            token: "abc".into(),
+            since: 100,
+            expires: 160,
+        };
+        assert_eq!(Lock::decode(&l.encode()), Some(l.clone()));
+        assert!(!l.is_stale(120, "build-7", |_| true));
+        assert!(l.is_stale(120, "build-7", |_| false), "a dead local owner frees the lock");
+        assert!(!l.is_stale(120, "other-host", |_| false), "a remote owner is trusted until expiry");
+        assert!(l.is_stale(160, "other-host", |_| true));
+    }
+}
