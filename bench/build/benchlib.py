@@ -3,6 +3,7 @@
 Run with the world's virtualenv python (boto3) and the world's env file exported
 (AWS_ENDPOINT_URL, WORLD_*). Every address used is inside 127.0.0.0/8.
 
+    benchlib.py run TOOL I TIMEOUT LOG MANIFEST RUNS.jsonl -- COMMAND...
     benchlib.py check-recipes RECIPE PACKER_JSON
     benchlib.py free-port
     benchlib.py inventory OUT.json
@@ -87,6 +88,70 @@ def free_port() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         print(s.getsockname()[1])
+
+
+# ------------------------------------------------------------------------------- one run
+def run(tool: str, i: int, timeout: float, log: str, manifest: str, runs: str, cmd: list[str]) -> int:
+    """Runs one bake: wall time around the command only, every output line prefixed with the
+    epoch time it was read (for Packer's phases), a timeout (SIGTERM, so the tool cleans up,
+    then SIGKILL to its process group after 30 s), and SIGINT/SIGTERM forwarded the same way.
+    Appends the result to RUNS as a JSON line."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    got_signal: list[int] = []
+
+    def on_signal(signum, _frame):
+        got_signal.append(signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with open(log, "w") as out:
+        t0 = time.time()
+        p0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+        def pump():
+            for raw in iter(proc.stdout.readline, b""):
+                out.write(f"{time.time():.6f} {raw.decode(errors='replace')}")
+                out.flush()
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        deadline = p0 + timeout
+        timed_out = False
+        while proc.poll() is None:
+            if stop.is_set() or time.perf_counter() > deadline:
+                timed_out = not stop.is_set()
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30 if timed_out else 60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                break
+            stop.wait(0.01)
+        wall = time.perf_counter() - p0
+        reader.join(timeout=5)
+    rc = 124 if timed_out else proc.returncode
+    err = ""
+    if timed_out:
+        err = f"timed out after {timeout:.0f}s"
+    elif got_signal:
+        err = "interrupted"
+    elif rc != 0:
+        err = f"exit {rc}"
+    rec = {"tool": tool, "i": i, "ok": rc == 0 and not got_signal, "rc": rc, "error": err,
+           "wall_s": round(wall, 4), "t0": t0, "log": log, "manifest": manifest}
+    with open(runs, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(f"bench-build: run {i:2d} {tool:<6} {wall:7.2f}s {err or 'ok'}", file=sys.stderr, flush=True)
+    if got_signal:
+        return 130
+    return 0 if rc == 0 else 1
 
 
 # ------------------------------------------------------------------------------- inventory
@@ -222,6 +287,16 @@ def floor(payload: str, scratch: str) -> dict:
         size = os.path.getsize(payload)
         full = [timed([*scp, payload, f"root@{ip}:/tmp/p{i}"]) for i in range(5)]
         nil = [timed([*scp, str(empty), f"root@{ip}:/tmp/e{i}"]) for i in range(5)]
+        # For information: one command over the open connection, and a whole new connection.
+        exec_ = [timed(["ssh", *base, *mux, f"root@{ip}", "true"]) for _ in range(5)]
+        conn = [timed(["ssh", *base, "-o", "ControlPath=none", f"root@{ip}", "true"]) for _ in range(3)]
+        out.update(ssh_exec_s=statistics.median(exec_), ssh_connect_s=statistics.median(conn))
+        # The body's root is an overlay of the host's `/`, so root's (and ec2-user's) bash sources
+        # the host's /root/.bashrc on every SSH command. Measure `true` again with it emptied in
+        # this throwaway instance (its overlay upper layer; the host's file is not touched).
+        subprocess.run(["ssh", *base, *mux, f"root@{ip}", ": > /root/.bashrc"], check=True, timeout=60)
+        lean = [timed(["ssh", *base, *mux, f"root@{ip}", "true"]) for _ in range(5)]
+        out["ssh_exec_lean_s"] = statistics.median(lean)
         # The bake leaves the payload in /opt/bench: give this image the same content, so
         # CreateImage copies as much as in a bake.
         subprocess.run(["ssh", *base, *mux, f"root@{ip}",
@@ -293,6 +368,69 @@ def commands_time(log: str) -> tuple[float | None, float | None]:
     return own, span
 
 
+def bench_cmds(log: str) -> dict[int, tuple[float, float]]:
+    try:
+        text = Path(log).read_text(errors="replace")
+    except OSError:
+        return {}
+    return {int(m.group(1)): (float(m.group(2)), float(m.group(3))) for m in BENCH_RE.finditer(text)}
+
+
+def epoch(rfc3339: str) -> float:
+    """RFC 3339 with up to nanoseconds (bakery's manifest) to epoch seconds."""
+    from datetime import datetime
+
+    m = re.match(r"(.*T\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$", rfc3339)
+    if not m:
+        raise ValueError(rfc3339)
+    base = datetime.fromisoformat(m.group(1) + ("+00:00" if m.group(3) == "Z" else m.group(3)))
+    return base.timestamp() + float("0." + (m.group(2) or "0"))
+
+
+def shell_split(r: dict) -> tuple[float, float, float] | None:
+    """For a bakery run: (before the first command, between the commands, after the last),
+    from the shell step's start/duration in the manifest and the commands' own timestamps."""
+    cmds = bench_cmds(r["log"])
+    step = next((s for s in r["manifest_data"]["steps"] if s["name"].startswith("provision: shell")), None)
+    if step is None or sorted(cmds) != list(range(1, N_COMMANDS + 1)):
+        return None
+    start = epoch(step["started_at"])
+    end = start + step["duration_s"]
+    first = min(a for a, _ in cmds.values())
+    last = max(b for _, b in cmds.values())
+    own = sum(b - a for a, b in cmds.values())
+    return first - start, (last - first) - own, end - last
+
+
+# Packer's progress lines that start each phase, in order (as Packer 1.6.6 prints them).
+PACKER_MARKS = [
+    ("setup: AMI checks, key pair, security group", None),
+    ("launch until Packer looks for SSH", "Launching a source AWS instance"),
+    ("wait for SSH (retries every 5 s)", "Waiting for SSH to become available"),
+    ("provisioners", "Connected to SSH!"),
+    ("stop + CreateImage", "Stopping the source instance"),
+    ("wait for the AMI (SDK waiter, 15 s delay)", "Waiting for AMI to become ready"),
+    ("terminate, clean up, exit", "Terminating the source AWS instance"),
+]
+
+
+def packer_phases(r: dict) -> list[float] | None:
+    try:
+        lines = Path(r["log"]).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    at: dict[str, float] = {}
+    for ln in lines:
+        ts, _, msg = ln.partition(" ")
+        for _, mark in PACKER_MARKS[1:]:
+            if mark in msg and mark not in at:
+                at[mark] = float(ts)
+    marks = [r["t0"]] + [at.get(m) for _, m in PACKER_MARKS[1:]] + [r["t0"] + r["wall_s"]]
+    if any(m is None for m in marks):
+        return None
+    return [b - a for a, b in zip(marks, marks[1:])]
+
+
 def tail(path: str, n: int = 15) -> str:
     try:
         lines = Path(path).read_text(errors="replace").splitlines()
@@ -359,8 +497,14 @@ def report(runs_path: str, floor_path: str, left_path: str) -> int:
         floor_s = boot + snap + own + upload
     print(f"  floor                                  {fmt(floor_s)}")
     if fl.get("boot_s") is not None:
-        print(f"  (for information, the world as measured with 10 ms polling: boot {fl['boot_s']:.2f} s "
-              f"= delay + reconciler lag, CreateImage to available {fl['snapshot_s']:.2f} s)")
+        print("  for information, the world measured directly (not part of the floor above):")
+        print(f"    RunInstances to sshd accepting (10 ms probes)   {fmt(fl['boot_s'])}   boot delay + the world's reconciler lag")
+        print(f"    CreateImage to `available` (10 ms polls)        {fmt(fl['snapshot_s'])}")
+        print(f"    OpenSSH: new connection + `true`                {fmt(fl['ssh_connect_s'])}")
+        print(f"    OpenSSH: `true` over an open connection         {fmt(fl['ssh_exec_s'])}")
+        if fl.get("ssh_exec_lean_s") is not None:
+            print(f"      the same with the body's /root/.bashrc emptied {fmt(fl['ssh_exec_lean_s'])}   "
+                  "(bodies overlay the host's /, so every SSH command's bash sources the host's /root/.bashrc)")
 
     if bk_ok:
         print()
@@ -393,6 +537,18 @@ def report(runs_path: str, floor_path: str, left_path: str) -> int:
         print(f"  {'(between steps)':<22}  {fmt(gaps)}  {'':>22}  {fmt(gaps)}")
         print(f"  {'(process start/exit)':<22}  {fmt(proc)}  {'':>22}  {fmt(proc)}")
         print(f"  {'sum of the medians':<22}  {'':>8}  {'':>22}  {fmt(total_excess + (gaps or 0) + (proc or 0))}")
+        splits = [x for x in (shell_split(r) for r in bk_ok) if x]
+        if splits:
+            print(f"  shell step around its commands (medians): before the first {med([x[0] for x in splits]):.3f} s "
+                  f"(script upload + exec start), between them {med([x[1] for x in splits]):.3f} s, "
+                  f"after the last {med([x[2] for x in splits]):.3f} s")
+
+    phases = [x for x in (packer_phases(r) for r in pk_ok) if x]
+    if phases:
+        print()
+        print("== Packer's phases (from its progress lines; median over runs) ==")
+        for k, (label, _) in enumerate(PACKER_MARKS):
+            print(f"  {label:<44}  {fmt(med([p[k] for p in phases]))}")
 
     print()
     print("== result ==")
@@ -407,6 +563,10 @@ def report(runs_path: str, floor_path: str, left_path: str) -> int:
     print(f"  bakery's overhead over the floor  {fmt(overhead)}   (bakery median - floor)")
     t1 = "PASS" if ratio is not None and ratio <= 0.5 else ("MISS" if ratio is not None else "n/a ")
     t2 = "PASS" if overhead is not None and overhead < 0.5 else ("MISS" if overhead is not None else "n/a ")
+    if fl.get("boot_s") is not None and own is not None and upload is not None and bmed is not None:
+        practical = fl["boot_s"] + fl["snapshot_s"] + own + upload
+        print(f"  (over the world's measured boot and snapshot latencies instead, {practical:.2f} s: "
+              f"{bmed - practical:.2f} s)")
     print(f"  [{t1}] bakery's median at most half of Packer's"
           + (f" ({bmed:.2f} s vs {pmed / 2:.2f} s)" if ratio is not None else ""))
     print(f"  [{t2}] bakery's overhead over the floor under 0.5 s"
@@ -433,6 +593,11 @@ def main(argv: list[str]) -> int:
     if not argv:
         die(__doc__.strip(), 2)
     cmd, args = argv[0], argv[1:]
+    if cmd == "run":
+        if "--" not in args or args.index("--") != 6:
+            die("usage: run TOOL I TIMEOUT LOG MANIFEST RUNS -- COMMAND...", 2)
+        tool, i, timeout, log, manifest, runs = args[:6]
+        return run(tool, int(i), float(timeout), log, manifest, runs, args[7:])
     if cmd == "check-recipes":
         check_recipes(*args)
     elif cmd == "free-port":

@@ -331,3 +331,231 @@ fn try_get(ip: &str, port: u16, path: &str) -> Result<(u16, String), String> {
     let body = buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
     Ok((status, body))
 }
+
+/// Clients for the fleet tests.
+impl World {
+    fn sdk_config(&self) -> aws_config::SdkConfig {
+        aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(self.var("AWS_REGION").to_string()))
+            .endpoint_url(self.var("AWS_ENDPOINT_URL"))
+            .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(
+                Credentials::new(self.var("AWS_ACCESS_KEY_ID"), self.var("AWS_SECRET_ACCESS_KEY"), None, None, "world"),
+            ))
+            .build()
+    }
+
+    pub fn asg(&self) -> aws_sdk_autoscaling::Client {
+        aws_sdk_autoscaling::Client::new(&self.sdk_config())
+    }
+
+    pub fn elb(&self) -> aws_sdk_elasticloadbalancingv2::Client {
+        aws_sdk_elasticloadbalancingv2::Client::new(&self.sdk_config())
+    }
+}
+
+/// A group of its own for one test: a target group behind the stack's load balancer (on a
+/// listener port of its own), a launch template on the stack's image, and an ASG attached to
+/// both, so tests can run side by side without touching the stack's group.
+pub struct Fleet {
+    pub name: String,
+    pub asg: String,
+    pub tg_arn: String,
+    pub listener_arn: String,
+    pub lt_id: String,
+    pub capacity: i32,
+}
+
+impl Fleet {
+    pub async fn create(world: &World, name: &str, capacity: i32) -> Fleet {
+        use aws_sdk_elasticloadbalancingv2::types as elbt;
+        let name = format!("t-{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
+        let elb = world.elb();
+        let tg = elb
+            .create_target_group()
+            .name(&name)
+            .protocol(elbt::ProtocolEnum::Http)
+            .port(8080)
+            .vpc_id(world.var("WORLD_VPC_ID"))
+            .health_check_path("/healthz")
+            .health_check_interval_seconds(1)
+            .health_check_timeout_seconds(1)
+            .healthy_threshold_count(2)
+            .unhealthy_threshold_count(2)
+            .send()
+            .await
+            .expect("CreateTargetGroup");
+        let tg_arn = tg.target_groups()[0].target_group_arn().unwrap().to_string();
+        elb.modify_target_group_attributes()
+            .target_group_arn(&tg_arn)
+            .attributes(elbt::TargetGroupAttribute::builder().key("deregistration_delay.timeout_seconds").value("1").build())
+            .send()
+            .await
+            .expect("ModifyTargetGroupAttributes");
+        let port = 20000 + (u32::from_str_radix(&name[name.len() - 4..], 16).unwrap() % 20000) as i32;
+        let listener = elb
+            .create_listener()
+            .load_balancer_arn(world.var("WORLD_ALB_ARN"))
+            .protocol(elbt::ProtocolEnum::Http)
+            .port(port)
+            .default_actions(elbt::Action::builder().r#type(elbt::ActionTypeEnum::Forward).target_group_arn(&tg_arn).build())
+            .send()
+            .await
+            .expect("CreateListener");
+        let listener_arn = listener.listeners()[0].listener_arn().unwrap().to_string();
+        let lt = world
+            .ec2()
+            .create_launch_template()
+            .launch_template_name(&name)
+            .launch_template_data(
+                aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
+                    .image_id(world.var("WORLD_STACK_AMI"))
+                    .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+                    .security_group_ids(world.var("WORLD_APP_SG"))
+                    .metadata_options(
+                        aws_sdk_ec2::types::LaunchTemplateInstanceMetadataOptionsRequest::builder()
+                            .http_tokens(aws_sdk_ec2::types::LaunchTemplateHttpTokensState::Required)
+                            .build(),
+                    )
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("CreateLaunchTemplate");
+        let lt_id = lt.launch_template().unwrap().launch_template_id().unwrap().to_string();
+        world
+            .asg()
+            .create_auto_scaling_group()
+            .auto_scaling_group_name(&name)
+            .launch_template(
+                aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
+                    .launch_template_id(&lt_id)
+                    .version("1")
+                    .build(),
+            )
+            .min_size(capacity)
+            .max_size(capacity * 2)
+            .desired_capacity(capacity)
+            .vpc_zone_identifier(world.var("WORLD_PRIVATE_SUBNETS"))
+            .target_group_arns(&tg_arn)
+            .health_check_type("ELB")
+            .health_check_grace_period(5)
+            .send()
+            .await
+            .expect("CreateAutoScalingGroup");
+        let fleet = Fleet {
+            asg: name.clone(),
+            name,
+            tg_arn,
+            listener_arn,
+            lt_id,
+            capacity,
+        };
+        fleet.wait_healthy(world, capacity as usize, Duration::from_secs(60)).await;
+        fleet
+    }
+
+    /// Healthy targets in the fleet's target group.
+    pub async fn healthy(&self, world: &World) -> usize {
+        match world.elb().describe_target_health().target_group_arn(&self.tg_arn).send().await {
+            Ok(out) => out
+                .target_health_descriptions()
+                .iter()
+                .filter(|d| d.target_health().and_then(|h| h.state()).map(|s| s.as_str()) == Some("healthy"))
+                .count(),
+            Err(_) => 0,
+        }
+    }
+
+    pub async fn wait_healthy(&self, world: &World, n: usize, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let h = self.healthy(world).await;
+            if h >= n {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{}: only {h} of {n} targets healthy after {timeout:?}", self.name);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub async fn group(&self, world: &World) -> aws_sdk_autoscaling::types::AutoScalingGroup {
+        world
+            .asg()
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(&self.asg)
+            .send()
+            .await
+            .unwrap()
+            .auto_scaling_groups()[0]
+            .clone()
+    }
+
+    /// The AMI of every live (not terminating) instance of the group.
+    pub async fn amis(&self, world: &World) -> Vec<String> {
+        let g = self.group(world).await;
+        let ids: Vec<String> = g
+            .instances()
+            .iter()
+            .filter(|i| !i.lifecycle_state().map(|l| l.as_str()).unwrap_or_default().starts_with("Terminat"))
+            .filter_map(|i| i.instance_id().map(str::to_string))
+            .collect();
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        let out = world.ec2().describe_instances().set_instance_ids(Some(ids)).send().await.unwrap();
+        out.reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .map(|i| i.image_id().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    pub async fn delete(self, world: &World) {
+        let _ = world
+            .asg()
+            .delete_auto_scaling_group()
+            .auto_scaling_group_name(&self.asg)
+            .force_delete(true)
+            .send()
+            .await;
+        let _ = world.elb().delete_listener().listener_arn(&self.listener_arn).send().await;
+        let _ = world.elb().delete_target_group().target_group_arn(&self.tg_arn).send().await;
+        let _ = world.ec2().delete_launch_template().launch_template_id(&self.lt_id).send().await;
+    }
+}
+
+/// The two images the rollout tests roll out, baked once per test process from the sample
+/// recipe: one healthy, one whose /healthz answers 503.
+pub fn sample_amis(world: &World) -> &'static (String, String) {
+    static AMIS: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+    AMIS.get_or_init(|| {
+        let dir = scratch("sample-amis");
+        let bake = |name: &str, healthz: &str| {
+            let manifest = dir.join(format!("{name}.json"));
+            let child = world
+                .bakery()
+                .current_dir(repo())
+                .args(["-q", "build", "examples/web/recipe.toml", "--manifest"])
+                .arg(&manifest)
+                .args(["--var", &format!("base_ami={}", world.var("WORLD_BASE_AMI"))])
+                .args(["--var", &format!("subnet={}", world.private_subnet())])
+                .args(["--var", &format!("version=rollout-{name}")])
+                .args(["--var", &format!("healthz={healthz}")])
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+            (child, manifest)
+        };
+        let runs = [bake("good", "ok"), bake("bad", "fail")];
+        let ids: Vec<String> = runs
+            .into_iter()
+            .map(|(mut child, manifest)| {
+                assert!(child.wait().unwrap().success(), "baking {}", manifest.display());
+                let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+                m["ami_id"].as_str().unwrap().to_string()
+            })
+            .collect();
+        (ids[0].clone(), ids[1].clone())
+    })
+}
