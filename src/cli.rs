@@ -57,6 +57,21 @@ pub enum Command {
     Rollout(RolloutArgs),
     /// Show a group: versions, instances, health, and any rollout in progress.
     Status(StatusArgs),
+    /// Run the health daemon: watch groups and replace unhealthy instances, with a fleet breaker.
+    Daemon(DaemonArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// The daemon's configuration (TOML).
+    #[arg(long, default_value = "/etc/bakery/daemon.toml")]
+    pub config: PathBuf,
+    /// Only check the configuration and exit.
+    #[arg(long)]
+    pub check: bool,
+    /// Log format on stderr: `json` (for journald) or `text`; default: json unless stderr is a terminal.
+    #[arg(long, value_parser = ["json", "text"])]
+    pub log_format: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -1,7 +1,7 @@
 //! bakery: bake AMIs, roll them into Auto Scaling Groups, keep fleets healthy.
 //!
 //! The binary (`main.rs`) is a thin edge over this library. The layout follows the product:
-//! [`recipe`] (the file format), [`bake`] (the bake pipeline), [`rollout`] (the rollout engine), [`comm`] (how commands reach an
+//! [`recipe`] (the file format), [`bake`] (the bake pipeline), [`rollout`] (the rollout engine), [`health`] (the health daemon), [`comm`] (how commands reach an
 //! instance), [`aws`] (clients and typed wrappers), [`output`] (progress and NDJSON events) and
 //! [`wait`] (adaptive polling).
 
@@ -9,6 +9,7 @@ pub mod aws;
 pub mod bake;
 pub mod cli;
 pub mod comm;
+pub mod health;
 pub mod output;
 pub mod recipe;
 pub mod rollout;

@@ -19,7 +19,15 @@ mod exit {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.global.verbose, cli.global.quiet);
+    let json_logs = match &cli.command {
+        Command::Daemon(d) => match d.log_format.as_deref() {
+            Some(f) => f == "json",
+            None => !std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        },
+        _ => false,
+    };
+    let daemon = matches!(cli.command, Command::Daemon(_));
+    init_logging(cli.global.verbose + u8::from(daemon), cli.global.quiet, json_logs);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -30,7 +38,7 @@ fn main() -> ExitCode {
     runtime.block_on(run(cli))
 }
 
-fn init_logging(verbose: u8, quiet: bool) {
+fn init_logging(verbose: u8, quiet: bool, json: bool) {
     let default = match (quiet, verbose) {
         (true, _) => "error",
         (_, 0) => "warn",
@@ -41,10 +49,14 @@ fn init_logging(verbose: u8, quiet: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new(format!("{default},aws_config=warn,aws_smithy_runtime=warn"))
     });
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
 }
 
 fn report_error(reporter: &Reporter, message: &str, code: u8) -> ExitCode {
@@ -142,6 +154,25 @@ async fn run(cli: Cli) -> ExitCode {
             match rollout::run(&aws, &req, &reporter).await {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => report_rollout_error(&reporter, &format!("{e}"), e.exit_code()),
+            }
+        }
+        Command::Daemon(args) => {
+            if args.check {
+                return match bakery::health::config::load(&args.config) {
+                    Ok(_) => {
+                        println!("{}: valid", args.config.display());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => report_error(&reporter, &e.to_string(), exit::USAGE),
+                };
+            }
+            let aws = match aws::Aws::connect(&target).await {
+                Ok(a) => a,
+                Err(e) => return report_error(&reporter, &e.to_string(), exit::USAGE),
+            };
+            match bakery::health::run(aws, args.config).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => report_error(&reporter, &e.to_string(), exit::USAGE),
             }
         }
         Command::Status(args) => {

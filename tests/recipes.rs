@@ -111,7 +111,7 @@ fn a_bad_duration_and_an_unknown_interface_are_both_reported() {
     rejects(
         "two-errors",
         &BASE.replace("user = \"ec2-user\"", "user = \"ec2-user\"\ninterface = \"vpn\"\nconnect_timeout = \"soon\""),
-        &["the recipe has 2 errors", "`interface` = \"vpn\" is not an interface", "`connect_timeout` = \"soon\" is not a duration"],
+        &["recipe.toml has 2 errors", "`interface` = \"vpn\" is not an interface", "`connect_timeout` = \"soon\" is not a duration"],
     );
 }
 

@@ -49,7 +49,82 @@ pub async fn describe(asg: &Client, name: &str) -> Result<Option<Group>, AwsErro
             .send()
     })
     .await?;
-    Ok(out.auto_scaling_groups().first().map(|g| Group {
+    Ok(out.auto_scaling_groups().first().map(group_of))
+}
+
+/// Groups by name (batched, paginated) and by tag filters, in one pass each.
+pub async fn describe_many(
+    asg: &Client,
+    names: &[String],
+    tags: &[(String, Option<String>)],
+) -> Result<Vec<Group>, AwsError> {
+    use aws_sdk_autoscaling::types::Filter;
+    let mut found: BTreeMap<String, Group> = BTreeMap::new();
+    // DescribeAutoScalingGroups takes at most 100 names, and pages its answer.
+    for chunk in names.chunks(100) {
+        let mut token: Option<String> = None;
+        loop {
+            let out = call("autoscaling:DescribeAutoScalingGroups", format!("{} groups", chunk.len()), || {
+                asg.describe_auto_scaling_groups()
+                    .set_auto_scaling_group_names(Some(chunk.to_vec()))
+                    .set_next_token(token.clone())
+                    .max_records(100)
+                    .send()
+            })
+            .await?;
+            for g in out.auto_scaling_groups() {
+                let g = group_of(g);
+                found.insert(g.name.clone(), g);
+            }
+            token = out.next_token().map(str::to_string);
+            if token.is_none() {
+                break;
+            }
+        }
+    }
+    for (key, value) in tags {
+        let mut token: Option<String> = None;
+        loop {
+            let filter = match value {
+                Some(v) => Filter::builder().name(format!("tag:{key}")).values(v).build(),
+                None => Filter::builder().name("tag-key").values(key).build(),
+            };
+            let out = call("autoscaling:DescribeAutoScalingGroups", format!("tag {key}"), || {
+                asg.describe_auto_scaling_groups()
+                    .filters(filter.clone())
+                    .set_next_token(token.clone())
+                    .max_records(100)
+                    .send()
+            })
+            .await?;
+            for g in out.auto_scaling_groups() {
+                let g = group_of(g);
+                found.insert(g.name.clone(), g);
+            }
+            token = out.next_token().map(str::to_string);
+            if token.is_none() {
+                break;
+            }
+        }
+    }
+    Ok(found.into_values().collect())
+}
+
+/// Marks an instance unhealthy: the group's `ReplaceUnhealthy` process replaces it.
+pub async fn set_unhealthy(asg: &Client, id: &str) -> Result<(), AwsError> {
+    call("autoscaling:SetInstanceHealth", id, || {
+        asg.set_instance_health()
+            .instance_id(id)
+            .health_status("Unhealthy")
+            .should_respect_grace_period(false)
+            .send()
+    })
+    .await
+    .map(|_| ())
+}
+
+fn group_of(g: &aws_sdk_autoscaling::types::AutoScalingGroup) -> Group {
+    Group {
         name: g.auto_scaling_group_name().unwrap_or_default().to_string(),
         desired: g.desired_capacity().unwrap_or_default().max(0) as u32,
         min: g.min_size().unwrap_or_default().max(0) as u32,
@@ -88,7 +163,7 @@ pub async fn describe(asg: &Client, name: &str) -> Result<Option<Group>, AwsErro
             .iter()
             .filter_map(|p| p.process_name().map(str::to_string))
             .collect(),
-    }))
+    }
 }
 
 /// Sets tags on the group (not propagated to instances).

@@ -596,3 +596,67 @@ pub async fn images_of(ec2: &Client, ids: &[String]) -> Result<BTreeMap<String, 
     }
     Ok(found)
 }
+
+/// Every instance in the region whose EC2 status checks (instance or system) are `impaired`,
+/// with the evidence: two filtered, paginated calls however many instances there are.
+pub async fn impaired(ec2: &Client) -> Result<BTreeMap<String, String>, AwsError> {
+    let mut out = BTreeMap::new();
+    for filter in ["instance-status.status", "system-status.status"] {
+        let mut token: Option<String> = None;
+        loop {
+            let r = call("ec2:DescribeInstanceStatus", filter, || {
+                ec2.describe_instance_status()
+                    .filters(Filter::builder().name(filter).values("impaired").build())
+                    .set_next_token(token.clone())
+                    .max_results(1000)
+                    .send()
+            })
+            .await?;
+            for s in r.instance_statuses() {
+                let instance = s.instance_status().and_then(|x| x.status()).map(|x| x.as_str()).unwrap_or("-");
+                let system = s.system_status().and_then(|x| x.status()).map(|x| x.as_str()).unwrap_or("-");
+                // Check the answer too: not every implementation honours these filters.
+                if instance != "impaired" && system != "impaired" {
+                    continue;
+                }
+                out.insert(
+                    s.instance_id().unwrap_or_default().to_string(),
+                    format!("EC2 status checks: instance {instance}, system {system}"),
+                );
+            }
+            token = r.next_token().map(str::to_string);
+            if token.is_none() {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Private IP and launch time of each instance, by id.
+pub async fn addresses(ec2: &Client, ids: &[String]) -> Result<BTreeMap<String, (Option<String>, u64)>, AwsError> {
+    let mut found = BTreeMap::new();
+    for chunk in ids.chunks(1000) {
+        let out = match call("ec2:DescribeInstances", format!("{} instances", chunk.len()), || {
+            ec2.describe_instances()
+                .set_instance_ids(Some(chunk.to_vec()))
+                .send()
+        })
+        .await
+        {
+            Ok(o) => o,
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e),
+        };
+        for i in out.reservations().iter().flat_map(|r| r.instances()) {
+            found.insert(
+                i.instance_id().unwrap_or_default().to_string(),
+                (
+                    nonempty(i.private_ip_address()),
+                    i.launch_time().map(|t| t.secs().max(0) as u64).unwrap_or_default(),
+                ),
+            );
+        }
+    }
+    Ok(found)
+}

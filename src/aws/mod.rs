@@ -3,6 +3,7 @@
 //! call goes through. Service-specific wrappers live beside it, one file per service.
 
 pub mod autoscaling;
+pub mod budget;
 pub mod ec2;
 pub mod elbv2;
 pub mod launch_template;
@@ -118,6 +119,10 @@ const TRANSIENT_CODES: &[&str] = &[
     "RequestTimeoutException",
 ];
 
+fn is_throttling<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> bool {
+    err.code().is_some_and(|c| THROTTLING_CODES.contains(&c))
+}
+
 /// The retry decision for one failed attempt.
 fn is_retryable<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> bool
 where
@@ -173,7 +178,20 @@ where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
     let resource = resource.into();
-    f.retry(backoff())
+    let mut f = f;
+    let attempt = || {
+        let fut = f();
+        async move {
+            if let Some(bucket) = budget::global() {
+                bucket.acquire().await;
+            }
+            let r = fut.await;
+            budget::record(action, r.as_ref().err().map(is_throttling));
+            r
+        }
+    };
+    attempt
+        .retry(backoff())
         .sleep(tokio::time::sleep)
         .when(is_retryable)
         .notify(|err, after| {

@@ -60,10 +60,11 @@ pub enum RecipeError {
 
 fn render_diagnostics(d: &[Diagnostic]) -> String {
     let n = d.len();
-    let mut s = format!(
-        "the recipe has {n} error{}:",
-        if n == 1 { "" } else { "s" }
-    );
+    let file = d
+        .first()
+        .map(|f| f.file.display().to_string())
+        .unwrap_or_default();
+    let mut s = format!("{file} has {n} error{}:", if n == 1 { "" } else { "s" });
     for diag in d {
         s.push('\n');
         s.push_str(&diag.to_string());
@@ -305,7 +306,7 @@ pub(crate) fn hex_sha256(bytes: &[u8]) -> String {
 }
 
 /// 1-based line and column (in characters) of a byte offset.
-fn locate(text: &str, offset: usize) -> (usize, usize) {
+pub(crate) fn locate(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = &text[..offset];
     let line = before.matches('\n').count() + 1;

@@ -63,7 +63,7 @@ class WorldHandle:
     def cli(self, *args: str, **kw) -> subprocess.CompletedProcess:
         return world_cmd(self.cli_env, *args, **kw)
 
-    def client(self, service: str, retries: int = 5):
+    def client(self, service: str, retries: int = 5, access_key: str | None = None):
         import boto3
         from botocore.config import Config
 
@@ -71,7 +71,7 @@ class WorldHandle:
             service,
             endpoint_url=self.env["AWS_ENDPOINT_URL"],
             region_name=self.env["AWS_REGION"],
-            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_access_key_id=access_key or self.env["AWS_ACCESS_KEY_ID"],
             aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
             config=Config(retries={"mode": "standard", "max_attempts": retries}),
         )

@@ -179,3 +179,46 @@ def test_impaired_status_check_marks_unhealthy_after_grace(world, ec2, asg, grou
     assert world.cli("crash", iid).returncode == 0  # the body dies, the instance stays running
     wait_for(lambda: iid not in members(asg, name), timeout=10, what="impaired instance replaced")
     wait_for(lambda: len(members(asg, name)) == 1, timeout=10, what="capacity kept")
+
+
+def test_instances_report_the_launch_template_version_they_were_launched_with(world, ec2, asg):
+    """AWS lists each instance's own template version (a rollout's old and new instances
+    differ); moto 5.2.5 listed the group's template at its *default* version for all of them."""
+    name = f"asg-ltv-{uuid.uuid4().hex[:8]}"
+    lt = ec2.create_launch_template(
+        LaunchTemplateName=name,
+        LaunchTemplateData={"ImageId": world.env["WORLD_BASE_AMI"], "InstanceType": "t3.micro"},
+    )["LaunchTemplate"]["LaunchTemplateId"]
+    ec2.create_launch_template_version(LaunchTemplateId=lt, SourceVersion="1", LaunchTemplateData={"InstanceType": "t3.small"})
+    # Version 1 stays the default: the group pins version 2.
+    asg.create_auto_scaling_group(
+        AutoScalingGroupName=name, LaunchTemplate={"LaunchTemplateId": lt, "Version": "2"},
+        MinSize=0, MaxSize=3, DesiredCapacity=1, VPCZoneIdentifier=world.env["WORLD_PRIVATE_SUBNETS"],
+    )
+    try:
+        def versions():
+            g = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]
+            return g["LaunchTemplate"]["Version"], {i["InstanceId"]: i["LaunchTemplate"] for i in g["Instances"]}
+
+        group_version, insts = versions()
+        assert group_version == "2"
+        ((old, spec),) = insts.items()
+        assert spec == {"LaunchTemplateId": lt, "LaunchTemplateName": name, "Version": "2"}
+        # A new version, the group moves to $Latest and scales out: the new instance reports the
+        # version number it was launched with, the old one keeps its own.
+        ec2.create_launch_template_version(LaunchTemplateId=lt, SourceVersion="1", LaunchTemplateData={"InstanceType": "t3.medium"})
+        asg.update_auto_scaling_group(
+            AutoScalingGroupName=name, LaunchTemplate={"LaunchTemplateId": lt, "Version": "$Latest"}, DesiredCapacity=2,
+        )
+        group_version, insts = wait_for(lambda: (v := versions()) and len(v[1]) == 2 and v, timeout=10, what="scale out")
+        assert group_version == "$Latest"
+        assert {i: s["Version"] for i, s in insts.items()} == {old: "2", **{i: "3" for i in insts if i != old}}
+        details = asg.describe_auto_scaling_instances(InstanceIds=list(insts))["AutoScalingInstances"]
+        assert {d["InstanceId"]: d["LaunchTemplate"]["Version"] for d in details} == {i: s["Version"] for i, s in insts.items()}
+        types = {
+            i["InstanceId"]: i["InstanceType"]
+            for r in ec2.describe_instances(InstanceIds=list(insts))["Reservations"] for i in r["Instances"]
+        }
+        assert types[old] == "t3.small" and {t for i, t in types.items() if i != old} == {"t3.medium"}
+    finally:
+        asg.delete_auto_scaling_group(AutoScalingGroupName=name, ForceDelete=True)

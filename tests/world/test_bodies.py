@@ -166,3 +166,37 @@ def test_kill_keeps_the_instance_and_crash_impairs_it(world, ec2, launch):
     ec2.reboot_instances(InstanceIds=[box.id])
     wait_for(lambda: box.status_check() == "ok", timeout=20, what="ok after reboot")
     box.wait_ssh()
+
+
+def test_create_image_does_not_stall_other_calls(world, ec2, launch):
+    """The capture (halt + layer copy) runs with the moto lock released: other calls are
+    served while CreateImage waits for it."""
+    import threading
+
+    box = launch()
+    box.wait_ssh()
+    # A process that ignores SIGTERM keeps the halt waiting for its full grace period (1.5 s).
+    box.ssh("setsid nohup sh -c 'trap \"\" TERM; while :; do sleep 1; done' >/dev/null 2>&1 < /dev/null & echo ok")
+    other = world.client("ec2")
+    done: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            t = time.time()
+            other.describe_vpcs()
+            done.append((t, time.time()))
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    try:
+        time.sleep(0.3)
+        t0 = time.time()
+        ec2.create_image(InstanceId=box.id, Name=f"stall-{uuid.uuid4().hex[:8]}")
+        t1 = time.time()
+    finally:
+        stop.set()
+        th.join(10)
+    assert t1 - t0 >= 1.0, f"CreateImage took {t1 - t0:.2f}s: the halt did not wait for the TERM-ignoring process"
+    inside = [d for d in done if d[0] >= t0 and d[1] <= t1]
+    assert len(inside) >= 3, f"only {len(inside)} DescribeVpcs served during a {t1 - t0:.2f}s CreateImage"

@@ -62,7 +62,7 @@ def test_500_drop_and_latency(world, faults):
 
 
 def test_faults_are_seeded_and_replayable(world, faults):
-    ec2 = world.client("ec2", retries=1)
+    ec2 = world.client("ec2", retries=0)  # every call is one attempt (no backoff sleeps)
 
     def run():
         faults({"seed": 42, "rules": [{"action": "ec2:DescribeVpcs", "throttle": 0.5}]})
@@ -115,3 +115,112 @@ def test_malformed_fault_spec_is_rejected_naming_the_field(world, spec, field):
 def test_fault_spec_not_json(world):
     p = world.cli("faults", "set", "{oops")
     assert p.returncode == 2 and "not valid JSON" in p.stderr
+
+
+# --------------------------------------------------------------------------- call attribution
+def unique_key(tag: str) -> str:
+    import uuid
+
+    return f"AKIDWORLD{tag}{uuid.uuid4().hex[:12].upper()}"
+
+
+def test_call_log_attributes_calls_to_access_keys_and_marks_mutating_ones(world):
+    import json
+    import urllib.request
+    import uuid
+
+    ka, kb, kp = unique_key("A"), unique_key("B"), unique_key("P")
+    a = world.client("ec2", retries=1, access_key=ka)
+    a.describe_vpcs()
+    a.describe_vpcs()
+    sg = a.create_security_group(
+        GroupName=f"call-log-{uuid.uuid4().hex[:8]}", Description="call log probe", VpcId=world.env["WORLD_VPC_ID"]
+    )["GroupId"]
+    a.delete_security_group(GroupId=sg)
+    # a refused mutating call is still a mutating call made
+    assert err_of(lambda: a.terminate_instances(InstanceIds=["i-0123456789abcdef0"]))[1] == 400
+    # an EC2 DryRun request changes nothing: logged, but not mutating
+    assert err_of(lambda: a.run_instances(ImageId=world.env["WORLD_BASE_AMI"], MinCount=1, MaxCount=1,
+                                          DryRun=True)) == ("DryRunOperation", 412)
+    world.client("ssm", retries=1, access_key=ka).describe_instance_information()  # JSON protocol
+    world.client("ec2", retries=1, access_key=kb).describe_subnets()
+    # a presigned request carries its key in X-Amz-Credential
+    url = world.client("ec2", access_key=kp).generate_presigned_url("describe_regions", Params={}, ExpiresIn=60)
+    assert "X-Amz-Credential=" in url and "Authorization" not in url
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=10) as r:
+        assert r.status == 200
+
+    code, res = world.control("GET", f"/_world/calls?access_key={ka}")
+    assert code == 200 and res["access_key"] == ka
+    assert res["counts"] == {
+        "ec2:CreateSecurityGroup": 1, "ec2:DeleteSecurityGroup": 1, "ec2:DescribeVpcs": 2,
+        "ec2:RunInstances": 1, "ec2:TerminateInstances": 1, "ssm:DescribeInstanceInformation": 1,
+    }, res["counts"]
+    assert res["total"] == 7
+    assert res["mutating_counts"] == {
+        "ec2:CreateSecurityGroup": 1, "ec2:DeleteSecurityGroup": 1, "ec2:TerminateInstances": 1,
+    }
+    assert res["mutating_total"] == 3
+    assert [c["access_key"] for c in res["calls"]] == [ka] * 7
+    by_action = {c["action"]: c for c in res["calls"]}
+    assert by_action["DescribeVpcs"]["mutating"] is False
+    assert by_action["TerminateInstances"]["mutating"] is True and by_action["TerminateInstances"]["status"] == 400
+    assert by_action["RunInstances"]["mutating"] is False and by_action["RunInstances"]["dry_run"] is True
+    assert by_action["DescribeInstanceInformation"]["service"] == "ssm"
+
+    code, res = world.control("GET", f"/_world/calls?access_key={ka}&mutating=true")
+    assert [c["action"] for c in res["calls"]] == ["CreateSecurityGroup", "DeleteSecurityGroup", "TerminateInstances"]
+    assert res["total"] == 7  # the filter applies to the list only
+
+    res = world.control("GET", f"/_world/calls?access_key={kb}")[1]
+    assert res["counts"] == {"ec2:DescribeSubnets": 1} and res["mutating_total"] == 0
+    res = world.control("GET", f"/_world/calls?access_key={kp}")[1]
+    assert res["counts"] == {"ec2:DescribeRegions": 1}
+    assert res["calls"][0]["service"] == "ec2" and res["calls"][0]["access_key"] == kp
+    res = world.control("GET", f"/_world/calls?access_key={unique_key('NONE')}")[1]
+    assert (res["total"], res["counts"], res["calls"]) == (0, {}, [])
+    res = world.control("GET", "/_world/calls?limit=0")[1]
+    assert res["access_keys"][ka] == 7 and res["access_keys"][kb] == 1 and res["calls"] == []
+    assert world.control("GET", "/_world/calls?mutating=maybe")[0] == 400
+
+    p = world.cli("calls", "--access-key", ka, "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["mutating_counts"]["ec2:TerminateInstances"] == 1
+    p = world.cli("calls", "--access-key", kb)
+    assert p.returncode == 0 and "1 call(s) by access key" in p.stdout and "0 mutating" in p.stdout, p.stdout
+    p = world.cli("calls", "--access-key", ka, "--mutating")
+    assert "ec2:CreateSecurityGroup  (mutating)" in p.stdout and "DescribeVpcs  (mutating)" not in p.stdout, p.stdout
+
+
+@pytest.mark.parametrize("service,action,mutating", [
+    ("ec2", "DescribeInstances", False),
+    ("ec2", "GetConsoleOutput", False),
+    ("ec2", "RunInstances", True),
+    ("ec2", "CreateTags", True),
+    ("autoscaling", "SetDesiredCapacity", True),
+    ("elasticloadbalancing", "DescribeTargetHealth", False),
+    ("ssm", "ListCommandInvocations", False),
+    ("ssm", "SendCommand", True),
+    ("sts", "GetCallerIdentity", False),
+    ("sts", "AssumeRole", False),
+    ("secretsmanager", "BatchGetSecretValue", False),
+    ("s3", "GET /bucket/key", False),
+    ("s3", "PUT /bucket/key", True),
+])
+def test_mutating_classification(service, action, mutating):
+    from bakeryworld.frontdoor import is_mutating
+
+    assert is_mutating(service, action) is mutating
+
+
+def test_credential_scope_parsing():
+    from bakeryworld.frontdoor import credential_scope
+
+    auth = ("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261127/us-east-1/ec2/aws4_request, "
+            "SignedHeaders=host;x-amz-date, Signature=abc")
+    assert credential_scope({"HTTP_AUTHORIZATION": auth}) == ("AKIDEXAMPLE", "ec2")
+    q = "Action=DescribeRegions&X-Amz-Credential=AKIDQ%2F20261127%2Fus-east-1%2Fsts%2Faws4_request"
+    assert credential_scope({"QUERY_STRING": q}) == ("AKIDQ", "sts")
+    sigv4a = "AWS4-ECDSA-P256-SHA256 Credential=AKIDV4A/20261127/s3/aws4_request, SignedHeaders=host"
+    assert credential_scope({"HTTP_AUTHORIZATION": sigv4a}) == ("AKIDV4A", "s3")
+    assert credential_scope({}) == (None, None)

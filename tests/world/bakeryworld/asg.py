@@ -19,7 +19,10 @@ Also filled here, because a replacement must come from the group's own launch te
 launches every ASG instance with the template's *default* version and into the first subnet
 only. The world launches from the group's version (`$Latest`, `$Default` or a number), spreads
 instances over the group's subnets (fewest first, as AZ balancing does), and associates the
-template's `IamInstanceProfile`, which moto ignores (SSM needs it).
+template's `IamInstanceProfile`, which moto ignores (SSM needs it). Each instance then reports
+(`DescribeAutoScalingGroups` `Instances[].LaunchTemplate`, `DescribeAutoScalingInstances`) the
+template and version number it was launched with, as on AWS; moto reported the group's current
+template at its default version.
 
 The loop runs every `LOOP_SECONDS` under the world's moto lock.
 """
@@ -51,11 +54,19 @@ def _launch_from_group(group: Any, count_needed: int, propagated_tags: dict[str,
     subnets = [s for s in (group.vpc_zone_identifier or "").split(",") if s] or [None]
 
     launch_template = None
+    launched_with: dict[str, str] | None = None
     profile: dict[str, Any] = {}
     if group.ec2_launch_template is not None:
         version = group.ec2_launch_template.get_version(group.launch_template_version)
         launch_template = {
             "LaunchTemplateId": group.ec2_launch_template.id,
+            "Version": str(version.number),
+        }
+        # What DescribeAutoScalingGroups / DescribeAutoScalingInstances report for the instance
+        # from now on: the template and the version *number* it was launched with.
+        launched_with = {
+            "LaunchTemplateId": group.ec2_launch_template.id,
+            "LaunchTemplateName": group.ec2_launch_template.name,
             "Version": str(version.number),
         }
         profile = version.data.get("IamInstanceProfile") or {}
@@ -93,6 +104,8 @@ def _launch_from_group(group: Any, count_needed: int, propagated_tags: dict[str,
         )
         for instance in reservation.instances:
             instance.autoscaling_group = group
+            if launched_with is not None:
+                instance._bakeryworld_launch_template = dict(launched_with)  # type: ignore[attr-defined]
             if (profile.get("Name") or profile.get("Arn")) and instance.id not in ec2.iam_instance_profile_associations:
                 try:
                     ec2.associate_iam_instance_profile(
@@ -118,7 +131,7 @@ def _launch_from_group(group: Any, count_needed: int, propagated_tags: dict[str,
 
 
 def _patch_moto() -> None:
-    from moto.autoscaling.models import FakeAutoScalingGroup
+    from moto.autoscaling.models import FakeAutoScalingGroup, InstanceState
 
     if getattr(FakeAutoScalingGroup, "_bakeryworld_asg", False):
         return
@@ -133,6 +146,20 @@ def _patch_moto() -> None:
         _launch_from_group(self, count_needed, propagated_tags)
 
     FakeAutoScalingGroup.replace_autoscaling_group_instances = replace_autoscaling_group_instances  # type: ignore[method-assign]
+
+    # Per-instance `LaunchTemplate`: moto answers with the group's *current* template and that
+    # template's *default* version number; AWS reports the template and version the instance
+    # was launched with (a rollout's old and new instances differ). Instances the world launched
+    # carry that record; any other (attached, mixed instances policy) keeps moto's answer.
+    orig_lt = InstanceState.launch_template
+
+    def launch_template(self: Any) -> dict[str, Any] | None:
+        rec = getattr(self.instance, "_bakeryworld_launch_template", None)
+        if rec is not None:
+            return dict(rec)
+        return orig_lt.fget(self)
+
+    InstanceState.launch_template = property(launch_template)  # type: ignore[method-assign,assignment]
 
 
 def _impaired(body: Any) -> bool:

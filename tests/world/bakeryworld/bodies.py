@@ -20,6 +20,7 @@ import socket
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .world import is_loopback
@@ -147,15 +148,73 @@ def strip_exec_prefix(cmd: str) -> str:
     return cmd.lstrip("-@:+!")
 
 
+# ----------------------------------------------------------------------------- moto facts
+def instance_public_key(ec2, instance) -> str:
+    """The key pair's public key as moto stores it (imported or created), or ''."""
+    name = getattr(instance, "key_name", None)
+    if not name:
+        return ""
+    kp = ec2.key_pairs.get(name)
+    if kp is None or not getattr(kp, "material_public", None):
+        return ""
+    mat = kp.material_public
+    if isinstance(mat, bytes):
+        mat = mat.decode()
+    return mat.strip() + "\n"
+
+
+def instance_user_data(instance) -> bytes | None:
+    import base64
+
+    ud = getattr(instance, "user_data", None)
+    if not ud:
+        return None
+    if isinstance(ud, list):  # older moto kept a list
+        ud = ud[0] if ud else None
+        if ud is None:
+            return None
+    try:
+        if hasattr(ud, "decode") and not isinstance(ud, (bytes, str)):
+            return base64.b64decode(ud.as_bytes())
+        if isinstance(ud, bytes):
+            return base64.b64decode(ud)
+        return base64.b64decode(str(ud))
+    except Exception:
+        return None
+
+
+@dataclass(frozen=True)
+class InstanceFacts:
+    """What a body needs from moto's instance, copied under the moto lock: the body never
+    touches moto's models afterwards (they are not thread-safe)."""
+
+    id: str
+    ip: str
+    image_id: str
+    authorized_keys: str
+    user_data: bytes | None
+
+    @classmethod
+    def of(cls, ec2, instance) -> "InstanceFacts":
+        """Call with the world's moto lock held."""
+        return cls(
+            id=instance.id,
+            ip=instance.private_ip,
+            image_id=instance.image_id,
+            authorized_keys=instance_public_key(ec2, instance),
+            user_data=instance_user_data(instance),
+        )
+
+
 # ----------------------------------------------------------------------------- body
 class Body:
-    def __init__(self, mgr: "BodyManager", instance) -> None:
+    def __init__(self, mgr: "BodyManager", facts: InstanceFacts) -> None:
         self.mgr = mgr
         self.world = mgr.world
         st = self.world.settings
-        self.instance_id: str = instance.id
-        self.ip: str = instance.private_ip
-        self.image_id: str = instance.image_id
+        self.instance_id: str = facts.id
+        self.ip: str = facts.ip
+        self.image_id: str = facts.image_id
         self.hostname = "ip-" + self.ip.replace(".", "-")
         self.layers: list[str] = self.world.images.layers_for(self.image_id)
         self.dir = st.base_dir / "bodies" / self.instance_id
@@ -164,8 +223,8 @@ class Body:
         self.root: str = str(self.dir / "root")
         self.logdir = st.state_dir / "bodies" / self.instance_id
         self.logdir.mkdir(parents=True, exist_ok=True)
-        self.authorized_keys = self._instance_public_key(instance)
-        self.user_data = self._instance_user_data(instance)
+        self.authorized_keys = facts.authorized_keys
+        self.user_data = facts.user_data
         self.created_at = time.time()
         self.boot_started_at = self.created_at
         self.booted_at: float | None = None
@@ -183,43 +242,6 @@ class Body:
         self.hostkey_line: str | None = None
         self.mounted = False
         self.thread = threading.Thread(target=self._worker, name=f"body-{self.instance_id}", daemon=True)
-
-    # --------------------------------------------------------------- moto facts
-    def _instance_public_key(self, instance) -> str:
-        name = getattr(instance, "key_name", None)
-        if not name:
-            return ""
-        kp = self.world.ec2().key_pairs.get(name)
-        if kp is None or not getattr(kp, "material_public", None):
-            return ""
-        mat = kp.material_public
-        if isinstance(mat, bytes):
-            mat = mat.decode()
-        return mat.strip() + "\n"
-
-    @staticmethod
-    def _instance_user_data(instance) -> bytes | None:
-        ud = getattr(instance, "user_data", None)
-        if not ud:
-            return None
-        if isinstance(ud, list):  # older moto kept a list
-            ud = ud[0] if ud else None
-            if ud is None:
-                return None
-        try:
-            if hasattr(ud, "decode") and not isinstance(ud, (bytes, str)):
-                import base64
-
-                return base64.b64decode(ud.as_bytes())
-            if isinstance(ud, bytes):
-                import base64
-
-                return base64.b64decode(ud)
-            import base64
-
-            return base64.b64decode(str(ud))
-        except Exception:
-            return None
 
     # --------------------------------------------------------------- public API
     def booted(self) -> bool:
@@ -390,9 +412,20 @@ class Body:
 
         if self.thread.is_alive():
             ev = self.submit(job)
-            ev.wait(900)
         else:
-            job()
+            ev = threading.Event()
+
+            def inline():
+                try:
+                    job()
+                finally:
+                    ev.set()
+
+            threading.Thread(target=inline, name=f"capture-{self.instance_id}", daemon=True).start()
+        # Called from CreateImage, i.e. inside a moto action: the moto lock is released while the
+        # body halts and its layer is copied, so other calls are not stalled by the copy.
+        if not self.world.wait_unlocked(ev, 900):
+            raise RuntimeError(f"capture of {self.instance_id} did not finish within 900 s")
         if err:
             raise err[0]
 
@@ -812,23 +845,34 @@ class BodyManager:
             self._stop.wait(self.interval)
 
     def reconcile_once(self) -> None:
-        ec2 = self.world.ec2()
+        # 1. A snapshot of moto's instances, taken under the moto lock (moto is not
+        #    thread-safe); the facts a new body needs are copied there too.
+        with self._lock:
+            known = set(self._bodies)
+        snapshot: list[tuple[str, str, InstanceFacts | None]] = []
+        with self.world.lock:
+            ec2 = self.world.ec2()
+            for inst in list(ec2.all_instances()):
+                if not is_loopback(inst.private_ip):
+                    continue
+                state = inst.state
+                facts = None
+                if inst.id not in known and state == "running":
+                    facts = InstanceFacts.of(ec2, inst)
+                snapshot.append((inst.id, state, facts))
+        # 2. Bodies follow, outside the lock (their workers boot, halt and copy on their own).
         seen = set()
-        for inst in list(ec2.all_instances()):
-            ip = inst.private_ip
-            if not is_loopback(ip):
-                continue
-            seen.add(inst.id)
-            state = inst.state
+        for iid, state, facts in snapshot:
+            seen.add(iid)
             with self._lock:
-                body = self._bodies.get(inst.id)
+                body = self._bodies.get(iid)
                 if body is None:
-                    if state != "running":
+                    if facts is None:
                         continue
-                    body = Body(self, inst)
-                    self._bodies[inst.id] = body
+                    body = Body(self, facts)
+                    self._bodies[iid] = body
                     body.thread.start()
-                    self.world.log(f"{inst.id}: body created for {ip} (image {inst.image_id})")
+                    self.world.log(f"{iid}: body created for {facts.ip} (image {facts.image_id})")
             if state in ("running", "pending"):
                 body.want("running")
             elif state in ("stopping", "stopped"):

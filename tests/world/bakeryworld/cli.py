@@ -541,6 +541,8 @@ def cmd_faults(args) -> int:
 
 
 def cmd_calls(args) -> int:
+    from urllib.parse import urlencode
+
     sd = state_dir()
     info = require_running(sd)
     port = info["port"]
@@ -548,15 +550,33 @@ def cmd_calls(args) -> int:
         control(port, "POST", "/_world/calls/reset")
         print("call log reset")
         return 0
-    code, res = control(port, "GET", f"/_world/calls?limit={1000 if args.json else 0}")
+    params = {"limit": args.limit if args.limit is not None else (1000 if args.json or args.mutating else 0)}
+    if args.access_key:
+        params["access_key"] = args.access_key
+    if args.mutating:
+        params["mutating"] = "true"
+    code, res = control(port, "GET", f"/_world/calls?{urlencode(params)}")
+    if code != 200:
+        raise WorldError(f"calls: {res.get('error', res) if isinstance(res, dict) else res}", 2)
     if args.json:
         print(json.dumps(res, indent=1))
         return 0
-    print(f"{res['total']} call(s)")
+    who = f" by access key {args.access_key}" if args.access_key else ""
+    print(f"{res['total']} call(s){who}, {res.get('mutating_total', 0)} mutating")
+    mutating = res.get("mutating_counts", {})
     for k, v in sorted(res["counts"].items(), key=lambda kv: (-kv[1], kv[0])):
-        print(f"  {v:6d}  {k}")
+        print(f"  {v:6d}  {k}{'  (mutating)' if k in mutating else ''}")
     if res.get("faults_injected"):
         print("faults injected: " + ", ".join(f"{k}={v}" for k, v in res["faults_injected"].items()))
+    if not args.access_key and res.get("access_keys"):
+        print("by access key: " + ", ".join(f"{k}={v}" for k, v in res["access_keys"].items()))
+    if res.get("calls"):
+        print(f"last {len(res['calls'])} {'mutating ' if args.mutating else ''}call(s):")
+        for c in res["calls"]:
+            t = time.strftime("%H:%M:%S", time.localtime(c["t"])) + f".{int(c['t'] * 1000) % 1000:03d}"
+            extra = f" fault={c['fault']}" if c.get("fault") else ""
+            extra += " dry-run" if c.get("dry_run") else ""
+            print(f"  {t}  {c['service']}:{c['action']}  {c['status']}  {c['ms']}ms  key={c.get('access_key') or '-'}{extra}")
     return 0
 
 
@@ -588,9 +608,12 @@ def main(argv: list[str] | None = None) -> int:
     fp = sub.add_parser("faults", help="fault injection: set SPEC | clear | show")
     fp.add_argument("action", choices=["set", "clear", "show"])
     fp.add_argument("spec", nargs="?")
-    cp = sub.add_parser("calls", help="per-action call counts")
+    cp = sub.add_parser("calls", help="per-action call counts (optionally one caller's)")
     cp.add_argument("--reset", action="store_true")
     cp.add_argument("--json", action="store_true")
+    cp.add_argument("--access-key", metavar="AKID", help="only calls signed with this access key id")
+    cp.add_argument("--mutating", action="store_true", help="list the mutating calls (with --json: only those)")
+    cp.add_argument("--limit", type=int, default=None, help="log entries to list (default: 1000 with --json or --mutating, else 0)")
     sub.add_parser("env", help="print the env file")
     args = ap.parse_args(argv)
     if args.cmd == "up":

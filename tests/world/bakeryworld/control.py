@@ -11,6 +11,8 @@ from .frontdoor import SpecError
 
 INSTANCE_RE = re.compile(r"^/_world/instances/(i-[0-9a-f]+)(?:/(kill|crash|reboot))?$")
 
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
 _STATUS_TEXT = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict", 500: "Internal Server Error"}
 
 
@@ -54,23 +56,21 @@ def handle_control(fd, environ, start_response):
         if path == "/_world/calls":
             if method != "GET":
                 return _reply(start_response, 405, {"error": "use GET (or POST /_world/calls/reset)"})
-            limit = int(qs.get("limit", ["1000"])[0])
-            with fd.lock:
-                calls = list(fd.log)[-limit:] if limit > 0 else []
-                out = {
-                    "total": fd.total,
-                    "counts": dict(sorted(fd.counts.items())),
-                    "faults_injected": dict(fd.injected),
-                    "calls": calls,
-                }
-            return _reply(start_response, 200, out)
+            try:
+                limit = int(qs.get("limit", ["1000"])[0])
+            except ValueError:
+                raise SpecError("limit must be an integer (the number of log entries to return)")
+            access_key = qs.get("access_key", [None])[0]
+            mut = qs.get("mutating", [None])[0]
+            mutating = None
+            if mut is not None:
+                if mut.lower() not in _BOOLS:
+                    raise SpecError("mutating must be true or false")
+                mutating = _BOOLS[mut.lower()]
+            return _reply(start_response, 200, fd.calls_report(limit, access_key or None, mutating))
 
         if path == "/_world/calls/reset" and method == "POST":
-            with fd.lock:
-                fd.log.clear()
-                fd.counts.clear()
-                fd.injected.clear()
-                fd.total = 0
+            fd.reset_calls()
             return _reply(start_response, 200, {"reset": True})
 
         if path == "/_world/faults":
@@ -88,22 +88,27 @@ def handle_control(fd, environ, start_response):
         m = INSTANCE_RE.match(path)
         if m:
             iid, verb = m.group(1), m.group(2)
-            try:
-                inst = world.ec2().get_instance(iid)
-            except Exception:
+            with world.lock:  # moto's models are read under the moto lock only
+                try:
+                    inst = world.ec2().get_instance(iid)
+                except Exception:
+                    inst = None
+                inst_state = inst.state if inst is not None else None
+                inst_ip = inst.private_ip if inst is not None else None
+            if inst is None:
                 return _reply(start_response, 404, {"error": f"no instance {iid} in this world"})
             body = world.bodies.get(iid)
             if verb is None and method == "GET":
                 return _reply(
                     start_response, 200,
-                    {"instance_id": iid, "state": inst.state, "body": body.describe() if body else None},
+                    {"instance_id": iid, "state": inst_state, "body": body.describe() if body else None},
                 )
             if method != "POST":
                 return _reply(start_response, 405, {"error": "use POST"})
             if body is None:
                 return _reply(
                     start_response, 409,
-                    {"error": f"instance {iid} has no live body (state {inst.state}; private IP {inst.private_ip})"},
+                    {"error": f"instance {iid} has no live body (state {inst_state}; private IP {inst_ip})"},
                 )
             if verb == "kill":
                 body.kill_services()

@@ -1,6 +1,7 @@
 """The front door: WSGI middleware in front of moto's app.
 
-- a call log: service, action, HTTP status, time, fault injected (if any);
+- a call log: service, action, HTTP status, time, fault injected (if any), the caller's access
+  key id (SigV4 credential scope) and whether the action is mutating;
 - seeded fault injection per action: throttling with the service's real error code and
   protocol shape, HTTP 500, dropped connections, added latency;
 - the control API under /_world/.
@@ -22,7 +23,94 @@ from urllib.parse import parse_qs
 
 RULE_KEYS = {"action", "throttle", "error500", "drop", "latency_ms"}
 ACTION_RE = re.compile(r"^(\*|[a-z0-9-]+:(\*|[A-Za-z0-9]+))$")
-CRED_RE = re.compile(r"Credential=[^/]+/[0-9]+/([^/]+)/([^/]+)/aws4_request")
+# SigV4 credential scope: AKID/yyyymmdd/region/service/aws4_request (the `Authorization`
+# header's `Credential=`, or a presigned URL's `X-Amz-Credential`). SigV4a has no region.
+SCOPE_RE = re.compile(r"^([^/\s,]+)/(\d{8})/(?:([^/\s,]+)/)?([^/\s,]+)/aws4_request$")
+AUTH_CRED_RE = re.compile(r"Credential=([^\s,]+)")
+
+# Read-only actions whose names do not start with Describe, List or Get.
+READ_ONLY_ACTIONS = frozenset({
+    "ec2:SearchTransitGatewayRoutes",
+    "ec2:SearchLocalGatewayRoutes",
+    "ec2:SearchTransitGatewayMulticastGroups",
+    "sts:AssumeRole",
+    "sts:AssumeRoleWithWebIdentity",
+    "sts:AssumeRoleWithSAML",
+    "sts:DecodeAuthorizationMessage",
+    "iam:SimulatePrincipalPolicy",
+    "iam:SimulateCustomPolicy",
+    "secretsmanager:BatchGetSecretValue",
+    "dynamodb:BatchGetItem",
+    "dynamodb:Query",
+    "dynamodb:Scan",
+    "dynamodb:TransactGetItems",
+    "logs:FilterLogEvents",
+})
+READ_ONLY_PREFIXES = ("Describe", "List", "Get")
+READ_ONLY_METHODS = ("GET ", "HEAD ", "OPTIONS ")
+
+
+def is_mutating(service: str, action: str) -> bool:
+    """Whether a call of `service:action` may change state: anything not starting with
+    Describe/List/Get and not in READ_ONLY_ACTIONS; REST calls (`METHOD path`) unless they are
+    GET/HEAD/OPTIONS."""
+    if action.startswith(READ_ONLY_METHODS):
+        return False
+    if " " in action:  # a REST call with another method
+        return True
+    if action.startswith(READ_ONLY_PREFIXES):
+        return False
+    return f"{service}:{action}" not in READ_ONLY_ACTIONS
+
+
+def credential_scope(environ, qs: dict | None = None) -> tuple[str | None, str | None]:
+    """(access key id, service) from the SigV4 credential scope, or (None, None) unsigned."""
+    raw = None
+    m = AUTH_CRED_RE.search(environ.get("HTTP_AUTHORIZATION", ""))
+    if m:
+        raw = m.group(1)
+    else:
+        if qs is None:
+            qs = parse_qs(environ.get("QUERY_STRING", ""))
+        vals = qs.get("X-Amz-Credential")
+        if vals:
+            raw = vals[0]
+    if not raw:
+        return None, None
+    sm = SCOPE_RE.match(raw)
+    if sm:
+        return sm.group(1), sm.group(4)
+    # not a well-formed scope: the key id is what precedes the first '/'
+    return raw.split("/", 1)[0] or None, None
+
+
+class Tally:
+    """Call counts since the last reset: all calls, or one access key's."""
+
+    __slots__ = ("total", "counts", "mutating", "injected")
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.counts: dict[str, int] = {}
+        self.mutating: dict[str, int] = {}
+        self.injected: dict[str, int] = {}
+
+    def add(self, key: str, mutating: bool, fault: str | None) -> None:
+        self.total += 1
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if mutating:
+            self.mutating[key] = self.mutating.get(key, 0) + 1
+        if fault:
+            self.injected[fault] = self.injected.get(fault, 0) + 1
+
+    def as_dict(self) -> dict:
+        return {
+            "total": self.total,
+            "counts": dict(sorted(self.counts.items())),
+            "mutating_total": sum(self.mutating.values()),
+            "mutating_counts": dict(sorted(self.mutating.items())),
+            "faults_injected": dict(self.injected),
+        }
 QUERY_NS = {
     "autoscaling": "http://autoscaling.amazonaws.com/doc/2011-01-01/",
     "elasticloadbalancing": "http://elasticloadbalancing.amazonaws.com/doc/2015-12-01/",
@@ -88,16 +176,60 @@ class FrontDoor:
         self.world = world
         self.lock = threading.Lock()
         self.log: deque = deque(maxlen=max_log)
-        self.counts: dict[str, int] = {}
-        self.total = 0
+        self.tally = Tally()  # every call since the last reset
+        self.by_key: dict[str, Tally] = {}  # per caller access key id
         self.spec = {"seed": world.settings.seed, "rules": []}
         self.fault_counters: dict[str, int] = {}
-        self.injected: dict[str, int] = {}
         self.control_routes = []  # plug-ins may add (method, path-prefix, fn(environ, body) -> (status, obj))
 
     # -------------------------------------------------------------- accessors
     def total_calls(self) -> int:
-        return self.total
+        return self.tally.total
+
+    # kept for callers of the first version (counts of every call since the last reset)
+    @property
+    def total(self) -> int:
+        return self.tally.total
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.tally.counts
+
+    @property
+    def injected(self) -> dict[str, int]:
+        return self.tally.injected
+
+    def reset_calls(self) -> None:
+        with self.lock:
+            self.log.clear()
+            self.tally = Tally()
+            self.by_key = {}
+
+    def calls_report(self, limit: int = 1000, access_key: str | None = None,
+                     mutating: bool | None = None) -> dict:
+        """The `GET /_world/calls` answer: counts since the last reset (all calls, or
+        `access_key`'s only) and the last `limit` log entries matching the filters
+        (`mutating` filters the list only)."""
+        with self.lock:
+            if access_key is None:
+                out = self.tally.as_dict()
+                out["access_keys"] = {k: t.total for k, t in sorted(self.by_key.items())}
+            else:
+                out = self.by_key.get(access_key, Tally()).as_dict()
+            out["access_key"] = access_key
+            calls: list = []
+            if limit > 0:
+                for c in reversed(self.log):
+                    if access_key is not None and c["access_key"] != access_key:
+                        continue
+                    if mutating is not None and c["mutating"] != mutating:
+                        continue
+                    calls.append(c)
+                    if len(calls) >= limit:
+                        break
+                calls.reverse()
+            out["calls"] = calls
+        return out
 
     def faults_spec(self) -> dict:
         with self.lock:
@@ -108,16 +240,14 @@ class FrontDoor:
         with self.lock:
             self.spec = spec
             self.fault_counters = {}
-            self.injected = {}
         return spec
 
     # -------------------------------------------------------------- request classification
     @staticmethod
     def classify(environ, body: bytes) -> tuple[str, str, str]:
         """(service, action, protocol) where protocol is ec2 | query | json | rest."""
-        auth = environ.get("HTTP_AUTHORIZATION", "")
-        m = CRED_RE.search(auth)
-        service = m.group(2) if m else ""
+        qs = parse_qs(environ.get("QUERY_STRING", ""))
+        service = credential_scope(environ, qs)[1] or ""
         target = environ.get("HTTP_X_AMZ_TARGET", "")
         if target:
             action = target.rsplit(".", 1)[-1]
@@ -125,7 +255,6 @@ class FrontDoor:
                 service = target.split("_")[0].split(".")[0].lower()
             return service or "unknown", action, "json"
         action = ""
-        qs = parse_qs(environ.get("QUERY_STRING", ""))
         if "Action" in qs:
             action = qs["Action"][0]
         ctype = environ.get("CONTENT_TYPE", "")
@@ -142,6 +271,17 @@ class FrontDoor:
             return service, action, "ec2" if service == "ec2" else "query"
         path = environ.get("PATH_INFO", "/")
         return service, f"{environ.get('REQUEST_METHOD', 'GET')} {path}", "rest"
+
+    @staticmethod
+    def dry_run(environ, body: bytes) -> bool:
+        """EC2's `DryRun=true` (query string or form body)."""
+        qs_raw = environ.get("QUERY_STRING", "")
+        for raw in (qs_raw, body.decode("utf-8", "replace") if b"DryRun" in body else ""):
+            if "DryRun" in raw:
+                vals = parse_qs(raw).get("DryRun")
+                if vals and vals[0].lower() == "true":
+                    return True
+        return False
 
     # -------------------------------------------------------------- faults
     def _rule_for(self, key: str, service: str) -> dict | None:
@@ -226,6 +366,10 @@ class FrontDoor:
         environ["CONTENT_LENGTH"] = str(len(body))
         service, action, protocol = self.classify(environ, body)
         key = f"{service}:{action}"
+        access_key = credential_scope(environ)[0]
+        dry_run = protocol == "ec2" and self.dry_run(environ, body)
+        # An EC2 DryRun request only checks permissions (it fails with DryRunOperation).
+        mutating = is_mutating(service, action) and not dry_run
         t0 = time.time()
         fault, latency = self._decide(key, service)
         if latency:
@@ -233,10 +377,12 @@ class FrontDoor:
 
         def record(status: int | str) -> None:
             with self.lock:
-                self.total += 1
-                self.counts[key] = self.counts.get(key, 0) + 1
-                if fault:
-                    self.injected[fault] = self.injected.get(fault, 0) + 1
+                self.tally.add(key, mutating, fault)
+                if access_key is not None:
+                    tally = self.by_key.get(access_key)
+                    if tally is None:
+                        tally = self.by_key[access_key] = Tally()
+                    tally.add(key, mutating, fault)
                 self.log.append(
                     {
                         "t": round(t0, 3),
@@ -245,6 +391,9 @@ class FrontDoor:
                         "status": status,
                         "ms": round((time.time() - t0) * 1000, 1),
                         "fault": fault,
+                        "access_key": access_key,
+                        "mutating": mutating,
+                        "dry_run": dry_run,
                     }
                 )
 

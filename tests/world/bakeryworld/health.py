@@ -58,17 +58,23 @@ _LOCK_GUARD = threading.Lock()
 def moto_lock(world: Any = None) -> Any:
     """The lock held around every moto action and every background loop's model access.
 
-    It is the world's own `world.lock` (a re-entrant lock) when it has one, else a new RLock
-    stored as `world.lock`. Either way it is also taken around `BaseResponse.call_action`, the
-    single entry point of every moto action (subclasses that override it all call super), so
-    the loops are serialised with moto's request threads whatever the front door does. Being
-    re-entrant, it is harmless if the front door already holds it around the request.
+    It is the world's own `world.lock` (a re-entrant lock), installed around
+    `BaseResponse.call_action` (the single entry point of every moto action; subclasses that
+    override it all call super) by `World.install_moto_lock`, which the core EC2 patches call
+    first; this only makes sure it is installed. Without a world (or one lacking the method) a
+    process-wide RLock is installed the same way. Being re-entrant, it is harmless if a caller
+    already holds it.
     """
     global _LOCK
     with _LOCK_GUARD:
-        if _LOCK is None:
-            from moto.core.responses import BaseResponse
+        from moto.core.responses import BaseResponse
 
+        existing = getattr(BaseResponse.call_action, "_bakeryworld_lock", None)
+        if world is not None and hasattr(world, "install_moto_lock"):
+            _LOCK = world.install_moto_lock()
+        elif existing is not None:
+            _LOCK = existing
+        else:
             lock = getattr(world, "lock", None) if world is not None else None
             if lock is None:
                 lock = threading.RLock()
@@ -79,6 +85,7 @@ def moto_lock(world: Any = None) -> Any:
                     return original(self)
 
             call_action.__wrapped__ = original  # type: ignore[attr-defined]
+            call_action._bakeryworld_lock = lock  # type: ignore[attr-defined]
             BaseResponse.call_action = call_action  # type: ignore[method-assign]
             _LOCK = lock
     if world is not None and getattr(world, "lock", None) is not _LOCK:

@@ -34,8 +34,10 @@ class ImageStore:
             return {k: dict(v, layers=list(self._layers.get(k, []))) for k, v in self._meta.items()}
 
     def on_create_image(self, ami, instance, no_reboot: bool) -> None:
-        """Called from the patched CreateImage, before the response is sent."""
-        body = self.world.bodies.get(instance.id)
+        """Called from the patched CreateImage, before the response is sent, so with the moto
+        lock held; the body's halt and layer copy run with it released (`Body.capture_upper`)."""
+        instance_id, source_image = instance.id, instance.image_id
+        body = self.world.bodies.get(instance_id)
         started = time.time()
         ami.state = "pending"
         if body is not None:
@@ -43,17 +45,17 @@ class ImageStore:
             body.capture_upper(dest, reboot=not no_reboot)
             layers = [str(dest), *body.layers]
         else:
-            layers = self.layers_for(instance.image_id)
+            layers = self.layers_for(source_image)
         with self._lock:
             self._layers[ami.id] = layers
             self._meta[ami.id] = {
-                "source_instance": instance.id,
-                "source_image": instance.image_id,
+                "source_instance": instance_id,
+                "source_image": source_image,
                 "no_reboot": no_reboot,
                 "captured_in_s": round(time.time() - started, 3),
                 "state": "pending",
             }
-        self.world.log(f"{ami.id}: captured from {instance.id} ({len(layers)} layer(s)), pending")
+        self.world.log(f"{ami.id}: captured from {instance_id} ({len(layers)} layer(s)), pending")
         self._later(ami, self.world.settings.snapshot_delay)
 
     def on_copy_image(self, new_ami, source_ami_id: str) -> None:
@@ -65,12 +67,15 @@ class ImageStore:
 
     def _later(self, ami, delay: float) -> None:
         def done():
-            if ami.state == "pending":
-                ami.state = "available"
+            # A timer thread: moto's image object is touched under the moto lock only.
+            with self.world.lock:
+                if ami.state == "pending":
+                    ami.state = "available"
+                state = ami.state
             with self._lock:
                 if ami.id in self._meta:
-                    self._meta[ami.id]["state"] = ami.state
-            self.world.log(f"{ami.id}: {ami.state}")
+                    self._meta[ami.id]["state"] = state
+            self.world.log(f"{ami.id}: {state}")
 
         t = threading.Timer(max(0.0, delay), done)
         t.daemon = True

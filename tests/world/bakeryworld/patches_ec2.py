@@ -12,12 +12,20 @@
   auto-assigned public IP comes from 127.254.0.0/16 rather than moto's 54.214.x.x, so no
   client is ever pointed at a non-loopback address.
 - RebootInstances: the body reboots (processes end, boot runs again after the boot delay).
+- IAM instance profiles at launch: moto associates a RunInstances `IamInstanceProfile` with the
+  first instance only and ignores a launch template's; AWS gives every instance the profile
+  (the SSM agent needs it to register).
+
+`install` also installs the world's moto lock (`World.install_moto_lock`) before anything else.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
+
+log = logging.getLogger("bakeryworld.ec2")
 
 _W = None
 _tls = threading.local()
@@ -49,6 +57,8 @@ def _status_block(instance, system: bool) -> dict:
 def install(world) -> None:
     global _W, _installed
     _W = world
+    if hasattr(world, "install_moto_lock"):
+        world.install_moto_lock()
     if _installed:
         return
     _installed = True
@@ -56,6 +66,7 @@ def install(world) -> None:
     from moto.core.responses import ActionResult
     from moto.core.types import Base64EncodedString
     from moto.core.utils import utcnow
+    from moto.ec2.models import EC2Backend
     from moto.ec2.models import amis as amis_models
     from moto.ec2.models import elastic_network_interfaces as eni_mod
     from moto.ec2.models import instances as inst_models
@@ -150,3 +161,36 @@ def install(world) -> None:
             body.request_reboot()
 
     Instance.reboot = reboot
+
+    # --- IAM instance profile of every instance launched -----------------------------------
+    orig_run_instances = EC2Backend.run_instances
+
+    def run_instances(self, image_id, count, user_data, security_group_names, **kwargs):
+        # moto associates a RunInstances' IamInstanceProfile with the first instance only (in
+        # the response layer, after this returns) and ignores a launch template's. AWS gives
+        # every instance the profile; the SSM agent needs it to register.
+        reservation = orig_run_instances(self, image_id, count, user_data, security_group_names, **kwargs)
+        name, arn = kwargs.get("iam_instance_profile_name"), kwargs.get("iam_instance_profile_arn")
+        instances = list(reservation.instances)
+        if name or arn:
+            instances = instances[1:]  # the response layer associates the first one itself
+        elif kwargs.get("launch_template"):
+            try:
+                data = self._get_template_from_args(kwargs["launch_template"]).data
+            except Exception:
+                data = {}
+            prof = data.get("IamInstanceProfile") or {}
+            name, arn = prof.get("Name"), prof.get("Arn")
+        if name or arn:
+            for inst in instances:
+                if inst.id in self.iam_instance_profile_associations:
+                    continue
+                try:
+                    self.associate_iam_instance_profile(
+                        instance_id=inst.id, iam_instance_profile_name=name, iam_instance_profile_arn=arn
+                    )
+                except Exception:
+                    log.warning("instance profile %s not associated with %s", name or arn, inst.id, exc_info=True)
+        return reservation
+
+    EC2Backend.run_instances = run_instances  # type: ignore[method-assign]

@@ -472,39 +472,6 @@ def _patch_moto() -> None:
             )
         return _invocation_view(self, inv)
 
-    from moto.ec2.models import EC2Backend
-
-    orig_run_instances = EC2Backend.run_instances
-
-    def run_instances(self: Any, image_id: str, count: int, user_data: Any, security_group_names: Any, **kwargs: Any) -> Any:
-        # moto associates a RunInstances' IamInstanceProfile with the first instance only (in
-        # the response layer, after this returns) and ignores a launch template's. AWS gives
-        # every instance the profile; the SSM agent needs it to register.
-        reservation = orig_run_instances(self, image_id, count, user_data, security_group_names, **kwargs)
-        name, arn = kwargs.get("iam_instance_profile_name"), kwargs.get("iam_instance_profile_arn")
-        instances = list(reservation.instances)
-        if name or arn:
-            instances = instances[1:]  # the response layer associates the first one itself
-        elif kwargs.get("launch_template"):
-            try:
-                data = self._get_template_from_args(kwargs["launch_template"]).data
-            except Exception:
-                data = {}
-            prof = data.get("IamInstanceProfile") or {}
-            name, arn = prof.get("Name"), prof.get("Arn")
-        if name or arn:
-            for inst in instances:
-                if inst.id in self.iam_instance_profile_associations:
-                    continue
-                try:
-                    self.associate_iam_instance_profile(
-                        instance_id=inst.id, iam_instance_profile_name=name, iam_instance_profile_arn=arn
-                    )
-                except Exception:
-                    log.warning("instance profile %s not associated with %s", name or arn, inst.id, exc_info=True)
-        return reservation
-
-    EC2Backend.run_instances = run_instances  # type: ignore[method-assign]
     Command._get_instance_ids_from_targets = _get_instance_ids_from_targets  # type: ignore[method-assign]
     Command.response_object = response_object  # type: ignore[method-assign]
     Command.get_invocation = get_invocation  # type: ignore[method-assign]

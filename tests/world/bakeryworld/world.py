@@ -1,5 +1,12 @@
 """The World object: one per server process, shared by the patches, the bodies,
-the front door and the plug-in modules (health, asg, ssm)."""
+the front door and the plug-in modules (health, asg, ssm).
+
+`world.lock` (re-entrant) serialises every access to moto's models: moto is not thread-safe.
+`install_moto_lock` wraps `BaseResponse.call_action` (the one entry point of every moto action)
+in it, and every background thread of the world (the body reconciler, the image timers, the
+health checker, the ASG processes, the control API) takes it around its own model access.
+Slow work (copying layers, starting sshd, running health checks) never runs under it.
+"""
 
 from __future__ import annotations
 
@@ -85,6 +92,47 @@ class World:
         self.status_hooks: list = []  # callables(dict) -> None, for plug-ins
 
     # --- moto access -----------------------------------------------------------
+    def install_moto_lock(self) -> threading.RLock:
+        """Serialise every moto action on `self.lock` (once per process; idempotent).
+
+        If another world object of this process installed it first, this world adopts that
+        lock, so there is exactly one moto lock per process."""
+        from moto.core.responses import BaseResponse
+
+        current = BaseResponse.call_action
+        existing = getattr(current, "_bakeryworld_lock", None)
+        if existing is not None:
+            self.lock = existing
+            return existing
+        lock = self.lock
+        original = current
+
+        def call_action(response_self):
+            with lock:
+                return original(response_self)
+
+        call_action.__wrapped__ = original  # type: ignore[attr-defined]
+        call_action._bakeryworld_lock = lock  # type: ignore[attr-defined]
+        BaseResponse.call_action = call_action  # type: ignore[method-assign]
+        return lock
+
+    def wait_unlocked(self, event: threading.Event, timeout: float) -> bool:
+        """Wait for `event`; if this thread holds `self.lock` (at any depth, e.g. inside a moto
+        action) the lock is fully released while waiting and re-taken afterwards, so a moto
+        action can wait for slow work (a body's layer copy) without stalling every other call.
+        Returns whether the event was set."""
+        cond = threading.Condition(self.lock)
+        if not cond._is_owned():  # type: ignore[attr-defined]
+            return event.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while not event.is_set():
+            rem = deadline - time.monotonic()
+            if rem <= 0:
+                return False
+            # Condition.wait releases an RLock completely (all recursion levels) and restores it.
+            cond.wait(min(rem, 0.05))
+        return True
+
     def ec2(self, region: str | None = None):
         from moto.ec2.models import ec2_backends
 

@@ -1,0 +1,495 @@
+//! The health daemon (`bakery daemon`): keeps fleets healthy between releases.
+//!
+//! Every interval it reads each watched group's instances, the target health of every target
+//! group they are attached to (one call per target group), the EC2 status checks (two filtered
+//! calls) and its own optional probes, counts consecutive failures per instance, and asks
+//! [`decide::decide`] what to replace. Replacement goes through the group
+//! (`SetInstanceHealth Unhealthy`), so the group's own machinery launches the successor.
+//!
+//! While it runs it owns the health decisions of its groups: it suspends their `HealthCheck`
+//! process (ELB health alone no longer kills instances, so the fleet breaker means something) and
+//! records the takeover in a tag with owner and expiry; it resumes `HealthCheck` when it stops.
+
+pub mod config;
+pub mod decide;
+pub mod metrics;
+pub mod probe;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::aws::{autoscaling, budget, ec2, elbv2, Aws, AwsError};
+use crate::recipe::RecipeError;
+use crate::rollout::state::{Lock, LOCK_TAG};
+use config::{Config, Selector};
+use decide::{Breaker, GroupView, InstanceView};
+use probe::ProbeState;
+
+/// The tag recording which daemon owns a group's health decisions.
+pub const TAKEOVER_TAG: &str = "bakery:daemon";
+const HEALTH_CHECK: &str = "HealthCheck";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] RecipeError),
+    #[error("cannot listen on {addr}: {source} (is another daemon running? set `listen` in the config)")]
+    Listen { addr: String, source: std::io::Error },
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[derive(Debug, Default)]
+struct InstanceState {
+    consecutive: u32,
+    probe: ProbeState,
+    ip: Option<String>,
+    launched: u64,
+}
+
+struct Daemon {
+    aws: Aws,
+    config: Config,
+    me: Lock,
+    metrics: metrics::Shared,
+    instances: BTreeMap<String, InstanceState>,
+    /// Replacement times per group, for the window.
+    replaced: BTreeMap<String, Vec<u64>>,
+    replaced_total: BTreeMap<String, u64>,
+    /// Groups whose health decisions this daemon owns, with the takeover's expiry.
+    taken: BTreeMap<String, u64>,
+    /// Groups whose state was last reported (frozen or owned elsewhere), to log transitions once.
+    frozen: BTreeSet<String>,
+    foreign: BTreeSet<String>,
+}
+
+/// What one round saw, before deciding.
+struct Observation {
+    views: Vec<GroupView>,
+    evidence: BTreeMap<String, Vec<String>>,
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub async fn run(aws: Aws, config_path: PathBuf) -> Result<(), DaemonError> {
+    let config = config::load(&config_path)?;
+    budget::set_global(config.api_rate, config.api_burst);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            addr: config.listen.to_string(),
+            source,
+        })?;
+    let metrics: metrics::Shared = Arc::new(Mutex::new(metrics::Snapshot {
+        interval: config.interval,
+        ..Default::default()
+    }));
+    let server = tokio::spawn(metrics::serve(listener, metrics.clone()));
+    tracing::info!(config = %config_path.display(), listen = %config.listen, interval_s = config.interval.as_secs_f64(), groups = config.groups.len(), "daemon starting");
+    let mut d = Daemon {
+        aws,
+        me: Lock {
+            owner: format!("{}:{}", hostname(), std::process::id()),
+            token: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
+            since: now(),
+            expires: 0,
+        },
+        config,
+        metrics,
+        instances: BTreeMap::new(),
+        replaced: BTreeMap::new(),
+        replaced_total: BTreeMap::new(),
+        taken: BTreeMap::new(),
+        frozen: BTreeSet::new(),
+        foreign: BTreeSet::new(),
+    };
+    if let Err(e) = d.undo_stale_takeovers().await {
+        tracing::warn!(error = %e, "could not look for stale takeovers; continuing");
+    }
+    let mut stop = crate::signals::Signals::new();
+    let mut hup = signal(SignalKind::hangup()).ok();
+    let mut ready = false;
+    let reason = 'outer: loop {
+        let started = Instant::now();
+        // Observing has no side effects: a signal may cut it short.
+        let observed = tokio::select! {
+            o = d.observe() => o,
+            sig = stop.next() => break 'outer sig,
+        };
+        // Acting is short and never cut in half.
+        let ok = match observed {
+            Ok(obs) => {
+                d.act(obs).await;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "round failed; the daemon keeps going");
+                false
+            }
+        };
+        d.record_round(started.elapsed(), ok);
+        if !ready {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+            ready = true;
+        }
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+        let pause = d.config.interval.saturating_sub(started.elapsed());
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            sig = stop.next() => break sig,
+            _ = recv_hup(&mut hup) => d.reload(),
+        }
+    };
+    tracing::info!(signal = reason, "stopping: handing health decisions back to the groups");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    d.release_all().await;
+    server.abort();
+    Ok(())
+}
+
+async fn recv_hup(s: &mut Option<tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+impl Daemon {
+    fn reload(&mut self) {
+        match config::load(&self.config.path) {
+            Ok(c) => {
+                if c.listen != self.config.listen {
+                    tracing::warn!(old = %self.config.listen, new = %c.listen, "`listen` changes take effect at the next start");
+                }
+                budget::set_global(c.api_rate, c.api_burst);
+                self.metrics.lock().unwrap_or_else(|p| p.into_inner()).interval = c.interval;
+                tracing::info!(groups = c.groups.len(), interval_s = c.interval.as_secs_f64(), "configuration reloaded");
+                self.config = Config { listen: self.config.listen, ..c };
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reload failed; keeping the running configuration");
+            }
+        }
+    }
+
+    /// Takeovers whose owner is gone (expired, or a dead process on this host) are undone.
+    async fn undo_stale_takeovers(&mut self) -> Result<(), AwsError> {
+        let groups = autoscaling::describe_many(&self.aws.autoscaling, &[], &[(TAKEOVER_TAG.to_string(), None)]).await?;
+        for g in groups {
+            let Some(l) = g.tags.get(TAKEOVER_TAG).and_then(|t| Lock::decode(t)) else {
+                continue;
+            };
+            if l.is_stale(now(), &hostname(), pid_alive) {
+                tracing::warn!(group = %g.name, owner = %l.owner, "undoing a stale takeover: resuming HealthCheck");
+                autoscaling::resume(&self.aws.autoscaling, &g.name, &[HEALTH_CHECK]).await?;
+                autoscaling::delete_tags(&self.aws.autoscaling, &g.name, &[TAKEOVER_TAG]).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn threshold_for(&self, g: &autoscaling::Group) -> (u32, Option<&config::Probe>) {
+        let cfg = self.config.groups.iter().find(|c| match &c.selector {
+            Selector::Name(n) => *n == g.name,
+            Selector::Tag { key, value } => match value {
+                Some(v) => g.tags.get(key) == Some(v),
+                None => g.tags.contains_key(key),
+            },
+        });
+        (
+            cfg.and_then(|c| c.unhealthy_threshold).unwrap_or(self.config.unhealthy_threshold),
+            cfg.and_then(|c| c.probe.as_ref()),
+        )
+    }
+
+    /// Takes over (or renews) the group's health decisions; false if another daemon owns them.
+    async fn take_over(&mut self, g: &autoscaling::Group) -> Result<bool, AwsError> {
+        if let Some(l) = g.tags.get(TAKEOVER_TAG).and_then(|t| Lock::decode(t)) {
+            if l.token != self.me.token && !l.is_stale(now(), &hostname(), pid_alive) {
+                if self.foreign.insert(g.name.clone()) {
+                    tracing::warn!(group = %g.name, owner = %l.owner, "another daemon owns this group's health decisions; watching only");
+                }
+                return Ok(false);
+            }
+        }
+        self.foreign.remove(&g.name);
+        let ttl = self.config.takeover_ttl().as_secs();
+        let due = match self.taken.get(&g.name) {
+            // Renew once a third of the lifetime is used.
+            Some(expires) => expires.saturating_sub(now()) < ttl * 2 / 3,
+            None => true,
+        };
+        if !g.suspended.iter().any(|p| p == HEALTH_CHECK) {
+            autoscaling::suspend(&self.aws.autoscaling, &g.name, &[HEALTH_CHECK]).await?;
+            tracing::info!(group = %g.name, "took over health decisions: HealthCheck suspended, ReplaceUnhealthy left on");
+        }
+        if due {
+            let lock = Lock {
+                expires: now() + ttl,
+                ..self.me.clone()
+            };
+            autoscaling::set_tags(&self.aws.autoscaling, &g.name, &[(TAKEOVER_TAG, lock.encode())]).await?;
+            self.taken.insert(g.name.clone(), lock.expires);
+        }
+        Ok(true)
+    }
+
+    async fn release_all(&mut self) {
+        budget::bypass();
+        let mut set = tokio::task::JoinSet::new();
+        for group in self.taken.keys().cloned() {
+            let asg = self.aws.autoscaling.clone();
+            set.spawn(async move {
+                let r = tokio::time::timeout(Duration::from_millis(900), async {
+                    autoscaling::resume(&asg, &group, &[HEALTH_CHECK]).await?;
+                    autoscaling::delete_tags(&asg, &group, &[TAKEOVER_TAG]).await
+                })
+                .await;
+                (group, r)
+            });
+        }
+        while let Some(Ok((group, r))) = set.join_next().await {
+            match r {
+                Ok(Ok(())) => tracing::info!(group = %group, "HealthCheck resumed"),
+                Ok(Err(e)) => tracing::error!(group = %group, error = %e, "could not resume HealthCheck; the next daemon start or `bakery gc` will"),
+                Err(_) => tracing::error!(group = %group, "resuming HealthCheck timed out; the next daemon start or `bakery gc` will"),
+            }
+        }
+    }
+
+    async fn observe(&mut self) -> Result<Observation, AwsError> {
+        let names: Vec<String> = self
+            .config
+            .groups
+            .iter()
+            .filter_map(|g| match &g.selector {
+                Selector::Name(n) => Some(n.clone()),
+                _ => None,
+            })
+            .collect();
+        let tags: Vec<(String, Option<String>)> = self
+            .config
+            .groups
+            .iter()
+            .filter_map(|g| match &g.selector {
+                Selector::Tag { key, value } => Some((key.clone(), value.clone())),
+                _ => None,
+            })
+            .collect();
+        let all = autoscaling::describe_many(&self.aws.autoscaling, &names, &tags).await?;
+        for n in &names {
+            if !all.iter().any(|g| &g.name == n) {
+                tracing::warn!(group = %n, "watched group not found");
+            }
+        }
+        let mut groups = Vec::new();
+        for g in all {
+            if self.take_over(&g).await? {
+                groups.push(g);
+            }
+        }
+        // Instance facts that never change, fetched once per instance.
+        let ids: BTreeSet<String> = groups.iter().flat_map(|g| g.instances.iter().map(|i| i.id.clone())).collect();
+        self.instances.retain(|id, _| ids.contains(id));
+        let unknown: Vec<String> = ids.iter().filter(|id| !self.instances.contains_key(*id)).cloned().collect();
+        if !unknown.is_empty() {
+            for (id, (ip, launched)) in ec2::addresses(&self.aws.ec2, &unknown).await? {
+                self.instances.insert(id, InstanceState { ip, launched, ..Default::default() });
+            }
+        }
+        let impaired = ec2::impaired(&self.aws.ec2).await?;
+        let target_groups: BTreeSet<&String> = groups.iter().flat_map(|g| &g.target_group_arns).collect();
+        let mut health = BTreeMap::new();
+        for tg in target_groups {
+            health.insert(tg.clone(), elbv2::target_health(&self.aws.elb, tg).await?);
+        }
+        let now = now();
+
+        // Own probes, all at once within the concurrency bound.
+        let semaphore = Arc::new(tokio::sync::Semaphore::new(self.config.probe_concurrency));
+        let mut probes = tokio::task::JoinSet::new();
+        for g in &groups {
+            let (_, probe) = self.threshold_for(g);
+            let Some(probe) = probe.cloned() else { continue };
+            for i in g.instances.iter().filter(|i| i.lifecycle == "InService") {
+                let Some(ip) = self.instances.get(&i.id).and_then(|s| s.ip.clone()) else { continue };
+                let Ok(ip) = ip.parse::<IpAddr>() else { continue };
+                let (id, probe, sem) = (i.id.clone(), probe.clone(), semaphore.clone());
+                probes.spawn(async move {
+                    let _permit = sem.acquire().await;
+                    (id, probe::probe(ip, &probe).await, probe)
+                });
+            }
+        }
+        let mut probe_errors = BTreeMap::new();
+        while let Some(r) = probes.join_next().await {
+            if let Ok((id, result, p)) = r {
+                if let Some(st) = self.instances.get_mut(&id) {
+                    st.probe.record(result.is_ok(), &p);
+                    if st.probe.unhealthy {
+                        let why = result.err().unwrap_or_else(|| "recovering".into());
+                        probe_errors.insert(id, format!("probe :{}: {why} ({} failed in a row)", p.port, st.probe.failures));
+                    }
+                }
+            }
+        }
+
+        let mut views = Vec::new();
+        let mut evidence = BTreeMap::new();
+        for g in &groups {
+            let (threshold, probe_cfg) = self.threshold_for(g);
+            let has_probe = probe_cfg.is_some();
+            let mut instances = Vec::new();
+            for i in &g.instances {
+                let st = self.instances.entry(i.id.clone()).or_default();
+                let judged = i.lifecycle == "InService"
+                    && now.saturating_sub(st.launched) >= g.health_check_grace_period.max(0) as u64;
+                let mut failing = Vec::new();
+                let mut all = Vec::new();
+                for tg in &g.target_group_arns {
+                    let short = tg.rsplit(':').next().unwrap_or(tg);
+                    match health.get(tg).and_then(|h| h.get(&i.id)) {
+                        Some(t) if t.state == "unhealthy" => {
+                            let s = format!("{short}: unhealthy ({})", t.reason.clone().unwrap_or_default());
+                            failing.push(s.clone());
+                            all.push(s);
+                        }
+                        Some(t) => all.push(format!("{short}: {}", t.state)),
+                        None => all.push(format!("{short}: not registered")),
+                    }
+                }
+                match impaired.get(&i.id) {
+                    Some(e) => {
+                        failing.push(e.clone());
+                        all.push(e.clone());
+                    }
+                    None => all.push("EC2 status checks: not impaired".into()),
+                }
+                match probe_errors.get(&i.id) {
+                    Some(e) => {
+                        failing.push(e.clone());
+                        all.push(e.clone());
+                    }
+                    None if has_probe => all.push("probe: ok".into()),
+                    None => {}
+                }
+                if judged {
+                    st.consecutive = if failing.is_empty() { 0 } else { st.consecutive + 1 };
+                } else {
+                    st.consecutive = 0;
+                }
+                evidence.insert(i.id.clone(), all);
+                instances.push(InstanceView {
+                    id: i.id.clone(),
+                    judged,
+                    failing,
+                    consecutive: st.consecutive,
+                });
+            }
+            let rollout_in_progress = g
+                .tags
+                .get(LOCK_TAG)
+                .and_then(|l| Lock::decode(l))
+                .is_some_and(|l| l.expires > now);
+            let max_replace = self.config.max_replace.resolve(g.desired.max(1)).max(1);
+            let times = self.replaced.entry(g.name.clone()).or_default();
+            times.retain(|t| now.saturating_sub(*t) < self.config.window.as_secs());
+            views.push(GroupView {
+                name: g.name.clone(),
+                instances,
+                rollout_in_progress,
+                replaced_in_window: decide::in_window(times, now, self.config.window),
+                max_replace,
+                threshold,
+            });
+        }
+        Ok(Observation { views, evidence })
+    }
+
+    async fn act(&mut self, obs: Observation) {
+        let breaker = Breaker {
+            freeze_above: self.config.freeze_above,
+            freeze_above_all: self.config.freeze_above_all,
+        };
+        let verdicts = decide::decide(&obs.views, &breaker);
+        let mut snapshot_groups = BTreeMap::new();
+        for v in &verdicts {
+            match (&v.frozen, self.frozen.contains(&v.group)) {
+                (Some(why), false) => {
+                    tracing::warn!(group = %v.group, unhealthy = v.unhealthy, total = v.total, reason = %why, "fleet breaker: replacements frozen");
+                    self.frozen.insert(v.group.clone());
+                }
+                (None, true) => {
+                    tracing::info!(group = %v.group, unhealthy = v.unhealthy, total = v.total, "fleet breaker: freeze lifted");
+                    self.frozen.remove(&v.group);
+                }
+                _ => {}
+            }
+            for (id, why) in &v.held {
+                let evidence = obs.evidence.get(id).cloned().unwrap_or_default().join("; ");
+                tracing::debug!(group = %v.group, instance = %id, reason = %why, evidence = %evidence, "replacement held back");
+            }
+            for (id, reason) in &v.replace {
+                let evidence = obs.evidence.get(id).cloned().unwrap_or_default().join("; ");
+                match autoscaling::set_unhealthy(&self.aws.autoscaling, id).await {
+                    Ok(()) => {
+                        tracing::warn!(group = %v.group, instance = %id, reason = %reason, evidence = %evidence, "marked unhealthy: the group replaces it");
+                        self.replaced.entry(v.group.clone()).or_default().push(now());
+                        *self.replaced_total.entry(v.group.clone()).or_default() += 1;
+                        if let Some(st) = self.instances.get_mut(id) {
+                            st.consecutive = 0;
+                        }
+                    }
+                    Err(e) => tracing::error!(group = %v.group, instance = %id, error = %e, "could not mark unhealthy"),
+                }
+            }
+            snapshot_groups.insert(
+                v.group.clone(),
+                metrics::GroupFigures {
+                    instances: v.total,
+                    healthy: v.total - v.unhealthy,
+                    unhealthy: v.unhealthy,
+                    replaced_total: self.replaced_total.get(&v.group).copied().unwrap_or_default(),
+                    frozen: v.frozen.is_some(),
+                },
+            );
+        }
+        let all_total: u32 = verdicts.iter().map(|v| v.total).sum();
+        let all_bad: u32 = verdicts.iter().map(|v| v.unhealthy).sum();
+        let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
+        m.groups = snapshot_groups;
+        m.fleet_frozen = all_total > 0 && f64::from(all_bad) * 100.0 / f64::from(all_total) > f64::from(self.config.freeze_above_all);
+    }
+
+    fn record_round(&mut self, took: Duration, ok: bool) {
+        let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
+        m.loops += 1;
+        m.last_loop = took;
+        if ok {
+            m.last_round_at = now();
+        } else {
+            m.loop_errors += 1;
+        }
+    }
+}
