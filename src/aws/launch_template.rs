@@ -274,7 +274,7 @@ mod tests {
     #[test]
     fn pruning_keeps_the_newest_the_default_and_those_in_use() {
         let versions: Vec<Version> = (1..=14).map(|n| v(n, n == 1)).collect();
-        assert_eq!(versions_to_prune(&versions, 10, &[3]), vec![2]);
+        assert_eq!(versions_to_prune(&versions, 10, &[3]), vec![4, 2]);
         assert_eq!(versions_to_prune(&versions, 20, &[]), Vec::<i64>::new());
     }
 
