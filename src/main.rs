@@ -157,20 +157,20 @@ async fn run(cli: Cli) -> ExitCode {
             }
         }
         Command::Daemon(args) => {
+            // The configuration is checked before anything else, AWS included.
+            let config = match bakery::health::config::load(&args.config) {
+                Ok(c) => c,
+                Err(e) => return report_error(&reporter, &e.to_string(), exit::USAGE),
+            };
             if args.check {
-                return match bakery::health::config::load(&args.config) {
-                    Ok(_) => {
-                        println!("{}: valid", args.config.display());
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => report_error(&reporter, &e.to_string(), exit::USAGE),
-                };
+                println!("{}: valid", args.config.display());
+                return ExitCode::SUCCESS;
             }
             let aws = match aws::Aws::connect(&target).await {
                 Ok(a) => a,
                 Err(e) => return report_error(&reporter, &e.to_string(), exit::USAGE),
             };
-            match bakery::health::run(aws, args.config).await {
+            match bakery::health::run(aws, config).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => report_error(&reporter, &e.to_string(), exit::USAGE),
             }

@@ -591,6 +591,7 @@ def breakdown(state: dict, r: dict) -> dict | None:
             "started_to_retired": x["_ts"] - b["_ts"],
             "to_registered": (max(seen) - b["_ts"]) if seen else None,
             "to_healthy": (last_h - b["_ts"]) if last_h is not None else None,
+            "to_healthy_early": (last_h_lo - b["_ts"]) if last_h_lo is not None else None,
             # The last new target turned healthy between two samples: bakery's reaction time is
             # at least retired - (the sample that showed it), at most retired - (the one before).
             "notice_lo": max(0.0, x["_ts"] - last_h) if last_h is not None else None,
@@ -606,6 +607,16 @@ def breakdown(state: dict, r: dict) -> dict | None:
         "tail": finished - rt[-1]["_ts"],
         "exit": r["t1"] - finished,
     }
+
+
+def bakery_share(r: dict, b: dict) -> tuple[float | None, float | None]:
+    """Wall time minus the time each batch spent until its last new target was healthy (as a
+    range, since `healthy` is known to within one sample)."""
+    late = [x["to_healthy"] for x in b["batches"]]
+    early = [x["to_healthy_early"] for x in b["batches"]]
+    if None in late or None in early:
+        return None, None
+    return r["wall_s"] - sum(late), r["wall_s"] - sum(early)
 
 
 def report(state_path: str, runs_path: str) -> int:
@@ -661,7 +672,8 @@ def report(state_path: str, runs_path: str) -> int:
             print(f"    rollout_finished -> process exit      {b['exit']:6.2f}")
             tot = (b["lead_in"] + b["to_first_batch"] + b["tail"] + b["exit"]
                    + sum(x["started_to_retired"] + (x["retired_to_next"] or 0) for x in b["batches"]))
-            print(f"    (sum {tot:.2f} s)")
+            own = bakery_share(r, b)
+            print(f"    (sum {tot:.2f} s; not waiting for new targets to turn healthy: {rng(*own)} s)")
 
         print()
         print(f"  medians over {len(bds)} run(s):")
@@ -699,7 +711,11 @@ def report(state_path: str, runs_path: str) -> int:
                   f"(boot delay {state['boot_delay']:g} s)")
         if batches_sum is not None:
             print(f"    totals per run: batches {batches_sum:.2f} (floor {state['floor']:.2f}, "
-                  f"+{batches_sum - state['floor']:.2f}), between batches {gaps_sum:.2f}, before/after the batches {fixed:.2f}")
+                  f"{batches_sum - state['floor']:+.2f}), between batches {gaps_sum:.2f}, before/after the batches {fixed:.2f}")
+        shares = [bakery_share(r, b) for r, b in bds]
+        print(f"    bakery's own time per run (wall minus the waits for new targets to turn healthy): "
+              f"{rng(med([x[0] for x in shares]), med([x[1] for x in shares]))} s "
+              f"({100 * med([x[0] for x in shares]) / state['floor']:.0f}..{100 * med([x[1] for x in shares]) / state['floor']:.0f}% of the floor)")
 
         print()
         print("  API calls by bakery per run (world call log minus the sampler's own; median count, mean server ms):")

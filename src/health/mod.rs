@@ -17,7 +17,7 @@ pub mod probe;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -90,8 +90,8 @@ struct Observation {
 }
 
 /// Runs the daemon until SIGTERM/SIGINT.
-pub async fn run(aws: Aws, config_path: PathBuf) -> Result<(), DaemonError> {
-    let config = config::load(&config_path)?;
+pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
+    let config_path = config.path.clone();
     budget::set_global(config.api_rate, config.api_burst);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

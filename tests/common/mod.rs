@@ -368,6 +368,10 @@ pub struct Fleet {
 
 impl Fleet {
     pub async fn create(world: &World, name: &str, capacity: i32) -> Fleet {
+        Self::create_with_grace(world, name, capacity, 5).await
+    }
+
+    pub async fn create_with_grace(world: &World, name: &str, capacity: i32, grace: i32) -> Fleet {
         use aws_sdk_elasticloadbalancingv2::types as elbt;
         let name = format!("t-{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
         let elb = world.elb();
@@ -439,7 +443,7 @@ impl Fleet {
             .vpc_zone_identifier(world.var("WORLD_PRIVATE_SUBNETS"))
             .target_group_arns(&tg_arn)
             .health_check_type("ELB")
-            .health_check_grace_period(5)
+            .health_check_grace_period(grace)
             .send()
             .await
             .expect("CreateAutoScalingGroup");
@@ -558,4 +562,26 @@ pub fn sample_amis(world: &World) -> &'static (String, String) {
             .collect();
         (ids[0].clone(), ids[1].clone())
     })
+}
+
+/// A free loopback port (bound, read, released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The private IP of an instance.
+pub async fn private_ip(world: &World, id: &str) -> String {
+    let out = world.ec2().describe_instances().instance_ids(id).send().await.unwrap();
+    out.reservations()[0].instances()[0].private_ip_address().unwrap().to_string()
+}
+
+/// `scripts/world kill ID`: the instance's services die, the instance stays running.
+pub fn world_kill(world: &World, id: &str) {
+    let out = Command::new(repo().join("scripts/world"))
+        .args(["kill", id])
+        .env("WORLD_DIR", world.var("WORLD_DIR"))
+        .env("WORLD_PORT", world.var("WORLD_PORT"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "world kill {id}: {}", String::from_utf8_lossy(&out.stderr));
 }

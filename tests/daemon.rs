@@ -1,0 +1,253 @@
+//! `bakery daemon` end to end against the world: a fleet of live instances behind a load
+//! balancer; app crashes made with `scripts/world kill`. Each test runs its own daemon on its
+//! own fleet and port.
+
+mod common;
+
+use std::io::Write as _;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn world() -> &'static World {
+    static W: std::sync::OnceLock<World> = std::sync::OnceLock::new();
+    W.get_or_init(World::get)
+}
+
+struct Daemon {
+    child: Child,
+    port: u16,
+    log: std::path::PathBuf,
+}
+
+impl Daemon {
+    /// Starts a daemon watching `group` with the world's interval of 1 s and a threshold of 2.
+    fn start(world: &World, name: &str, group: &str, extra: &str, key: &str) -> Daemon {
+        let dir = scratch(&format!("daemon-{name}"));
+        let port = free_port();
+        let config = dir.join("daemon.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"interval = "1s"
+unhealthy_threshold = 2
+listen = "127.0.0.1:{port}"
+{extra}
+[[group]]
+name = "{group}"
+probe = {{ type = "http", port = 8080, path = "/healthz", timeout = "500ms", unhealthy_threshold = 1, healthy_threshold = 1 }}
+"#
+            ),
+        )
+        .unwrap();
+        let log = dir.join("daemon.log");
+        let child = world
+            .bakery()
+            .env("AWS_ACCESS_KEY_ID", key)
+            .args(["daemon", "--log-format", "json", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let d = Daemon { child, port, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while d.metrics().is_none_or(|m| !m.contains("bakery_loops_total ") || m.contains("bakery_loops_total 0\n")) {
+            assert!(Instant::now() < deadline, "the daemon never completed a round: {}", d.logs());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        d
+    }
+
+    fn metrics(&self) -> Option<String> {
+        http_get("127.0.0.1", self.port, "/metrics", Duration::from_millis(500)).ok().map(|(_, b)| b)
+    }
+
+    fn metric(&self, series: &str) -> Option<f64> {
+        self.metrics()?
+            .lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Log lines (JSON) whose message is `message`.
+    fn events(&self, message: &str) -> Vec<serde_json::Value> {
+        self.logs()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["message"] == message)
+            .collect()
+    }
+
+    fn stop(mut self) -> (Option<i32>, Duration, String) {
+        let started = Instant::now();
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        let status = self.child.wait().unwrap();
+        (status.code(), started.elapsed(), self.logs())
+    }
+}
+
+fn parse_ts(ts: &str) -> f64 {
+    let t = time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339).unwrap();
+    t.unix_timestamp_nanos() as f64 / 1e9
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+async fn instance_ids(world: &World, fleet: &Fleet) -> Vec<String> {
+    let mut ids: Vec<String> = fleet
+        .group(world)
+        .await
+        .instances()
+        .iter()
+        .filter_map(|i| i.instance_id().map(str::to_string))
+        .collect();
+    ids.sort();
+    ids
+}
+
+fn suspended(g: &aws_sdk_autoscaling::types::AutoScalingGroup) -> Vec<String> {
+    g.suspended_processes().iter().filter_map(|p| p.process_name().map(str::to_string)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crashed_app_is_replaced_within_interval_times_threshold_and_the_group_heals() {
+    let world = world();
+    let fleet = Fleet::create(world, "heal", 4).await;
+    let d = Daemon::start(world, "heal", &fleet.asg, "", "daemon-heal");
+    let g = fleet.group(world).await;
+    assert!(suspended(&g).contains(&"HealthCheck".to_string()), "the daemon took over HealthCheck");
+    assert!(!suspended(&g).contains(&"ReplaceUnhealthy".to_string()));
+    assert!(g.tags().iter().any(|t| t.key() == Some("bakery:daemon")), "the takeover is recorded");
+
+    let victim = instance_ids(world, &fleet).await[0].clone();
+    let killed_at = unix_now();
+    world_kill(world, &victim);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let marked = loop {
+        if let Some(e) = d.events("marked unhealthy: the group replaces it").into_iter().find(|e| e["instance"] == victim.as_str()) {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "not marked: {}", d.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let latency = parse_ts(marked["timestamp"].as_str().unwrap()) - killed_at;
+    assert!(latency <= 1.0 * 2.0 + 2.0, "marked {latency:.2}s after the kill");
+    assert!(marked["evidence"].as_str().unwrap().contains("probe :8080"), "{marked}");
+
+    // The group replaces it and returns to 4 healthy.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while instance_ids(world, &fleet).await.contains(&victim) {
+        assert!(Instant::now() < deadline, "{victim} was never replaced");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    fleet.wait_healthy(world, 4, Duration::from_secs(30)).await;
+    assert_eq!(d.metric(&format!("bakery_group_replaced_total{{group=\"{}\"}}", fleet.asg)), Some(1.0));
+
+    let (code, took, logs) = d.stop();
+    assert_eq!(code, Some(0), "{logs}");
+    assert!(took < Duration::from_secs(1), "SIGTERM took {took:?}");
+    let g = fleet.group(world).await;
+    assert!(!suspended(&g).contains(&"HealthCheck".to_string()), "HealthCheck resumed at stop");
+    assert!(!g.tags().iter().any(|t| t.key() == Some("bakery:daemon")), "takeover tag removed");
+    fleet.delete(world).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shared_outage_freezes_the_group_and_the_freeze_lifts_when_apps_return() {
+    let world = world();
+    let fleet = Fleet::create(world, "freeze", 4).await;
+    let d = Daemon::start(world, "freeze", &fleet.asg, "", "daemon-freeze");
+    let before = instance_ids(world, &fleet).await;
+    for id in &before[..3] {
+        world_kill(world, id);
+    }
+    let frozen = format!("bakery_group_frozen{{group=\"{}\"}}", fleet.asg);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.metric(&frozen) != Some(1.0) {
+        assert!(Instant::now() < deadline, "never froze: {}", d.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Well past interval x threshold: still nothing replaced.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(instance_ids(world, &fleet).await, before, "nothing was terminated");
+    assert!(d.events("marked unhealthy: the group replaces it").is_empty(), "{}", d.logs());
+    let unhealthy = format!("bakery_group_unhealthy{{group=\"{}\"}}", fleet.asg);
+    assert_eq!(d.metric(&unhealthy), Some(3.0));
+    assert_eq!(d.metric("bakery_fleet_frozen"), Some(1.0));
+
+    // The shared dependency recovers: the apps come back (a reboot restarts their services).
+    world.ec2().reboot_instances().set_instance_ids(Some(before[..3].to_vec())).send().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while d.metric(&frozen) != Some(0.0) {
+        assert!(Instant::now() < deadline, "the freeze never lifted: {}", d.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(instance_ids(world, &fleet).await, before, "the same four instances serve again");
+    assert!(!d.events("fleet breaker: freeze lifted").is_empty());
+    d.stop();
+    fleet.delete(world).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_inside_its_grace_period_is_not_replaced() {
+    let world = world();
+    let fleet = Fleet::create_with_grace(world, "grace", 2, 120).await;
+    let d = Daemon::start(world, "grace", &fleet.asg, "", "daemon-grace");
+    let ids = instance_ids(world, &fleet).await;
+    world_kill(world, &ids[0]);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(instance_ids(world, &fleet).await, ids, "nothing replaced inside the grace period");
+    assert!(d.events("marked unhealthy: the group replaces it").is_empty());
+    d.stop();
+    fleet.delete(world).await;
+}
+
+#[test]
+fn config_errors_are_clear_and_fatal() {
+    let dir = scratch("daemon-config");
+    let cases: &[(&str, &[&str])] = &[
+        ("interval = \"fast\"\n[[group]]\nname = \"web\"\n", &["daemon.toml:1:12:", "`interval` = \"fast\" is not a positive duration"]),
+        ("[[group]]\nname = \"web\"\nprobe = { type = \"http\", port = 99999 }\n", &["`port` = 99999 is out of range"]),
+        ("listen = \"everywhere\"\n[[group]]\nname = \"web\"\n", &["`listen` = \"everywhere\" is not an address:port"]),
+        ("[breaker]\nmax_replace = \"lots\"\n[[group]]\nname = \"web\"\n", &["`max_replace`", "25%"]),
+        ("interval = \"5s\"\n", &["no [[group]] to watch"]),
+        ("[[group]]\nname = \"web\"\nprobe_port = 80\n", &["daemon.toml:3:1:", "unknown field `probe_port`"]),
+    ];
+    for (text, expected) in cases {
+        let path = dir.join("daemon.toml");
+        std::fs::File::create(&path).unwrap().write_all(text.as_bytes()).unwrap();
+        for args in [vec!["daemon", "--check", "--config"], vec!["daemon", "--config"]] {
+            let out = Command::new(BIN)
+                .args(&args)
+                .arg(&path)
+                .env("AWS_REGION", "us-east-1")
+                .env("AWS_EC2_METADATA_DISABLED", "true")
+                .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?} {text:?}: {stderr}");
+            for e in *expected {
+                assert!(stderr.contains(e), "{args:?}: expected {e:?} in {stderr}");
+            }
+        }
+    }
+    let out = Command::new(BIN)
+        .args(["daemon", "--config", "/nonexistent/daemon.toml"])
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/daemon.toml"));
+}
