@@ -59,6 +59,36 @@ pub enum Command {
     Status(StatusArgs),
     /// Run the health daemon: watch groups and replace unhealthy instances, with a fleet breaker.
     Daemon(DaemonArgs),
+    /// Remove what bakery left behind: temporaries of dead bakes, images of failed bakes, stale locks.
+    Gc(GcArgs),
+    /// Deregister a recipe's old AMIs (and their snapshots), never one in use.
+    Prune(PruneArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Leave alone anything younger than this (a bake may be running).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+    pub older_than: std::time::Duration,
+    /// List what would be removed, remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Only the leftovers of this bake (its `bakery:build-id`).
+    #[arg(long)]
+    pub build_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Only AMIs whose name starts with this (e.g. the recipe's name prefix "web-").
+    #[arg(long)]
+    pub name_prefix: String,
+    /// How many of the newest to keep.
+    #[arg(long)]
+    pub keep: usize,
+    /// List what would be deregistered, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

@@ -175,6 +175,55 @@ async fn run(cli: Cli) -> ExitCode {
                 Err(e) => report_error(&reporter, &e.to_string(), exit::USAGE),
             }
         }
+        Command::Gc(args) => {
+            let aws = match aws::Aws::connect(&target).await {
+                Ok(a) => a,
+                Err(e) => return report_error(&reporter, &e.to_string(), exit::USAGE),
+            };
+            match bakery::gc::run(&aws, args.older_than, args.dry_run, args.build_id).await {
+                Ok(findings) => {
+                    if reporter.format() == Format::Json {
+                        println!("{}", serde_json::json!({"event": "gc", "dry_run": args.dry_run, "findings": findings}));
+                    } else {
+                        print!("{}", bakery::gc::render(&findings));
+                    }
+                    if findings.iter().any(|f| f.action.starts_with("failed")) {
+                        ExitCode::from(exit::FAILURE)
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(e) => report_error(&reporter, &e.to_string(), exit::FAILURE),
+            }
+        }
+        Command::Prune(args) => {
+            if args.name_prefix.trim().len() < 3 {
+                return report_error(&reporter, "--name-prefix must have at least 3 characters, so a typo cannot match every AMI", exit::USAGE);
+            }
+            let aws = match aws::Aws::connect(&target).await {
+                Ok(a) => a,
+                Err(e) => return report_error(&reporter, &e.to_string(), exit::USAGE),
+            };
+            match bakery::prune::run(&aws, &args.name_prefix, args.keep, args.dry_run).await {
+                Ok(rows) => {
+                    if reporter.format() == Format::Json {
+                        println!("{}", serde_json::json!({"event": "prune", "dry_run": args.dry_run, "images": rows}));
+                    } else if rows.is_empty() {
+                        println!("no AMI named {}*", args.name_prefix);
+                    } else {
+                        for r in &rows {
+                            println!("{}  {}  {}  {}", r.ami_id, r.name, r.created, r.action);
+                        }
+                    }
+                    if rows.iter().any(|r| r.action.starts_with("failed")) {
+                        ExitCode::from(exit::FAILURE)
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(e) => report_error(&reporter, &e.to_string(), exit::FAILURE),
+            }
+        }
         Command::Status(args) => {
             let aws = match aws::Aws::connect(&target).await {
                 Ok(a) => a,

@@ -34,8 +34,10 @@ use undo::{Temp, UndoStack, BUILD_ID_TAG};
 pub const TEMPORARY_TAG: &str = "bakery:temporary";
 /// When a temporary resource may be collected even if its bake still looks alive.
 pub const EXPIRES_TAG: &str = "bakery:expires-at";
+/// Set on an AMI once its bake finished; build images without it are leftovers of a failed bake.
+pub const COMPLETE_TAG: &str = "bakery:complete";
 /// Lifetime written in the expiry tag: longer than any sane bake.
-const TEMPORARY_TTL: Duration = Duration::from_secs(6 * 3600);
+pub const TEMPORARY_TTL: Duration = Duration::from_secs(6 * 3600);
 /// How long to wait for a launched instance to be `running` with an address.
 const RUNNING_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 /// How long to wait for a stopped instance.
@@ -473,6 +475,14 @@ impl Bake<'_> {
                 Ok(image)
             })
             .await?;
+
+        // Only now is the image a product: `bakery gc` collects build images without this tag.
+        ec2::create_tags(
+            ec2c,
+            std::slice::from_ref(&image.id),
+            &BTreeMap::from([(COMPLETE_TAG.to_string(), "true".to_string())]),
+        )
+        .await?;
 
         // Release the temporaries now, as a timed step; `run` releases whatever is left.
         self.step("cleanup_temporaries", async {

@@ -466,7 +466,7 @@ impl<'a> Driver<'a> {
         }
         self.write_lock().await?;
         // Tags have no compare-and-swap: read back after a moment to see who won a race.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let g = autoscaling::describe(&self.aws.autoscaling, &self.group)
             .await?
             .ok_or_else(|| RolloutError::GroupNotFound(self.group.clone()))?;
@@ -593,6 +593,8 @@ impl<'a> Driver<'a> {
             let target = self.target_ami_for_phase().unwrap_or(&rollback_ami).to_string();
             let s = self.settings();
             let decision = plan::decide(&s, &self.progress.progress(), &target, &observed);
+            // After acting, look again at once: the next step may already be possible.
+            let acted = !matches!(decision, Decision::Wait { .. });
             match decision {
                 Decision::Done => return Ok(()),
                 Decision::StartBatch { batch, desired, retire } => {
@@ -661,7 +663,11 @@ impl<'a> Driver<'a> {
                 }
             }
             // Poll quickly right after a change, then less often (at most every 2 s).
-            let pause = Duration::from_millis(200).max(changed_at.elapsed().mul_f64(0.05)).min(Duration::from_secs(2));
+            let pause = if acted {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(200).max(changed_at.elapsed().mul_f64(0.05)).min(Duration::from_secs(2))
+            };
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 sig = signals.next() => return Err(RolloutError::Interrupted(sig)),

@@ -355,7 +355,9 @@ class FrontDoor:
 
             return handle_control(self, environ, start_response)
         if path.startswith("/moto-api"):
-            return self.app(environ, start_response)
+            # moto's own API (reset, state) does not go through call_action: serialise it too.
+            with self.world.lock:
+                return self.app(environ, start_response)
 
         try:
             length = int(environ.get("CONTENT_LENGTH") or 0)

@@ -1,0 +1,330 @@
+//! `bakery gc`: finds what bakery left behind in a region, by its tags, and removes it:
+//! temporary instances, security groups and key pairs of bakes that died (SIGKILL, a lost
+//! machine), images and snapshots of failed bakes, stale rollout locks, and health-daemon
+//! takeovers whose owner is gone. Anything younger than `--older-than` is left alone, so a bake
+//! running right now is never touched.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use aws_sdk_ec2::types::Filter;
+use serde::Serialize;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::aws::{autoscaling, call, ec2, Aws, AwsError};
+use crate::bake::undo::BUILD_ID_TAG;
+use crate::bake::{COMPLETE_TAG, EXPIRES_TAG, TEMPORARY_TAG, TEMPORARY_TTL};
+use crate::health::TAKEOVER_TAG;
+use crate::rollout::state::{Lock, LOCK_TAG};
+
+/// One thing gc found.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Finding {
+    pub kind: &'static str,
+    pub id: String,
+    pub age_s: u64,
+    pub why: String,
+    /// `removed`, `would remove` (dry run), `kept (too young)` or `failed: ...`.
+    pub action: String,
+}
+
+fn now() -> i64 {
+    OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// When a temporary resource was made, from its expiry tag.
+fn created_from_tags(tags: &BTreeMap<String, String>) -> Option<i64> {
+    let expires = OffsetDateTime::parse(tags.get(EXPIRES_TAG)?, &Rfc3339).ok()?;
+    Some(expires.unix_timestamp() - TEMPORARY_TTL.as_secs() as i64)
+}
+
+fn tag_map(tags: &[aws_sdk_ec2::types::Tag]) -> BTreeMap<String, String> {
+    tags.iter()
+        .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or_default().to_string())))
+        .collect()
+}
+
+struct Gc<'a> {
+    aws: &'a Aws,
+    older_than: Duration,
+    dry_run: bool,
+    /// Only this bake's leftovers.
+    build_id: Option<String>,
+    in_use: std::collections::BTreeSet<String>,
+    findings: Vec<Finding>,
+}
+
+impl Gc<'_> {
+    /// The tag filter that selects bakery's resources (of one bake, with `--build-id`).
+    fn ours(&self, key: &str, value: &str) -> Vec<Filter> {
+        let mut f = vec![Filter::builder().name(format!("tag:{key}")).values(value).build()];
+        if let Some(b) = &self.build_id {
+            f.push(Filter::builder().name(format!("tag:{BUILD_ID_TAG}")).values(b).build());
+        }
+        f
+    }
+
+    /// Records a finding and, when it is old enough and this is no dry run, removes it.
+    async fn handle<F>(&mut self, kind: &'static str, id: String, created: Option<i64>, why: String, remove: F)
+    where
+        F: std::future::Future<Output = Result<(), AwsError>>,
+    {
+        let age = created.map(|c| (now() - c).max(0) as u64).unwrap_or(u64::MAX);
+        let action = if age < self.older_than.as_secs() {
+            "kept (too young)".to_string()
+        } else if self.dry_run {
+            "would remove".to_string()
+        } else {
+            match remove.await {
+                Ok(()) => "removed".to_string(),
+                Err(e) => format!("failed: {e}"),
+            }
+        };
+        self.findings.push(Finding {
+            kind,
+            id,
+            age_s: if age == u64::MAX { 0 } else { age },
+            why,
+            action,
+        });
+    }
+
+    async fn instances(&mut self) -> Result<(), AwsError> {
+        let ec2c = &self.aws.ec2;
+        let out = call("ec2:DescribeInstances", "bakery temporaries", || {
+            ec2c.describe_instances()
+                .set_filters(Some(self.ours(TEMPORARY_TAG, "true")))
+                .filters(Filter::builder().name("instance-state-name").values("pending").values("running").values("stopping").values("stopped").build())
+                .send()
+        })
+        .await?;
+        let found: Vec<(String, i64, String)> = out
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .map(|i| {
+                let tags = tag_map(i.tags());
+                (
+                    i.instance_id().unwrap_or_default().to_string(),
+                    i.launch_time().map(|t| t.secs()).unwrap_or_else(now),
+                    tags.get(BUILD_ID_TAG).cloned().unwrap_or_default(),
+                )
+            })
+            .collect();
+        let mut removed = Vec::new();
+        for (id, launched, build) in found {
+            let ids = vec![id.clone()];
+            self.handle("instance", id.clone(), Some(launched), format!("temporary instance of bake {build}"), async {
+                ec2::terminate_instances(ec2c, &ids).await
+            })
+            .await;
+            if self.findings.last().is_some_and(|f| f.action == "removed") {
+                removed.push(id);
+            }
+        }
+        // Groups can only go once their instances are gone.
+        for id in removed {
+            let _ = crate::wait::until(format!("{id} to terminate"), Duration::from_secs(300), crate::wait::Poll::API, || async {
+                Ok::<_, AwsError>(match ec2::describe_instance(ec2c, &id).await? {
+                    Some(i) if i.state != "terminated" => crate::wait::Probe::Pending(i.state),
+                    _ => crate::wait::Probe::Ready(()),
+                })
+            })
+            .await;
+        }
+        Ok(())
+    }
+
+    async fn security_groups(&mut self) -> Result<(), AwsError> {
+        let ec2c = &self.aws.ec2;
+        let out = call("ec2:DescribeSecurityGroups", "bakery temporaries", || {
+            ec2c.describe_security_groups()
+                .set_filters(Some(self.ours(TEMPORARY_TAG, "true")))
+                .send()
+        })
+        .await?;
+        let found: Vec<(String, BTreeMap<String, String>)> = out
+            .security_groups()
+            .iter()
+            .map(|g| (g.group_id().unwrap_or_default().to_string(), tag_map(g.tags())))
+            .collect();
+        for (id, tags) in found {
+            let build = tags.get(BUILD_ID_TAG).cloned().unwrap_or_default();
+            self.handle("security group", id.clone(), created_from_tags(&tags), format!("temporary group of bake {build}"), async {
+                ec2::delete_security_group(ec2c, &id).await
+            })
+            .await;
+        }
+        Ok(())
+    }
+
+    async fn key_pairs(&mut self) -> Result<(), AwsError> {
+        let ec2c = &self.aws.ec2;
+        let out = call("ec2:DescribeKeyPairs", "bakery temporaries", || {
+            ec2c.describe_key_pairs()
+                .set_filters(Some(self.ours(TEMPORARY_TAG, "true")))
+                .send()
+        })
+        .await?;
+        let found: Vec<(String, Option<i64>, BTreeMap<String, String>)> = out
+            .key_pairs()
+            .iter()
+            .map(|k| (k.key_name().unwrap_or_default().to_string(), k.create_time().map(|t| t.secs()), tag_map(k.tags())))
+            .collect();
+        for (name, created, tags) in found {
+            let created = created.or_else(|| created_from_tags(&tags));
+            let build = tags.get(BUILD_ID_TAG).cloned().unwrap_or_default();
+            self.handle("key pair", name.clone(), created, format!("temporary key of bake {build}"), async {
+                ec2::delete_key_pair(ec2c, &name).await
+            })
+            .await;
+        }
+        Ok(())
+    }
+
+    /// Images with a build id but no completion tag: their bake never finished.
+    async fn images(&mut self) -> Result<(), AwsError> {
+        let ec2c = &self.aws.ec2;
+        let filters = match &self.build_id {
+            Some(b) => vec![Filter::builder().name(format!("tag:{BUILD_ID_TAG}")).values(b).build()],
+            None => vec![Filter::builder().name("tag-key").values(BUILD_ID_TAG).build()],
+        };
+        let out = call("ec2:DescribeImages", "bakery build images", || {
+            ec2c.describe_images().owners("self").set_filters(Some(filters.clone())).send()
+        })
+        .await?;
+        let found: Vec<(ec2::ImageInfo, BTreeMap<String, String>)> = out
+            .images()
+            .iter()
+            .map(|i| {
+                (
+                    ec2::ImageInfo {
+                        id: i.image_id().unwrap_or_default().to_string(),
+                        name: i.name().unwrap_or_default().to_string(),
+                        state: i.state().map(|s| s.as_str().to_string()).unwrap_or_default(),
+                        root_device_name: None,
+                        creation_date: i.creation_date().map(str::to_string),
+                        snapshot_ids: i
+                            .block_device_mappings()
+                            .iter()
+                            .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(str::to_string))
+                            .collect(),
+                    },
+                    tag_map(i.tags()),
+                )
+            })
+            .filter(|(_, tags)| !tags.contains_key(COMPLETE_TAG))
+            .collect();
+        for (image, tags) in found {
+            let created = image
+                .creation_date
+                .as_deref()
+                .and_then(|d| OffsetDateTime::parse(d, &Rfc3339).ok())
+                .map(|t| t.unix_timestamp());
+            let build = tags.get(BUILD_ID_TAG).cloned().unwrap_or_default();
+            let why = format!("image {} ({}) of bake {build}, which never finished", image.name, image.state);
+            if self.in_use.contains(&image.id) {
+                self.findings.push(Finding {
+                    kind: "image",
+                    id: image.id.clone(),
+                    age_s: created.map(|c| (now() - c).max(0) as u64).unwrap_or_default(),
+                    why,
+                    action: "kept (in use)".into(),
+                });
+                continue;
+            }
+            self.handle("image", image.id.clone(), created, why, async { ec2::delete_image(ec2c, &image).await })
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Rollout locks and daemon takeovers whose owner is gone past their expiry.
+    async fn group_tags(&mut self) -> Result<(), AwsError> {
+        let asg = &self.aws.autoscaling;
+        let groups = autoscaling::describe_many(
+            asg,
+            &[],
+            &[(LOCK_TAG.to_string(), None), (TAKEOVER_TAG.to_string(), None)],
+        )
+        .await?;
+        let now = now() as u64;
+        for g in groups {
+            if let Some(l) = g.tags.get(LOCK_TAG).and_then(|t| Lock::decode(t)) {
+                if l.expires <= now {
+                    let why = format!("rollout lock of {} expired (the rollout stays resumable)", l.owner);
+                    let name = g.name.clone();
+                    self.handle("rollout lock", g.name.clone(), Some(l.expires as i64), why, async {
+                        autoscaling::delete_tags(asg, &name, &[LOCK_TAG]).await
+                    })
+                    .await;
+                }
+            }
+            if let Some(l) = g.tags.get(TAKEOVER_TAG).and_then(|t| Lock::decode(t)) {
+                if l.expires <= now {
+                    let why = format!("health takeover by {} expired: HealthCheck is resumed", l.owner);
+                    let name = g.name.clone();
+                    self.handle("daemon takeover", g.name.clone(), Some(l.expires as i64), why, async {
+                        autoscaling::resume(asg, &name, &["HealthCheck"]).await?;
+                        autoscaling::delete_tags(asg, &name, &[TAKEOVER_TAG]).await
+                    })
+                    .await;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Finds and (unless `dry_run`) removes what bakery left behind.
+pub async fn run(
+    aws: &Aws,
+    older_than: Duration,
+    dry_run: bool,
+    build_id: Option<String>,
+) -> Result<Vec<Finding>, AwsError> {
+    let mut gc = Gc {
+        aws,
+        older_than,
+        dry_run,
+        in_use: crate::prune::images_in_use(aws).await?,
+        build_id,
+        findings: Vec::new(),
+    };
+    // Instances first: their groups cannot be deleted while they run.
+    gc.instances().await?;
+    gc.security_groups().await?;
+    gc.key_pairs().await?;
+    gc.images().await?;
+    if gc.build_id.is_none() {
+        gc.group_tags().await?;
+    }
+    Ok(gc.findings)
+}
+
+/// The human table.
+pub fn render(findings: &[Finding]) -> String {
+    if findings.is_empty() {
+        return "nothing left behind\n".into();
+    }
+    let rows: Vec<[String; 5]> = std::iter::once(["KIND".into(), "ID".into(), "AGE".into(), "ACTION".into(), "WHY".into()])
+        .chain(findings.iter().map(|f| {
+            [
+                f.kind.to_string(),
+                f.id.clone(),
+                humantime::format_duration(Duration::from_secs(f.age_s)).to_string(),
+                f.action.clone(),
+                f.why.clone(),
+            ]
+        }))
+        .collect();
+    let widths: Vec<usize> = (0..5).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,130 @@
+//! `bakery prune --name-prefix P --keep N`: deregisters a recipe's old AMIs and deletes their
+//! snapshots, keeping the newest N and never one that is in use: named by any launch-template
+//! version or launch configuration, or run by any instance that is not terminated.
+
+use std::collections::BTreeSet;
+
+use aws_sdk_ec2::types::Filter;
+use serde::Serialize;
+
+use crate::aws::{call, ec2, launch_template as lt, Aws, AwsError};
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Pruned {
+    pub ami_id: String,
+    pub name: String,
+    pub created: String,
+    /// `deregistered`, `would deregister`, `kept (newest N)`, `kept (in use: ...)` or `failed: ...`.
+    pub action: String,
+}
+
+/// Which of `images` (newest first) to delete: beyond the newest `keep`, not in use.
+pub fn choose(images: &[ec2::ImageInfo], keep: usize, in_use: &BTreeSet<String>) -> Vec<(usize, &'static str)> {
+    images
+        .iter()
+        .enumerate()
+        .map(|(i, img)| {
+            if i < keep {
+                (i, "keep-newest")
+            } else if in_use.contains(&img.id) {
+                (i, "keep-in-use")
+            } else {
+                (i, "delete")
+            }
+        })
+        .collect()
+}
+
+/// AMIs in use anywhere in the region: launch-template versions, launch configurations, and
+/// instances that are not terminated.
+pub(crate) async fn images_in_use(aws: &Aws) -> Result<BTreeSet<String>, AwsError> {
+    let mut used = BTreeSet::new();
+    let ec2c = &aws.ec2;
+    let templates = call("ec2:DescribeLaunchTemplates", "all", || ec2c.describe_launch_templates().send()).await?;
+    for t in templates.launch_templates() {
+        let Some(id) = t.launch_template_id() else { continue };
+        for v in lt::all_versions(ec2c, id).await? {
+            used.extend(v.image_id);
+        }
+    }
+    let asg = &aws.autoscaling;
+    let configs = call("autoscaling:DescribeLaunchConfigurations", "all", || {
+        asg.describe_launch_configurations().send()
+    })
+    .await?;
+    used.extend(configs.launch_configurations().iter().filter_map(|c| c.image_id().map(str::to_string)));
+    let instances = call("ec2:DescribeInstances", "not terminated", || {
+        ec2c.describe_instances()
+            .filters(
+                Filter::builder()
+                    .name("instance-state-name")
+                    .values("pending")
+                    .values("running")
+                    .values("stopping")
+                    .values("stopped")
+                    .values("shutting-down")
+                    .build(),
+            )
+            .send()
+    })
+    .await?;
+    used.extend(
+        instances
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter_map(|i| i.image_id().map(str::to_string)),
+    );
+    Ok(used)
+}
+
+pub async fn run(aws: &Aws, prefix: &str, keep: usize, dry_run: bool) -> Result<Vec<Pruned>, AwsError> {
+    let ec2c = &aws.ec2;
+    let mut images = ec2::find_images(ec2c, &["self".to_string()], &format!("{prefix}*")).await?;
+    images.retain(|i| i.name.starts_with(prefix));
+    let in_use = images_in_use(aws).await?;
+    let mut out = Vec::new();
+    for (i, what) in choose(&images, keep, &in_use) {
+        let img = &images[i];
+        let action = match what {
+            "keep-newest" => format!("kept (newest {keep})"),
+            "keep-in-use" => "kept (in use)".to_string(),
+            _ if dry_run => "would deregister".to_string(),
+            _ => match ec2::delete_image(ec2c, img).await {
+                Ok(()) => format!("deregistered (and {} snapshot(s))", img.snapshot_ids.len()),
+                Err(e) => format!("failed: {e}"),
+            },
+        };
+        out.push(Pruned {
+            ami_id: img.id.clone(),
+            name: img.name.clone(),
+            created: img.creation_date.clone().unwrap_or_default(),
+            action,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn img(id: &str) -> ec2::ImageInfo {
+        ec2::ImageInfo {
+            id: id.into(),
+            name: format!("web-{id}"),
+            state: "available".into(),
+            root_device_name: None,
+            creation_date: None,
+            snapshot_ids: vec![],
+        }
+    }
+
+    #[test]
+    fn keeps_the_newest_and_those_in_use() {
+        let images = [img("a"), img("b"), img("c"), img("d")];
+        let in_use = BTreeSet::from(["d".to_string()]);
+        let plan: Vec<&str> = choose(&images, 2, &in_use).into_iter().map(|(_, w)| w).collect();
+        assert_eq!(plan, vec!["keep-newest", "keep-newest", "delete", "keep-in-use"]);
+    }
+}
