@@ -664,7 +664,8 @@ impl<'a> Driver<'a> {
             }
             // Poll quickly right after a change, then less often (at most every 2 s).
             let pause = if acted {
-                Duration::ZERO
+                // A floor, so an action that changed nothing visible cannot spin the loop.
+                Duration::from_millis(20)
             } else {
                 Duration::from_millis(200).max(changed_at.elapsed().mul_f64(0.05)).min(Duration::from_secs(2))
             };
