@@ -76,6 +76,8 @@ fn connect_once(
         .ok_or_else(|| CommError::Unreachable(format!("{} has no address", target.host)))?;
     let tcp = TcpStream::connect_timeout(&addr, connect_timeout)
         .map_err(|e| CommError::Unreachable(format!("{addr}: {e}")))?;
+    // SSH sends small messages back to back; without this each waits for a delayed ACK (~40 ms).
+    let _ = tcp.set_nodelay(true);
     let mut session = Session::new().map_err(|e| CommError::Protocol(e.to_string()))?;
     session.set_tcp_stream(tcp);
     session.set_timeout(BLOCKING_CALL_TIMEOUT.as_millis() as u32);
