@@ -20,7 +20,8 @@ use tokio::sync::Mutex;
 
 use crate::aws::{ec2, Aws, AwsError};
 use crate::comm::ssh::{HostKeyPolicy, SshSession, SshTarget};
-use crate::comm::{hostkey, keys, CommError, LineSink};
+use crate::comm::ssm::SsmSession;
+use crate::comm::{hostkey, keys, CommError, LineSink, Session};
 use crate::output::{Event, Reporter};
 use crate::signals::Signals;
 use crate::recipe::{
@@ -42,6 +43,8 @@ pub const TEMPORARY_TTL: Duration = Duration::from_secs(6 * 3600);
 const RUNNING_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 /// How long to wait for a stopped instance.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// How long to wait for a communicator to come back after an expected disconnect, over SSM.
+const DEFAULT_RECONNECT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// Per-attempt TCP connect timeout while waiting for SSH.
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -92,6 +95,8 @@ pub enum BakeError {
     NoFingerprints { id: String, waited: Duration },
     #[error(transparent)]
     HostKey(CommError),
+    #[error("SSM agent of {id}: {detail}")]
+    SsmAgent { id: String, detail: String },
     #[error("provisioner {label} failed with {status}; last output:\n{}", .tail.join("\n"))]
     ProvisionerFailed {
         label: String,
@@ -340,7 +345,10 @@ impl Bake<'_> {
     async fn run(&self) -> Result<Manifest, BakeError> {
         let ec2c = &self.aws.ec2;
         let recipe = self.recipe;
-        let Communicator::Ssh(ssh) = &recipe.communicator;
+        let ssh = match &recipe.communicator {
+            Communicator::Ssh(ssh) => Some(ssh),
+            Communicator::Ssm(_) => None,
+        };
         let timestamp = {
             let n = self.started;
             format!(
@@ -378,7 +386,13 @@ impl Bake<'_> {
         let name = format!("bakery-{}", self.build_id);
         let (key, group) = self
             .step("prepare", async {
-                tokio::try_join!(self.make_key_pair(&name), self.make_security_group(&name, &subnet, ssh))
+                let key = async {
+                    match ssh {
+                        Some(_) => self.make_key_pair(&name).await.map(Some),
+                        None => Ok(None),
+                    }
+                };
+                tokio::try_join!(key, self.make_security_group(&name, &subnet, ssh))
             })
             .await?;
 
@@ -394,7 +408,7 @@ impl Bake<'_> {
                     instance_type: recipe.instance.instance_type.clone(),
                     subnet_id: subnet.id.clone(),
                     security_group_ids: groups,
-                    key_name: Some(name.clone()),
+                    key_name: key.as_ref().map(|_| name.clone()),
                     instance_profile: recipe.instance.instance_profile.clone(),
                     associate_public_ip: recipe.instance.associate_public_ip,
                     root_device_name: source.root_device_name.clone(),
@@ -408,33 +422,41 @@ impl Bake<'_> {
             })
             .await?;
 
-        let host = self
-            .step("wait_running", async {
-                let instance = self.wait_running(&instance_id).await?;
+        let instance = self.step("wait_running", self.wait_running(&instance_id)).await?;
+        let mut session = match (ssh, &key) {
+            (Some(ssh), Some(key)) => {
                 let host = match &ssh.host {
                     Some(h) => h.clone(),
                     None => address(&instance, ssh.interface)?,
                 };
                 self.info("wait_running", format!("{instance_id} at {host}"));
-                Ok(host)
-            })
-            .await?;
-
-        let target = SshTarget {
-            host: host.clone(),
-            port: ssh.port,
-            user: ssh.user.clone(),
-            public_key: key.public_openssh.clone(),
-            private_key: key.private_openssh.clone(),
+                let target = SshTarget {
+                    host,
+                    port: ssh.port,
+                    user: ssh.user.clone(),
+                    public_key: key.public_openssh.clone(),
+                    private_key: key.private_openssh.clone(),
+                };
+                Session::Ssh(
+                    self.step("connect", self.connect(&instance_id, target, ssh.connect_timeout))
+                        .await?,
+                )
+            }
+            _ => {
+                let Communicator::Ssm(spec) = &recipe.communicator else {
+                    unreachable!("an SSH recipe always has a key")
+                };
+                let s = SsmSession::new(self.aws.ssm.clone(), instance_id.clone());
+                self.step("connect", self.wait_agent(&s, spec.agent_timeout)).await?;
+                Session::Ssm(s)
+            }
         };
-        let mut session = self
-            .step("connect", self.connect(&instance_id, target, ssh.connect_timeout))
-            .await?;
+        let connect_timeout = ssh.map(|s| s.connect_timeout).unwrap_or(DEFAULT_RECONNECT_TIMEOUT);
 
         for (i, p) in recipe.provisioners.iter().enumerate() {
             let label = p.label(i);
             session = self
-                .step(&format!("provision: {label}"), self.provision(session, p, &label, ssh.connect_timeout))
+                .step(&format!("provision: {label}"), self.provision(session, p, &label, connect_timeout))
                 .await?;
         }
         drop(session);
@@ -592,37 +614,69 @@ impl Bake<'_> {
 
     /// A group admitting SSH only from `allowed_cidr`, or else from this machine's own address
     /// toward the subnet. `None` when the recipe brings its own groups.
+    /// A group admitting SSH only from `allowed_cidr`, or else from this machine's own address
+    /// toward the subnet; for SSM, a group with no inbound rule at all (egress only). `None`
+    /// when the recipe brings its own groups.
     async fn make_security_group(
         &self,
         name: &str,
         subnet: &ec2::SubnetInfo,
-        ssh: &crate::recipe::SshSpec,
+        ssh: Option<&crate::recipe::SshSpec>,
     ) -> Result<Option<String>, BakeError> {
         if !self.recipe.instance.security_groups.is_empty() {
             return Ok(None);
         }
-        let cidr = match ssh.allowed_cidr {
+        let cidr = ssh.map(|ssh| match ssh.allowed_cidr {
             Some(c) => c.to_string(),
             None => format!("{}/32", caller_address_toward(&subnet.cidr)),
-        };
+        });
         self.undo.lock().await.push(Temp::SecurityGroup {
             name: name.into(),
             vpc_id: subnet.vpc_id.clone(),
             id: None,
         });
-        let id = ec2::create_security_group(
-            &self.aws.ec2,
-            name,
-            &subnet.vpc_id,
-            &format!("bakery build {}: SSH from {cidr} only", self.build_id),
-            &self.temporary_tags(name),
-        )
-        .await?;
+        let description = match &cidr {
+            Some(cidr) => format!("bakery build {}: SSH from {cidr} only", self.build_id),
+            None => format!("bakery build {}: no inbound access (SSM)", self.build_id),
+        };
+        let id = ec2::create_security_group(&self.aws.ec2, name, &subnet.vpc_id, &description, &self.temporary_tags(name)).await?;
         self.undo.lock().await.set_group_id(name, &id);
         self.created("security group", &id);
-        ec2::authorize_tcp_ingress(&self.aws.ec2, &id, ssh.port, &cidr, "bakery build SSH").await?;
-        self.info("prepare", format!("{id} admits tcp/{} from {cidr} only", ssh.port));
+        match (ssh, cidr) {
+            (Some(ssh), Some(cidr)) => {
+                ec2::authorize_tcp_ingress(&self.aws.ec2, &id, ssh.port, &cidr, "bakery build SSH").await?;
+                self.info("prepare", format!("{id} admits tcp/{} from {cidr} only", ssh.port));
+            }
+            _ => self.info("prepare", format!("{id} admits nothing inbound (SSM)")),
+        }
         Ok(Some(id))
+    }
+
+    /// Waits until the instance's SSM agent is online.
+    async fn wait_agent(&self, s: &SsmSession, timeout: Duration) -> Result<(), BakeError> {
+        wait::until(format!("the SSM agent of {}", s.instance_id), timeout, Poll::API, || async {
+            Ok::<_, CommError>(if s.agent_online().await? {
+                Probe::Ready(())
+            } else {
+                Probe::Pending("agent not online".into())
+            })
+        })
+        .await
+        .map_err(|e| match e {
+            wait::WaitError::Failed(e) => BakeError::SsmAgent {
+                id: s.instance_id.clone(),
+                detail: e.to_string(),
+            },
+            wait::WaitError::Timeout { waited, .. } => BakeError::SsmAgent {
+                id: s.instance_id.clone(),
+                detail: format!(
+                    "not online after {waited:.0?}: the instance profile's role must allow SSM \
+                     (AmazonSSMManagedInstanceCore) and the instance must reach the SSM endpoints"
+                ),
+            },
+        })?;
+        self.info("connect", format!("the SSM agent of {} is online", s.instance_id));
+        Ok(())
     }
 
     async fn wait_running(&self, id: &str) -> Result<ec2::InstanceInfo, BakeError> {
@@ -760,11 +814,11 @@ impl Bake<'_> {
     /// Runs one provisioner; returns the session to use next (a new one after a reboot).
     async fn provision(
         &self,
-        session: SshSession,
+        session: Session,
         p: &Provisioner,
         label: &str,
         connect_timeout: Duration,
-    ) -> Result<SshSession, BakeError> {
+    ) -> Result<Session, BakeError> {
         let cancel = self.cancel.clone();
         match p {
             Provisioner::File(f) => {
@@ -787,11 +841,11 @@ impl Bake<'_> {
 
     async fn shell(
         &self,
-        mut session: SshSession,
+        mut session: Session,
         s: &ShellProvisioner,
         label: &str,
         connect_timeout: Duration,
-    ) -> Result<SshSession, BakeError> {
+    ) -> Result<Session, BakeError> {
         if !s.pause_before.is_zero() {
             tokio::time::sleep(s.pause_before).await;
         }
@@ -805,7 +859,6 @@ impl Bake<'_> {
             })?,
         };
         let remote = format!("/tmp/bakery-{}-{}.sh", self.build_id, label.replace(' ', "-"));
-        let command = shell_command(&remote, &s.env, s.sudo);
         let perr = |source| BakeError::ProvisionerError {
             label: label.into(),
             source,
@@ -813,12 +866,8 @@ impl Bake<'_> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            session
-                .upload_bytes(script.as_bytes().to_vec(), &remote, 0o700)
-                .await
-                .map_err(perr)?;
             let outcome = session
-                .exec(command.clone(), s.timeout, self.cancel.clone(), self.sink(label))
+                .run_script(&script, &s.env, s.sudo, &remote, s.timeout, self.cancel.clone(), self.sink(label))
                 .await;
             match outcome {
                 Ok(o) if o.success() => return Ok(session),
@@ -848,22 +897,28 @@ impl Bake<'_> {
         }
     }
 
-    async fn reconnect(&self, old: &SshSession, timeout: Duration) -> Result<SshSession, BakeError> {
-        wait::until("SSH after the disconnect", timeout, Poll::CONNECT, || async {
-            match old.reconnect(TCP_CONNECT_TIMEOUT).await {
-                Ok(s) => Ok(Probe::Ready(s)),
-                Err(e) if e.is_transient() => Ok(Probe::Pending(e.to_string())),
-                Err(e) => Err(e),
+    async fn reconnect(&self, old: &Session, timeout: Duration) -> Result<Session, BakeError> {
+        match old {
+            Session::Ssm(s) => {
+                self.wait_agent(s, timeout).await?;
+                Ok(Session::Ssm(s.clone()))
             }
-        })
-        .await
-        .map_err(|e| match e {
-            wait::WaitError::Failed(e @ CommError::HostKeyMismatch { .. }) => BakeError::HostKey(e),
-            other => BakeError::SshUnavailable {
-                host: "the build instance".into(),
-                detail: other.to_string(),
-            },
-        })
+            Session::Ssh(old) => wait::until("SSH after the disconnect", timeout, Poll::CONNECT, || async {
+                match old.reconnect(TCP_CONNECT_TIMEOUT).await {
+                    Ok(s) => Ok(Probe::Ready(Session::Ssh(s))),
+                    Err(e) if e.is_transient() => Ok(Probe::Pending(e.to_string())),
+                    Err(e) => Err(e),
+                }
+            })
+            .await
+            .map_err(|e| match e {
+                wait::WaitError::Failed(e @ CommError::HostKeyMismatch { .. }) => BakeError::HostKey(e),
+                other => BakeError::SshUnavailable {
+                    host: "the build instance".into(),
+                    detail: other.to_string(),
+                },
+            }),
+        }
     }
 }
 
@@ -873,29 +928,6 @@ fn status_text(o: &crate::comm::ExecOutcome) -> String {
         (None, Some(sig)) => format!("signal {sig}"),
         (None, None) => "no exit status".into(),
     }
-}
-
-/// `env K='v' ... /path` with POSIX single-quoting, so values reach the script verbatim. With
-/// `sudo`, the script runs through `sudo -n` unless the login user already is root, so one recipe
-/// works for `ec2-user` and `root` alike.
-fn shell_command(remote: &str, env: &BTreeMap<String, String>, sudo: bool) -> String {
-    let mut cmd = String::new();
-    if sudo {
-        cmd.push_str("if [ \"$(id -u)\" -eq 0 ]; then S=; else S='sudo -n -E'; fi; $S ");
-    }
-    if !env.is_empty() {
-        cmd.push_str("env");
-        for (k, v) in env {
-            cmd.push_str(&format!(" {k}={}", shell_quote(v)));
-        }
-        cmd.push(' ');
-    }
-    cmd.push_str(&shell_quote(remote));
-    format!("{cmd}; rc=$?; rm -f {}; exit $rc", shell_quote(remote))
-}
-
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 fn wait_error<E: Into<BakeError>>(e: wait::WaitError<E>) -> BakeError {
@@ -945,6 +977,7 @@ mod tests {
 
     #[test]
     fn shell_command_quotes_env_values_and_removes_the_script() {
+        use crate::comm::ssh::shell_command;
         let env = BTreeMap::from([("MSG".to_string(), "it's $HOME".to_string())]);
         assert_eq!(
             shell_command("/tmp/s.sh", &env, false),

@@ -1,11 +1,15 @@
-//! Communicators: how bakery runs commands and copies files on a build instance. Today over
-//! SSH ([`ssh`]); the shapes here ([`CommError`], [`ExecOutcome`], [`LineSink`]) are what the
-//! bake pipeline sees, whichever transport carries them.
+//! Communicators: how bakery runs commands and copies files on a build instance, over SSH
+//! ([`ssh`]) or SSM Run Command ([`ssm`]). [`Session`] is the one interface the bake pipeline
+//! sees, whichever transport carries it, with [`CommError`], [`ExecOutcome`] and [`LineSink`].
 
 pub mod hostkey;
 pub mod keys;
 pub mod ssh;
+pub mod ssm;
 
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,5 +71,52 @@ impl CommError {
             self,
             CommError::Unreachable(_) | CommError::Auth { .. } | CommError::Disconnected(_)
         )
+    }
+}
+
+/// A connected communicator.
+pub enum Session {
+    Ssh(ssh::SshSession),
+    Ssm(ssm::SsmSession),
+}
+
+impl Session {
+    /// Runs a script (honouring its `#!` line) with `env`, as root when `sudo` (SSM always runs
+    /// as root), streaming its output to `sink`. `remote` is where the script is staged.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn run_script(
+        &self,
+        script: &str,
+        env: &BTreeMap<String, String>,
+        sudo: bool,
+        remote: &str,
+        timeout: Duration,
+        cancel: Arc<AtomicBool>,
+        sink: LineSink,
+    ) -> Result<ExecOutcome, CommError> {
+        match self {
+            Session::Ssh(s) => {
+                s.upload_bytes(script.as_bytes().to_vec(), remote, 0o700).await?;
+                s.exec(ssh::shell_command(remote, env, sudo), timeout, cancel, sink).await
+            }
+            Session::Ssm(s) => {
+                // Stage the script as a file so its own interpreter line applies, as over SSH.
+                let q = ssh::shell_quote(remote);
+                let delimiter = format!("BAKERY_SCRIPT_{}", uuid::Uuid::new_v4().simple());
+                let staged = format!(
+                    "umask 077\ncat > {q} <<'{delimiter}'\n{}\n{delimiter}\nchmod 0700 {q}\n{q}\nrc=$?\nrm -f {q}\nexit $rc\n",
+                    script.trim_end_matches('\n')
+                );
+                s.run(&staged, env, timeout, cancel, sink).await
+            }
+        }
+    }
+
+    /// Uploads a file, or a folder recursively.
+    pub async fn upload(&self, local: &Path, remote: &str, mode: Option<u32>, cancel: Arc<AtomicBool>) -> Result<u64, CommError> {
+        match self {
+            Session::Ssh(s) => s.upload(local, remote, mode, cancel).await,
+            Session::Ssm(s) => s.upload(local, remote, mode, cancel).await,
+        }
     }
 }

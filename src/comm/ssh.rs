@@ -3,6 +3,7 @@
 //! loop over stdout and stderr together (reading one alone can stall the channel), and a shared
 //! cancel flag lets Ctrl-C end a running command.
 
+use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::Path;
@@ -427,3 +428,27 @@ fn exec_blocking(
         tail: tail.into_iter().collect(),
     })
 }
+
+/// `env K='v' ... /path` with POSIX single-quoting, so values reach the script verbatim. With
+/// `sudo`, the script runs through `sudo -n` unless the login user already is root, so one recipe
+/// works for `ec2-user` and `root` alike.
+pub fn shell_command(remote: &str, env: &BTreeMap<String, String>, sudo: bool) -> String {
+    let mut cmd = String::new();
+    if sudo {
+        cmd.push_str("if [ \"$(id -u)\" -eq 0 ]; then S=; else S='sudo -n -E'; fi; $S ");
+    }
+    if !env.is_empty() {
+        cmd.push_str("env");
+        for (k, v) in env {
+            cmd.push_str(&format!(" {k}={}", shell_quote(v)));
+        }
+        cmd.push(' ');
+    }
+    cmd.push_str(&shell_quote(remote));
+    format!("{cmd}; rc=$?; rm -f {}; exit $rc", shell_quote(remote))
+}
+
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+

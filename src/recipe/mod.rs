@@ -126,9 +126,17 @@ pub struct SshSpec {
     pub allowed_cidr: Option<ipnet::Ipv4Net>,
 }
 
+/// Provisioning through SSM Run Command: no key pair, no inbound rule at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SsmSpec {
+    /// How long to wait for the instance's SSM agent to come online.
+    pub agent_timeout: Duration,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Communicator {
     Ssh(SshSpec),
+    Ssm(SsmSpec),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -380,6 +388,7 @@ struct RawCommunicator {
     host: Option<S>,
     connect_timeout: Option<S>,
     allowed_cidr: Option<S>,
+    agent_timeout: Option<S>,
 }
 
 /// Every provisioner type's fields in one flat table, so a field that belongs to another type
@@ -656,7 +665,7 @@ impl Loader<'_> {
     fn build(&mut self, raw: Raw) -> Recipe {
         let source = self.source(&raw.source);
         let instance = self.instance(raw.instance.get_ref());
-        let communicator = self.communicator(&raw.communicator);
+        let communicator = self.communicator(&raw.communicator, instance.instance_profile.is_some());
         let provisioners = raw
             .provisioner
             .iter()
@@ -805,14 +814,44 @@ impl Loader<'_> {
         }
     }
 
-    fn communicator(&mut self, raw: &Spanned<RawCommunicator>) -> Communicator {
+    fn communicator(&mut self, raw: &Spanned<RawCommunicator>, has_profile: bool) -> Communicator {
         let r = raw.get_ref();
         let kind = self.render(&r.kind);
+        if kind == "ssm" {
+            for (name, at) in [
+                ("user", r.user.as_ref().map(|v| v.span().start)),
+                ("port", r.port.as_ref().map(|v| v.span().start)),
+                ("interface", r.interface.as_ref().map(|v| v.span().start)),
+                ("host", r.host.as_ref().map(|v| v.span().start)),
+                ("connect_timeout", r.connect_timeout.as_ref().map(|v| v.span().start)),
+                ("allowed_cidr", r.allowed_cidr.as_ref().map(|v| v.span().start)),
+            ] {
+                if let Some(at) = at {
+                    self.error(
+                        at,
+                        format!("`{name}` is an SSH setting; the ssm communicator does not use it"),
+                        "remove it (SSM needs no login, address or inbound rule)",
+                    );
+                }
+            }
+            if !has_profile {
+                self.error(
+                    r.kind.span().start,
+                    "the ssm communicator needs [instance] instance_profile",
+                    "name an instance profile whose role allows SSM (e.g. the AmazonSSMManagedInstanceCore policy): the agent cannot register without it",
+                );
+            }
+            let agent_timeout = self.duration(&r.agent_timeout, "agent_timeout", DEFAULT_CONNECT_TIMEOUT);
+            return Communicator::Ssm(SsmSpec { agent_timeout });
+        }
+        if let Some(a) = &r.agent_timeout {
+            self.error(a.span().start, "`agent_timeout` is an SSM setting", "use connect_timeout for SSH, or set type = \"ssm\"");
+        }
         if kind != "ssh" {
             self.error(
                 r.kind.span().start,
                 format!("communicator `type` = {kind:?} is not supported"),
-                "use \"ssh\"",
+                "use \"ssh\" or \"ssm\"",
             );
         }
         let user = match &r.user {
@@ -1284,5 +1323,41 @@ tags = { Role = "web" }
         let text = GOOD.replace("tags = { Role = \"web\" }", "tags = { \"bakery:build-id\" = \"x\" }");
         let d = diags(&text);
         assert!(d[0].message.contains("reserved"), "{d:?}");
+    }
+}
+
+#[cfg(test)]
+mod ssm_tests {
+    use super::*;
+
+    const SSM: &str = r#"
+[source]
+ami = "ami-0123456789abcdef0"
+[instance]
+type = "t3.micro"
+instance_profile = "bake-ssm"
+[communicator]
+type = "ssm"
+agent_timeout = "2m"
+[image]
+name = "x-{{timestamp}}"
+"#;
+
+    #[test]
+    fn an_ssm_recipe_loads() {
+        let r = parse(Path::new("r.toml"), SSM, &VarSources::default()).unwrap();
+        assert_eq!(r.communicator, Communicator::Ssm(SsmSpec { agent_timeout: Duration::from_secs(120) }));
+    }
+
+    #[test]
+    fn ssm_without_a_profile_or_with_ssh_settings_is_refused() {
+        let text = SSM.replace("instance_profile = \"bake-ssm\"\n", "").replace("agent_timeout", "user = \"ec2-user\"\nagent_timeout");
+        let Err(RecipeError::Invalid(d)) = parse(Path::new("r.toml"), &text, &VarSources::default()) else {
+            panic!()
+        };
+        let m: Vec<&str> = d.iter().map(|d| d.message.as_str()).collect();
+        assert_eq!(d.len(), 2, "{m:?}");
+        assert!(m.iter().any(|m| m.contains("`user` is an SSH setting")));
+        assert!(m.iter().any(|m| m.contains("needs [instance] instance_profile")));
     }
 }

@@ -1,0 +1,77 @@
+"""20 bakes under API faults: every AWS call the world serves is throttled with probability 0.2
+(the service's real throttling code: EC2 `RequestLimitExceeded`/503, query `Throttling`/400,
+JSON `ThrottlingException`/400) or answered `InternalError`/500 with probability 0.05. Every
+bake must succeed, leave nothing behind, and never launch a second instance."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from .conftest import World, bakery_ok, report
+
+BAKES = 20
+CONCURRENCY = 4
+SEED = 2026
+SPEC = {"seed": SEED, "rules": [{"action": "*", "throttle": 0.2, "error500": 0.05}]}
+
+
+def test_bakes_survive_throttling_and_500s(world: World, faults, tmp_path):
+    recipe = world.recipe(tmp_path / "recipe.toml", ["echo reliability"])
+    run_id = uuid.uuid4().hex[:6]
+    keys = [f"rel-faults-{run_id}-{i:02d}" for i in range(BAKES)]
+
+    def bake(i: int):
+        manifest = tmp_path / f"manifest-{i:02d}.json"
+        return bakery_ok(world, keys[i], "build", str(recipe), "--manifest", str(manifest), timeout=240)
+
+    faults(SPEC)
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        runs = list(pool.map(bake, range(BAKES)))
+    elapsed = time.monotonic() - t0
+    tallies = [world.calls(k) for k in keys]
+    world.clear_faults()  # the checks below must not be faulted themselves
+
+    calls = sum(t["total"] for t in tallies)
+    injected = {"throttle": 0, "error500": 0}
+    for t in tallies:
+        for kind, n in t["faults_injected"].items():
+            injected[kind] = injected.get(kind, 0) + n
+    faulted_actions: dict[str, int] = {}
+    failures, leaked, duplicates, amis = [], {}, {}, []
+    for i, r in enumerate(runs):
+        if r.code != 0 or r.build_id is None:
+            failures.append(r.describe())
+            continue
+        build_id = r.build_id
+        ami = r.event("build_finished")["manifest"]["ami_id"]
+        amis.append(ami)
+        left = world.leftovers(build_id, keep_image=ami)
+        if left:
+            leaked[build_id] = left
+        launched = world.instances_of(build_id)
+        if len(launched) != 1:
+            duplicates[build_id] = [f"{x['InstanceId']} ({x['State']['Name']})" for x in launched]
+        images = world.images_of(build_id)
+        if [im["ImageId"] for im in images] != [ami]:
+            leaked.setdefault(build_id, []).append(f"images {[im['ImageId'] for im in images]}, expected [{ami}]")
+    for t in tallies:
+        for c in t.get("calls", []):
+            pass
+    retried = sum(1 for r in runs if "retry" in r.stderr.lower() or "retrying" in r.stderr.lower())
+
+    report(
+        f"faults: {BAKES} bakes ({CONCURRENCY} at a time, seed {SEED}), {calls} calls, "
+        f"{injected.get('throttle', 0)} throttled, {injected.get('error500', 0)} 500s, "
+        f"{BAKES - len(failures)} succeeded, {sum(len(v) for v in leaked.values())} leaked, "
+        f"{len(duplicates)} duplicates, {elapsed:.0f}s"
+    )
+    for ami in amis:
+        world.delete_image(ami)
+
+    assert not failures, f"{len(failures)} of {BAKES} bakes failed under faults:\n\n" + "\n\n".join(failures)
+    assert not leaked, f"bakes left resources behind: {leaked}"
+    assert not duplicates, f"more (or fewer) than one instance carried a build id: {duplicates}"
+    assert injected.get("throttle", 0) > 0 and injected.get("error500", 0) > 0, f"faults were injected: {injected}"
