@@ -227,17 +227,6 @@ async fn dry_run_prints_the_plan_and_changes_nothing() {
     fleet.delete(world).await;
 }
 
-/// The world's call log for one access key.
-fn world_calls(world: &World, key: &str) -> serde_json::Value {
-    let url = format!("{}/_world/calls?access_key={key}", world.var("AWS_ENDPOINT_URL"));
-    let addr = url.trim_start_matches("http://").split('/').next().unwrap().to_string();
-    let path = &url[url.find("/_world").unwrap()..];
-    let (ip, port) = addr.split_once(':').unwrap();
-    let (status, body) = http_get(ip, port.parse().unwrap(), path, Duration::from_secs(5)).unwrap();
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_is_refused_clearly_without_changing_the_group() {
     let world = world();

@@ -22,8 +22,9 @@ use crate::wait::Poll;
 
 /// SSM keeps this many characters of each output stream inline.
 pub const INLINE_OUTPUT_LIMIT: usize = 24_000;
-/// Raw bytes per upload command: 36 KiB become 48 KiB of base64, well inside SendCommand's limits.
-const UPLOAD_CHUNK: usize = 36 * 1024;
+/// Raw bytes per upload command: 24 KiB become 32 KiB of base64, kept small to stay well inside
+/// Run Command's limit on the size of a command's parameters.
+const UPLOAD_CHUNK: usize = 24 * 1024;
 /// Uploads over SSM larger than this are refused: use S3 (or the SSH communicator) for payloads.
 pub const MAX_UPLOAD: u64 = 16 * 1024 * 1024;
 /// Polls of a running command: from 100 ms, at most 2 s apart.

@@ -585,3 +585,12 @@ pub fn world_kill(world: &World, id: &str) {
         .unwrap();
     assert!(out.status.success(), "world kill {id}: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// The world's call log, only the calls made with access key `key`.
+pub fn world_calls(world: &World, key: &str) -> serde_json::Value {
+    let endpoint = world.var("AWS_ENDPOINT_URL").trim_start_matches("http://").trim_end_matches('/').to_string();
+    let (ip, port) = endpoint.split_once(':').unwrap();
+    let (status, body) = http_get(ip, port.parse().unwrap(), &format!("/_world/calls?access_key={key}"), Duration::from_secs(5)).unwrap();
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}

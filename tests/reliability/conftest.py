@@ -49,12 +49,24 @@ COMPLETE_TAG = "bakery:complete"
 
 # One summary line per test, repeated at the end of the session.
 SUMMARY: list[str] = []
+_CONFIG = None
+
+
+def pytest_configure(config):
+    global _CONFIG
+    _CONFIG = config
 
 
 def report(line: str) -> None:
-    """Prints a summary line now (whatever `-s` says) and again in the terminal summary."""
+    """Prints a summary line now, past pytest's output capture (whatever `-s` says), and again
+    in the terminal summary."""
     SUMMARY.append(line)
-    print(f"\nreliability: {line}", file=sys.__stderr__, flush=True)
+    capman = _CONFIG.pluginmanager.getplugin("capturemanager") if _CONFIG else None
+    if capman is not None:
+        with capman.global_and_fixture_disabled():
+            print(f"\nreliability: {line}", file=sys.stderr, flush=True)
+    else:
+        print(f"\nreliability: {line}", file=sys.stderr, flush=True)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -139,8 +151,9 @@ class World:
     def clear_faults(self) -> None:
         self.control("DELETE", "/_world/faults")
 
-    def calls(self, access_key: str) -> dict:
-        return self.control("GET", f"/_world/calls?access_key={access_key}&limit=0")
+    def calls(self, access_key: str, limit: int = 0) -> dict:
+        """The world's call tally of one access key (and its last `limit` calls)."""
+        return self.control("GET", f"/_world/calls?access_key={access_key}&limit={limit}")
 
     # ---- bakery
     def bakery_env(self, access_key: str) -> dict[str, str]:

@@ -31,7 +31,7 @@ def test_bakes_survive_throttling_and_500s(world: World, faults, tmp_path):
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         runs = list(pool.map(bake, range(BAKES)))
     elapsed = time.monotonic() - t0
-    tallies = [world.calls(k) for k in keys]
+    tallies = [world.calls(k, limit=1000) for k in keys]
     world.clear_faults()  # the checks below must not be faulted themselves
 
     calls = sum(t["total"] for t in tallies)
@@ -39,32 +39,33 @@ def test_bakes_survive_throttling_and_500s(world: World, faults, tmp_path):
     for t in tallies:
         for kind, n in t["faults_injected"].items():
             injected[kind] = injected.get(kind, 0) + n
-    faulted_actions: dict[str, int] = {}
+    # RunInstances calls that were faulted and retried: where a careless retry would launch twice.
+    launch_faults = sum(
+        1 for t in tallies for c in t["calls"] if c["action"] == "RunInstances" and c["fault"]
+    )
     failures, leaked, duplicates, amis = [], {}, {}, []
-    for i, r in enumerate(runs):
-        if r.code != 0 or r.build_id is None:
+    for r in runs:
+        ami = None
+        if r.code == 0 and r.event("build_finished"):
+            ami = r.event("build_finished")["manifest"]["ami_id"]
+            amis.append(ami)
+        else:
             failures.append(r.describe())
-            continue
         build_id = r.build_id
-        ami = r.event("build_finished")["manifest"]["ami_id"]
-        amis.append(ami)
+        if build_id is None:
+            continue
+        # A failed bake must clean up too: leftovers are checked for every bake.
         left = world.leftovers(build_id, keep_image=ami)
         if left:
             leaked[build_id] = left
         launched = world.instances_of(build_id)
-        if len(launched) != 1:
+        if len(launched) > 1 or (ami and len(launched) != 1):
             duplicates[build_id] = [f"{x['InstanceId']} ({x['State']['Name']})" for x in launched]
-        images = world.images_of(build_id)
-        if [im["ImageId"] for im in images] != [ami]:
-            leaked.setdefault(build_id, []).append(f"images {[im['ImageId'] for im in images]}, expected [{ami}]")
-    for t in tallies:
-        for c in t.get("calls", []):
-            pass
-    retried = sum(1 for r in runs if "retry" in r.stderr.lower() or "retrying" in r.stderr.lower())
 
     report(
         f"faults: {BAKES} bakes ({CONCURRENCY} at a time, seed {SEED}), {calls} calls, "
-        f"{injected.get('throttle', 0)} throttled, {injected.get('error500', 0)} 500s, "
+        f"{injected.get('throttle', 0)} throttled, {injected.get('error500', 0)} 500s "
+        f"({launch_faults} of them on RunInstances), "
         f"{BAKES - len(failures)} succeeded, {sum(len(v) for v in leaked.values())} leaked, "
         f"{len(duplicates)} duplicates, {elapsed:.0f}s"
     )
