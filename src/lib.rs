@@ -15,5 +15,6 @@ pub mod output;
 pub mod prune;
 pub mod recipe;
 pub mod rollout;
+pub mod secret;
 pub mod signals;
 pub mod wait;

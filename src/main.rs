@@ -278,7 +278,7 @@ fn finish_build(reporter: &Reporter, outcome: bake::Outcome) -> ExitCode {
         Err(e) => {
             if human {
                 // The original error first; cleanup problems follow.
-                eprintln!("error: {e}");
+                eprintln!("error: {}", outcome.redactor.redact(&e.to_string()));
             }
             e.exit_code()
         }

@@ -699,6 +699,7 @@ def run(state_path: str, label: str, ngroups: int, loops: int, kills: int, scrat
     tail = LogTail(errlog)
     samples: list[dict] = []  # one per completed loop seen
     rss_max = 0
+    rss_parts: dict[str, int] = {}
     last_loops = -1
     stopped = False
 
@@ -707,6 +708,10 @@ def run(state_path: str, label: str, ngroups: int, loops: int, kills: int, scrat
         rss = proc_status(pid, "VmRSS")
         if rss:
             rss_max = max(rss_max, rss)
+            for k in ("RssAnon", "RssFile", "Threads"):
+                v = proc_status(pid, k)
+                if v is not None:
+                    rss_parts[k] = max(rss_parts.get(k, 0), v)
         m = scrape(listen)
         if m is None or "bakery_loops_total" not in m:
             return None
@@ -781,9 +786,9 @@ def run(state_path: str, label: str, ngroups: int, loops: int, kills: int, scrat
             "calls_per_loop_total": round(sum(per.values()), 3),
             "world_calls_per_loop": {a: round(v, 3) for a, v in wper.items() if v},
             "world_calls_per_loop_total": round((w2["total"] - w1["total"]) / n, 3),
-            "throttles": sum(b2["throttles"].values()) - sum(b1["throttles"].values()),
-            "api_errors": sum(b2["api_errors"].values()) - sum(b1["api_errors"].values()),
-            "loop_errors": b2["errors_total"] - b1["errors_total"],
+            "throttles": int(sum(b2["throttles"].values()) - sum(b1["throttles"].values())),
+            "api_errors": int(sum(b2["api_errors"].values()) - sum(b1["api_errors"].values())),
+            "loop_errors": int(b2["errors_total"] - b1["errors_total"]),
             "cpu_ms_per_loop": round(1000 * (b2["cpu"] - b1["cpu"]) / n, 1) if b2["cpu"] is not None and b1["cpu"] is not None else None,
             "cpu_pct": round(100 * (b2["cpu"] - b1["cpu"]) / max(1e-6, b2["t"] - b1["t"]), 2),
             "loop_s": [s["loop_s"] for s in samples if b1["loops"] < s["loops"] <= b2["loops"] and s["loop_s"] is not None],
@@ -821,6 +826,7 @@ def run(state_path: str, label: str, ngroups: int, loops: int, kills: int, scrat
         time.sleep(0.2)
         tail.poll()
     r["rss_max_kb"] = rss_max
+    r["rss_parts_max"] = rss_parts
     msgs: dict[str, int] = {}
     for line in tail.lines:
         lvl = line.get("level", "")
@@ -844,19 +850,28 @@ def kill_phase(state, groups, kills, interval, threshold, pid, tail, sample, lab
     # Spread over the groups: 1st, then evenly apart.
     step = max(1, len(groups) // kills)
     picks = [groups[(k * step) % len(groups)] for k in range(kills)]
-    for k, g in enumerate(picks):
-        d = describe_groups(asg, [g["name"]]).get(g["name"])
-        ins = [i["InstanceId"] for i in (d or {}).get("Instances", [])
-               if i["LifecycleState"] == "InService" and i["HealthStatus"] == "Healthy"]
-        facts = private_ips(ec2, ins) if ins else {}
-        now = time.time()
-        # Judged instances only (outside the grace period, with a margin), answering /healthz.
-        cands = sorted((i for i in ins if i in facts and now - facts[i]["launched"] > grace + 3), key=lambda i: facts[i]["launched"])
-        victim = next((i for i in cands if http_ok(facts[i]["ip"])), None)
+    used: set[str] = set()
+    for k, first in enumerate(picks):
+        victim = None
+        # The picked group, else the next one not used yet that has a victim.
+        order = groups[groups.index(first):] + groups[:groups.index(first)]
+        for g in [x for x in order if x["name"] not in used] or order:
+            d = describe_groups(asg, [g["name"]]).get(g["name"])
+            ins = [i["InstanceId"] for i in (d or {}).get("Instances", [])
+                   if i["LifecycleState"] == "InService" and i["HealthStatus"] == "Healthy"]
+            facts = private_ips(ec2, ins) if ins else {}
+            now = time.time()
+            # Judged instances only (outside the grace period, with a margin), answering /healthz.
+            cands = sorted((i for i in ins if i in facts and facts[i]["state"] == "running"
+                            and now - facts[i]["launched"] > grace + 3), key=lambda i: facts[i]["launched"])
+            victim = next((i for i in cands if http_ok(facts[i]["ip"])), None)
+            if victim is not None:
+                break
         if victim is None:
-            out.append({"group": g["name"], "error": f"no judged, healthy instance to kill (of {len(ins)} in service)"})
+            out.append({"group": first["name"], "error": "no judged, healthy instance to kill in any group"})
             say(f"[{label}] kill {k + 1}: {out[-1]['error']}")
             continue
+        used.add(g["name"])
         ip = facts[victim]["ip"]
         t_sent = time.time()
         world_post(f"/_world/instances/{victim}/kill")
@@ -973,6 +988,11 @@ def report(state_path: str, results: str) -> int:
           f"{(pct(ls, 0.9) if ls else float('nan')):>7.3f} {st.get('period_s', float('nan')):>9.2f} "
           f"{r.get('rss_max_kb', 0) / 1024:>10.1f} {r.get('vmhwm_kb', 0) / 1024:>9.1f} {st.get('cpu_ms_per_loop') or float('nan'):>12.1f} "
           f"{st.get('cpu_pct', float('nan')):>6.2f} {str(r.get('sigterm_exit_s')):>15}")
+    for r in runs:
+        rp = r.get("rss_parts_max") or {}
+        if rp:
+            P(f"  {r['label']}: max RssAnon {rp.get('RssAnon', 0) / 1024:.1f} MB (heap, stacks), max RssFile {rp.get('RssFile', 0) / 1024:.1f} MB "
+              f"(mapped binary and libraries), threads {rp.get('Threads', 0)}")
     P("  (round = bakery_loop_duration_seconds sampled once per round; period = wall time per round, interval "
       f"{runs[0]['interval']:g}s; CPU = utime+stime of the daemon over the measured rounds)")
     for r in runs:

@@ -7,6 +7,7 @@ pub mod budget;
 pub mod ec2;
 pub mod elbv2;
 pub mod launch_template;
+pub mod references;
 
 use std::future::Future;
 use std::time::Duration;
@@ -32,6 +33,8 @@ pub struct Aws {
     pub ssm: aws_sdk_ssm::Client,
     pub autoscaling: aws_sdk_autoscaling::Client,
     pub elb: aws_sdk_elasticloadbalancingv2::Client,
+    pub secrets: aws_sdk_secretsmanager::Client,
+    pub rds: aws_sdk_rds::Client,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +72,8 @@ impl Aws {
             ssm: aws_sdk_ssm::Client::new(&config),
             autoscaling: aws_sdk_autoscaling::Client::new(&config),
             elb: aws_sdk_elasticloadbalancingv2::Client::new(&config),
+            secrets: aws_sdk_secretsmanager::Client::new(&config),
+            rds: aws_sdk_rds::Client::new(&config),
         })
     }
 }

@@ -22,7 +22,9 @@ use crate::aws::{ec2, Aws, AwsError};
 use crate::comm::ssh::{HostKeyPolicy, SshSession, SshTarget};
 use crate::comm::ssm::SsmSession;
 use crate::comm::{hostkey, keys, CommError, LineSink, Session};
-use crate::output::{Event, Reporter};
+use crate::output::{Event, Reporter, Stream};
+use crate::recipe::template;
+use crate::secret::{LineRedactor, Redactor};
 use crate::signals::Signals;
 use crate::recipe::{
     Communicator, Interface, Provisioner, Recipe, ShellBody, ShellProvisioner, SourceAmi,
@@ -120,6 +122,10 @@ pub enum BakeError {
     },
     #[error("interrupted by {0}")]
     Interrupted(&'static str),
+    #[error(transparent)]
+    Reference(#[from] crate::aws::references::ReferenceError),
+    #[error("template: {0}")]
+    Template(String),
 }
 
 impl BakeError {
@@ -136,7 +142,8 @@ impl BakeError {
             | BakeError::BadSsmParameter(_)
             | BakeError::ImageNameTaken { .. }
             | BakeError::SubnetNotFound(_)
-            | BakeError::NoSubnet => 2,
+            | BakeError::NoSubnet
+            | BakeError::Reference(_) => 2,
             _ => 1,
         }
     }
@@ -148,6 +155,8 @@ pub struct Outcome {
     pub cleanup_failures: Vec<undo::CleanupFailure>,
     /// Resources deliberately kept (`--on-error=abort`) or left by an aborted cleanup.
     pub left_behind: Vec<Temp>,
+    /// Hides the bake's secrets in anything printed about it.
+    pub redactor: Redactor,
 }
 
 /// Bakes `recipe`, then releases every temporary resource (unless `--on-error=abort` and the
@@ -155,6 +164,7 @@ pub struct Outcome {
 /// the cleanup and reports what is left.
 pub async fn run(aws: &Aws, recipe: &Recipe, opts: &Options, reporter: &Reporter) -> Outcome {
     let build_id = new_build_id();
+    let redactor = Arc::new(std::sync::RwLock::new(Redactor::default()));
     let undo = Arc::new(Mutex::new(UndoStack::default()));
     let cancel = Arc::new(AtomicBool::new(false));
     let mut signals = Signals::new();
@@ -174,6 +184,9 @@ pub async fn run(aws: &Aws, recipe: &Recipe, opts: &Options, reporter: &Reporter
         steps: std::sync::Mutex::new(Vec::new()),
         started: OffsetDateTime::now_utc(),
         clock: Instant::now(),
+        resolved: std::sync::OnceLock::new(),
+        redactor: redactor.clone(),
+        tail: Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new())),
     };
     let result = tokio::select! {
         r = bake.run() => r,
@@ -182,9 +195,10 @@ pub async fn run(aws: &Aws, recipe: &Recipe, opts: &Options, reporter: &Reporter
             Err(BakeError::Interrupted(sig))
         }
     };
+    let redactor = redactor.read().map(|r| r.clone()).unwrap_or_default();
     if let Err(e) = &result {
         reporter.emit(Event::BuildFailed {
-            error: format!("{e}"),
+            error: redactor.redact(&format!("{e}")),
             exit_code: e.exit_code(),
         });
     }
@@ -204,6 +218,7 @@ pub async fn run(aws: &Aws, recipe: &Recipe, opts: &Options, reporter: &Reporter
             result,
             cleanup_failures: Vec::new(),
             left_behind: stack.items().to_vec(),
+            redactor,
         };
     }
     let (cleanup_failures, left_behind) = cleanup(aws, stack, reporter, &mut signals).await;
@@ -211,6 +226,7 @@ pub async fn run(aws: &Aws, recipe: &Recipe, opts: &Options, reporter: &Reporter
         result,
         cleanup_failures,
         left_behind,
+        redactor,
     }
 }
 
@@ -291,6 +307,11 @@ struct Bake<'a> {
     steps: std::sync::Mutex<Vec<Step>>,
     started: OffsetDateTime,
     clock: Instant,
+    /// Resolved `secret:` / `rds:` references and the redactor for their secret values.
+    resolved: std::sync::OnceLock<BTreeMap<String, String>>,
+    redactor: Arc<std::sync::RwLock<Redactor>>,
+    /// The last output lines of the running provisioner, redacted, for its error message.
+    tail: Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
 }
 
 impl Bake<'_> {
@@ -370,6 +391,19 @@ impl Bake<'_> {
                 Ok(source)
             })
             .await?;
+        if !recipe.references.is_empty() {
+            self.step("resolve_references", async {
+                let (values, redactor) = crate::aws::references::resolve(self.aws, &recipe.references).await?;
+                if let Ok(mut r) = self.redactor.write() {
+                    *r = redactor;
+                }
+                let n = values.len();
+                let _ = self.resolved.set(values);
+                self.info("resolve_references", format!("{n} reference(s) resolved; secret values are redacted from all output"));
+                Ok(())
+            })
+            .await?;
+        }
         if let Some(existing) = ec2::image_named(ec2c, &image_name).await? {
             return Err(BakeError::ImageNameTaken {
                 name: image_name,
@@ -798,17 +832,54 @@ impl Bake<'_> {
         Ok(session)
     }
 
-    fn sink(&self, label: &str) -> LineSink {
-        let reporter = self.reporter.clone();
-        let label = label.to_string();
-        Arc::new(move |stream, line| {
-            reporter.emit(Event::Output {
-                provisioner: label.clone(),
-                stream,
-                line: line.to_string(),
-            });
-            line.to_string()
-        })
+    /// The output sink of one command: lines pass through a redactor per stream, are shown as
+    /// events, and the shown lines are kept as the tail for an error message. Call
+    /// [`Bake::flush`] with the returned state when the command ends.
+    fn sink(&self, label: &str) -> (LineSink, Arc<std::sync::Mutex<[LineRedactor; 2]>>) {
+        let redactor = self.redactor.read().map(|r| r.clone()).unwrap_or_default();
+        let state = Arc::new(std::sync::Mutex::new([LineRedactor::new(redactor.clone()), LineRedactor::new(redactor)]));
+        if let Ok(mut t) = self.tail.lock() {
+            t.clear();
+        }
+        let (reporter, label, st, tail) = (self.reporter.clone(), label.to_string(), state.clone(), self.tail.clone());
+        let sink: LineSink = Arc::new(move |stream, line| {
+            let released = {
+                let mut s = st.lock().unwrap_or_else(|p| p.into_inner());
+                s[stream as usize].push(line)
+            };
+            for l in &released {
+                emit_line(&reporter, &label, stream, l, &tail);
+            }
+            // What the communicator keeps is never shown: the tail above is.
+            String::new()
+        });
+        (sink, state)
+    }
+
+    /// Shows what the redactors held back at the end of a command.
+    fn flush(&self, label: &str, state: &std::sync::Mutex<[LineRedactor; 2]>) {
+        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, stream) in [Stream::Stdout, Stream::Stderr].into_iter().enumerate() {
+            for l in s[i].finish() {
+                emit_line(self.reporter, label, stream, &l, &self.tail);
+            }
+        }
+    }
+
+    fn tail(&self) -> Vec<String> {
+        self.tail.lock().map(|t| t.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Renders a value with the bake's resolved references.
+    fn render(&self, text: &str) -> Result<String, BakeError> {
+        let empty = BTreeMap::new();
+        let ctx = template::Context {
+            vars: &self.recipe.variables,
+            timestamp: None,
+            build_id: Some(&self.build_id),
+            refs: template::Refs::Resolved(self.resolved.get().unwrap_or(&empty)),
+        };
+        template::render(text, &ctx).map_err(|e| BakeError::Template(e.message))
     }
 
     /// Runs one provisioner; returns the session to use next (a new one after a reboot).
@@ -825,13 +896,22 @@ impl Bake<'_> {
                 if !f.pause_before.is_zero() {
                     tokio::time::sleep(f.pause_before).await;
                 }
-                let bytes = session
-                    .upload(&f.source, &f.destination, f.mode, cancel)
-                    .await
-                    .map_err(|source| BakeError::ProvisionerError {
-                        label: label.into(),
-                        source,
-                    })?;
+                let perr = |source| BakeError::ProvisionerError {
+                    label: label.into(),
+                    source,
+                };
+                let bytes = if f.template {
+                    let text = std::fs::read_to_string(&f.source)
+                        .map_err(|e| perr(CommError::Transfer(format!("{}: {e}", f.source.display()))))?;
+                    let rendered = self.render(&text)?;
+                    // A rendered template may hold secrets: private unless the recipe says otherwise.
+                    session
+                        .upload_bytes(rendered.into_bytes(), &f.destination, f.mode.unwrap_or(0o600), cancel)
+                        .await
+                        .map_err(perr)?
+                } else {
+                    session.upload(&f.source, &f.destination, f.mode, cancel).await.map_err(perr)?
+                };
                 self.info(label, format!("uploaded {} ({bytes} bytes) to {}", f.source.display(), f.destination));
                 Ok(session)
             }
@@ -863,12 +943,18 @@ impl Bake<'_> {
             label: label.into(),
             source,
         };
+        let mut env = BTreeMap::new();
+        for (k, v) in &s.env {
+            env.insert(k.clone(), self.render(v)?);
+        }
         let mut attempt = 0;
         loop {
             attempt += 1;
+            let (sink, state) = self.sink(label);
             let outcome = session
-                .run_script(&script, &s.env, s.sudo, &remote, s.timeout, self.cancel.clone(), self.sink(label))
+                .run_script(&script, &env, s.sudo, &remote, s.timeout, self.cancel.clone(), sink)
                 .await;
+            self.flush(label, &state);
             match outcome {
                 Ok(o) if o.success() => return Ok(session),
                 Err(CommError::Disconnected(why)) if s.expect_disconnect => {
@@ -885,7 +971,7 @@ impl Bake<'_> {
                     return Err(BakeError::ProvisionerFailed {
                         label: label.into(),
                         status: status_text(&o),
-                        tail: o.tail,
+                        tail: self.tail(),
                     })
                 }
                 Err(e @ CommError::Disconnected(_)) if attempt <= s.retries as usize => {
@@ -919,6 +1005,26 @@ impl Bake<'_> {
                 },
             }),
         }
+    }
+}
+
+fn emit_line(
+    reporter: &Reporter,
+    label: &str,
+    stream: Stream,
+    line: &str,
+    tail: &std::sync::Mutex<std::collections::VecDeque<String>>,
+) {
+    reporter.emit(Event::Output {
+        provisioner: label.to_string(),
+        stream,
+        line: line.to_string(),
+    });
+    if let Ok(mut t) = tail.lock() {
+        if t.len() == crate::comm::ssh::TAIL_LINES {
+            t.pop_front();
+        }
+        t.push_back(line.to_string());
     }
 }
 

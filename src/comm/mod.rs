@@ -112,6 +112,15 @@ impl Session {
         }
     }
 
+    /// Writes `data` (rendered in memory, e.g. a template holding secrets) to `remote` with `mode`.
+    pub async fn upload_bytes(&self, data: Vec<u8>, remote: &str, mode: u32, cancel: Arc<AtomicBool>) -> Result<u64, CommError> {
+        let len = data.len() as u64;
+        match self {
+            Session::Ssh(s) => s.upload_bytes(data, remote, mode).await.map(|_| len),
+            Session::Ssm(s) => s.upload_data(&data, remote, mode, cancel).await,
+        }
+    }
+
     /// Uploads a file, or a folder recursively.
     pub async fn upload(&self, local: &Path, remote: &str, mode: Option<u32>, cancel: Arc<AtomicBool>) -> Result<u64, CommError> {
         match self {

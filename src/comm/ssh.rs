@@ -179,6 +179,7 @@ impl SshSession {
             let sftp = session
                 .sftp()
                 .map_err(|e| CommError::Disconnected(format!("cannot start SFTP: {e}")))?;
+            mkdir_parents(&sftp, Path::new(&remote));
             let mut f = sftp
                 .open_mode(
                     Path::new(&remote),
@@ -188,7 +189,12 @@ impl SshSession {
                 )
                 .map_err(|e| CommError::Transfer(format!("cannot create {remote}: {e}")))?;
             f.write_all(&data)
-                .map_err(|e| CommError::Transfer(format!("writing {remote}: {e}")))
+                .map_err(|e| CommError::Transfer(format!("writing {remote}: {e}")))?;
+            drop(f);
+            // open_mode applies the umask; set the mode asked for.
+            let stat = ssh2::FileStat { size: None, uid: None, gid: None, perm: Some(mode), atime: None, mtime: None };
+            sftp.setstat(Path::new(&remote), stat)
+                .map_err(|e| CommError::Transfer(format!("chmod {remote}: {e}")))
         })
         .await
         .map_err(|e| CommError::Protocol(format!("SSH worker failed: {e}")))?

@@ -186,49 +186,55 @@ impl SsmSession {
                 local.display()
             )));
         }
-        let quiet: LineSink = Arc::new(|_, l| l.to_string());
         let mut sent = 0;
         for (path, dest) in files {
             let data = std::fs::read(&path).map_err(|e| CommError::Transfer(format!("{}: {e}", path.display())))?;
-            let dest = dest.to_string_lossy().to_string();
-            let part = format!("{dest}.bakery-part");
             let file_mode = mode.unwrap_or_else(|| {
                 use std::os::unix::fs::PermissionsExt;
                 std::fs::metadata(&path).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644)
             });
-            let q = super::ssh::shell_quote;
-            let mut chunks = data.chunks(UPLOAD_CHUNK).peekable();
-            let mut first = true;
-            loop {
-                if cancel.load(Ordering::Relaxed) {
-                    return Err(CommError::Cancelled);
-                }
-                use base64::Engine;
-                let chunk = chunks.next().unwrap_or(&[]);
-                let b64 = base64::engine::general_purpose::STANDARD.encode(chunk);
-                let mut script = String::new();
-                if first {
-                    script.push_str(&format!("set -e\nmkdir -p \"$(dirname {})\"\n: > {}\n", q(&dest), q(&part)));
-                }
-                if !chunk.is_empty() {
-                    script.push_str(&format!("printf '%s' '{b64}' | base64 -d >> {}\n", q(&part)));
-                }
-                let last = chunks.peek().is_none();
-                if last {
-                    script.push_str(&format!("chmod {file_mode:o} {0}\nmv -f {0} {1}\n", q(&part), q(&dest)));
-                }
-                let o = self.run(&script, &BTreeMap::new(), Duration::from_secs(120), cancel.clone(), quiet.clone()).await?;
-                if !o.success() {
-                    return Err(CommError::Transfer(format!("writing {dest} over SSM failed: {}", o.tail.join(" / "))));
-                }
-                sent += chunk.len() as u64;
-                first = false;
-                if last {
-                    break;
-                }
-            }
+            sent += self.upload_data(&data, &dest.to_string_lossy(), file_mode, cancel.clone()).await?;
         }
         Ok(sent)
+    }
+
+    /// Writes `data` to `dest` with `mode`, in base64 chunks; the file appears whole (renamed
+    /// into place) or not at all.
+    pub async fn upload_data(&self, data: &[u8], dest: &str, mode: u32, cancel: Arc<AtomicBool>) -> Result<u64, CommError> {
+        use base64::Engine;
+        let quiet: LineSink = Arc::new(|_, l| l.to_string());
+        let part = format!("{dest}.bakery-part");
+        let q = super::ssh::shell_quote;
+        let mut chunks = data.chunks(UPLOAD_CHUNK).peekable();
+        let mut first = true;
+        let mut sent = 0;
+        loop {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(CommError::Cancelled);
+            }
+            let chunk = chunks.next().unwrap_or(&[]);
+            let b64 = base64::engine::general_purpose::STANDARD.encode(chunk);
+            let mut script = String::from("set -e\n");
+            if first {
+                script.push_str(&format!("umask 077\nmkdir -p \"$(dirname {})\"\n: > {}\n", q(dest), q(&part)));
+            }
+            if !chunk.is_empty() {
+                script.push_str(&format!("printf '%s' '{b64}' | base64 -d >> {}\n", q(&part)));
+            }
+            let last = chunks.peek().is_none();
+            if last {
+                script.push_str(&format!("chmod {mode:o} {0}\nmv -f {0} {1}\n", q(&part), q(dest)));
+            }
+            let o = self.run(&script, &BTreeMap::new(), Duration::from_secs(120), cancel.clone(), quiet.clone()).await?;
+            if !o.success() {
+                return Err(CommError::Transfer(format!("writing {dest} over SSM failed: {}", o.tail.join(" / "))));
+            }
+            sent += chunk.len() as u64;
+            first = false;
+            if last {
+                return Ok(sent);
+            }
+        }
     }
 }
 

@@ -158,6 +158,8 @@ pub struct ShellProvisioner {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileProvisioner {
+    /// Render the file's text (variables and references) before uploading it.
+    pub template: bool,
     pub source: PathBuf,
     pub destination: String,
     pub mode: Option<u32>,
@@ -195,6 +197,8 @@ pub struct ImageSpec {
 pub struct Recipe {
     pub path: PathBuf,
     pub sha256: String,
+    /// Every `secret:` / `rds:` reference, resolved once when a bake starts.
+    pub references: std::collections::BTreeSet<String>,
     pub variables: BTreeMap<String, String>,
     pub source: SourceAmi,
     pub instance: InstanceSpec,
@@ -210,6 +214,7 @@ impl Recipe {
             vars: &self.variables,
             timestamp: Some(timestamp),
             build_id: Some(build_id),
+            refs: template::Refs::Forbidden,
         };
         // The name was checked at load time; only the two bake-time placeholders remain.
         template::render(&self.image.name, &ctx).unwrap_or_else(|_| self.image.name.clone())
@@ -281,6 +286,7 @@ pub fn parse(path: &Path, text: &str, vars: &VarSources) -> Result<Recipe, Recip
             .to_path_buf(),
         diags: Vec::new(),
         vars: BTreeMap::new(),
+        references: Default::default(),
     };
     loader.resolve_variables(&raw.variables, vars)?;
     let recipe = loader.build(raw);
@@ -409,6 +415,7 @@ struct RawProvisioner {
     source: Option<S>,
     destination: Option<S>,
     mode: Option<S>,
+    template: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -431,6 +438,21 @@ struct Loader<'a> {
     dir: PathBuf,
     diags: Vec<Diagnostic>,
     vars: BTreeMap<String, String>,
+    references: std::collections::BTreeSet<String>,
+}
+
+/// Adds the text of every well-formed `secret:` / `rds:` placeholder in `s` to `into`.
+fn collect_references(s: &str, into: &mut std::collections::BTreeSet<String>) {
+    let mut rest = s;
+    while let Some(start) = rest.find("{{") {
+        let after = &rest[start + 2..];
+        let Some(end) = after.find("}}") else { break };
+        let name = after[..end].trim();
+        if template::parse_reference(name).is_ok() {
+            into.insert(name.to_string());
+        }
+        rest = &after[end + 2..];
+    }
 }
 
 const DEFAULT_PROVISIONER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -607,10 +629,24 @@ impl Loader<'_> {
 
     /// Renders a templated string; on error records a diagnostic and returns the raw text.
     fn render(&mut self, s: &S) -> String {
+        self.render_with(s, false)
+    }
+
+    /// Renders a string where `secret:` / `rds:` references are allowed (provisioner env values),
+    /// collecting them for resolution at bake time.
+    fn render_env(&mut self, s: &S) -> String {
+        self.render_with(s, true)
+    }
+
+    fn render_with(&mut self, s: &S, refs: bool) -> String {
+        if refs {
+            collect_references(s.get_ref(), &mut self.references);
+        }
         let ctx = template::Context {
             vars: &self.vars,
             timestamp: None,
             build_id: None,
+            refs: if refs { template::Refs::Unresolved } else { template::Refs::Forbidden },
         };
         match template::render(s.get_ref(), &ctx) {
             Ok(v) => v,
@@ -675,6 +711,7 @@ impl Loader<'_> {
         Recipe {
             path: self.file.clone(),
             sha256: String::new(),
+            references: self.references.clone(),
             variables: self.vars.clone(),
             source,
             instance,
@@ -927,7 +964,15 @@ impl Loader<'_> {
         let pause_before = self.duration(&r.pause_before, "pause_before", Duration::ZERO);
         match kind.as_str() {
             "shell" => {
-                self.reject_fields(&kind, &[("source", r.source.as_ref().map(|s| s.span().start)), ("destination", r.destination.as_ref().map(|s| s.span().start)), ("mode", r.mode.as_ref().map(|s| s.span().start))]);
+                self.reject_fields(
+                    &kind,
+                    &[
+                        ("source", r.source.as_ref().map(|s| s.span().start)),
+                        ("destination", r.destination.as_ref().map(|s| s.span().start)),
+                        ("mode", r.mode.as_ref().map(|s| s.span().start)),
+                        ("template", r.template.as_ref().map(|s| s.span().start)),
+                    ],
+                );
                 let body = match (&r.inline, &r.script) {
                     (Some(lines), None) => {
                         let lines: Vec<String> = lines.get_ref().iter().map(|l| self.render(l)).collect();
@@ -959,7 +1004,7 @@ impl Loader<'_> {
                                 "use letters, digits and `_`, starting with a letter or `_`",
                             );
                         }
-                        let value = self.render(v);
+                        let value = self.render_env(v);
                         env.insert(k.clone(), value);
                     }
                 }
@@ -1036,7 +1081,33 @@ impl Loader<'_> {
                         }
                     }
                 });
+                let template = r.template.as_ref().map(|t| *t.get_ref()).unwrap_or(false);
+                if template {
+                    match std::fs::read_to_string(&source) {
+                        Ok(text) => {
+                            // Check the placeholders now; they are filled in when the bake runs.
+                            let at = r.source.as_ref().map(|s| s.span().start).unwrap_or(raw.span().start);
+                            collect_references(&text, &mut self.references);
+                            let ctx = template::Context {
+                                vars: &self.vars,
+                                timestamp: None,
+                                build_id: None,
+                                refs: template::Refs::Unresolved,
+                            };
+                            if let Err(e) = template::render(&text, &ctx) {
+                                self.error(at, format!("template {}: {}", source.display(), e.message), e.hint);
+                            }
+                        }
+                        Err(e) if source.exists() => self.error(
+                            raw.span().start,
+                            format!("template {} is not readable text: {e}", source.display()),
+                            "a template must be a UTF-8 text file (set template = false to upload it as it is)",
+                        ),
+                        Err(_) => {}
+                    }
+                }
                 Some(Provisioner::File(FileProvisioner {
+                    template,
                     source,
                     destination,
                     mode,

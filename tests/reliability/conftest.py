@@ -57,10 +57,12 @@ def pytest_configure(config):
     _CONFIG = config
 
 
-def report(line: str) -> None:
+def report(line: str, live: bool = True) -> None:
     """Prints a summary line now, past pytest's output capture (whatever `-s` says), and again
-    in the terminal summary."""
+    in the terminal summary (only there when not `live`)."""
     SUMMARY.append(line)
+    if not live:
+        return
     capman = _CONFIG.pluginmanager.getplugin("capturemanager") if _CONFIG else None
     if capman is not None:
         with capman.global_and_fixture_disabled():

@@ -49,3 +49,28 @@ def test_wait_unlocked_releases_a_recursively_held_lock(tmp_path):
     assert not w.lock._is_owned()
     # not holding the lock: a plain wait
     assert w.wait_unlocked(threading.Event(), 0.05) is False
+
+
+def test_background_threads_wait_for_the_moto_lock(tmp_path):
+    """The body reconciler and the image timer touch moto's models only under the lock."""
+    from types import SimpleNamespace
+
+    w = make_world(tmp_path)
+    w.ec2()  # moto's backend exists before the race below
+    ami = SimpleNamespace(id="ami-0123456789abcdef0", state="pending")
+    w.lock.acquire()
+    try:
+        rec = threading.Thread(target=w.bodies.reconcile_once)
+        rec.start()
+        w.images._later(ami, 0.0)
+        time.sleep(0.3)
+        assert rec.is_alive(), "the reconciler read moto's instances without the moto lock"
+        assert ami.state == "pending", "the image timer changed moto's image without the moto lock"
+    finally:
+        w.lock.release()
+    rec.join(5)
+    assert not rec.is_alive()
+    deadline = time.time() + 5
+    while ami.state != "available" and time.time() < deadline:
+        time.sleep(0.02)
+    assert ami.state == "available"
