@@ -275,9 +275,12 @@ class Body:
             "BAKERY_WORLD_INSTANCE_ID": self.instance_id,
         }
 
-    def exec(self, script: str, env: dict | None = None, timeout: float = 60) -> tuple[int, bytes, bytes]:
+    def exec(self, script: str, env: dict | None = None, timeout: float = 60,
+             on_start=None) -> tuple[int, bytes, bytes]:
         """Run `/bin/sh -c script` chrooted in the body as root. On timeout the whole
-        process group is killed and (124, out, err) is returned."""
+        process group is killed and (124, out, err) is returned. `on_start(popen)` is called
+        as soon as the process exists (it leads its own process group, `popen.pid`), e.g. to
+        be able to signal it while this call waits."""
         if not self.mounted:
             return 127, b"", f"world: body {self.instance_id} is not mounted ({self.state})\n".encode()
         e = self.base_env()
@@ -291,6 +294,11 @@ class Body:
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
+        if on_start is not None:
+            try:
+                on_start(p)
+            except Exception as e:  # the process runs regardless: wait for it below
+                self.world.log(f"{self.instance_id}: exec on_start failed: {e!r}")
         try:
             out, err = p.communicate(timeout=timeout)
             return p.returncode, out, err

@@ -75,7 +75,7 @@ class Invocation:
     started: datetime.datetime | None = None
     ended: datetime.datetime | None = None
     cancelled: bool = False
-    pid_path: str | None = None
+    proc: Any = None  # the running process (subprocess.Popen), leader of its process group
     body: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -165,7 +165,7 @@ def _invalid_instances(ids: list[str], account_id: str) -> Exception:
 # Running one invocation
 
 
-def _script(inv: Invocation, spec: RunSpec) -> tuple[str, str]:
+def _script(inv: Invocation, spec: RunSpec) -> str:
     base = f"/var/lib/amazon/ssm/{inv.instance_id}/document/orchestration/{inv.command_id}/awsrunShellScript/0"
     eof = "BAKERY_SSM_" + secrets.token_hex(8)
     body = "\n".join(spec.commands)
@@ -173,12 +173,12 @@ def _script(inv: Invocation, spec: RunSpec) -> tuple[str, str]:
     script = (
         f"mkdir -p {shlex.quote(base)} || exit 1\n"
         f"cat > {shlex.quote(base)}/_script.sh <<'{eof}'\n{body}\n{eof}\n"
-        f"echo $$ > {shlex.quote(base)}/pid\n"
         f"cd {shlex.quote(workdir)} || exit 1\n"
-        # `timeout` leads its own process group, so a cancel or a timeout ends every child.
+        # `timeout` (exec'd: the pid Body.exec started) leads the invocation's process group,
+        # so a cancel or a timeout ends every child.
         f"exec timeout -k 2 {int(spec.execution_timeout)} /bin/sh {shlex.quote(base)}/_script.sh\n"
     )
-    return script, base + "/pid"
+    return script
 
 
 def _run(inv: Invocation, spec: RunSpec) -> None:
@@ -208,17 +208,24 @@ def _run_inner(inv: Invocation, spec: RunSpec) -> None:
             return
         time.sleep(DELIVERY_POLL_SECONDS)
 
-    script, pid_path = _script(inv, spec)
+    script = _script(inv, spec)
     with inv.lock:
         if inv.cancelled:
             return
         inv.status, inv.details = "InProgress", "InProgress"
         inv.started = _now()
         inv.body = body
-        inv.pid_path = pid_path
+
+    def started(proc: Any) -> None:
+        with inv.lock:
+            inv.proc = proc
+            cancelled = inv.cancelled
+        if cancelled:  # CancelCommand came after InProgress but before the process existed
+            _terminate(proc)
+
     t0 = time.monotonic()
     env = {"BAKERY_WORLD_IP": body.ip}
-    rc, out, err = body.exec(script, env=env, timeout=spec.execution_timeout + 10)
+    rc, out, err = body.exec(script, env=env, timeout=spec.execution_timeout + 10, on_start=started)
     elapsed = time.monotonic() - t0
     with inv.lock:
         inv.ended = _now()
@@ -251,19 +258,22 @@ def _cancel(inv: Invocation) -> None:
         if inv.status in TERMINAL:
             return
         inv.cancelled = True
-        pid_path, body = inv.pid_path, inv.body
+        proc = inv.proc
         if inv.status == "Pending":
             inv.status, inv.details = "Cancelled", "Cancelled"
             inv.ended = _now()
             return
-    # In progress: end the process group the world started for it (the pid file lives in the
-    # body's root, which the world reads from the host side).
+    # In progress: end the process group the world started for it. If the process does not
+    # exist yet, `started` (in _run_inner) ends it as soon as it does.
+    if proc is not None:
+        _terminate(proc)
+
+
+def _terminate(proc: Any) -> None:
+    """SIGTERM to the invocation's process group (its leader is `proc`), unless it is over."""
     try:
-        root = getattr(body, "root", None)
-        if root and pid_path:
-            with open(os.path.join(root, pid_path.lstrip("/"))) as f:
-                pid = int(f.read().strip())
-            os.killpg(pid, signal.SIGTERM)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
     except (OSError, ValueError):
         log.debug("cancel: process already gone", exc_info=True)
 
