@@ -63,6 +63,21 @@ pub enum Command {
     Gc(GcArgs),
     /// Deregister a recipe's old AMIs (and their snapshots), never one in use.
     Prune(PruneArgs),
+    /// Check the architecture around a group: subnets, security groups, database, IMDSv2, EBS, secrets.
+    Audit(AuditArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// The Auto Scaling group.
+    #[arg(long)]
+    pub asg: String,
+    /// The RDS instance the app uses (default: every RDS instance in the group's VPC).
+    #[arg(long)]
+    pub db_instance: Option<String>,
+    /// The secret the instances read at run time (name or ARN): checks their role may read it.
+    #[arg(long)]
+    pub secret: Option<String>,
 }
 
 #[derive(Debug, Args)]

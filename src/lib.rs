@@ -5,6 +5,7 @@
 //! instance), [`aws`] (clients and typed wrappers), [`output`] (progress and NDJSON events) and
 //! [`wait`] (adaptive polling).
 
+pub mod audit;
 pub mod aws;
 pub mod bake;
 pub mod cli;

@@ -15,6 +15,7 @@ mod exit {
     pub const FAILURE: u8 = 1;
     pub const USAGE: u8 = 2;
     pub const CLEANUP_INCOMPLETE: u8 = 5;
+    pub const AUDIT_HIGH: u8 = 8;
 }
 
 fn main() -> ExitCode {
@@ -220,6 +221,34 @@ async fn run(cli: Cli) -> ExitCode {
                     } else {
                         ExitCode::SUCCESS
                     }
+                }
+                Err(e) => report_error(&reporter, &e.to_string(), exit::FAILURE),
+            }
+        }
+        Command::Audit(args) => {
+            let aws = match aws::Aws::connect(&target).await {
+                Ok(a) => a,
+                Err(e) => return report_error(&reporter, &e.to_string(), exit::USAGE),
+            };
+            match bakery::audit::run(&aws, &args.asg, args.db_instance.as_deref(), args.secret.as_deref()).await {
+                Ok(findings) => {
+                    let high = findings.iter().filter(|f| !f.passed && f.severity == bakery::audit::Severity::High).count();
+                    if reporter.format() == Format::Json {
+                        println!("{}", serde_json::json!({"event": "audit", "group": args.asg, "high_findings": high, "findings": findings}));
+                    } else {
+                        print!("{}", bakery::audit::render(&findings));
+                    }
+                    if high > 0 {
+                        if reporter.format() == Format::Human {
+                            eprintln!("error: {high} high-severity finding(s)");
+                        }
+                        ExitCode::from(exit::AUDIT_HIGH)
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(bakery::audit::AuditError::GroupNotFound(g)) => {
+                    report_error(&reporter, &format!("Auto Scaling group {g:?} not found in this region"), exit::USAGE)
                 }
                 Err(e) => report_error(&reporter, &e.to_string(), exit::FAILURE),
             }

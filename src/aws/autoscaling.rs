@@ -35,6 +35,8 @@ pub struct Group {
     pub uses_mixed_instances_policy: bool,
     pub uses_launch_configuration: Option<String>,
     pub target_group_arns: Vec<String>,
+    /// The subnets the group launches into.
+    pub subnets: Vec<String>,
     pub health_check_type: String,
     pub health_check_grace_period: i32,
     pub instances: Vec<GroupInstance>,
@@ -137,6 +139,14 @@ fn group_of(g: &aws_sdk_autoscaling::types::AutoScalingGroup) -> Group {
         uses_mixed_instances_policy: g.mixed_instances_policy().is_some(),
         uses_launch_configuration: g.launch_configuration_name().map(str::to_string),
         target_group_arns: g.target_group_arns().to_vec(),
+        subnets: g
+            .vpc_zone_identifier()
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
         health_check_type: g.health_check_type().unwrap_or_default().to_string(),
         health_check_grace_period: g.health_check_grace_period().unwrap_or_default(),
         instances: g

@@ -35,6 +35,7 @@ pub struct Aws {
     pub elb: aws_sdk_elasticloadbalancingv2::Client,
     pub secrets: aws_sdk_secretsmanager::Client,
     pub rds: aws_sdk_rds::Client,
+    pub iam: aws_sdk_iam::Client,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +75,7 @@ impl Aws {
             elb: aws_sdk_elasticloadbalancingv2::Client::new(&config),
             secrets: aws_sdk_secretsmanager::Client::new(&config),
             rds: aws_sdk_rds::Client::new(&config),
+            iam: aws_sdk_iam::Client::new(&config),
         })
     }
 }

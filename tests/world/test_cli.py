@@ -51,18 +51,18 @@ def test_unknown_and_malformed_instance_ids(world):
     assert p.returncode == 2 and "not an instance id" in p.stderr
 
 
-def test_port_in_use_is_named(world):
+def test_port_in_use_is_named(world, tmp_path):
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        d = tempfile.mkdtemp(prefix="bakery-world-port-")
+        d = str(tmp_path / "port-a")
         p = world_cmd({"WORLD_DIR": d, "WORLD_PORT": str(port)}, "up")
         assert p.returncode == 2, p.stderr
         assert f"port {port}" in p.stderr and f"pid {os.getpid()}" in p.stderr, p.stderr
     # and the running world's own port
-    d = tempfile.mkdtemp(prefix="bakery-world-port-")
+    d = str(tmp_path / "port-b")
     p = world_cmd({"WORLD_DIR": d, "WORLD_PORT": str(world.port)}, "up")
     assert p.returncode == 2 and f"port {world.port}" in p.stderr and "bakeryworld.server" in p.stderr, p.stderr
 

@@ -167,6 +167,20 @@ def test_execution_timeout_and_cancel(world, ssm, managed):
     assert inv["Status"] == "Cancelled", inv
 
 
+def test_cancel_right_after_in_progress_ends_the_command(world, ssm, managed):
+    """CancelCommand as soon as the invocation says InProgress, before its process may even
+    exist: it still ends (the world used to miss the process and let it run to the end)."""
+    iid = managed["ids"][0]
+    for _ in range(3):
+        cmd = run(ssm, iid, ["sleep 30"])["CommandId"]
+        deadline = time.time() + 10
+        while ssm.get_command_invocation(CommandId=cmd, InstanceId=iid)["Status"] != "InProgress":
+            assert time.time() < deadline, "never InProgress"
+        ssm.cancel_command(CommandId=cmd)
+        inv = finished(ssm, cmd, iid, timeout=5)
+        assert inv["Status"] == "Cancelled", inv
+
+
 def test_dead_body_loses_its_agent_connection(world, ssm, managed):
     # Last in this file: it kills one of the module's instances.
     iid = managed["ids"][1]

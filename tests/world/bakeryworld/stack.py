@@ -240,6 +240,21 @@ class Stack:
             self.iam.add_role_to_instance_profile(InstanceProfileName=PROFILE, RoleName=PROFILE)
         return PROFILE
 
+    def allow_secret(self, secret_arn: str) -> None:
+        """The instances read the database secret at run time with their own role."""
+        self.iam.put_role_policy(
+            RoleName=PROFILE,
+            PolicyName="read-db-secret",
+            PolicyDocument=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {"Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"], "Resource": secret_arn}
+                    ],
+                }
+            ),
+        )
+
     # ---------------------------------------------------------------- the stack image
     def stack_image(self, app_sg: str) -> str:
         images = self.ec2.describe_images(
@@ -407,6 +422,9 @@ class Stack:
                 "SecurityGroupIds": [app_sg],
                 "IamInstanceProfile": {"Name": PROFILE},
                 "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled", "HttpPutResponseHopLimit": 2},
+                "BlockDeviceMappings": [
+                    {"DeviceName": "/dev/xvda", "Ebs": {"VolumeSize": 8, "VolumeType": "gp3", "Encrypted": True}}
+                ],
                 "TagSpecifications": [
                     {"ResourceType": "instance", "Tags": [{"Key": "Name", "Value": NAME}, STACK_TAG]}
                 ],
@@ -526,6 +544,7 @@ class Stack:
         self.allow(db_sg, 5432, source_group=app_sg)
         profile = self.instance_profile()
         db_id, secret_arn = self.database(db_sg)
+        self.allow_secret(secret_arn)
         image_id = self.stack_image(app_sg)
         alb = self.load_balancer(alb_sg)
         tg = self.target_group()
