@@ -52,7 +52,11 @@ impl Rule {
 }
 
 /// Whether the rules admit `port` only from `allowed` groups (and from no CIDR at all).
-pub fn only_from_groups(rules: &[Rule], port: i32, allowed: &BTreeSet<String>) -> Result<(), String> {
+pub fn only_from_groups(
+    rules: &[Rule],
+    port: i32,
+    allowed: &BTreeSet<String>,
+) -> Result<(), String> {
     let mut problems = Vec::new();
     for r in rules.iter().filter(|r| r.covers(port)) {
         for c in &r.cidrs {
@@ -64,8 +68,14 @@ pub fn only_from_groups(rules: &[Rule], port: i32, allowed: &BTreeSet<String>) -
             }
         }
     }
-    if !rules.iter().any(|r| r.covers(port) && r.groups.iter().any(|g| allowed.contains(g))) {
-        problems.push(format!("port {port} is not open to {} at all", allowed.iter().cloned().collect::<Vec<_>>().join(", ")));
+    if !rules
+        .iter()
+        .any(|r| r.covers(port) && r.groups.iter().any(|g| allowed.contains(g)))
+    {
+        problems.push(format!(
+            "port {port} is not open to {} at all",
+            allowed.iter().cloned().collect::<Vec<_>>().join(", ")
+        ));
     }
     if problems.is_empty() {
         Ok(())
@@ -91,7 +101,10 @@ pub fn wildcard(pattern: &str, value: &str) -> bool {
 fn strings(v: Option<&serde_json::Value>) -> Vec<String> {
     match v {
         Some(serde_json::Value::String(s)) => vec![s.clone()],
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_str().map(str::to_string))
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -109,7 +122,9 @@ pub fn policies_allow(documents: &[serde_json::Value], action: &str, resource: &
         for st in statements {
             let acts = strings(st.get("Action"));
             let res = strings(st.get("Resource"));
-            let matches = acts.iter().any(|a| wildcard(&a.to_ascii_lowercase(), &action.to_ascii_lowercase()))
+            let matches = acts
+                .iter()
+                .any(|a| wildcard(&a.to_ascii_lowercase(), &action.to_ascii_lowercase()))
                 && res.iter().any(|r| wildcard(r, resource));
             if matches {
                 match st.get("Effect").and_then(|e| e.as_str()) {
@@ -129,7 +144,9 @@ async fn rules_of(aws: &Aws, ids: &[String]) -> Result<BTreeMap<String, Vec<Rule
     }
     let ec2c = &aws.ec2;
     let out = call("ec2:DescribeSecurityGroups", ids.join(","), || {
-        ec2c.describe_security_groups().set_group_ids(Some(ids.to_vec())).send()
+        ec2c.describe_security_groups()
+            .set_group_ids(Some(ids.to_vec()))
+            .send()
     })
     .await?;
     Ok(out
@@ -147,9 +164,17 @@ async fn rules_of(aws: &Aws, ids: &[String]) -> Result<BTreeMap<String, Vec<Rule
                             .ip_ranges()
                             .iter()
                             .filter_map(|r| r.cidr_ip().map(str::to_string))
-                            .chain(p.ipv6_ranges().iter().filter_map(|r| r.cidr_ipv6().map(str::to_string)))
+                            .chain(
+                                p.ipv6_ranges()
+                                    .iter()
+                                    .filter_map(|r| r.cidr_ipv6().map(str::to_string)),
+                            )
                             .collect(),
-                        groups: p.user_id_group_pairs().iter().filter_map(|u| u.group_id().map(str::to_string)).collect(),
+                        groups: p
+                            .user_id_group_pairs()
+                            .iter()
+                            .filter_map(|u| u.group_id().map(str::to_string))
+                            .collect(),
                     })
                     .collect(),
             )
@@ -162,7 +187,12 @@ async fn subnet_is_public(aws: &Aws, subnet: &str, vpc: &str) -> Result<bool, Aw
     let ec2c = &aws.ec2;
     let out = call("ec2:DescribeRouteTables", subnet, || {
         ec2c.describe_route_tables()
-            .filters(Filter::builder().name("association.subnet-id").values(subnet).build())
+            .filters(
+                Filter::builder()
+                    .name("association.subnet-id")
+                    .values(subnet)
+                    .build(),
+            )
             .send()
     })
     .await?;
@@ -171,20 +201,38 @@ async fn subnet_is_public(aws: &Aws, subnet: &str, vpc: &str) -> Result<bool, Aw
         let main = call("ec2:DescribeRouteTables", vpc, || {
             ec2c.describe_route_tables()
                 .filters(Filter::builder().name("vpc-id").values(vpc).build())
-                .filters(Filter::builder().name("association.main").values("true").build())
+                .filters(
+                    Filter::builder()
+                        .name("association.main")
+                        .values("true")
+                        .build(),
+                )
                 .send()
         })
         .await?;
         tables = main.route_tables().to_vec();
     }
     Ok(tables.iter().flat_map(|t| t.routes()).any(|r| {
-        r.destination_cidr_block() == Some("0.0.0.0/0") && r.gateway_id().is_some_and(|g| g.starts_with("igw-"))
+        r.destination_cidr_block() == Some("0.0.0.0/0")
+            && r.gateway_id().is_some_and(|g| g.starts_with("igw-"))
     }))
 }
 
-pub async fn run(aws: &Aws, group_name: &str, db_instance: Option<&str>, secret: Option<&str>) -> Result<Vec<Finding>, AuditError> {
+pub async fn run(
+    aws: &Aws,
+    group_name: &str,
+    db_instance: Option<&str>,
+    secret: Option<&str>,
+) -> Result<Vec<Finding>, AuditError> {
     let mut f = Vec::new();
-    let mut add = |check, severity, passed, detail: String| f.push(Finding { check, severity, passed, detail });
+    let mut add = |check, severity, passed, detail: String| {
+        f.push(Finding {
+            check,
+            severity,
+            passed,
+            detail,
+        })
+    };
     let g = autoscaling::describe(&aws.autoscaling, group_name)
         .await?
         .ok_or_else(|| AuditError::GroupNotFound(group_name.to_string()))?;
@@ -195,7 +243,10 @@ pub async fn run(aws: &Aws, group_name: &str, db_instance: Option<&str>, secret:
         }
         v
     };
-    let vpc = subnets.first().map(|s| s.vpc_id.clone()).unwrap_or_default();
+    let vpc = subnets
+        .first()
+        .map(|s| s.vpc_id.clone())
+        .unwrap_or_default();
 
     // 1. Instances in private subnets, without public addresses.
     let mut public = Vec::new();
@@ -218,11 +269,22 @@ pub async fn run(aws: &Aws, group_name: &str, db_instance: Option<&str>, secret:
         Severity::High,
         public.is_empty() && with_public_ip.is_empty(),
         match (public.is_empty(), with_public_ip.is_empty()) {
-            (true, true) => format!("{} subnet(s), none routed to an internet gateway; no instance has a public IP", subnets.len()),
+            (true, true) => format!(
+                "{} subnet(s), none routed to an internet gateway; no instance has a public IP",
+                subnets.len()
+            ),
             _ => format!(
                 "public subnets in the group: {}; instances with a public IP: {}",
-                if public.is_empty() { "none".into() } else { public.join(", ") },
-                if with_public_ip.is_empty() { "none".into() } else { with_public_ip.join(", ") }
+                if public.is_empty() {
+                    "none".into()
+                } else {
+                    public.join(", ")
+                },
+                if with_public_ip.is_empty() {
+                    "none".into()
+                } else {
+                    with_public_ip.join(", ")
+                }
             ),
         },
     );
@@ -237,13 +299,30 @@ pub async fn run(aws: &Aws, group_name: &str, db_instance: Option<&str>, secret:
         None => None,
     };
     let version = match &template {
-        Some(id) => lt::describe(&aws.ec2, id, g.launch_template.as_ref().and_then(|l| l.version.as_deref()).unwrap_or("$Default")).await?,
+        Some(id) => {
+            lt::describe(
+                &aws.ec2,
+                id,
+                g.launch_template
+                    .as_ref()
+                    .and_then(|l| l.version.as_deref())
+                    .unwrap_or("$Default"),
+            )
+            .await?
+        }
         None => None,
     };
     let data = version.as_ref().and_then(|v| v.data.clone());
-    let mut app_groups: Vec<String> = data.as_ref().map(|d| d.security_group_ids().to_vec()).unwrap_or_default();
+    let mut app_groups: Vec<String> = data
+        .as_ref()
+        .map(|d| d.security_group_ids().to_vec())
+        .unwrap_or_default();
     if let Some(d) = &data {
-        app_groups.extend(d.network_interfaces().iter().flat_map(|n| n.groups().iter().cloned()));
+        app_groups.extend(
+            d.network_interfaces()
+                .iter()
+                .flat_map(|n| n.groups().iter().cloned()),
+        );
     }
 
     // 2. The load balancer in public subnets; 3. the app port only from its group.
@@ -252,21 +331,46 @@ pub async fn run(aws: &Aws, group_name: &str, db_instance: Option<&str>, secret:
         None
     } else {
         Some(
-            call("elasticloadbalancing:DescribeTargetGroups", group_name, || {
-                elb.describe_target_groups().set_target_group_arns(Some(g.target_group_arns.clone())).send()
-            })
+            call(
+                "elasticloadbalancing:DescribeTargetGroups",
+                group_name,
+                || {
+                    elb.describe_target_groups()
+                        .set_target_group_arns(Some(g.target_group_arns.clone()))
+                        .send()
+                },
+            )
             .await?,
         )
     };
-    let lb_arns: BTreeSet<String> = tgs.iter().flat_map(|o| o.target_groups()).flat_map(|t| t.load_balancer_arns().iter().cloned()).collect();
-    let app_port = tgs.iter().flat_map(|o| o.target_groups()).find_map(|t| t.port()).unwrap_or(80);
+    let lb_arns: BTreeSet<String> = tgs
+        .iter()
+        .flat_map(|o| o.target_groups())
+        .flat_map(|t| t.load_balancer_arns().iter().cloned())
+        .collect();
+    let app_port = tgs
+        .iter()
+        .flat_map(|o| o.target_groups())
+        .find_map(|t| t.port())
+        .unwrap_or(80);
     let mut lb_groups = BTreeSet::new();
     if lb_arns.is_empty() {
-        add("load balancer in public subnets", Severity::Info, true, "the group is behind no load balancer".into());
+        add(
+            "load balancer in public subnets",
+            Severity::Info,
+            true,
+            "the group is behind no load balancer".into(),
+        );
     } else {
-        let lbs = call("elasticloadbalancing:DescribeLoadBalancers", group_name, || {
-            elb.describe_load_balancers().set_load_balancer_arns(Some(lb_arns.iter().cloned().collect())).send()
-        })
+        let lbs = call(
+            "elasticloadbalancing:DescribeLoadBalancers",
+            group_name,
+            || {
+                elb.describe_load_balancers()
+                    .set_load_balancer_arns(Some(lb_arns.iter().cloned().collect()))
+                    .send()
+            },
+        )
         .await?;
         let mut private = Vec::new();
         for lb in lbs.load_balancers() {
@@ -275,7 +379,10 @@ pub async fn run(aws: &Aws, group_name: &str, db_instance: Option<&str>, secret:
             for az in lb.availability_zones() {
                 if let Some(s) = az.subnet_id() {
                     if internet && !subnet_is_public(aws, s, lb.vpc_id().unwrap_or(&vpc)).await? {
-                        private.push(format!("{} in {s}", lb.load_balancer_name().unwrap_or_default()));
+                        private.push(format!(
+                            "{} in {s}",
+                            lb.load_balancer_name().unwrap_or_default()
+                        ));
                     }
                 }
             }
@@ -285,24 +392,50 @@ pub async fn run(aws: &Aws, group_name: &str, db_instance: Option<&str>, secret:
             Severity::Medium,
             private.is_empty(),
             if private.is_empty() {
-                format!("{} internet-facing load balancer(s), all in public subnets", lbs.load_balancers().len())
+                format!(
+                    "{} internet-facing load balancer(s), all in public subnets",
+                    lbs.load_balancers().len()
+                )
             } else {
-                format!("internet-facing but in a private subnet: {}", private.join(", "))
+                format!(
+                    "internet-facing but in a private subnet: {}",
+                    private.join(", ")
+                )
             },
         );
     }
     let app_rules = rules_of(aws, &app_groups).await?;
     let all_rules: Vec<Rule> = app_rules.values().flatten().cloned().collect();
     match only_from_groups(&all_rules, app_port, &lb_groups) {
-        Ok(()) => add("app port only from the load balancer", Severity::High, true, format!("port {app_port} of {} admits only {}", app_groups.join(", "), lb_groups.iter().cloned().collect::<Vec<_>>().join(", "))),
-        Err(why) => add("app port only from the load balancer", Severity::High, false, why),
+        Ok(()) => add(
+            "app port only from the load balancer",
+            Severity::High,
+            true,
+            format!(
+                "port {app_port} of {} admits only {}",
+                app_groups.join(", "),
+                lb_groups.iter().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        ),
+        Err(why) => add(
+            "app port only from the load balancer",
+            Severity::High,
+            false,
+            why,
+        ),
     }
 
     // 4. The database: only from the instances' groups, not publicly accessible.
     let rds = &aws.rds;
-    let dbs = call("rds:DescribeDBInstances", db_instance.unwrap_or("all"), || {
-        rds.describe_db_instances().set_db_instance_identifier(db_instance.map(str::to_string)).send()
-    })
+    let dbs = call(
+        "rds:DescribeDBInstances",
+        db_instance.unwrap_or("all"),
+        || {
+            rds.describe_db_instances()
+                .set_db_instance_identifier(db_instance.map(str::to_string))
+                .send()
+        },
+    )
     .await?;
     let app_set: BTreeSet<String> = app_groups.iter().cloned().collect();
     let mut checked_db = false;
@@ -317,18 +450,44 @@ pub async fn run(aws: &Aws, group_name: &str, db_instance: Option<&str>, secret:
             "database not publicly accessible",
             Severity::High,
             !db.publicly_accessible().unwrap_or(false),
-            format!("{name}: PubliclyAccessible = {}", db.publicly_accessible().unwrap_or(false)),
+            format!(
+                "{name}: PubliclyAccessible = {}",
+                db.publicly_accessible().unwrap_or(false)
+            ),
         );
-        let port = db.endpoint().and_then(|e| e.port()).or(db.db_instance_port()).unwrap_or(5432);
-        let sgs: Vec<String> = db.vpc_security_groups().iter().filter_map(|s| s.vpc_security_group_id().map(str::to_string)).collect();
+        let port = db
+            .endpoint()
+            .and_then(|e| e.port())
+            .or(db.db_instance_port())
+            .unwrap_or(5432);
+        let sgs: Vec<String> = db
+            .vpc_security_groups()
+            .iter()
+            .filter_map(|s| s.vpc_security_group_id().map(str::to_string))
+            .collect();
         let rules: Vec<Rule> = rules_of(aws, &sgs).await?.into_values().flatten().collect();
         match only_from_groups(&rules, port, &app_set) {
-            Ok(()) => add("database only from the instances", Severity::High, true, format!("{name}: port {port} admits only the instances' group")),
-            Err(why) => add("database only from the instances", Severity::High, false, format!("{name}: {why}")),
+            Ok(()) => add(
+                "database only from the instances",
+                Severity::High,
+                true,
+                format!("{name}: port {port} admits only the instances' group"),
+            ),
+            Err(why) => add(
+                "database only from the instances",
+                Severity::High,
+                false,
+                format!("{name}: {why}"),
+            ),
         }
     }
     if !checked_db {
-        add("database only from the instances", Severity::Info, true, "no RDS instance in the group's VPC".into());
+        add(
+            "database only from the instances",
+            Severity::Info,
+            true,
+            "no RDS instance in the group's VPC".into(),
+        );
     }
 
     // 5. IMDSv2 required.
@@ -338,7 +497,12 @@ pub async fn run(aws: &Aws, group_name: &str, db_instance: Option<&str>, secret:
         Severity::High,
         imds,
         match &version {
-            Some(v) => format!("launch template {} version {}: HttpTokens {}", v.template_id, v.number, if imds { "required" } else { "optional" }),
+            Some(v) => format!(
+                "launch template {} version {}: HttpTokens {}",
+                v.template_id,
+                v.number,
+                if imds { "required" } else { "optional" }
+            ),
             None => "the group has no launch template to check".into(),
         },
     );
@@ -349,7 +513,12 @@ pub async fn run(aws: &Aws, group_name: &str, db_instance: Option<&str>, secret:
     if !ids.is_empty() {
         let vols = call("ec2:DescribeVolumes", group_name, || {
             ec2c.describe_volumes()
-                .filters(Filter::builder().name("attachment.instance-id").set_values(Some(ids.clone())).build())
+                .filters(
+                    Filter::builder()
+                        .name("attachment.instance-id")
+                        .set_values(Some(ids.clone()))
+                        .build(),
+                )
                 .send()
         })
         .await?;
@@ -361,7 +530,9 @@ pub async fn run(aws: &Aws, group_name: &str, db_instance: Option<&str>, secret:
     }
     let template_encrypts = data.as_ref().is_some_and(|d| {
         !d.block_device_mappings().is_empty()
-            && d.block_device_mappings().iter().all(|b| b.ebs().and_then(|e| e.encrypted()).unwrap_or(false))
+            && d.block_device_mappings()
+                .iter()
+                .all(|b| b.ebs().and_then(|e| e.encrypted()).unwrap_or(false))
     });
     add(
         "EBS volumes encrypted",
@@ -370,7 +541,10 @@ pub async fn run(aws: &Aws, group_name: &str, db_instance: Option<&str>, secret:
         if template_encrypts {
             "the launch template encrypts every volume".into()
         } else if !unencrypted.is_empty() {
-            format!("unencrypted volumes: {} (and the launch template does not ask for encryption)", unencrypted.join(", "))
+            format!(
+                "unencrypted volumes: {} (and the launch template does not ask for encryption)",
+                unencrypted.join(", ")
+            )
         } else if ids.is_empty() {
             "no instances, and the launch template does not ask for encryption".into()
         } else {
@@ -380,10 +554,29 @@ pub async fn run(aws: &Aws, group_name: &str, db_instance: Option<&str>, secret:
 
     // 7. The instance role can read the secret.
     match (secret, data.as_ref().and_then(|d| d.iam_instance_profile())) {
-        (None, _) => add("instance role reads the secret", Severity::Info, true, "not checked: pass --secret NAME_OR_ARN".into()),
-        (Some(s), None) => add("instance role reads the secret", Severity::High, false, format!("the launch template has no instance profile, so instances cannot read {s}")),
+        (None, _) => add(
+            "instance role reads the secret",
+            Severity::Info,
+            true,
+            "not checked: pass --secret NAME_OR_ARN".into(),
+        ),
+        (Some(s), None) => add(
+            "instance role reads the secret",
+            Severity::High,
+            false,
+            format!("the launch template has no instance profile, so instances cannot read {s}"),
+        ),
         (Some(s), Some(profile)) => {
-            let name = profile.name().map(str::to_string).or_else(|| profile.arn().and_then(|a| a.rsplit('/').next()).map(str::to_string)).unwrap_or_default();
+            let name = profile
+                .name()
+                .map(str::to_string)
+                .or_else(|| {
+                    profile
+                        .arn()
+                        .and_then(|a| a.rsplit('/').next())
+                        .map(str::to_string)
+                })
+                .unwrap_or_default();
             let arn = secret_arn(aws, s).await.unwrap_or_else(|| s.to_string());
             let docs = role_policies(aws, &name).await?;
             let ok = policies_allow(&docs, "secretsmanager:GetSecretValue", &arn);
@@ -404,16 +597,23 @@ pub async fn run(aws: &Aws, group_name: &str, db_instance: Option<&str>, secret:
 
 async fn secret_arn(aws: &Aws, id: &str) -> Option<String> {
     let sm = &aws.secrets;
-    call("secretsmanager:DescribeSecret", id, || sm.describe_secret().secret_id(id).send())
-        .await
-        .ok()
-        .and_then(|o| o.arn().map(str::to_string))
+    call("secretsmanager:DescribeSecret", id, || {
+        sm.describe_secret().secret_id(id).send()
+    })
+    .await
+    .ok()
+    .and_then(|o| o.arn().map(str::to_string))
 }
 
 /// Every policy document of the roles in an instance profile (inline and attached).
 async fn role_policies(aws: &Aws, profile: &str) -> Result<Vec<serde_json::Value>, AwsError> {
     let iam = &aws.iam;
-    let p = call("iam:GetInstanceProfile", profile, || iam.get_instance_profile().instance_profile_name(profile).send()).await?;
+    let p = call("iam:GetInstanceProfile", profile, || {
+        iam.get_instance_profile()
+            .instance_profile_name(profile)
+            .send()
+    })
+    .await?;
     let mut docs = Vec::new();
     let decode = |d: &str| -> Option<serde_json::Value> {
         let text = percent_decode(d);
@@ -421,17 +621,42 @@ async fn role_policies(aws: &Aws, profile: &str) -> Result<Vec<serde_json::Value
     };
     for role in p.instance_profile().map(|i| i.roles()).unwrap_or_default() {
         let role_name = role.role_name();
-        let inline = call("iam:ListRolePolicies", role_name, || iam.list_role_policies().role_name(role_name).send()).await?;
+        let inline = call("iam:ListRolePolicies", role_name, || {
+            iam.list_role_policies().role_name(role_name).send()
+        })
+        .await?;
         for pn in inline.policy_names() {
-            let doc = call("iam:GetRolePolicy", pn, || iam.get_role_policy().role_name(role_name).policy_name(pn).send()).await?;
+            let doc = call("iam:GetRolePolicy", pn, || {
+                iam.get_role_policy()
+                    .role_name(role_name)
+                    .policy_name(pn)
+                    .send()
+            })
+            .await?;
             docs.extend(decode(doc.policy_document()));
         }
-        let attached = call("iam:ListAttachedRolePolicies", role_name, || iam.list_attached_role_policies().role_name(role_name).send()).await?;
+        let attached = call("iam:ListAttachedRolePolicies", role_name, || {
+            iam.list_attached_role_policies()
+                .role_name(role_name)
+                .send()
+        })
+        .await?;
         for ap in attached.attached_policies() {
             let Some(arn) = ap.policy_arn() else { continue };
-            let pol = call("iam:GetPolicy", arn, || iam.get_policy().policy_arn(arn).send()).await?;
-            let Some(v) = pol.policy().and_then(|p| p.default_version_id()) else { continue };
-            let ver = call("iam:GetPolicyVersion", arn, || iam.get_policy_version().policy_arn(arn).version_id(v).send()).await?;
+            let pol = call("iam:GetPolicy", arn, || {
+                iam.get_policy().policy_arn(arn).send()
+            })
+            .await?;
+            let Some(v) = pol.policy().and_then(|p| p.default_version_id()) else {
+                continue;
+            };
+            let ver = call("iam:GetPolicyVersion", arn, || {
+                iam.get_policy_version()
+                    .policy_arn(arn)
+                    .version_id(v)
+                    .send()
+            })
+            .await?;
             if let Some(d) = ver.policy_version().and_then(|p| p.document()) {
                 docs.extend(decode(d));
             }
@@ -460,20 +685,40 @@ fn percent_decode(s: &str) -> String {
 }
 
 pub fn render(findings: &[Finding]) -> String {
-    let rows: Vec<[String; 4]> = std::iter::once(["CHECK".into(), "SEVERITY".into(), "RESULT".into(), "DETAIL".into()])
-        .chain(findings.iter().map(|f| {
-            [
-                f.check.to_string(),
-                format!("{:?}", f.severity).to_lowercase(),
-                if f.passed { "pass".into() } else { "FAIL".into() },
-                f.detail.clone(),
-            ]
-        }))
+    let rows: Vec<[String; 4]> = std::iter::once([
+        "CHECK".into(),
+        "SEVERITY".into(),
+        "RESULT".into(),
+        "DETAIL".into(),
+    ])
+    .chain(findings.iter().map(|f| {
+        [
+            f.check.to_string(),
+            format!("{:?}", f.severity).to_lowercase(),
+            if f.passed {
+                "pass".into()
+            } else {
+                "FAIL".into()
+            },
+            f.detail.clone(),
+        ]
+    }))
+    .collect();
+    let widths: Vec<usize> = (0..3)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
         .collect();
-    let widths: Vec<usize> = (0..3).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
     let mut out = String::new();
     for r in rows {
-        out.push_str(&format!("{:<w0$}  {:<w1$}  {:<w2$}  {}\n", r[0], r[1], r[2], r[3], w0 = widths[0], w1 = widths[1], w2 = widths[2]));
+        out.push_str(&format!(
+            "{:<w0$}  {:<w1$}  {:<w2$}  {}\n",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2]
+        ));
     }
     out
 }
@@ -495,11 +740,30 @@ mod tests {
     fn a_port_must_be_open_to_the_allowed_group_and_nothing_else() {
         let allowed = BTreeSet::from(["sg-alb".to_string()]);
         assert!(only_from_groups(&[rule(8080, &[], &["sg-alb"])], 8080, &allowed).is_ok());
-        let err = only_from_groups(&[rule(8080, &[], &["sg-alb"]), rule(8080, &["0.0.0.0/0"], &[])], 8080, &allowed).unwrap_err();
+        let err = only_from_groups(
+            &[
+                rule(8080, &[], &["sg-alb"]),
+                rule(8080, &["0.0.0.0/0"], &[]),
+            ],
+            8080,
+            &allowed,
+        )
+        .unwrap_err();
         assert!(err.contains("open to 0.0.0.0/0"));
-        assert!(only_from_groups(&[rule(22, &["0.0.0.0/0"], &[])], 8080, &allowed).unwrap_err().contains("not open to sg-alb at all"));
-        let all_ports = Rule { from: -1, to: -1, cidrs: vec!["10.0.0.0/8".into()], groups: vec![] };
-        assert!(only_from_groups(&[rule(8080, &[], &["sg-alb"]), all_ports], 8080, &allowed).is_err());
+        assert!(
+            only_from_groups(&[rule(22, &["0.0.0.0/0"], &[])], 8080, &allowed)
+                .unwrap_err()
+                .contains("not open to sg-alb at all")
+        );
+        let all_ports = Rule {
+            from: -1,
+            to: -1,
+            cidrs: vec!["10.0.0.0/8".into()],
+            groups: vec![],
+        };
+        assert!(
+            only_from_groups(&[rule(8080, &[], &["sg-alb"]), all_ports], 8080, &allowed).is_err()
+        );
     }
 
     #[test]
@@ -509,11 +773,31 @@ mod tests {
         let star = serde_json::json!({"Statement": {"Effect": "Allow", "Action": "secretsmanager:*", "Resource": "*"}});
         let deny = serde_json::json!({"Statement": [{"Effect": "Deny", "Action": "secretsmanager:Get*", "Resource": "*"}]});
         let other = serde_json::json!({"Statement": [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}]});
-        assert!(policies_allow(&[allow.clone()], "secretsmanager:GetSecretValue", arn));
-        assert!(policies_allow(&[star.clone()], "secretsmanager:GetSecretValue", arn));
-        assert!(!policies_allow(&[star, deny], "secretsmanager:GetSecretValue", arn));
-        assert!(!policies_allow(&[other], "secretsmanager:GetSecretValue", arn));
-        assert!(!policies_allow(&[allow], "secretsmanager:GetSecretValue", "arn:aws:secretsmanager:us-east-1:123:secret:prod/db-x"));
+        assert!(policies_allow(
+            &[allow.clone()],
+            "secretsmanager:GetSecretValue",
+            arn
+        ));
+        assert!(policies_allow(
+            &[star.clone()],
+            "secretsmanager:GetSecretValue",
+            arn
+        ));
+        assert!(!policies_allow(
+            &[star, deny],
+            "secretsmanager:GetSecretValue",
+            arn
+        ));
+        assert!(!policies_allow(
+            &[other],
+            "secretsmanager:GetSecretValue",
+            arn
+        ));
+        assert!(!policies_allow(
+            &[allow],
+            "secretsmanager:GetSecretValue",
+            "arn:aws:secretsmanager:us-east-1:123:secret:prod/db-x"
+        ));
     }
 
     #[test]

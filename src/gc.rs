@@ -41,7 +41,12 @@ fn created_from_tags(tags: &BTreeMap<String, String>) -> Option<i64> {
 
 fn tag_map(tags: &[aws_sdk_ec2::types::Tag]) -> BTreeMap<String, String> {
     tags.iter()
-        .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or_default().to_string())))
+        .filter_map(|t| {
+            Some((
+                t.key()?.to_string(),
+                t.value().unwrap_or_default().to_string(),
+            ))
+        })
         .collect()
 }
 
@@ -58,19 +63,35 @@ struct Gc<'a> {
 impl Gc<'_> {
     /// The tag filter that selects bakery's resources (of one bake, with `--build-id`).
     fn ours(&self, key: &str, value: &str) -> Vec<Filter> {
-        let mut f = vec![Filter::builder().name(format!("tag:{key}")).values(value).build()];
+        let mut f = vec![Filter::builder()
+            .name(format!("tag:{key}"))
+            .values(value)
+            .build()];
         if let Some(b) = &self.build_id {
-            f.push(Filter::builder().name(format!("tag:{BUILD_ID_TAG}")).values(b).build());
+            f.push(
+                Filter::builder()
+                    .name(format!("tag:{BUILD_ID_TAG}"))
+                    .values(b)
+                    .build(),
+            );
         }
         f
     }
 
     /// Records a finding and, when it is old enough and this is no dry run, removes it.
-    async fn handle<F>(&mut self, kind: &'static str, id: String, created: Option<i64>, why: String, remove: F)
-    where
+    async fn handle<F>(
+        &mut self,
+        kind: &'static str,
+        id: String,
+        created: Option<i64>,
+        why: String,
+        remove: F,
+    ) where
         F: std::future::Future<Output = Result<(), AwsError>>,
     {
-        let age = created.map(|c| (now() - c).max(0) as u64).unwrap_or(u64::MAX);
+        let age = created
+            .map(|c| (now() - c).max(0) as u64)
+            .unwrap_or(u64::MAX);
         let action = if age < self.older_than.as_secs() {
             "kept (too young)".to_string()
         } else if self.dry_run {
@@ -95,7 +116,15 @@ impl Gc<'_> {
         let out = call("ec2:DescribeInstances", "bakery temporaries", || {
             ec2c.describe_instances()
                 .set_filters(Some(self.ours(TEMPORARY_TAG, "true")))
-                .filters(Filter::builder().name("instance-state-name").values("pending").values("running").values("stopping").values("stopped").build())
+                .filters(
+                    Filter::builder()
+                        .name("instance-state-name")
+                        .values("pending")
+                        .values("running")
+                        .values("stopping")
+                        .values("stopped")
+                        .build(),
+                )
                 .send()
         })
         .await?;
@@ -115,9 +144,13 @@ impl Gc<'_> {
         let mut removed = Vec::new();
         for (id, launched, build) in found {
             let ids = vec![id.clone()];
-            self.handle("instance", id.clone(), Some(launched), format!("temporary instance of bake {build}"), async {
-                ec2::terminate_instances(ec2c, &ids).await
-            })
+            self.handle(
+                "instance",
+                id.clone(),
+                Some(launched),
+                format!("temporary instance of bake {build}"),
+                async { ec2::terminate_instances(ec2c, &ids).await },
+            )
             .await;
             if self.findings.last().is_some_and(|f| f.action == "removed") {
                 removed.push(id);
@@ -125,12 +158,17 @@ impl Gc<'_> {
         }
         // Groups can only go once their instances are gone.
         for id in removed {
-            let _ = crate::wait::until(format!("{id} to terminate"), Duration::from_secs(300), crate::wait::Poll::API, || async {
-                Ok::<_, AwsError>(match ec2::describe_instance(ec2c, &id).await? {
-                    Some(i) if i.state != "terminated" => crate::wait::Probe::Pending(i.state),
-                    _ => crate::wait::Probe::Ready(()),
-                })
-            })
+            let _ = crate::wait::until(
+                format!("{id} to terminate"),
+                Duration::from_secs(300),
+                crate::wait::Poll::API,
+                || async {
+                    Ok::<_, AwsError>(match ec2::describe_instance(ec2c, &id).await? {
+                        Some(i) if i.state != "terminated" => crate::wait::Probe::Pending(i.state),
+                        _ => crate::wait::Probe::Ready(()),
+                    })
+                },
+            )
             .await;
         }
         Ok(())
@@ -147,13 +185,22 @@ impl Gc<'_> {
         let found: Vec<(String, BTreeMap<String, String>)> = out
             .security_groups()
             .iter()
-            .map(|g| (g.group_id().unwrap_or_default().to_string(), tag_map(g.tags())))
+            .map(|g| {
+                (
+                    g.group_id().unwrap_or_default().to_string(),
+                    tag_map(g.tags()),
+                )
+            })
             .collect();
         for (id, tags) in found {
             let build = tags.get(BUILD_ID_TAG).cloned().unwrap_or_default();
-            self.handle("security group", id.clone(), created_from_tags(&tags), format!("temporary group of bake {build}"), async {
-                ec2::delete_security_group(ec2c, &id).await
-            })
+            self.handle(
+                "security group",
+                id.clone(),
+                created_from_tags(&tags),
+                format!("temporary group of bake {build}"),
+                async { ec2::delete_security_group(ec2c, &id).await },
+            )
             .await;
         }
         Ok(())
@@ -170,14 +217,24 @@ impl Gc<'_> {
         let found: Vec<(String, Option<i64>, BTreeMap<String, String>)> = out
             .key_pairs()
             .iter()
-            .map(|k| (k.key_name().unwrap_or_default().to_string(), k.create_time().map(|t| t.secs()), tag_map(k.tags())))
+            .map(|k| {
+                (
+                    k.key_name().unwrap_or_default().to_string(),
+                    k.create_time().map(|t| t.secs()),
+                    tag_map(k.tags()),
+                )
+            })
             .collect();
         for (name, created, tags) in found {
             let created = created.or_else(|| created_from_tags(&tags));
             let build = tags.get(BUILD_ID_TAG).cloned().unwrap_or_default();
-            self.handle("key pair", name.clone(), created, format!("temporary key of bake {build}"), async {
-                ec2::delete_key_pair(ec2c, &name).await
-            })
+            self.handle(
+                "key pair",
+                name.clone(),
+                created,
+                format!("temporary key of bake {build}"),
+                async { ec2::delete_key_pair(ec2c, &name).await },
+            )
             .await;
         }
         Ok(())
@@ -187,11 +244,20 @@ impl Gc<'_> {
     async fn images(&mut self) -> Result<(), AwsError> {
         let ec2c = &self.aws.ec2;
         let filters = match &self.build_id {
-            Some(b) => vec![Filter::builder().name(format!("tag:{BUILD_ID_TAG}")).values(b).build()],
-            None => vec![Filter::builder().name("tag-key").values(BUILD_ID_TAG).build()],
+            Some(b) => vec![Filter::builder()
+                .name(format!("tag:{BUILD_ID_TAG}"))
+                .values(b)
+                .build()],
+            None => vec![Filter::builder()
+                .name("tag-key")
+                .values(BUILD_ID_TAG)
+                .build()],
         };
         let out = call("ec2:DescribeImages", "bakery build images", || {
-            ec2c.describe_images().owners("self").set_filters(Some(filters.clone())).send()
+            ec2c.describe_images()
+                .owners("self")
+                .set_filters(Some(filters.clone()))
+                .send()
         })
         .await?;
         let found: Vec<(ec2::ImageInfo, BTreeMap<String, String>)> = out
@@ -202,13 +268,18 @@ impl Gc<'_> {
                     ec2::ImageInfo {
                         id: i.image_id().unwrap_or_default().to_string(),
                         name: i.name().unwrap_or_default().to_string(),
-                        state: i.state().map(|s| s.as_str().to_string()).unwrap_or_default(),
+                        state: i
+                            .state()
+                            .map(|s| s.as_str().to_string())
+                            .unwrap_or_default(),
                         root_device_name: None,
                         creation_date: i.creation_date().map(str::to_string),
                         snapshot_ids: i
                             .block_device_mappings()
                             .iter()
-                            .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(str::to_string))
+                            .filter_map(|m| {
+                                m.ebs().and_then(|e| e.snapshot_id()).map(str::to_string)
+                            })
                             .collect(),
                     },
                     tag_map(i.tags()),
@@ -223,19 +294,26 @@ impl Gc<'_> {
                 .and_then(|d| OffsetDateTime::parse(d, &Rfc3339).ok())
                 .map(|t| t.unix_timestamp());
             let build = tags.get(BUILD_ID_TAG).cloned().unwrap_or_default();
-            let why = format!("image {} ({}) of bake {build}, which never finished", image.name, image.state);
+            let why = format!(
+                "image {} ({}) of bake {build}, which never finished",
+                image.name, image.state
+            );
             if self.in_use.contains(&image.id) {
                 self.findings.push(Finding {
                     kind: "image",
                     id: image.id.clone(),
-                    age_s: created.map(|c| (now() - c).max(0) as u64).unwrap_or_default(),
+                    age_s: created
+                        .map(|c| (now() - c).max(0) as u64)
+                        .unwrap_or_default(),
                     why,
                     action: "kept (in use)".into(),
                 });
                 continue;
             }
-            self.handle("image", image.id.clone(), created, why, async { ec2::delete_image(ec2c, &image).await })
-                .await;
+            self.handle("image", image.id.clone(), created, why, async {
+                ec2::delete_image(ec2c, &image).await
+            })
+            .await;
         }
         Ok(())
     }
@@ -246,29 +324,48 @@ impl Gc<'_> {
         let groups = autoscaling::describe_many(
             asg,
             &[],
-            &[(LOCK_TAG.to_string(), None), (TAKEOVER_TAG.to_string(), None)],
+            &[
+                (LOCK_TAG.to_string(), None),
+                (TAKEOVER_TAG.to_string(), None),
+            ],
         )
         .await?;
         let now = now() as u64;
         for g in groups {
             if let Some(l) = g.tags.get(LOCK_TAG).and_then(|t| Lock::decode(t)) {
                 if l.expires <= now {
-                    let why = format!("rollout lock of {} expired (the rollout stays resumable)", l.owner);
+                    let why = format!(
+                        "rollout lock of {} expired (the rollout stays resumable)",
+                        l.owner
+                    );
                     let name = g.name.clone();
-                    self.handle("rollout lock", g.name.clone(), Some(l.expires as i64), why, async {
-                        autoscaling::delete_tags(asg, &name, &[LOCK_TAG]).await
-                    })
+                    self.handle(
+                        "rollout lock",
+                        g.name.clone(),
+                        Some(l.expires as i64),
+                        why,
+                        async { autoscaling::delete_tags(asg, &name, &[LOCK_TAG]).await },
+                    )
                     .await;
                 }
             }
             if let Some(l) = g.tags.get(TAKEOVER_TAG).and_then(|t| Lock::decode(t)) {
                 if l.expires <= now {
-                    let why = format!("health takeover by {} expired: HealthCheck is resumed", l.owner);
+                    let why = format!(
+                        "health takeover by {} expired: HealthCheck is resumed",
+                        l.owner
+                    );
                     let name = g.name.clone();
-                    self.handle("daemon takeover", g.name.clone(), Some(l.expires as i64), why, async {
-                        autoscaling::resume(asg, &name, &["HealthCheck"]).await?;
-                        autoscaling::delete_tags(asg, &name, &[TAKEOVER_TAG]).await
-                    })
+                    self.handle(
+                        "daemon takeover",
+                        g.name.clone(),
+                        Some(l.expires as i64),
+                        why,
+                        async {
+                            autoscaling::resume(asg, &name, &["HealthCheck"]).await?;
+                            autoscaling::delete_tags(asg, &name, &[TAKEOVER_TAG]).await
+                        },
+                    )
                     .await;
                 }
             }
@@ -308,21 +405,33 @@ pub fn render(findings: &[Finding]) -> String {
     if findings.is_empty() {
         return "nothing left behind\n".into();
     }
-    let rows: Vec<[String; 5]> = std::iter::once(["KIND".into(), "ID".into(), "AGE".into(), "ACTION".into(), "WHY".into()])
-        .chain(findings.iter().map(|f| {
-            [
-                f.kind.to_string(),
-                f.id.clone(),
-                humantime::format_duration(Duration::from_secs(f.age_s)).to_string(),
-                f.action.clone(),
-                f.why.clone(),
-            ]
-        }))
+    let rows: Vec<[String; 5]> = std::iter::once([
+        "KIND".into(),
+        "ID".into(),
+        "AGE".into(),
+        "ACTION".into(),
+        "WHY".into(),
+    ])
+    .chain(findings.iter().map(|f| {
+        [
+            f.kind.to_string(),
+            f.id.clone(),
+            humantime::format_duration(Duration::from_secs(f.age_s)).to_string(),
+            f.action.clone(),
+            f.why.clone(),
+        ]
+    }))
+    .collect();
+    let widths: Vec<usize> = (0..5)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
         .collect();
-    let widths: Vec<usize> = (0..5).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
     let mut out = String::new();
     for r in rows {
-        let line: Vec<String> = r.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect();
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }

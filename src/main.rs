@@ -28,8 +28,15 @@ fn main() -> ExitCode {
         _ => false,
     };
     let daemon = matches!(cli.command, Command::Daemon(_));
-    init_logging(cli.global.verbose + u8::from(daemon), cli.global.quiet, json_logs);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    init_logging(
+        cli.global.verbose + u8::from(daemon),
+        cli.global.quiet,
+        json_logs,
+    );
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -101,8 +108,7 @@ async fn run(cli: Cli) -> ExitCode {
             }
         }
         Command::Build(args) => {
-            let sources =
-                recipe::VarSources::from_env(args.recipe.var_files, args.recipe.vars);
+            let sources = recipe::VarSources::from_env(args.recipe.var_files, args.recipe.vars);
             let recipe = match recipe::load(&args.recipe.recipe, &sources) {
                 Ok(r) => r,
                 Err(e) => return report_error(&reporter, &e.to_string(), exit::USAGE),
@@ -150,7 +156,9 @@ async fn run(cli: Cli) -> ExitCode {
             };
             let aws = match aws::Aws::connect(&target).await {
                 Ok(a) => a,
-                Err(e) => return report_rollout_error(&reporter, &e.to_string(), exit::USAGE.into()),
+                Err(e) => {
+                    return report_rollout_error(&reporter, &e.to_string(), exit::USAGE.into())
+                }
             };
             match rollout::run(&aws, &req, &reporter).await {
                 Ok(_) => ExitCode::SUCCESS,
@@ -184,7 +192,10 @@ async fn run(cli: Cli) -> ExitCode {
             match bakery::gc::run(&aws, args.older_than, args.dry_run, args.build_id).await {
                 Ok(findings) => {
                     if reporter.format() == Format::Json {
-                        println!("{}", serde_json::json!({"event": "gc", "dry_run": args.dry_run, "findings": findings}));
+                        println!(
+                            "{}",
+                            serde_json::json!({"event": "gc", "dry_run": args.dry_run, "findings": findings})
+                        );
                     } else {
                         print!("{}", bakery::gc::render(&findings));
                     }
@@ -208,7 +219,10 @@ async fn run(cli: Cli) -> ExitCode {
             match bakery::prune::run(&aws, &args.name_prefix, args.keep, args.dry_run).await {
                 Ok(rows) => {
                     if reporter.format() == Format::Json {
-                        println!("{}", serde_json::json!({"event": "prune", "dry_run": args.dry_run, "images": rows}));
+                        println!(
+                            "{}",
+                            serde_json::json!({"event": "prune", "dry_run": args.dry_run, "images": rows})
+                        );
                     } else if rows.is_empty() {
                         println!("no AMI named {}*", args.name_prefix);
                     } else {
@@ -230,11 +244,24 @@ async fn run(cli: Cli) -> ExitCode {
                 Ok(a) => a,
                 Err(e) => return report_error(&reporter, &e.to_string(), exit::USAGE),
             };
-            match bakery::audit::run(&aws, &args.asg, args.db_instance.as_deref(), args.secret.as_deref()).await {
+            match bakery::audit::run(
+                &aws,
+                &args.asg,
+                args.db_instance.as_deref(),
+                args.secret.as_deref(),
+            )
+            .await
+            {
                 Ok(findings) => {
-                    let high = findings.iter().filter(|f| !f.passed && f.severity == bakery::audit::Severity::High).count();
+                    let high = findings
+                        .iter()
+                        .filter(|f| !f.passed && f.severity == bakery::audit::Severity::High)
+                        .count();
                     if reporter.format() == Format::Json {
-                        println!("{}", serde_json::json!({"event": "audit", "group": args.asg, "high_findings": high, "findings": findings}));
+                        println!(
+                            "{}",
+                            serde_json::json!({"event": "audit", "group": args.asg, "high_findings": high, "findings": findings})
+                        );
                     } else {
                         print!("{}", bakery::audit::render(&findings));
                     }
@@ -247,9 +274,11 @@ async fn run(cli: Cli) -> ExitCode {
                         ExitCode::SUCCESS
                     }
                 }
-                Err(bakery::audit::AuditError::GroupNotFound(g)) => {
-                    report_error(&reporter, &format!("Auto Scaling group {g:?} not found in this region"), exit::USAGE)
-                }
+                Err(bakery::audit::AuditError::GroupNotFound(g)) => report_error(
+                    &reporter,
+                    &format!("Auto Scaling group {g:?} not found in this region"),
+                    exit::USAGE,
+                ),
                 Err(e) => report_error(&reporter, &e.to_string(), exit::FAILURE),
             }
         }
@@ -294,7 +323,10 @@ fn finish_build(reporter: &Reporter, outcome: bake::Outcome) -> ExitCode {
         Ok(manifest) => {
             let value = serde_json::to_value(manifest).unwrap_or_default();
             if human {
-                println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&value).unwrap_or_default()
+                );
                 eprintln!(
                     "==> {} ({}) ready in {:.1}s",
                     manifest.ami_id, manifest.ami_name, manifest.duration_s
@@ -315,7 +347,10 @@ fn finish_build(reporter: &Reporter, outcome: bake::Outcome) -> ExitCode {
     if !outcome.cleanup_failures.is_empty() || !outcome.left_behind.is_empty() {
         if human {
             for f in &outcome.cleanup_failures {
-                eprintln!("error: cleanup: could not remove {} {}: {}", f.kind, f.id, f.error);
+                eprintln!(
+                    "error: cleanup: could not remove {} {}: {}",
+                    f.kind, f.id, f.error
+                );
             }
             if !outcome.left_behind.is_empty() {
                 eprintln!(

@@ -19,7 +19,11 @@ pub struct Pruned {
 }
 
 /// Which of `images` (newest first) to delete: beyond the newest `keep`, not in use.
-pub fn choose(images: &[ec2::ImageInfo], keep: usize, in_use: &BTreeSet<String>) -> Vec<(usize, &'static str)> {
+pub fn choose(
+    images: &[ec2::ImageInfo],
+    keep: usize,
+    in_use: &BTreeSet<String>,
+) -> Vec<(usize, &'static str)> {
     images
         .iter()
         .enumerate()
@@ -40,9 +44,14 @@ pub fn choose(images: &[ec2::ImageInfo], keep: usize, in_use: &BTreeSet<String>)
 pub(crate) async fn images_in_use(aws: &Aws) -> Result<BTreeSet<String>, AwsError> {
     let mut used = BTreeSet::new();
     let ec2c = &aws.ec2;
-    let templates = call("ec2:DescribeLaunchTemplates", "all", || ec2c.describe_launch_templates().send()).await?;
+    let templates = call("ec2:DescribeLaunchTemplates", "all", || {
+        ec2c.describe_launch_templates().send()
+    })
+    .await?;
     for t in templates.launch_templates() {
-        let Some(id) = t.launch_template_id() else { continue };
+        let Some(id) = t.launch_template_id() else {
+            continue;
+        };
         for v in lt::all_versions(ec2c, id).await? {
             used.extend(v.image_id);
         }
@@ -52,7 +61,12 @@ pub(crate) async fn images_in_use(aws: &Aws) -> Result<BTreeSet<String>, AwsErro
         asg.describe_launch_configurations().send()
     })
     .await?;
-    used.extend(configs.launch_configurations().iter().filter_map(|c| c.image_id().map(str::to_string)));
+    used.extend(
+        configs
+            .launch_configurations()
+            .iter()
+            .filter_map(|c| c.image_id().map(str::to_string)),
+    );
     let instances = call("ec2:DescribeInstances", "not terminated", || {
         ec2c.describe_instances()
             .filters(
@@ -78,7 +92,12 @@ pub(crate) async fn images_in_use(aws: &Aws) -> Result<BTreeSet<String>, AwsErro
     Ok(used)
 }
 
-pub async fn run(aws: &Aws, prefix: &str, keep: usize, dry_run: bool) -> Result<Vec<Pruned>, AwsError> {
+pub async fn run(
+    aws: &Aws,
+    prefix: &str,
+    keep: usize,
+    dry_run: bool,
+) -> Result<Vec<Pruned>, AwsError> {
     let ec2c = &aws.ec2;
     let mut images = ec2::find_images(ec2c, &["self".to_string()], &format!("{prefix}*")).await?;
     images.retain(|i| i.name.starts_with(prefix));
@@ -124,7 +143,13 @@ mod tests {
     fn keeps_the_newest_and_those_in_use() {
         let images = [img("a"), img("b"), img("c"), img("d")];
         let in_use = BTreeSet::from(["d".to_string()]);
-        let plan: Vec<&str> = choose(&images, 2, &in_use).into_iter().map(|(_, w)| w).collect();
-        assert_eq!(plan, vec!["keep-newest", "keep-newest", "delete", "keep-in-use"]);
+        let plan: Vec<&str> = choose(&images, 2, &in_use)
+            .into_iter()
+            .map(|(_, w)| w)
+            .collect();
+        assert_eq!(
+            plan,
+            vec!["keep-newest", "keep-newest", "delete", "keep-in-use"]
+        );
     }
 }

@@ -169,7 +169,8 @@ impl LineRedactor {
         if self.redactor.is_empty() {
             return vec![line.to_string()];
         }
-        self.held.push_back((line.to_string(), vec![false; line.len()]));
+        self.held
+            .push_back((line.to_string(), vec![false; line.len()]));
         // Look for secrets across the held lines joined without separators.
         let joined: String = self.held.iter().map(|(l, _)| l.as_str()).collect();
         let masked = self.redactor.mask(&joined);
@@ -221,21 +222,37 @@ mod tests {
     #[test]
     fn plain_url_encoded_and_base64_forms_are_masked() {
         let r = redactor();
-        assert_eq!(r.redact(&format!("password={PW}")), format!("password={MASK}"));
+        assert_eq!(
+            r.redact(&format!("password={PW}")),
+            format!("password={MASK}")
+        );
         assert_eq!(r.redact("u=s3cr3t-Pa55w0rd%21"), format!("u={MASK}"));
         for prefix in ["", "x", "xy", "user:"] {
             let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{prefix}{PW}tail"));
             let shown = r.redact(&b64);
             assert!(shown.contains(MASK), "{prefix:?}: {b64} -> {shown}");
-            assert!(!shown.contains(&base64::engine::general_purpose::STANDARD_NO_PAD.encode(PW)[2..20]));
+            assert!(!shown
+                .contains(&base64::engine::general_purpose::STANDARD_NO_PAD.encode(PW)[2..20]));
         }
-        assert_eq!(format!("{:?} {}", Secret::new(PW), Secret::new(PW)), format!("{MASK} {MASK}"));
+        assert_eq!(
+            format!("{:?} {}", Secret::new(PW), Secret::new(PW)),
+            format!("{MASK} {MASK}")
+        );
     }
 
     #[test]
     fn a_secret_split_across_lines_is_masked_in_every_line() {
         let out = stream(&["before", "s3cr3t-P", "a55w0", "rd!", "after"]);
-        assert_eq!(out, vec!["before".to_string(), MASK.into(), MASK.into(), MASK.into(), "after".into()]);
+        assert_eq!(
+            out,
+            vec![
+                "before".to_string(),
+                MASK.into(),
+                MASK.into(),
+                MASK.into(),
+                "after".into()
+            ]
+        );
         let joined = out.join("\n");
         for piece in ["s3cr3t", "a55w0", "rd!"] {
             assert!(!joined.contains(piece), "{joined}");
@@ -244,7 +261,9 @@ mod tests {
 
     #[test]
     fn clean_output_passes_unchanged_and_in_order() {
-        let lines: Vec<String> = (0..50).map(|i| format!("line {i} of a long enough output")).collect();
+        let lines: Vec<String> = (0..50)
+            .map(|i| format!("line {i} of a long enough output"))
+            .collect();
         let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
         assert_eq!(stream(&refs), lines);
     }

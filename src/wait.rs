@@ -97,35 +97,48 @@ mod tests {
     fn the_interval_follows_elapsed_time_within_bounds() {
         let p = Poll::API;
         assert_eq!(p.next_interval(Duration::ZERO), Duration::from_millis(100));
-        assert_eq!(p.next_interval(Duration::from_secs(5)), Duration::from_millis(250));
-        assert_eq!(p.next_interval(Duration::from_secs(3600)), Duration::from_secs(15));
+        assert_eq!(
+            p.next_interval(Duration::from_secs(5)),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            p.next_interval(Duration::from_secs(3600)),
+            Duration::from_secs(15)
+        );
     }
 
     #[tokio::test]
     async fn until_returns_when_ready_and_times_out_with_the_last_state() {
         let mut n = 0;
-        let v: Result<u32, WaitError<std::io::Error>> = until("thing", Duration::from_secs(10), Poll::API, || {
-            n += 1;
-            let k = n;
-            async move {
-                Ok(if k >= 3 {
-                    Probe::Ready(k)
-                } else {
-                    Probe::Pending("pending".into())
-                })
-            }
-        })
-        .await;
+        let v: Result<u32, WaitError<std::io::Error>> =
+            until("thing", Duration::from_secs(10), Poll::API, || {
+                n += 1;
+                let k = n;
+                async move {
+                    Ok(if k >= 3 {
+                        Probe::Ready(k)
+                    } else {
+                        Probe::Pending("pending".into())
+                    })
+                }
+            })
+            .await;
         assert_eq!(v.unwrap(), 3);
 
         let start = Instant::now();
-        let err = until::<(), std::io::Error, _, _>("image ami-1", Duration::from_millis(300), Poll::API, || async {
-            Ok(Probe::Pending("state pending".into()))
-        })
+        let err = until::<(), std::io::Error, _, _>(
+            "image ami-1",
+            Duration::from_millis(300),
+            Poll::API,
+            || async { Ok(Probe::Pending("state pending".into())) },
+        )
         .await
         .unwrap_err();
         assert!(Instant::now() - start >= Duration::from_millis(300));
         let text = err.to_string();
-        assert!(text.contains("image ami-1") && text.contains("state pending"), "{text}");
+        assert!(
+            text.contains("image ami-1") && text.contains("state pending"),
+            "{text}"
+        );
     }
 }

@@ -6,8 +6,14 @@ mod common;
 use common::*;
 
 fn audit(world: &World, args: &[&str]) -> (Option<i32>, serde_json::Value) {
-    let out = world.bakery().args(["--output", "json", "audit"]).args(args).output().unwrap();
-    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    let out = world
+        .bakery()
+        .args(["--output", "json", "audit"])
+        .args(args)
+        .output()
+        .unwrap();
+    let report = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
     (out.status.code(), report)
 }
 
@@ -25,7 +31,14 @@ async fn the_reference_stack_passes() {
     let world = World::get();
     let (code, report) = audit(
         &world,
-        &["--asg", world.var("WORLD_ASG"), "--db-instance", world.var("WORLD_DB_INSTANCE"), "--secret", world.var("WORLD_DB_SECRET")],
+        &[
+            "--asg",
+            world.var("WORLD_ASG"),
+            "--db-instance",
+            world.var("WORLD_DB_INSTANCE"),
+            "--secret",
+            world.var("WORLD_DB_SECRET"),
+        ],
     );
     assert_eq!(code, Some(0), "{report:#}");
     assert_eq!(report["high_findings"], 0);
@@ -39,7 +52,11 @@ async fn the_reference_stack_passes() {
         "EBS volumes encrypted",
         "instance role reads the secret",
     ] {
-        assert_eq!(finding(&report, check)["passed"], true, "{check}: {report:#}");
+        assert_eq!(
+            finding(&report, check)["passed"],
+            true,
+            "{check}: {report:#}"
+        );
     }
 }
 
@@ -69,24 +86,50 @@ async fn each_broken_rule_is_a_high_finding() {
         .await
         .unwrap();
     // And the group in a public subnet.
-    let public = world.var("WORLD_PUBLIC_SUBNETS").split(',').next().unwrap().to_string();
+    let public = world
+        .var("WORLD_PUBLIC_SUBNETS")
+        .split(',')
+        .next()
+        .unwrap()
+        .to_string();
     asg.update_auto_scaling_group()
         .auto_scaling_group_name(&fleet.asg)
         .launch_template(
-            aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder().launch_template_id(&fleet.lt_id).version("2").build(),
+            aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
+                .launch_template_id(&fleet.lt_id)
+                .version("2")
+                .build(),
         )
         .vpc_zone_identifier(&public)
         .send()
         .await
         .unwrap();
-    let (code, report) = audit(&world, &["--asg", &fleet.asg, "--db-instance", world.var("WORLD_DB_INSTANCE")]);
+    let (code, report) = audit(
+        &world,
+        &[
+            "--asg",
+            &fleet.asg,
+            "--db-instance",
+            world.var("WORLD_DB_INSTANCE"),
+        ],
+    );
     assert_eq!(code, Some(8), "{report:#}");
     let imds = finding(&report, "IMDSv2 required");
-    assert_eq!((imds["passed"].as_bool(), imds["severity"].as_str()), (Some(false), Some("high")), "{imds}");
-    assert!(imds["detail"].as_str().unwrap().contains("HttpTokens optional"));
+    assert_eq!(
+        (imds["passed"].as_bool(), imds["severity"].as_str()),
+        (Some(false), Some("high")),
+        "{imds}"
+    );
+    assert!(imds["detail"]
+        .as_str()
+        .unwrap()
+        .contains("HttpTokens optional"));
     let subnets = finding(&report, "instances in private subnets");
     assert_eq!(subnets["passed"], false);
-    assert!(subnets["detail"].as_str().unwrap().contains(&public), "{subnets}");
+    assert!(
+        subnets["detail"].as_str().unwrap().contains(&public),
+        "{subnets}"
+    );
 
     // A database whose group is open to the world.
     let open_sg = ec2
@@ -107,7 +150,11 @@ async fn each_broken_rule_is_a_high_finding() {
                 .ip_protocol("tcp")
                 .from_port(5432)
                 .to_port(5432)
-                .ip_ranges(aws_sdk_ec2::types::IpRange::builder().cidr_ip("0.0.0.0/0").build())
+                .ip_ranges(
+                    aws_sdk_ec2::types::IpRange::builder()
+                        .cidr_ip("0.0.0.0/0")
+                        .build(),
+                )
                 .build(),
         )
         .send()
@@ -117,9 +164,9 @@ async fn each_broken_rule_is_a_high_finding() {
         .behavior_version(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new(world.var("AWS_REGION").to_string()))
         .endpoint_url(world.var("AWS_ENDPOINT_URL"))
-        .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(aws_sdk_ec2::config::Credentials::new(
-            "x", "x", None, None, "test",
-        )))
+        .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(
+            aws_sdk_ec2::config::Credentials::new("x", "x", None, None, "test"),
+        ))
         .build();
     let rds = aws_sdk_rds::Client::new(&config);
     let db = format!("{}-db", fleet.name);
@@ -136,13 +183,30 @@ async fn each_broken_rule_is_a_high_finding() {
         .send()
         .await
         .unwrap();
-    let (code, report) = audit(&world, &["--asg", world.var("WORLD_ASG"), "--db-instance", &db]);
-    let _ = rds.delete_db_instance().db_instance_identifier(&db).skip_final_snapshot(true).send().await;
+    let (code, report) = audit(
+        &world,
+        &["--asg", world.var("WORLD_ASG"), "--db-instance", &db],
+    );
+    let _ = rds
+        .delete_db_instance()
+        .db_instance_identifier(&db)
+        .skip_final_snapshot(true)
+        .send()
+        .await;
     let _ = ec2.delete_security_group().group_id(&open_sg).send().await;
     assert_eq!(code, Some(8), "{report:#}");
     let only = finding(&report, "database only from the instances");
     assert_eq!(only["passed"], false);
-    assert!(only["detail"].as_str().unwrap().contains("open to 0.0.0.0/0"), "{only}");
-    assert_eq!(finding(&report, "database not publicly accessible")["passed"], false);
+    assert!(
+        only["detail"]
+            .as_str()
+            .unwrap()
+            .contains("open to 0.0.0.0/0"),
+        "{only}"
+    );
+    assert_eq!(
+        finding(&report, "database not publicly accessible")["passed"],
+        false
+    );
     fleet.delete(&world).await;
 }

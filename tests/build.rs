@@ -22,9 +22,18 @@ async fn the_sample_recipe_bakes_an_image_whose_instances_serve_the_app() {
     let out = world
         .bakery()
         .current_dir(repo())
-        .args(["--output", "json", "build", "examples/web/recipe.toml", "--manifest"])
+        .args([
+            "--output",
+            "json",
+            "build",
+            "examples/web/recipe.toml",
+            "--manifest",
+        ])
         .arg(&manifest)
-        .args(["--var", &format!("base_ami={}", world.var("WORLD_BASE_AMI"))])
+        .args([
+            "--var",
+            &format!("base_ami={}", world.var("WORLD_BASE_AMI")),
+        ])
         .args(["--var", &format!("subnet={}", world.private_subnet())])
         .args(["--var", "version=2.3.4"])
         .output()
@@ -32,23 +41,45 @@ async fn the_sample_recipe_bakes_an_image_whose_instances_serve_the_app() {
     let run = Run::from_output(out);
     assert_eq!(run.code, Some(0), "{}", run.describe());
     assert!(
-        run.output_lines().iter().any(|l| l == "enabled web.service"),
+        run.output_lines()
+            .iter()
+            .any(|l| l == "enabled web.service"),
         "the shipped enable-service.sh ran and its output streamed: {}",
         run.describe()
     );
 
-    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
     let finished = run.event("build_finished").expect("build_finished event");
-    assert_eq!(finished["manifest"], m, "the event carries the manifest that was written");
+    assert_eq!(
+        finished["manifest"], m,
+        "the event carries the manifest that was written"
+    );
     let ami = m["ami_id"].as_str().unwrap();
     assert!(ami.starts_with("ami-"));
     assert!(m["ami_name"].as_str().unwrap().starts_with("web-2.3.4-"));
     assert_eq!(m["source_ami"], world.var("WORLD_BASE_AMI"));
     assert_eq!(m["build_id"], run.build_id());
     assert_eq!(m["recipe_sha256"].as_str().unwrap().len(), 64);
-    let steps: Vec<&str> = m["steps"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
-    for step in ["resolve_source", "prepare", "launch", "connect", "provision: shell 2", "stop", "create_image"] {
-        assert!(steps.contains(&step), "manifest steps {steps:?} lack {step}");
+    let steps: Vec<&str> = m["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    for step in [
+        "resolve_source",
+        "prepare",
+        "launch",
+        "connect",
+        "provision: shell 2",
+        "stop",
+        "create_image",
+    ] {
+        assert!(
+            steps.contains(&step),
+            "manifest steps {steps:?} lack {step}"
+        );
     }
     assert_clean(&world, &run.build_id(), false).await;
 
@@ -62,7 +93,10 @@ async fn the_sample_recipe_bakes_an_image_whose_instances_serve_the_app() {
         .collect();
     assert_eq!(tags.get("Version").map(String::as_str), Some("2.3.4"));
     assert_eq!(tags.get("bakery:build-id"), Some(&run.build_id()));
-    assert!(!tags.contains_key("bakery:temporary"), "the product is not temporary");
+    assert!(
+        !tags.contains_key("bakery:temporary"),
+        "the product is not temporary"
+    );
 
     // An instance launched from the new AMI runs the baked, enabled service.
     let (id, ip) = launch(&world, ami, None).await;
@@ -94,37 +128,85 @@ inline = ["echo about to fail", "echo 'no such package' >&2", "exit 7"]
     assert_eq!(run.code, Some(3), "{}", run.describe());
     let failed = run.event("build_failed").expect("build_failed event");
     let error = failed["error"].as_str().unwrap();
-    assert!(error.contains("provisioner shell 1 failed with exit code 7"), "{error}");
-    assert!(error.contains("about to fail") && error.contains("no such package"), "the last lines are shown: {error}");
-    assert!(!r.with_extension("manifest.json").exists(), "no manifest for a failed bake");
+    assert!(
+        error.contains("provisioner shell 1 failed with exit code 7"),
+        "{error}"
+    );
+    assert!(
+        error.contains("about to fail") && error.contains("no such package"),
+        "the last lines are shown: {error}"
+    );
+    assert!(
+        !r.with_extension("manifest.json").exists(),
+        "no manifest for a failed bake"
+    );
     assert_clean(&world, &run.build_id(), true).await;
 
     // The human form says the same on stderr, and the exit code is the same.
-    let out = world.bakery().args(["build"]).arg(&r).arg("--manifest").arg(dir.join("m.json")).output().unwrap();
+    let out = world
+        .bakery()
+        .args(["build"])
+        .arg(&r)
+        .arg("--manifest")
+        .arg(dir.join("m.json"))
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3));
-    assert!(stderr.contains("error: provisioner shell 1 failed with exit code 7"), "{stderr}");
-    assert!(stderr.contains("shell 1 | about to fail"), "output is streamed with a prefix: {stderr}");
+    assert!(
+        stderr.contains("error: provisioner shell 1 failed with exit code 7"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("shell 1 | about to fail"),
+        "output is streamed with a prefix: {stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn on_error_abort_keeps_the_resources_and_says_how_to_remove_them() {
     let world = World::get();
     let dir = scratch("abort");
-    let r = write(&dir, "recipe.toml", &recipe(&world, "[[provisioner]]\ntype = \"shell\"\ninline = [\"exit 1\"]\n", ""));
+    let r = write(
+        &dir,
+        "recipe.toml",
+        &recipe(
+            &world,
+            "[[provisioner]]\ntype = \"shell\"\ninline = [\"exit 1\"]\n",
+            "",
+        ),
+    );
     let run = build(&world, &r, &["--on-error", "abort"]);
     assert_eq!(run.code, Some(3), "{}", run.describe());
-    let kept: Vec<&serde_json::Value> = run.events.iter().filter(|e| e["event"] == "resource_kept").collect();
+    let kept: Vec<&serde_json::Value> = run
+        .events
+        .iter()
+        .filter(|e| e["event"] == "resource_kept")
+        .collect();
     let kinds: Vec<&str> = kept.iter().map(|e| e["kind"].as_str().unwrap()).collect();
-    assert!(kinds.contains(&"instance") && kinds.contains(&"security group") && kinds.contains(&"key pair"), "{kinds:?}");
-    assert!(kept.iter().all(|e| e["remove_with"].as_str().unwrap().starts_with("aws ec2 ")));
+    assert!(
+        kinds.contains(&"instance")
+            && kinds.contains(&"security group")
+            && kinds.contains(&"key pair"),
+        "{kinds:?}"
+    );
+    assert!(kept
+        .iter()
+        .all(|e| e["remove_with"].as_str().unwrap().starts_with("aws ec2 ")));
     let build_id = run.build_id();
     let left = leftovers(&world, &build_id, false).await;
-    assert_eq!(left.len(), 3, "instance, group and key pair are kept: {left:?}");
+    assert_eq!(
+        left.len(),
+        3,
+        "instance, group and key pair are kept: {left:?}"
+    );
 
     // Clean up what the test asked bakery to keep.
     let ec2 = world.ec2();
-    let filter = aws_sdk_ec2::types::Filter::builder().name("tag:bakery:build-id").values(&build_id).build();
+    let filter = aws_sdk_ec2::types::Filter::builder()
+        .name("tag:bakery:build-id")
+        .values(&build_id)
+        .build();
     let ids: Vec<String> = ec2
         .describe_instances()
         .filters(filter.clone())
@@ -136,22 +218,48 @@ async fn on_error_abort_keeps_the_resources_and_says_how_to_remove_them() {
         .flat_map(|r| r.instances())
         .filter_map(|i| i.instance_id().map(str::to_string))
         .collect();
-    ec2.terminate_instances().set_instance_ids(Some(ids)).send().await.unwrap();
-    for g in ec2.describe_security_groups().filters(filter).send().await.unwrap().security_groups() {
-        ec2.delete_security_group().group_id(g.group_id().unwrap()).send().await.unwrap();
+    ec2.terminate_instances()
+        .set_instance_ids(Some(ids))
+        .send()
+        .await
+        .unwrap();
+    for g in ec2
+        .describe_security_groups()
+        .filters(filter)
+        .send()
+        .await
+        .unwrap()
+        .security_groups()
+    {
+        ec2.delete_security_group()
+            .group_id(g.group_id().unwrap())
+            .send()
+            .await
+            .unwrap();
     }
-    ec2.delete_key_pair().key_name(format!("bakery-{build_id}")).send().await.unwrap();
+    ec2.delete_key_pair()
+        .key_name(format!("bakery-{build_id}"))
+        .send()
+        .await
+        .unwrap();
     assert_clean(&world, &build_id, true).await;
 }
 
 /// SIGINT (or SIGTERM) while `step` runs: the bake stops, removes everything, exits 130 (143).
 async fn interrupt_during(step: &str, signal: &str) {
     let world = World::get();
-    let dir = scratch(&format!("interrupt-{}-{signal}", step.replace([' ', ':'], "_")));
+    let dir = scratch(&format!(
+        "interrupt-{}-{signal}",
+        step.replace([' ', ':'], "_")
+    ));
     let r = write(
         &dir,
         "recipe.toml",
-        &recipe(&world, "[[provisioner]]\ntype = \"shell\"\ninline = [\"echo started\", \"sleep 60\"]\n", ""),
+        &recipe(
+            &world,
+            "[[provisioner]]\ntype = \"shell\"\ninline = [\"echo started\", \"sleep 60\"]\n",
+            "",
+        ),
     );
     let (mut child, lines) = spawn_build(&world, &r);
     let mut events = Vec::new();
@@ -175,7 +283,10 @@ async fn interrupt_during(step: &str, signal: &str) {
             break;
         }
     }
-    Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
     let started = Instant::now();
     let status = child.wait().unwrap();
     let waited = started.elapsed();
@@ -183,8 +294,14 @@ async fn interrupt_during(step: &str, signal: &str) {
     events.extend(rest.iter().filter_map(|l| serde_json::from_str(l).ok()));
     let expected = if signal == "-INT" { 130 } else { 143 };
     assert_eq!(status.code(), Some(expected), "after {step}: {events:?}");
-    let failed = events.iter().find(|e| e["event"] == "build_failed").expect("build_failed event");
-    assert!(failed["error"].as_str().unwrap().contains("interrupted"), "{failed}");
+    let failed = events
+        .iter()
+        .find(|e| e["event"] == "build_failed")
+        .expect("build_failed event");
+    assert!(
+        failed["error"].as_str().unwrap().contains("interrupted"),
+        "{failed}"
+    );
     assert!(waited < Duration::from_secs(60), "cleanup took {waited:?}");
     let build_id = events[0]["build_id"].as_str().unwrap().to_string();
     assert_clean(&world, &build_id, true).await;
@@ -234,7 +351,15 @@ async fn sigint_while_creating_the_image_removes_the_unfinished_image_too() {
 async fn interrupt_during_after_provisioning(step: &str) {
     let world = World::get();
     let dir = scratch(&format!("interrupt-late-{step}"));
-    let r = write(&dir, "recipe.toml", &recipe(&world, "[[provisioner]]\ntype = \"shell\"\ninline = [\"true\"]\n", ""));
+    let r = write(
+        &dir,
+        "recipe.toml",
+        &recipe(
+            &world,
+            "[[provisioner]]\ntype = \"shell\"\ninline = [\"true\"]\n",
+            "",
+        ),
+    );
     let (mut child, lines) = spawn_build(&world, &r);
     let mut events = Vec::new();
     loop {
@@ -251,7 +376,9 @@ async fn interrupt_during_after_provisioning(step: &str) {
     if step == "create_image" {
         // Let CreateImage land, so there is an unfinished image to remove.
         loop {
-            let line = lines.recv_timeout(Duration::from_secs(30)).expect("image created");
+            let line = lines
+                .recv_timeout(Duration::from_secs(30))
+                .expect("image created");
             let e: serde_json::Value = serde_json::from_str(&line).unwrap();
             let hit = e["event"] == "resource_created" && e["kind"] == "image";
             events.push(e);
@@ -260,14 +387,23 @@ async fn interrupt_during_after_provisioning(step: &str) {
             }
         }
     }
-    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
     let status = child.wait().unwrap();
-    events.extend(lines.try_iter().filter_map(|l| serde_json::from_str(&l).ok()));
+    events.extend(
+        lines
+            .try_iter()
+            .filter_map(|l| serde_json::from_str(&l).ok()),
+    );
     assert_eq!(status.code(), Some(130), "{events:?}");
     let build_id = events[0]["build_id"].as_str().unwrap().to_string();
     if step == "create_image" {
         assert!(
-            events.iter().any(|e| e["event"] == "resource_released" && e["kind"] == "image"),
+            events
+                .iter()
+                .any(|e| e["event"] == "resource_released" && e["kind"] == "image"),
             "the unfinished image was deregistered: {events:?}"
         );
     }
@@ -281,7 +417,12 @@ async fn a_host_key_that_does_not_match_the_console_output_is_refused() {
     // from the one the build instance's console output lists.
     let (decoy, decoy_ip) = launch(&world, world.var("WORLD_BASE_AMI"), None).await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect_timeout(&format!("{decoy_ip}:22").parse().unwrap(), Duration::from_millis(200)).is_err() {
+    while std::net::TcpStream::connect_timeout(
+        &format!("{decoy_ip}:22").parse().unwrap(),
+        Duration::from_millis(200),
+    )
+    .is_err()
+    {
         assert!(Instant::now() < deadline, "decoy {decoy} never booted");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -289,14 +430,24 @@ async fn a_host_key_that_does_not_match_the_console_output_is_refused() {
     let r = write(
         &dir,
         "recipe.toml",
-        &recipe(&world, "[[provisioner]]\ntype = \"shell\"\ninline = [\"touch /tmp/should-not-run\"]\n", &format!("host = \"{decoy_ip}\"")),
+        &recipe(
+            &world,
+            "[[provisioner]]\ntype = \"shell\"\ninline = [\"touch /tmp/should-not-run\"]\n",
+            &format!("host = \"{decoy_ip}\""),
+        ),
     );
     let run = build(&world, &r, &[]);
     terminate(&world, &decoy).await;
     assert_eq!(run.code, Some(4), "{}", run.describe());
-    let error = run.event("build_failed").unwrap()["error"].as_str().unwrap().to_string();
+    let error = run.event("build_failed").unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(error.contains("host key verification failed"), "{error}");
-    assert!(error.contains("--trust-host-key-on-first-use"), "the error names the opt-out: {error}");
+    assert!(
+        error.contains("--trust-host-key-on-first-use"),
+        "the error names the opt-out: {error}"
+    );
     assert!(run.output_lines().is_empty(), "no provisioner ran");
     assert_clean(&world, &run.build_id(), true).await;
 
@@ -305,8 +456,12 @@ async fn a_host_key_that_does_not_match_the_console_output_is_refused() {
     let r = write(
         &dir,
         "tofu.toml",
-        &recipe(&world, "[[provisioner]]\ntype = \"shell\"\ninline = [\"echo hi\"]\n", &format!("host = \"{decoy_ip}\""))
-            .replace("connect_timeout = \"60s\"", "connect_timeout = \"5s\""),
+        &recipe(
+            &world,
+            "[[provisioner]]\ntype = \"shell\"\ninline = [\"echo hi\"]\n",
+            &format!("host = \"{decoy_ip}\""),
+        )
+        .replace("connect_timeout = \"60s\"", "connect_timeout = \"5s\""),
     );
     let run = build(&world, &r, &["--trust-host-key-on-first-use"]);
     terminate(&world, &decoy).await;
@@ -324,8 +479,14 @@ async fn a_source_ami_that_does_not_exist_fails_before_creating_anything() {
     let r = write(&dir, "recipe.toml", &text);
     let run = build(&world, &r, &[]);
     assert_eq!(run.code, Some(2), "{}", run.describe());
-    let error = run.event("build_failed").unwrap()["error"].as_str().unwrap().to_string();
-    assert!(error.contains("ami-0000000000000dead") && error.contains("not found"), "{error}");
+    let error = run.event("build_failed").unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("ami-0000000000000dead") && error.contains("not found"),
+        "{error}"
+    );
     assert!(run.event("resource_created").is_none());
     assert_clean(&world, &run.build_id(), true).await;
 }
@@ -337,8 +498,14 @@ async fn a_subnet_that_does_not_exist_is_named() {
     let text = recipe(&world, "", "").replace(world.private_subnet(), "subnet-0000dead");
     let run = build(&world, &write(&dir, "recipe.toml", &text), &[]);
     assert_eq!(run.code, Some(2), "{}", run.describe());
-    let error = run.event("build_failed").unwrap()["error"].as_str().unwrap().to_string();
-    assert!(error.contains("subnet subnet-0000dead not found"), "{error}");
+    let error = run.event("build_failed").unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("subnet subnet-0000dead not found"),
+        "{error}"
+    );
     assert_clean(&world, &run.build_id(), true).await;
 }
 
@@ -389,20 +556,43 @@ inline = [
         }
     }
     let group = group.expect("a temporary security group was created");
-    let sg = world.ec2().describe_security_groups().group_ids(&group).send().await.unwrap();
+    let sg = world
+        .ec2()
+        .describe_security_groups()
+        .group_ids(&group)
+        .send()
+        .await
+        .unwrap();
     let perms = sg.security_groups()[0].ip_permissions();
     assert_eq!(perms.len(), 1, "{perms:?}");
     assert_eq!(perms[0].from_port(), Some(22));
-    let cidrs: Vec<&str> = perms[0].ip_ranges().iter().filter_map(|r| r.cidr_ip()).collect();
-    assert_eq!(cidrs, vec!["127.0.0.1/32"], "only the caller's own address, never 0.0.0.0/0");
+    let cidrs: Vec<&str> = perms[0]
+        .ip_ranges()
+        .iter()
+        .filter_map(|r| r.cidr_ip())
+        .collect();
+    assert_eq!(
+        cidrs,
+        vec!["127.0.0.1/32"],
+        "only the caller's own address, never 0.0.0.0/0"
+    );
 
     let status = child.wait().unwrap();
     events.extend(lines.iter().filter_map(|l| serde_json::from_str(&l).ok()));
     assert_eq!(status.code(), Some(0), "{events:?}");
-    let out: Vec<&str> = events.iter().filter(|e| e["event"] == "output").filter_map(|e| e["line"].as_str()).collect();
+    let out: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "output")
+        .filter_map(|e| e["line"].as_str())
+        .collect();
     assert_eq!(
         out,
-        vec!["640 /opt/deep/conf/a.conf", "640 /opt/deep/conf/sub/b.txt", "beta", "it's a 'quoted' $value"]
+        vec![
+            "640 /opt/deep/conf/a.conf",
+            "640 /opt/deep/conf/sub/b.txt",
+            "beta",
+            "it's a 'quoted' $value"
+        ]
     );
     let build_id = events[0]["build_id"].as_str().unwrap().to_string();
     assert_clean(&world, &build_id, false).await;

@@ -53,15 +53,28 @@ probe = {{ type = "http", port = 8080, path = "/healthz", timeout = "500ms", unh
             .unwrap();
         let d = Daemon { child, port, log };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while d.metrics().is_none_or(|m| !m.contains("bakery_loops_total ") || m.contains("bakery_loops_total 0\n")) {
-            assert!(Instant::now() < deadline, "the daemon never completed a round: {}", d.logs());
+        while d.metrics().is_none_or(|m| {
+            !m.contains("bakery_loops_total ") || m.contains("bakery_loops_total 0\n")
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon never completed a round: {}",
+                d.logs()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         d
     }
 
     fn metrics(&self) -> Option<String> {
-        http_get("127.0.0.1", self.port, "/metrics", Duration::from_millis(500)).ok().map(|(_, b)| b)
+        http_get(
+            "127.0.0.1",
+            self.port,
+            "/metrics",
+            Duration::from_millis(500),
+        )
+        .ok()
+        .map(|(_, b)| b)
     }
 
     fn metric(&self, series: &str) -> Option<f64> {
@@ -87,19 +100,26 @@ probe = {{ type = "http", port = 8080, path = "/healthz", timeout = "500ms", unh
 
     fn stop(mut self) -> (Option<i32>, Duration, String) {
         let started = Instant::now();
-        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
         let status = self.child.wait().unwrap();
         (status.code(), started.elapsed(), self.logs())
     }
 }
 
 fn parse_ts(ts: &str) -> f64 {
-    let t = time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339).unwrap();
+    let t =
+        time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339).unwrap();
     t.unix_timestamp_nanos() as f64 / 1e9
 }
 
 fn unix_now() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
 }
 
 async fn instance_ids(world: &World, fleet: &Fleet) -> Vec<String> {
@@ -115,7 +135,10 @@ async fn instance_ids(world: &World, fleet: &Fleet) -> Vec<String> {
 }
 
 fn suspended(g: &aws_sdk_autoscaling::types::AutoScalingGroup) -> Vec<String> {
-    g.suspended_processes().iter().filter_map(|p| p.process_name().map(str::to_string)).collect()
+    g.suspended_processes()
+        .iter()
+        .filter_map(|p| p.process_name().map(str::to_string))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -124,24 +147,40 @@ async fn a_crashed_app_is_replaced_within_interval_times_threshold_and_the_group
     let fleet = Fleet::create(world, "heal", 4).await;
     let d = Daemon::start(world, "heal", &fleet.asg, "", "daemon-heal");
     let g = fleet.group(world).await;
-    assert!(suspended(&g).contains(&"HealthCheck".to_string()), "the daemon took over HealthCheck");
+    assert!(
+        suspended(&g).contains(&"HealthCheck".to_string()),
+        "the daemon took over HealthCheck"
+    );
     assert!(!suspended(&g).contains(&"ReplaceUnhealthy".to_string()));
-    assert!(g.tags().iter().any(|t| t.key() == Some("bakery:daemon")), "the takeover is recorded");
+    assert!(
+        g.tags().iter().any(|t| t.key() == Some("bakery:daemon")),
+        "the takeover is recorded"
+    );
 
     let victim = instance_ids(world, &fleet).await[0].clone();
     let killed_at = unix_now();
     world_kill(world, &victim);
     let deadline = Instant::now() + Duration::from_secs(10);
     let marked = loop {
-        if let Some(e) = d.events("marked unhealthy: the group replaces it").into_iter().find(|e| e["instance"] == victim.as_str()) {
+        if let Some(e) = d
+            .events("marked unhealthy: the group replaces it")
+            .into_iter()
+            .find(|e| e["instance"] == victim.as_str())
+        {
             break e;
         }
         assert!(Instant::now() < deadline, "not marked: {}", d.logs());
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let latency = parse_ts(marked["timestamp"].as_str().unwrap()) - killed_at;
-    assert!(latency <= 1.0 * 2.0 + 2.0, "marked {latency:.2}s after the kill");
-    assert!(marked["evidence"].as_str().unwrap().contains("probe :8080"), "{marked}");
+    assert!(
+        latency <= 1.0 * 2.0 + 2.0,
+        "marked {latency:.2}s after the kill"
+    );
+    assert!(
+        marked["evidence"].as_str().unwrap().contains("probe :8080"),
+        "{marked}"
+    );
 
     // The group replaces it and returns to 4 healthy.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -150,14 +189,26 @@ async fn a_crashed_app_is_replaced_within_interval_times_threshold_and_the_group
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     fleet.wait_healthy(world, 4, Duration::from_secs(30)).await;
-    assert_eq!(d.metric(&format!("bakery_group_replaced_total{{group=\"{}\"}}", fleet.asg)), Some(1.0));
+    assert_eq!(
+        d.metric(&format!(
+            "bakery_group_replaced_total{{group=\"{}\"}}",
+            fleet.asg
+        )),
+        Some(1.0)
+    );
 
     let (code, took, logs) = d.stop();
     assert_eq!(code, Some(0), "{logs}");
     assert!(took < Duration::from_secs(1), "SIGTERM took {took:?}");
     let g = fleet.group(world).await;
-    assert!(!suspended(&g).contains(&"HealthCheck".to_string()), "HealthCheck resumed at stop");
-    assert!(!g.tags().iter().any(|t| t.key() == Some("bakery:daemon")), "takeover tag removed");
+    assert!(
+        !suspended(&g).contains(&"HealthCheck".to_string()),
+        "HealthCheck resumed at stop"
+    );
+    assert!(
+        !g.tags().iter().any(|t| t.key() == Some("bakery:daemon")),
+        "takeover tag removed"
+    );
     fleet.delete(world).await;
 }
 
@@ -178,20 +229,43 @@ async fn a_shared_outage_freezes_the_group_and_the_freeze_lifts_when_apps_return
     }
     // Well past interval x threshold: still nothing replaced.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(instance_ids(world, &fleet).await, before, "nothing was terminated");
-    assert!(d.events("marked unhealthy: the group replaces it").is_empty(), "{}", d.logs());
+    assert_eq!(
+        instance_ids(world, &fleet).await,
+        before,
+        "nothing was terminated"
+    );
+    assert!(
+        d.events("marked unhealthy: the group replaces it")
+            .is_empty(),
+        "{}",
+        d.logs()
+    );
     let unhealthy = format!("bakery_group_unhealthy{{group=\"{}\"}}", fleet.asg);
     assert_eq!(d.metric(&unhealthy), Some(3.0));
     assert_eq!(d.metric("bakery_fleet_frozen"), Some(1.0));
 
     // The shared dependency recovers: the apps come back (a reboot restarts their services).
-    world.ec2().reboot_instances().set_instance_ids(Some(before[..3].to_vec())).send().await.unwrap();
+    world
+        .ec2()
+        .reboot_instances()
+        .set_instance_ids(Some(before[..3].to_vec()))
+        .send()
+        .await
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while d.metric(&frozen) != Some(0.0) {
-        assert!(Instant::now() < deadline, "the freeze never lifted: {}", d.logs());
+        assert!(
+            Instant::now() < deadline,
+            "the freeze never lifted: {}",
+            d.logs()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(instance_ids(world, &fleet).await, before, "the same four instances serve again");
+    assert_eq!(
+        instance_ids(world, &fleet).await,
+        before,
+        "the same four instances serve again"
+    );
     assert!(!d.events("fleet breaker: freeze lifted").is_empty());
     d.stop();
     fleet.delete(world).await;
@@ -205,8 +279,14 @@ async fn an_instance_inside_its_grace_period_is_not_replaced() {
     let ids = instance_ids(world, &fleet).await;
     world_kill(world, &ids[0]);
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(instance_ids(world, &fleet).await, ids, "nothing replaced inside the grace period");
-    assert!(d.events("marked unhealthy: the group replaces it").is_empty());
+    assert_eq!(
+        instance_ids(world, &fleet).await,
+        ids,
+        "nothing replaced inside the grace period"
+    );
+    assert!(d
+        .events("marked unhealthy: the group replaces it")
+        .is_empty());
     d.stop();
     fleet.delete(world).await;
 }
@@ -215,17 +295,41 @@ async fn an_instance_inside_its_grace_period_is_not_replaced() {
 fn config_errors_are_clear_and_fatal() {
     let dir = scratch("daemon-config");
     let cases: &[(&str, &[&str])] = &[
-        ("interval = \"fast\"\n[[group]]\nname = \"web\"\n", &["daemon.toml:1:12:", "`interval` = \"fast\" is not a positive duration"]),
-        ("[[group]]\nname = \"web\"\nprobe = { type = \"http\", port = 99999 }\n", &["`port` = 99999 is out of range"]),
-        ("listen = \"everywhere\"\n[[group]]\nname = \"web\"\n", &["`listen` = \"everywhere\" is not an address:port"]),
-        ("[breaker]\nmax_replace = \"lots\"\n[[group]]\nname = \"web\"\n", &["`max_replace`", "25%"]),
+        (
+            "interval = \"fast\"\n[[group]]\nname = \"web\"\n",
+            &[
+                "daemon.toml:1:12:",
+                "`interval` = \"fast\" is not a positive duration",
+            ],
+        ),
+        (
+            "[[group]]\nname = \"web\"\nprobe = { type = \"http\", port = 99999 }\n",
+            &["`port` = 99999 is out of range"],
+        ),
+        (
+            "listen = \"everywhere\"\n[[group]]\nname = \"web\"\n",
+            &["`listen` = \"everywhere\" is not an address:port"],
+        ),
+        (
+            "[breaker]\nmax_replace = \"lots\"\n[[group]]\nname = \"web\"\n",
+            &["`max_replace`", "25%"],
+        ),
         ("interval = \"5s\"\n", &["no [[group]] to watch"]),
-        ("[[group]]\nname = \"web\"\nprobe_port = 80\n", &["daemon.toml:3:1:", "unknown field `probe_port`"]),
+        (
+            "[[group]]\nname = \"web\"\nprobe_port = 80\n",
+            &["daemon.toml:3:1:", "unknown field `probe_port`"],
+        ),
     ];
     for (text, expected) in cases {
         let path = dir.join("daemon.toml");
-        std::fs::File::create(&path).unwrap().write_all(text.as_bytes()).unwrap();
-        for args in [vec!["daemon", "--check", "--config"], vec!["daemon", "--config"]] {
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        for args in [
+            vec!["daemon", "--check", "--config"],
+            vec!["daemon", "--config"],
+        ] {
             let out = Command::new(BIN)
                 .args(&args)
                 .arg(&path)

@@ -12,12 +12,22 @@ use common::*;
 /// exists). Returns the build id.
 fn kill_bake_during(world: &World, name: &str, step: &str) -> String {
     let dir = scratch(name);
-    let r = write(&dir, "recipe.toml", &recipe(world, "[[provisioner]]\ntype = \"shell\"\ninline = [\"true\"]\n", ""));
+    let r = write(
+        &dir,
+        "recipe.toml",
+        &recipe(
+            world,
+            "[[provisioner]]\ntype = \"shell\"\ninline = [\"true\"]\n",
+            "",
+        ),
+    );
     let (mut child, lines) = spawn_build(world, &r);
     let mut build_id = String::new();
     let mut armed = false;
     loop {
-        let line = lines.recv_timeout(Duration::from_secs(90)).expect("the bake reached the step");
+        let line = lines
+            .recv_timeout(Duration::from_secs(90))
+            .expect("the bake reached the step");
         let e: serde_json::Value = serde_json::from_str(&line).unwrap();
         if e["event"] == "build_started" {
             build_id = e["build_id"].as_str().unwrap().to_string();
@@ -32,38 +42,80 @@ fn kill_bake_during(world: &World, name: &str, step: &str) -> String {
             break;
         }
     }
-    Command::new("kill").args(["-KILL", &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status()
+        .unwrap();
     child.wait().unwrap();
     build_id
 }
 
 fn gc(world: &World, args: &[&str]) -> serde_json::Value {
-    let out = world.bakery().args(["--output", "json", "gc"]).args(args).output().unwrap();
-    assert!(out.status.success(), "gc: {}", String::from_utf8_lossy(&out.stderr));
+    let out = world
+        .bakery()
+        .args(["--output", "json", "gc"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "gc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn gc_removes_what_a_sigkilled_bake_left_behind() {
     let world = World::get();
-    let build_id = tokio::task::spawn_blocking(|| kill_bake_during(&World::get(), "gc-connect", "connect")).await.unwrap();
+    let build_id =
+        tokio::task::spawn_blocking(|| kill_bake_during(&World::get(), "gc-connect", "connect"))
+            .await
+            .unwrap();
     let left = leftovers(&world, &build_id, true).await;
-    assert_eq!(left.len(), 3, "SIGKILL leaves the instance, group and key: {left:?}");
+    assert_eq!(
+        left.len(),
+        3,
+        "SIGKILL leaves the instance, group and key: {left:?}"
+    );
 
     // Too young by default: a bake might still be running.
     let report = gc(&world, &["--build-id", &build_id]);
-    let actions: Vec<&str> = report["findings"].as_array().unwrap().iter().map(|f| f["action"].as_str().unwrap()).collect();
+    let actions: Vec<&str> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["action"].as_str().unwrap())
+        .collect();
     assert_eq!(actions, vec!["kept (too young)"; 3], "{report}");
 
-    let report = gc(&world, &["--build-id", &build_id, "--older-than", "0s", "--dry-run"]);
+    let report = gc(
+        &world,
+        &["--build-id", &build_id, "--older-than", "0s", "--dry-run"],
+    );
     let found = report["findings"].as_array().unwrap();
     let kinds: Vec<&str> = found.iter().map(|f| f["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, vec!["instance", "security group", "key pair"], "{report}");
+    assert_eq!(
+        kinds,
+        vec!["instance", "security group", "key pair"],
+        "{report}"
+    );
     assert!(found.iter().all(|f| f["action"] == "would remove"));
-    assert_eq!(leftovers(&world, &build_id, true).await.len(), 3, "a dry run removes nothing");
+    assert_eq!(
+        leftovers(&world, &build_id, true).await.len(),
+        3,
+        "a dry run removes nothing"
+    );
 
     let report = gc(&world, &["--build-id", &build_id, "--older-than", "0s"]);
-    assert!(report["findings"].as_array().unwrap().iter().all(|f| f["action"] == "removed"), "{report}");
+    assert!(
+        report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["action"] == "removed"),
+        "{report}"
+    );
     let left = leftovers(&world, &build_id, true).await;
     assert!(left.is_empty(), "{left:?}");
 }
@@ -71,11 +123,19 @@ async fn gc_removes_what_a_sigkilled_bake_left_behind() {
 #[tokio::test(flavor = "multi_thread")]
 async fn gc_removes_the_unfinished_image_of_a_killed_bake() {
     let world = World::get();
-    let build_id = tokio::task::spawn_blocking(|| kill_bake_during(&World::get(), "gc-image", "create_image")).await.unwrap();
+    let build_id =
+        tokio::task::spawn_blocking(|| kill_bake_during(&World::get(), "gc-image", "create_image"))
+            .await
+            .unwrap();
     let left = leftovers(&world, &build_id, true).await;
     assert!(left.iter().any(|l| l.starts_with("image ")), "{left:?}");
     let report = gc(&world, &["--build-id", &build_id, "--older-than", "0s"]);
-    let kinds: Vec<&str> = report["findings"].as_array().unwrap().iter().map(|f| f["kind"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["kind"].as_str().unwrap())
+        .collect();
     assert!(kinds.contains(&"image"), "{report}");
     let left = leftovers(&world, &build_id, true).await;
     assert!(left.is_empty(), "{left:?}");
@@ -92,29 +152,72 @@ async fn prune_keeps_the_newest_and_any_ami_in_use() {
         let r = write(&dir, &format!("r{i}.toml"), &text);
         let run = build(&world, &r, &[]);
         assert_eq!(run.code, Some(0), "{}", run.describe());
-        amis.push(run.event("build_finished").unwrap()["manifest"]["ami_id"].as_str().unwrap().to_string());
+        amis.push(
+            run.event("build_finished").unwrap()["manifest"]["ami_id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
         // AMI creation dates have one-second resolution.
         std::thread::sleep(Duration::from_millis(1100));
     }
     // The oldest one is in use by an instance.
     let (instance, _) = launch(&world, &amis[0], None).await;
-    let out = world.bakery().args(["--output", "json", "prune", "--name-prefix", &prefix, "--keep", "1"]).output().unwrap();
+    let out = world
+        .bakery()
+        .args([
+            "--output",
+            "json",
+            "prune",
+            "--name-prefix",
+            &prefix,
+            "--keep",
+            "1",
+        ])
+        .output()
+        .unwrap();
     terminate(&world, &instance).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let actions: Vec<(String, String)> = report["images"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|i| (i["ami_id"].as_str().unwrap().to_string(), i["action"].as_str().unwrap().to_string()))
+        .map(|i| {
+            (
+                i["ami_id"].as_str().unwrap().to_string(),
+                i["action"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
-    assert_eq!(actions[0], (amis[2].clone(), "kept (newest 1)".to_string()), "{report}");
+    assert_eq!(
+        actions[0],
+        (amis[2].clone(), "kept (newest 1)".to_string()),
+        "{report}"
+    );
     assert_eq!(actions[1].0, amis[1]);
     assert!(actions[1].1.starts_with("deregistered"), "{report}");
     assert_eq!(actions[2], (amis[0].clone(), "kept (in use)".to_string()));
-    let left = world.ec2().describe_images().image_ids(&amis[1]).send().await;
-    assert!(left.map(|o| o.images().is_empty()).unwrap_or(true), "{} was deregistered", amis[1]);
+    let left = world
+        .ec2()
+        .describe_images()
+        .image_ids(&amis[1])
+        .send()
+        .await;
+    assert!(
+        left.map(|o| o.images().is_empty()).unwrap_or(true),
+        "{} was deregistered",
+        amis[1]
+    );
 
-    let out = world.bakery().args(["prune", "--name-prefix", "w", "--keep", "1"]).output().unwrap();
+    let out = world
+        .bakery()
+        .args(["prune", "--name-prefix", "w", "--keep", "1"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2), "a one-letter prefix is refused");
 }

@@ -23,7 +23,10 @@ fn rollout(world: &World, key: &str, args: &[&str]) -> Run {
 }
 
 /// Samples the number of healthy targets every 200 ms until stopped.
-fn sample_health(world: &'static World, fleet: &Fleet) -> (Arc<AtomicBool>, tokio::task::JoinHandle<Vec<usize>>) {
+fn sample_health(
+    world: &'static World,
+    fleet: &Fleet,
+) -> (Arc<AtomicBool>, tokio::task::JoinHandle<Vec<usize>>) {
     let stop = Arc::new(AtomicBool::new(false));
     let tg = fleet.tg_arn.clone();
     let s = stop.clone();
@@ -31,11 +34,21 @@ fn sample_health(world: &'static World, fleet: &Fleet) -> (Arc<AtomicBool>, toki
         let elb = world.elb();
         let mut samples = Vec::new();
         while !s.load(Ordering::Relaxed) {
-            let out = elb.describe_target_health().target_group_arn(&tg).send().await.unwrap();
+            let out = elb
+                .describe_target_health()
+                .target_group_arn(&tg)
+                .send()
+                .await
+                .unwrap();
             samples.push(
                 out.target_health_descriptions()
                     .iter()
-                    .filter(|d| d.target_health().and_then(|h| h.state()).map(|s| s.as_str()) == Some("healthy"))
+                    .filter(|d| {
+                        d.target_health()
+                            .and_then(|h| h.state())
+                            .map(|s| s.as_str())
+                            == Some("healthy")
+                    })
                     .count(),
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -51,42 +64,80 @@ fn world() -> &'static World {
 }
 
 fn lt_version(g: &aws_sdk_autoscaling::types::AutoScalingGroup) -> String {
-    g.launch_template().and_then(|l| l.version()).unwrap_or_default().to_string()
+    g.launch_template()
+        .and_then(|l| l.version())
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn sizes(g: &aws_sdk_autoscaling::types::AutoScalingGroup) -> (i32, i32, i32) {
-    (g.desired_capacity().unwrap(), g.min_size().unwrap(), g.max_size().unwrap())
+    (
+        g.desired_capacity().unwrap(),
+        g.min_size().unwrap(),
+        g.max_size().unwrap(),
+    )
 }
 
 fn tag(g: &aws_sdk_autoscaling::types::AutoScalingGroup, key: &str) -> Option<String> {
-    g.tags().iter().find(|t| t.key() == Some(key)).and_then(|t| t.value()).map(str::to_string)
+    g.tags()
+        .iter()
+        .find(|t| t.key() == Some(key))
+        .and_then(|t| t.value())
+        .map(str::to_string)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_good_ami_rolls_the_whole_group_without_dropping_below_capacity() {
     let world = world();
-    let (good, _) = tokio::task::spawn_blocking(|| sample_amis(world).clone()).await.unwrap();
+    let (good, _) = tokio::task::spawn_blocking(|| sample_amis(world).clone())
+        .await
+        .unwrap();
     let fleet = Fleet::create(world, "good", 4).await;
     let before = sizes(&fleet.group(world).await);
     let (stop, sampler) = sample_health(world, &fleet);
     let asg = fleet.asg.clone();
     let g2 = good.clone();
-    let run = tokio::task::spawn_blocking(move || rollout(world, "rollout-good", &["--asg", &asg, "--ami", &g2, "--health-timeout", "60s"]))
-        .await
-        .unwrap();
+    let run = tokio::task::spawn_blocking(move || {
+        rollout(
+            world,
+            "rollout-good",
+            &["--asg", &asg, "--ami", &g2, "--health-timeout", "60s"],
+        )
+    })
+    .await
+    .unwrap();
     stop.store(true, Ordering::Relaxed);
     let samples = sampler.await.unwrap();
     assert_eq!(run.code, Some(0), "{}", run.describe());
 
     let g = fleet.group(world).await;
-    assert_eq!(lt_version(&g), "2", "the group points at the new numbered version");
+    assert_eq!(
+        lt_version(&g),
+        "2",
+        "the group points at the new numbered version"
+    );
     assert_eq!(sizes(&g), before, "desired/min/max restored");
     assert_eq!(fleet.amis(world).await, vec![good.clone(); 4]);
-    assert!(tag(&g, "bakery:rollout").is_none() && tag(&g, "bakery:rollout-lock").is_none(), "state and lock removed");
-    assert!(!g.suspended_processes().iter().any(|p| p.process_name() == Some("AZRebalance")), "AZRebalance resumed");
+    assert!(
+        tag(&g, "bakery:rollout").is_none() && tag(&g, "bakery:rollout-lock").is_none(),
+        "state and lock removed"
+    );
+    assert!(
+        !g.suspended_processes()
+            .iter()
+            .any(|p| p.process_name() == Some("AZRebalance")),
+        "AZRebalance resumed"
+    );
     let min = samples.iter().copied().min().unwrap();
-    assert!(samples.len() > 10 && min >= 4, "healthy targets fell to {min} (samples {samples:?})");
-    let batches = run.events.iter().filter(|e| e["event"] == "batch_started").count();
+    assert!(
+        samples.len() > 10 && min >= 4,
+        "healthy targets fell to {min} (samples {samples:?})"
+    );
+    let batches = run
+        .events
+        .iter()
+        .filter(|e| e["event"] == "batch_started")
+        .count();
     assert_eq!(batches, 4, "25% of 4 = 1 per batch: {}", run.describe());
 
     // The new version carries the old one's settings with only the image changed, IMDSv2 on.
@@ -98,13 +149,27 @@ async fn a_good_ami_rolls_the_whole_group_without_dropping_below_capacity() {
         .send()
         .await
         .unwrap();
-    let data = v.launch_template_versions()[0].launch_template_data().unwrap();
+    let data = v.launch_template_versions()[0]
+        .launch_template_data()
+        .unwrap();
     assert_eq!(data.image_id(), Some(good.as_str()));
-    assert_eq!(data.security_group_ids(), [world.var("WORLD_APP_SG").to_string()]);
-    assert_eq!(data.metadata_options().and_then(|m| m.http_tokens()).map(|t| t.as_str()), Some("required"));
+    assert_eq!(
+        data.security_group_ids(),
+        [world.var("WORLD_APP_SG").to_string()]
+    );
+    assert_eq!(
+        data.metadata_options()
+            .and_then(|m| m.http_tokens())
+            .map(|t| t.as_str()),
+        Some("required")
+    );
 
     // `bakery status` shows the same.
-    let out = world.bakery().args(["--output", "json", "status", "--asg", &fleet.asg]).output().unwrap();
+    let out = world
+        .bakery()
+        .args(["--output", "json", "status", "--asg", &fleet.asg])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["version_number"], 2);
@@ -117,42 +182,81 @@ async fn a_good_ami_rolls_the_whole_group_without_dropping_below_capacity() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bad_ami_is_rolled_back_by_itself() {
     let world = world();
-    let (_, bad) = tokio::task::spawn_blocking(|| sample_amis(world).clone()).await.unwrap();
+    let (_, bad) = tokio::task::spawn_blocking(|| sample_amis(world).clone())
+        .await
+        .unwrap();
     let fleet = Fleet::create(world, "bad", 4).await;
     let before = sizes(&fleet.group(world).await);
     let (stop, sampler) = sample_health(world, &fleet);
     let asg = fleet.asg.clone();
     let b2 = bad.clone();
-    let run = tokio::task::spawn_blocking(move || rollout(world, "rollout-bad", &["--asg", &asg, "--ami", &b2, "--health-timeout", "8s"]))
-        .await
-        .unwrap();
+    let run = tokio::task::spawn_blocking(move || {
+        rollout(
+            world,
+            "rollout-bad",
+            &["--asg", &asg, "--ami", &b2, "--health-timeout", "8s"],
+        )
+    })
+    .await
+    .unwrap();
     stop.store(true, Ordering::Relaxed);
     let samples = sampler.await.unwrap();
-    assert_eq!(run.code, Some(6), "exit 6 means rolled back: {}", run.describe());
-    let rb = run.event("rollback_started").expect("rollback_started event");
+    assert_eq!(
+        run.code,
+        Some(6),
+        "exit 6 means rolled back: {}",
+        run.describe()
+    );
+    let rb = run
+        .event("rollback_started")
+        .expect("rollback_started event");
     let reason = rb["reason"].as_str().unwrap();
-    let culprit = rb["instances"][0].as_str().expect("the failing instance is named");
-    assert!(reason.contains(culprit) && reason.contains("Target.ResponseCodeMismatch"), "{reason}");
+    let culprit = rb["instances"][0]
+        .as_str()
+        .expect("the failing instance is named");
+    assert!(
+        reason.contains(culprit) && reason.contains("Target.ResponseCodeMismatch"),
+        "{reason}"
+    );
     let failed = run.event("rollout_failed").unwrap();
-    assert!(failed["error"].as_str().unwrap().starts_with("rolled back: batch 1 was not healthy within 8s"));
+    assert!(failed["error"]
+        .as_str()
+        .unwrap()
+        .starts_with("rolled back: batch 1 was not healthy within 8s"));
 
     let g = fleet.group(world).await;
     assert_eq!(lt_version(&g), "1", "back on the old version");
     assert_eq!(sizes(&g), before);
     let amis = fleet.amis(world).await;
-    assert_eq!(amis, vec![world.var("WORLD_STACK_AMI").to_string(); 4], "no instance of the bad AMI");
+    assert_eq!(
+        amis,
+        vec![world.var("WORLD_STACK_AMI").to_string(); 4],
+        "no instance of the bad AMI"
+    );
     fleet.wait_healthy(world, 4, Duration::from_secs(10)).await;
-    assert!(samples.iter().all(|n| *n >= 4), "capacity held during the rollback: {samples:?}");
+    assert!(
+        samples.iter().all(|n| *n >= 4),
+        "capacity held during the rollback: {samples:?}"
+    );
     fleet.delete(world).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rollout_killed_midway_resumes_and_converges() {
     let world = world();
-    let (good, _) = tokio::task::spawn_blocking(|| sample_amis(world).clone()).await.unwrap();
+    let (good, _) = tokio::task::spawn_blocking(|| sample_amis(world).clone())
+        .await
+        .unwrap();
     let fleet = Fleet::create(world, "kill", 4).await;
     let before = sizes(&fleet.group(world).await);
-    let args = ["--asg", fleet.asg.as_str(), "--ami", good.as_str(), "--health-timeout", "60s"];
+    let args = [
+        "--asg",
+        fleet.asg.as_str(),
+        "--ami",
+        good.as_str(),
+        "--health-timeout",
+        "60s",
+    ];
     let mut child = world
         .bakery()
         .args(["--output", "json", "rollout"])
@@ -166,10 +270,16 @@ async fn a_rollout_killed_midway_resumes_and_converges() {
     let pid = child.id();
     tokio::task::spawn_blocking(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             let e: serde_json::Value = serde_json::from_str(&line).unwrap();
             if e["event"] == "batch_started" && e["batch"] == 2 {
-                Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+                Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status()
+                    .unwrap();
                 break;
             }
         }
@@ -179,7 +289,10 @@ async fn a_rollout_killed_midway_resumes_and_converges() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), None, "killed by a signal");
     let g = fleet.group(world).await;
-    assert!(tag(&g, "bakery:rollout").is_some(), "the state survives on the group");
+    assert!(
+        tag(&g, "bakery:rollout").is_some(),
+        "the state survives on the group"
+    );
 
     let run = rollout(world, "rollout-kill", &args);
     assert_eq!(run.code, Some(0), "{}", run.describe());
@@ -194,58 +307,119 @@ async fn a_rollout_killed_midway_resumes_and_converges() {
 #[tokio::test(flavor = "multi_thread")]
 async fn dry_run_prints_the_plan_and_changes_nothing() {
     let world = world();
-    let (good, _) = tokio::task::spawn_blocking(|| sample_amis(world).clone()).await.unwrap();
+    let (good, _) = tokio::task::spawn_blocking(|| sample_amis(world).clone())
+        .await
+        .unwrap();
     let fleet = Fleet::create(world, "dry", 4).await;
     let before = fleet.group(world).await;
     let key = format!("dryrun-{}", &fleet.name);
-    let run = rollout(world, &key, &["--asg", &fleet.asg, "--ami", &good, "--dry-run", "--max-surge", "2"]);
+    let run = rollout(
+        world,
+        &key,
+        &[
+            "--asg",
+            &fleet.asg,
+            "--ami",
+            &good,
+            "--dry-run",
+            "--max-surge",
+            "2",
+        ],
+    );
     assert_eq!(run.code, Some(0), "{}", run.describe());
     let plan = &run.event("rollout_plan").expect("plan event")["plan"];
     assert_eq!(plan["capacity"], 4);
     assert_eq!(plan["instances_to_replace"], 4);
     assert_eq!(plan["from_version"], 1);
     assert_eq!(plan["to_ami"], good);
-    let batches: Vec<u64> = plan["batches"].as_array().unwrap().iter().map(|b| b["replace"].as_u64().unwrap()).collect();
+    let batches: Vec<u64> = plan["batches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["replace"].as_u64().unwrap())
+        .collect();
     assert_eq!(batches, vec![1, 2, 1], "canary of 1, then 2 at a time");
 
     let after = fleet.group(world).await;
     assert_eq!(lt_version(&after), lt_version(&before));
     assert_eq!(sizes(&after), sizes(&before));
     assert_eq!(after.tags().len(), before.tags().len());
-    let versions = world.ec2().describe_launch_template_versions().launch_template_id(&fleet.lt_id).send().await.unwrap();
-    assert_eq!(versions.launch_template_versions().len(), 1, "no version was created");
+    let versions = world
+        .ec2()
+        .describe_launch_template_versions()
+        .launch_template_id(&fleet.lt_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        versions.launch_template_versions().len(),
+        1,
+        "no version was created"
+    );
     let calls = world_calls(world, &key);
     let list = calls["calls"].as_array().expect("a list of calls");
     assert!(
-        list.iter().all(|c| c["access_key"] == key.as_str() && c["mutating"].is_boolean()),
+        list.iter()
+            .all(|c| c["access_key"] == key.as_str() && c["mutating"].is_boolean()),
         "the call log attributes each call to its key and says whether it mutates: {calls}"
     );
-    assert!(list.iter().any(|c| c["action"] == "autoscaling:DescribeAutoScalingGroups" || c["action"] == "DescribeAutoScalingGroups"), "{calls}");
+    assert!(
+        list.iter()
+            .any(|c| c["action"] == "autoscaling:DescribeAutoScalingGroups"
+                || c["action"] == "DescribeAutoScalingGroups"),
+        "{calls}"
+    );
     let mutating: Vec<&serde_json::Value> = list.iter().filter(|c| c["mutating"] == true).collect();
-    assert!(calls["total"].as_u64().unwrap() > 0, "the call log saw the dry run: {calls}");
-    assert!(mutating.is_empty(), "a dry run made mutating calls: {mutating:?}");
+    assert!(
+        calls["total"].as_u64().unwrap() > 0,
+        "the call log saw the dry run: {calls}"
+    );
+    assert!(
+        mutating.is_empty(),
+        "a dry run made mutating calls: {mutating:?}"
+    );
     fleet.delete(world).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_is_refused_clearly_without_changing_the_group() {
     let world = world();
-    let (good, _) = tokio::task::spawn_blocking(|| sample_amis(world).clone()).await.unwrap();
+    let (good, _) = tokio::task::spawn_blocking(|| sample_amis(world).clone())
+        .await
+        .unwrap();
 
-    let run = rollout(world, "bad-input", &["--asg", "no-such-group", "--ami", &good]);
+    let run = rollout(
+        world,
+        "bad-input",
+        &["--asg", "no-such-group", "--ami", &good],
+    );
     assert_eq!(run.code, Some(2), "{}", run.describe());
-    assert!(run.event("rollout_failed").unwrap()["error"].as_str().unwrap().contains("group \"no-such-group\" not found"));
+    assert!(run.event("rollout_failed").unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .contains("group \"no-such-group\" not found"));
 
     let fleet = Fleet::create(world, "input", 0).await;
     let before = fleet.group(world).await;
 
-    let run = rollout(world, "bad-input", &["--asg", &fleet.asg, "--ami", "ami-00000000deadbeef0"]);
+    let run = rollout(
+        world,
+        "bad-input",
+        &["--asg", &fleet.asg, "--ami", "ami-00000000deadbeef0"],
+    );
     assert_eq!(run.code, Some(2), "{}", run.describe());
-    assert!(run.event("rollout_failed").unwrap()["error"].as_str().unwrap().contains("AMI ami-00000000deadbeef0 not found"));
+    assert!(run.event("rollout_failed").unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .contains("AMI ami-00000000deadbeef0 not found"));
 
     // Another driver holds the group (on another machine, lock not expired).
     let asg = world.asg();
-    let expires = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 120;
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 120;
     let lock = format!("owner=ci-runner-7:4242;token=abc;since=1764230000;expires={expires}");
     asg.create_or_update_tags()
         .tags(
@@ -262,8 +436,14 @@ async fn bad_input_is_refused_clearly_without_changing_the_group() {
         .unwrap();
     let run = rollout(world, "bad-input", &["--asg", &fleet.asg, "--ami", &good]);
     assert_eq!(run.code, Some(7), "{}", run.describe());
-    let error = run.event("rollout_failed").unwrap()["error"].as_str().unwrap().to_string();
-    assert!(error.contains("locked by another rollout driver (ci-runner-7:4242"), "{error}");
+    let error = run.event("rollout_failed").unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("locked by another rollout driver (ci-runner-7:4242"),
+        "{error}"
+    );
 
     // A rollout of another AMI is in progress: refused, with the ways forward.
     let state = format!(
@@ -272,7 +452,13 @@ async fn bad_input_is_refused_clearly_without_changing_the_group() {
         fleet.lt_id
     );
     asg.delete_tags()
-        .tags(aws_sdk_autoscaling::types::Tag::builder().resource_id(&fleet.asg).resource_type("auto-scaling-group").key("bakery:rollout-lock").build())
+        .tags(
+            aws_sdk_autoscaling::types::Tag::builder()
+                .resource_id(&fleet.asg)
+                .resource_type("auto-scaling-group")
+                .key("bakery:rollout-lock")
+                .build(),
+        )
         .send()
         .await
         .unwrap();
@@ -291,8 +477,16 @@ async fn bad_input_is_refused_clearly_without_changing_the_group() {
         .unwrap();
     let run = rollout(world, "bad-input", &["--asg", &fleet.asg, "--ami", &good]);
     assert_eq!(run.code, Some(7), "{}", run.describe());
-    let error = run.event("rollout_failed").unwrap()["error"].as_str().unwrap().to_string();
-    assert!(error.contains("has a rollout of") && error.contains("--abort") && error.contains("--force"), "{error}");
+    let error = run.event("rollout_failed").unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("has a rollout of")
+            && error.contains("--abort")
+            && error.contains("--force"),
+        "{error}"
+    );
 
     let after = fleet.group(world).await;
     assert_eq!(lt_version(&after), lt_version(&before), "no change");
@@ -320,8 +514,19 @@ async fn bad_input_is_refused_clearly_without_changing_the_group() {
         .await
         .unwrap();
     let run = rollout(world, "bad-input", &["--asg", &lc_group, "--ami", &good]);
-    let _ = asg.delete_auto_scaling_group().auto_scaling_group_name(&lc_group).force_delete(true).send().await;
+    let _ = asg
+        .delete_auto_scaling_group()
+        .auto_scaling_group_name(&lc_group)
+        .force_delete(true)
+        .send()
+        .await;
     assert_eq!(run.code, Some(2), "{}", run.describe());
-    let error = run.event("rollout_failed").unwrap()["error"].as_str().unwrap().to_string();
-    assert!(error.contains("launch configuration") && error.contains("migrate"), "{error}");
+    let error = run.event("rollout_failed").unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("launch configuration") && error.contains("migrate"),
+        "{error}"
+    );
 }

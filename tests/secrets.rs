@@ -11,12 +11,17 @@ async fn db_password(world: &World) -> String {
         .behavior_version(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new(world.var("AWS_REGION").to_string()))
         .endpoint_url(world.var("AWS_ENDPOINT_URL"))
-        .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(aws_sdk_ec2::config::Credentials::new(
-            "x", "x", None, None, "test",
-        )))
+        .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(
+            aws_sdk_ec2::config::Credentials::new("x", "x", None, None, "test"),
+        ))
         .build();
     let sm = aws_sdk_secretsmanager::Client::new(&config);
-    let v = sm.get_secret_value().secret_id(world.var("WORLD_DB_SECRET")).send().await.unwrap();
+    let v = sm
+        .get_secret_value()
+        .secret_id(world.var("WORLD_DB_SECRET"))
+        .send()
+        .await
+        .unwrap();
     let json: serde_json::Value = serde_json::from_str(v.secret_string().unwrap()).unwrap();
     json["password"].as_str().unwrap().to_string()
 }
@@ -25,7 +30,13 @@ async fn db_password(world: &World) -> String {
 fn traces(secret: &str) -> Vec<String> {
     let mut t = vec![secret.to_string()];
     // Fragments as `fold -w 5` prints them.
-    t.extend(secret.as_bytes().chunks(5).filter(|c| c.len() == 5).map(|c| String::from_utf8_lossy(c).into_owned()));
+    t.extend(
+        secret
+            .as_bytes()
+            .chunks(5)
+            .filter(|c| c.len() == 5)
+            .map(|c| String::from_utf8_lossy(c).into_owned()),
+    );
     for prefix in ["", "x", "xy"] {
         let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{prefix}{secret}"));
         t.push(b64[4..b64.len() - 4].to_string());
@@ -37,10 +48,20 @@ fn traces(secret: &str) -> Vec<String> {
 async fn a_provisioner_echoing_a_secret_leaves_no_trace_of_it() {
     let world = World::get();
     let password = db_password(&world).await;
-    assert!(password.len() >= 10, "the world's password is long enough to test fragments");
+    assert!(
+        password.len() >= 10,
+        "the world's password is long enough to test fragments"
+    );
     let secret_id = world.var("WORLD_DB_SECRET");
     let dir = scratch("secrets");
-    write(&dir, "db.conf.tmpl", &format!("host={{{{rds:{db}.address}}}}\npassword={{{{secret:{secret_id}#password}}}}\n", db = world.var("WORLD_DB_INSTANCE")));
+    write(
+        &dir,
+        "db.conf.tmpl",
+        &format!(
+            "host={{{{rds:{db}.address}}}}\npassword={{{{secret:{secret_id}#password}}}}\n",
+            db = world.var("WORLD_DB_INSTANCE")
+        ),
+    );
     let r = write(
         &dir,
         "recipe.toml",
@@ -86,14 +107,34 @@ inline = [
         .output()
         .unwrap();
     let run = Run::from_output(out);
-    assert_eq!(run.code, Some(3), "the last command fails on purpose: {}", run.describe());
+    assert_eq!(
+        run.code,
+        Some(3),
+        "the last command fails on purpose: {}",
+        run.describe()
+    );
     let lines = run.output_lines();
-    assert!(lines.contains(&"template-ok".to_string()), "the secret reached the provisioner and the template: {lines:?}");
-    assert!(lines.contains(&"600".to_string()), "a rendered template is private by default: {lines:?}");
-    assert!(lines.contains(&"port 5432".to_string()), "RDS values are not secrets: {lines:?}");
+    assert!(
+        lines.contains(&"template-ok".to_string()),
+        "the secret reached the provisioner and the template: {lines:?}"
+    );
+    assert!(
+        lines.contains(&"600".to_string()),
+        "a rendered template is private by default: {lines:?}"
+    );
+    assert!(
+        lines.contains(&"port 5432".to_string()),
+        "RDS values are not secrets: {lines:?}"
+    );
     assert!(lines.iter().any(|l| l.contains("[REDACTED]")));
-    let error = run.event("build_failed").unwrap()["error"].as_str().unwrap().to_string();
-    assert!(error.contains("exit code 9") && error.contains("failing with [REDACTED]"), "{error}");
+    let error = run.event("build_failed").unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("exit code 9") && error.contains("failing with [REDACTED]"),
+        "{error}"
+    );
     let manifest_text = std::fs::read_to_string(&manifest).unwrap_or_default();
     for t in traces(&password) {
         assert!(!run.stdout.contains(&t), "stdout holds {t:?}");
@@ -108,9 +149,18 @@ async fn a_missing_secret_or_key_is_named_and_nothing_is_created() {
     let world = World::get();
     let dir = scratch("secrets-missing");
     for (reference, expected) in [
-        ("secret:no/such/secret", "secret no/such/secret: not found".to_string()),
-        (&*format!("secret:{}#nokey", world.var("WORLD_DB_SECRET")), "has no key `nokey` (it has: ".to_string()),
-        ("rds:no-such-db.address", "RDS instance no-such-db: not found".to_string()),
+        (
+            "secret:no/such/secret",
+            "secret no/such/secret: not found".to_string(),
+        ),
+        (
+            &*format!("secret:{}#nokey", world.var("WORLD_DB_SECRET")),
+            "has no key `nokey` (it has: ".to_string(),
+        ),
+        (
+            "rds:no-such-db.address",
+            "RDS instance no-such-db: not found".to_string(),
+        ),
     ] {
         let r = write(
             &dir,
@@ -119,9 +169,15 @@ async fn a_missing_secret_or_key_is_named_and_nothing_is_created() {
         );
         let run = build(&world, &r, &[]);
         assert_eq!(run.code, Some(2), "{}", run.describe());
-        let error = run.event("build_failed").unwrap()["error"].as_str().unwrap().to_string();
+        let error = run.event("build_failed").unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .to_string();
         assert!(error.contains(&expected), "{reference}: {error}");
-        assert!(run.event("resource_created").is_none(), "nothing is created before references resolve");
+        assert!(
+            run.event("resource_created").is_none(),
+            "nothing is created before references resolve"
+        );
     }
 }
 
@@ -134,5 +190,8 @@ fn a_secret_outside_env_and_templates_is_a_recipe_error() {
     let out = world.bakery().arg("validate").arg(&r).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr.contains("may only appear in a provisioner's `env` values or a file template"), "{stderr}");
+    assert!(
+        stderr.contains("may only appear in a provisioner's `env` values or a file template"),
+        "{stderr}"
+    );
 }

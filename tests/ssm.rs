@@ -40,7 +40,10 @@ async fn a_bake_over_ssm_runs_in_the_instance_with_no_inbound_rule_and_no_key() 
     std::fs::write(dir.join("files/payload.bin"), &payload).unwrap();
     let digest = {
         use sha2::Digest;
-        sha2::Sha256::digest(&payload).iter().map(|b| format!("{b:02x}")).collect::<String>()
+        sha2::Sha256::digest(&payload)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
     };
     let r = write(
         &dir,
@@ -79,18 +82,40 @@ inline = [
     assert_eq!(run.code, Some(0), "{}", run.describe());
     assert_eq!(
         run.output_lines(),
-        vec!["it's ssm as root".to_string(), format!("{digest}  /opt/ssm/files/payload.bin"), "warn".to_string()]
+        vec![
+            "it's ssm as root".to_string(),
+            format!("{digest}  /opt/ssm/files/payload.bin"),
+            "warn".to_string()
+        ]
     );
-    let stderr_line = run.events.iter().find(|e| e["event"] == "output" && e["line"] == "warn").unwrap();
+    let stderr_line = run
+        .events
+        .iter()
+        .find(|e| e["event"] == "output" && e["line"] == "warn")
+        .unwrap();
     assert_eq!(stderr_line["stream"], "stderr");
-    assert!(!run.events.iter().any(|e| e["event"] == "resource_created" && e["kind"] == "key pair"), "no key pair over SSM");
+    assert!(
+        !run.events
+            .iter()
+            .any(|e| e["event"] == "resource_created" && e["kind"] == "key pair"),
+        "no key pair over SSM"
+    );
 
     // No inbound rule ever existed: the call log of this run has no ingress authorisation.
     let calls = world_calls(&world, &key);
     let list = calls["calls"].as_array().expect("call list");
-    assert!(list.iter().any(|c| c["action"].as_str().unwrap_or_default().ends_with("SendCommand")), "{calls}");
     assert!(
-        !list.iter().any(|c| c["action"].as_str().unwrap_or_default().ends_with("AuthorizeSecurityGroupIngress")),
+        list.iter().any(|c| c["action"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("SendCommand")),
+        "{calls}"
+    );
+    assert!(
+        !list.iter().any(|c| c["action"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("AuthorizeSecurityGroupIngress")),
         "an inbound rule was added: {calls}"
     );
     assert!(leftovers(&world, &run.build_id(), false).await.is_empty());
@@ -103,12 +128,21 @@ async fn a_failing_command_over_ssm_fails_the_bake_with_its_exit_code() {
     let r = write(
         &dir,
         "recipe.toml",
-        &ssm_recipe(&world, "[[provisioner]]\ntype = \"shell\"\ninline = [\"echo going down\", \"exit 42\"]\n"),
+        &ssm_recipe(
+            &world,
+            "[[provisioner]]\ntype = \"shell\"\ninline = [\"echo going down\", \"exit 42\"]\n",
+        ),
     );
     let run = build(&world, &r, &[]);
     assert_eq!(run.code, Some(3), "{}", run.describe());
-    let error = run.event("build_failed").unwrap()["error"].as_str().unwrap().to_string();
-    assert!(error.contains("exit code 42") && error.contains("going down"), "{error}");
+    let error = run.event("build_failed").unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("exit code 42") && error.contains("going down"),
+        "{error}"
+    );
     assert!(leftovers(&world, &run.build_id(), true).await.is_empty());
 }
 
@@ -116,12 +150,20 @@ async fn a_failing_command_over_ssm_fails_the_bake_with_its_exit_code() {
 fn ssm_without_an_instance_profile_is_a_recipe_error() {
     let world = World::get();
     let dir = scratch("ssm-noprofile");
-    let text = ssm_recipe(&world, "").replace(&format!("instance_profile = \"{}\"\n", world.var("WORLD_INSTANCE_PROFILE")), "");
+    let text = ssm_recipe(&world, "").replace(
+        &format!(
+            "instance_profile = \"{}\"\n",
+            world.var("WORLD_INSTANCE_PROFILE")
+        ),
+        "",
+    );
     let r = write(&dir, "recipe.toml", &text);
     let out = world.bakery().arg("validate").arg(&r).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("the ssm communicator needs [instance] instance_profile"), "{stderr}");
+    assert!(
+        stderr.contains("the ssm communicator needs [instance] instance_profile"),
+        "{stderr}"
+    );
     assert!(stderr.contains("AmazonSSMManagedInstanceCore"), "{stderr}");
 }
-

@@ -326,22 +326,38 @@ def delete_fleet(state: dict, timeout: float) -> None:
             if "not found" not in str(e).lower():
                 say(f"warning: DeleteAutoScalingGroup {n}: {e}")
 
-    def gone():
-        left = [g for g in describe_groups(asg, names)] if names else []
-        if left:
-            return False, f"{len(left)} group(s) still exist"
+    def ours_alive() -> list[str]:
         live = []
         for page in ec2.get_paginator("describe_instances").paginate(
-            Filters=[{"Name": "tag-key", "Values": [TAG_KEY]},
+            Filters=[{"Name": f"tag:{TAG_KEY}", "Values": [TAG_VALUE]},
                      {"Name": "instance-state-name", "Values": ["pending", "running", "shutting-down", "stopping", "stopped"]}]
         ):
             for r in page["Reservations"]:
                 live += [i["InstanceId"] for i in r["Instances"]]
+        return live
+
+    t0 = time.monotonic()
+    swept = [False]
+
+    def gone():
+        left = [g for g in describe_groups(asg, names)] if names else []
+        if left:
+            return False, f"{len(left)} group(s) still exist"
+        live = ours_alive()
+        if live and not swept[0]:
+            # Instances of ours that no group owns any more (a CreateAutoScalingGroup that failed
+            # half-way launches some): terminate them directly, once.
+            swept[0] = True
+            say(f"terminating {len(live)} benchmark instance(s) no group owns")
+            for k in range(0, len(live), 100):
+                ec2.terminate_instances(InstanceIds=live[k:k + 100])
+            return False, f"{len(live)} instance(s) not terminated"
         if live:
             return False, f"{len(live)} instance(s) not terminated"
         return True, ""
 
-    wait_for("the benchmark groups' instances to terminate", timeout, gone, every=1.0)
+    wait_for("the benchmark groups' instances to terminate", timeout, gone, every=2.0)
+    say(f"benchmark instances terminated after {time.monotonic() - t0:.0f}s")
     alb = os.environ.get("WORLD_ALB_ARN")
     tgs = [t for t in elbv2.describe_target_groups()["TargetGroups"] if t["TargetGroupName"].startswith(PREFIX + "-")]
     arns = {t["TargetGroupArn"] for t in tgs}

@@ -66,13 +66,17 @@ pub async fn describe_many(
     for chunk in names.chunks(100) {
         let mut token: Option<String> = None;
         loop {
-            let out = call("autoscaling:DescribeAutoScalingGroups", format!("{} groups", chunk.len()), || {
-                asg.describe_auto_scaling_groups()
-                    .set_auto_scaling_group_names(Some(chunk.to_vec()))
-                    .set_next_token(token.clone())
-                    .max_records(100)
-                    .send()
-            })
+            let out = call(
+                "autoscaling:DescribeAutoScalingGroups",
+                format!("{} groups", chunk.len()),
+                || {
+                    asg.describe_auto_scaling_groups()
+                        .set_auto_scaling_group_names(Some(chunk.to_vec()))
+                        .set_next_token(token.clone())
+                        .max_records(100)
+                        .send()
+                },
+            )
             .await?;
             for g in out.auto_scaling_groups() {
                 let g = group_of(g);
@@ -88,16 +92,23 @@ pub async fn describe_many(
         let mut token: Option<String> = None;
         loop {
             let filter = match value {
-                Some(v) => Filter::builder().name(format!("tag:{key}")).values(v).build(),
+                Some(v) => Filter::builder()
+                    .name(format!("tag:{key}"))
+                    .values(v)
+                    .build(),
                 None => Filter::builder().name("tag-key").values(key).build(),
             };
-            let out = call("autoscaling:DescribeAutoScalingGroups", format!("tag {key}"), || {
-                asg.describe_auto_scaling_groups()
-                    .filters(filter.clone())
-                    .set_next_token(token.clone())
-                    .max_records(100)
-                    .send()
-            })
+            let out = call(
+                "autoscaling:DescribeAutoScalingGroups",
+                format!("tag {key}"),
+                || {
+                    asg.describe_auto_scaling_groups()
+                        .filters(filter.clone())
+                        .set_next_token(token.clone())
+                        .max_records(100)
+                        .send()
+                },
+            )
             .await?;
             for g in out.auto_scaling_groups() {
                 let g = group_of(g);
@@ -154,7 +165,10 @@ fn group_of(g: &aws_sdk_autoscaling::types::AutoScalingGroup) -> Group {
             .iter()
             .map(|i| GroupInstance {
                 id: i.instance_id().unwrap_or_default().to_string(),
-                lifecycle: i.lifecycle_state().map(|l| l.as_str().to_string()).unwrap_or_default(),
+                lifecycle: i
+                    .lifecycle_state()
+                    .map(|l| l.as_str().to_string())
+                    .unwrap_or_default(),
                 health: i.health_status().unwrap_or_default().to_string(),
                 launch_template_version: i
                     .launch_template()
@@ -166,7 +180,12 @@ fn group_of(g: &aws_sdk_autoscaling::types::AutoScalingGroup) -> Group {
         tags: g
             .tags()
             .iter()
-            .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or_default().to_string())))
+            .filter_map(|t| {
+                Some((
+                    t.key()?.to_string(),
+                    t.value().unwrap_or_default().to_string(),
+                ))
+            })
             .collect(),
         suspended: g
             .suspended_processes()
@@ -191,7 +210,9 @@ pub async fn set_tags(asg: &Client, group: &str, tags: &[(&str, String)]) -> Res
         })
         .collect();
     call("autoscaling:CreateOrUpdateTags", group, || {
-        asg.create_or_update_tags().set_tags(Some(tags.clone())).send()
+        asg.create_or_update_tags()
+            .set_tags(Some(tags.clone()))
+            .send()
     })
     .await
     .map(|_| ())
@@ -256,12 +277,16 @@ pub async fn update(
 
 /// Terminates a group member; with `decrement`, the group does not replace it.
 pub async fn terminate_instance(asg: &Client, id: &str, decrement: bool) -> Result<(), AwsError> {
-    match call("autoscaling:TerminateInstanceInAutoScalingGroup", id, || {
-        asg.terminate_instance_in_auto_scaling_group()
-            .instance_id(id)
-            .should_decrement_desired_capacity(decrement)
-            .send()
-    })
+    match call(
+        "autoscaling:TerminateInstanceInAutoScalingGroup",
+        id,
+        || {
+            asg.terminate_instance_in_auto_scaling_group()
+                .instance_id(id)
+                .should_decrement_desired_capacity(decrement)
+                .send()
+        },
+    )
     .await
     {
         // Already gone (or leaving): that is what we wanted.

@@ -130,12 +130,18 @@ mod tests {
         for _ in 0..3 {
             b.acquire().await;
         }
-        assert!(start.elapsed() < Duration::from_millis(20), "the burst is immediate");
+        assert!(
+            start.elapsed() < Duration::from_millis(20),
+            "the burst is immediate"
+        );
         for _ in 0..4 {
             b.acquire().await;
         }
         let paced = start.elapsed();
-        assert!(paced >= Duration::from_millis(190), "4 more at 20/s take ~200 ms, took {paced:?}");
+        assert!(
+            paced >= Duration::from_millis(190),
+            "4 more at 20/s take ~200 ms, took {paced:?}"
+        );
     }
 
     #[test]
@@ -143,6 +149,13 @@ mod tests {
         record("test:Action", None);
         record("test:Action", Some(true));
         record("test:Action", Some(false));
-        assert_eq!(stats()["test:Action"], ActionStats { calls: 3, throttles: 1, errors: 1 });
+        assert_eq!(
+            stats()["test:Action"],
+            ActionStats {
+                calls: 3,
+                throttles: 1,
+                errors: 1
+            }
+        );
     }
 }

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use aws_sdk_ec2::primitives::Blob;
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
-    InstanceMetadataEndpointState, InstanceMetadataOptionsRequest, InstanceNetworkInterfaceSpecification,
-    InstanceStateName, InstanceType, IpPermission, IpRange, ResourceType, Tag, TagSpecification,
-    VolumeType,
+    InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
+    InstanceNetworkInterfaceSpecification, InstanceStateName, InstanceType, IpPermission, IpRange,
+    ResourceType, Tag, TagSpecification, VolumeType,
 };
 use aws_sdk_ec2::Client;
 
@@ -51,7 +51,10 @@ fn image_info(i: &aws_sdk_ec2::types::Image) -> ImageInfo {
     ImageInfo {
         id: i.image_id().unwrap_or_default().to_string(),
         name: i.name().unwrap_or_default().to_string(),
-        state: i.state().map(|s| s.as_str().to_string()).unwrap_or_default(),
+        state: i
+            .state()
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_default(),
         root_device_name: i.root_device_name().map(str::to_string),
         creation_date: i.creation_date().map(str::to_string),
         snapshot_ids: i
@@ -93,7 +96,11 @@ pub async fn find_images(
 }
 
 /// Images with `key=value` among their tags, in any state.
-pub async fn images_tagged(ec2: &Client, key: &str, value: &str) -> Result<Vec<ImageInfo>, AwsError> {
+pub async fn images_tagged(
+    ec2: &Client,
+    key: &str,
+    value: &str,
+) -> Result<Vec<ImageInfo>, AwsError> {
     let out = call("ec2:DescribeImages", format!("tag {key}={value}"), || {
         ec2.describe_images()
             .owners("self")
@@ -175,7 +182,12 @@ pub async fn subnet(ec2: &Client, id: &str) -> Result<Option<SubnetInfo>, AwsErr
 pub async fn default_subnet(ec2: &Client) -> Result<Option<SubnetInfo>, AwsError> {
     let out = call("ec2:DescribeSubnets", "default-for-az", || {
         ec2.describe_subnets()
-            .filters(Filter::builder().name("default-for-az").values("true").build())
+            .filters(
+                Filter::builder()
+                    .name("default-for-az")
+                    .values("true")
+                    .build(),
+            )
             .send()
     })
     .await?;
@@ -264,7 +276,12 @@ pub async fn authorize_tcp_ingress(
         .ip_protocol("tcp")
         .from_port(port.into())
         .to_port(port.into())
-        .ip_ranges(IpRange::builder().cidr_ip(cidr).description(description).build())
+        .ip_ranges(
+            IpRange::builder()
+                .cidr_ip(cidr)
+                .description(description)
+                .build(),
+        )
         .build();
     match call("ec2:AuthorizeSecurityGroupIngress", group_id, || {
         ec2.authorize_security_group_ingress()
@@ -439,10 +456,20 @@ pub async fn describe_instance(ec2: &Client, id: &str) -> Result<Option<Instance
 }
 
 /// Instances carrying `key=value`, except terminated ones.
-pub async fn instances_tagged(ec2: &Client, key: &str, value: &str) -> Result<Vec<InstanceInfo>, AwsError> {
-    let out = call("ec2:DescribeInstances", format!("tag {key}={value}"), || {
-        ec2.describe_instances().filters(tag_filter(key, value)).send()
-    })
+pub async fn instances_tagged(
+    ec2: &Client,
+    key: &str,
+    value: &str,
+) -> Result<Vec<InstanceInfo>, AwsError> {
+    let out = call(
+        "ec2:DescribeInstances",
+        format!("tag {key}={value}"),
+        || {
+            ec2.describe_instances()
+                .filters(tag_filter(key, value))
+                .send()
+        },
+    )
     .await?;
     Ok(out
         .reservations()
@@ -562,22 +589,32 @@ pub async fn delete_image(ec2: &Client, image: &ImageInfo) -> Result<(), AwsErro
 }
 
 /// The image and launch time (seconds since the epoch) of each instance, by id.
-pub async fn images_of(ec2: &Client, ids: &[String]) -> Result<BTreeMap<String, (String, u64)>, AwsError> {
+pub async fn images_of(
+    ec2: &Client,
+    ids: &[String],
+) -> Result<BTreeMap<String, (String, u64)>, AwsError> {
     let mut found = BTreeMap::new();
     // DescribeInstances takes up to 1000 ids a call.
     for chunk in ids.chunks(1000) {
-        let out = call("ec2:DescribeInstances", format!("{} instances", chunk.len()), || {
-            ec2.describe_instances()
-                .set_instance_ids(Some(chunk.to_vec()))
-                .send()
-        })
+        let out = call(
+            "ec2:DescribeInstances",
+            format!("{} instances", chunk.len()),
+            || {
+                ec2.describe_instances()
+                    .set_instance_ids(Some(chunk.to_vec()))
+                    .send()
+            },
+        )
         .await;
         let out = match out {
             Ok(o) => o,
             // An id that just went away fails the whole call; ask one by one instead.
             Err(e) if e.is_not_found() && chunk.len() > 1 => {
                 for id in chunk {
-                    if let Ok(Some(v)) = Box::pin(images_of(ec2, std::slice::from_ref(id))).await.map(|m| m.get(id).cloned()) {
+                    if let Ok(Some(v)) = Box::pin(images_of(ec2, std::slice::from_ref(id)))
+                        .await
+                        .map(|m| m.get(id).cloned())
+                    {
                         found.insert(id.clone(), v);
                     }
                 }
@@ -587,7 +624,10 @@ pub async fn images_of(ec2: &Client, ids: &[String]) -> Result<BTreeMap<String, 
             Err(e) => return Err(e),
         };
         for i in out.reservations().iter().flat_map(|r| r.instances()) {
-            let launched = i.launch_time().map(|t| t.secs().max(0) as u64).unwrap_or_default();
+            let launched = i
+                .launch_time()
+                .map(|t| t.secs().max(0) as u64)
+                .unwrap_or_default();
             found.insert(
                 i.instance_id().unwrap_or_default().to_string(),
                 (i.image_id().unwrap_or_default().to_string(), launched),
@@ -613,8 +653,16 @@ pub async fn impaired(ec2: &Client) -> Result<BTreeMap<String, String>, AwsError
             })
             .await?;
             for s in r.instance_statuses() {
-                let instance = s.instance_status().and_then(|x| x.status()).map(|x| x.as_str()).unwrap_or("-");
-                let system = s.system_status().and_then(|x| x.status()).map(|x| x.as_str()).unwrap_or("-");
+                let instance = s
+                    .instance_status()
+                    .and_then(|x| x.status())
+                    .map(|x| x.as_str())
+                    .unwrap_or("-");
+                let system = s
+                    .system_status()
+                    .and_then(|x| x.status())
+                    .map(|x| x.as_str())
+                    .unwrap_or("-");
                 // Check the answer too: not every implementation honours these filters.
                 if instance != "impaired" && system != "impaired" {
                     continue;
@@ -634,14 +682,21 @@ pub async fn impaired(ec2: &Client) -> Result<BTreeMap<String, String>, AwsError
 }
 
 /// Private IP and launch time of each instance, by id.
-pub async fn addresses(ec2: &Client, ids: &[String]) -> Result<BTreeMap<String, (Option<String>, u64)>, AwsError> {
+pub async fn addresses(
+    ec2: &Client,
+    ids: &[String],
+) -> Result<BTreeMap<String, (Option<String>, u64)>, AwsError> {
     let mut found = BTreeMap::new();
     for chunk in ids.chunks(1000) {
-        let out = match call("ec2:DescribeInstances", format!("{} instances", chunk.len()), || {
-            ec2.describe_instances()
-                .set_instance_ids(Some(chunk.to_vec()))
-                .send()
-        })
+        let out = match call(
+            "ec2:DescribeInstances",
+            format!("{} instances", chunk.len()),
+            || {
+                ec2.describe_instances()
+                    .set_instance_ids(Some(chunk.to_vec()))
+                    .send()
+            },
+        )
         .await
         {
             Ok(o) => o,
@@ -653,7 +708,9 @@ pub async fn addresses(ec2: &Client, ids: &[String]) -> Result<BTreeMap<String, 
                 i.instance_id().unwrap_or_default().to_string(),
                 (
                     nonempty(i.private_ip_address()),
-                    i.launch_time().map(|t| t.secs().max(0) as u64).unwrap_or_default(),
+                    i.launch_time()
+                        .map(|t| t.secs().max(0) as u64)
+                        .unwrap_or_default(),
                 ),
             );
         }

@@ -16,12 +16,19 @@ pub struct TargetState {
 }
 
 /// Health of every registered target of a target group, by target id.
-pub async fn target_health(elb: &Client, target_group_arn: &str) -> Result<BTreeMap<String, TargetState>, AwsError> {
-    let out = call("elasticloadbalancing:DescribeTargetHealth", target_group_arn, || {
-        elb.describe_target_health()
-            .target_group_arn(target_group_arn)
-            .send()
-    })
+pub async fn target_health(
+    elb: &Client,
+    target_group_arn: &str,
+) -> Result<BTreeMap<String, TargetState>, AwsError> {
+    let out = call(
+        "elasticloadbalancing:DescribeTargetHealth",
+        target_group_arn,
+        || {
+            elb.describe_target_health()
+                .target_group_arn(target_group_arn)
+                .send()
+        },
+    )
     .await?;
     Ok(out
         .target_health_descriptions()

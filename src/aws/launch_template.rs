@@ -6,8 +6,9 @@
 //! emulator that ignores `SourceVersion`, the fields copied here are what carries over.
 
 use aws_sdk_ec2::types::{
-    CreditSpecificationRequest, LaunchTemplateHttpTokensState, LaunchTemplateBlockDeviceMappingRequest,
-    LaunchTemplateEbsBlockDeviceRequest, LaunchTemplateIamInstanceProfileSpecificationRequest,
+    CreditSpecificationRequest, LaunchTemplateBlockDeviceMappingRequest,
+    LaunchTemplateEbsBlockDeviceRequest, LaunchTemplateHttpTokensState,
+    LaunchTemplateIamInstanceProfileSpecificationRequest,
     LaunchTemplateInstanceMetadataOptionsRequest,
     LaunchTemplateInstanceNetworkInterfaceSpecificationRequest, LaunchTemplatePlacementRequest,
     LaunchTemplateTagSpecificationRequest, LaunchTemplatesMonitoringRequest,
@@ -45,17 +46,29 @@ fn version_of(v: &aws_sdk_ec2::types::LaunchTemplateVersion) -> Version {
 }
 
 /// One version by number or by `$Latest` / `$Default`; `None` if it does not exist.
-pub async fn describe(ec2: &Client, template_id: &str, version: &str) -> Result<Option<Version>, AwsError> {
-    match call("ec2:DescribeLaunchTemplateVersions", format!("{template_id} version {version}"), || {
-        ec2.describe_launch_template_versions()
-            .launch_template_id(template_id)
-            .versions(version)
-            .send()
-    })
+pub async fn describe(
+    ec2: &Client,
+    template_id: &str,
+    version: &str,
+) -> Result<Option<Version>, AwsError> {
+    match call(
+        "ec2:DescribeLaunchTemplateVersions",
+        format!("{template_id} version {version}"),
+        || {
+            ec2.describe_launch_template_versions()
+                .launch_template_id(template_id)
+                .versions(version)
+                .send()
+        },
+    )
     .await
     {
         Ok(out) => Ok(out.launch_template_versions().first().map(version_of)),
-        Err(e) if e.is_not_found() || e.code() == Some("InvalidLaunchTemplateId.VersionNotFound") => Ok(None),
+        Err(e)
+            if e.is_not_found() || e.code() == Some("InvalidLaunchTemplateId.VersionNotFound") =>
+        {
+            Ok(None)
+        }
         Err(e) => Err(e),
     }
 }
@@ -63,7 +76,9 @@ pub async fn describe(ec2: &Client, template_id: &str, version: &str) -> Result<
 /// The id of the launch template with this name; `None` if there is none.
 pub async fn id_for_name(ec2: &Client, name: &str) -> Result<Option<String>, AwsError> {
     match call("ec2:DescribeLaunchTemplates", name, || {
-        ec2.describe_launch_templates().launch_template_names(name).send()
+        ec2.describe_launch_templates()
+            .launch_template_names(name)
+            .send()
     })
     .await
     {
@@ -85,13 +100,20 @@ pub async fn all_versions(ec2: &Client, template_id: &str) -> Result<Vec<Version
             .send()
     })
     .await?;
-    let mut v: Vec<Version> = out.launch_template_versions().iter().map(version_of).collect();
+    let mut v: Vec<Version> = out
+        .launch_template_versions()
+        .iter()
+        .map(version_of)
+        .collect();
     v.sort_by(|a, b| b.number.cmp(&a.number));
     Ok(v)
 }
 
 /// The request form of a version's data, with `image_id` and IMDSv2 required.
-pub fn copy_with_image(src: &ResponseLaunchTemplateData, image_id: &str) -> RequestLaunchTemplateData {
+pub fn copy_with_image(
+    src: &ResponseLaunchTemplateData,
+    image_id: &str,
+) -> RequestLaunchTemplateData {
     let metadata = src.metadata_options();
     let metadata = LaunchTemplateInstanceMetadataOptionsRequest::builder()
         .http_tokens(LaunchTemplateHttpTokensState::Required)
@@ -159,7 +181,9 @@ pub fn copy_with_image(src: &ResponseLaunchTemplateData, image_id: &str) -> Requ
         .set_ebs_optimized(src.ebs_optimized())
         .set_disable_api_termination(src.disable_api_termination())
         .set_disable_api_stop(src.disable_api_stop())
-        .set_instance_initiated_shutdown_behavior(src.instance_initiated_shutdown_behavior().cloned())
+        .set_instance_initiated_shutdown_behavior(
+            src.instance_initiated_shutdown_behavior().cloned(),
+        )
         .set_kernel_id(src.kernel_id().map(str::to_string))
         .set_ram_disk_id(src.ram_disk_id().map(str::to_string))
         .set_iam_instance_profile(src.iam_instance_profile().map(|p| {
@@ -168,10 +192,11 @@ pub fn copy_with_image(src: &ResponseLaunchTemplateData, image_id: &str) -> Requ
                 .set_name(p.name().map(str::to_string))
                 .build()
         }))
-        .set_monitoring(
-            src.monitoring()
-                .map(|m| LaunchTemplatesMonitoringRequest::builder().set_enabled(m.enabled()).build()),
-        )
+        .set_monitoring(src.monitoring().map(|m| {
+            LaunchTemplatesMonitoringRequest::builder()
+                .set_enabled(m.enabled())
+                .build()
+        }))
         .set_placement(src.placement().map(|p| {
             LaunchTemplatePlacementRequest::builder()
                 .set_availability_zone(p.availability_zone().map(str::to_string))
@@ -215,14 +240,18 @@ pub async fn create_with_image(
                 )
                 .build()
         });
-    let out = call("ec2:CreateLaunchTemplateVersion", &source.template_id, || {
-        ec2.create_launch_template_version()
-            .launch_template_id(&source.template_id)
-            .source_version(source.number.to_string())
-            .version_description(description)
-            .launch_template_data(data.clone())
-            .send()
-    })
+    let out = call(
+        "ec2:CreateLaunchTemplateVersion",
+        &source.template_id,
+        || {
+            ec2.create_launch_template_version()
+                .launch_template_id(&source.template_id)
+                .source_version(source.number.to_string())
+                .version_description(description)
+                .launch_template_data(data.clone())
+                .send()
+        },
+    )
     .await?;
     Ok(out
         .launch_template_version()
@@ -230,7 +259,11 @@ pub async fn create_with_image(
         .unwrap_or_default())
 }
 
-pub async fn delete_versions(ec2: &Client, template_id: &str, versions: &[i64]) -> Result<(), AwsError> {
+pub async fn delete_versions(
+    ec2: &Client,
+    template_id: &str,
+    versions: &[i64],
+) -> Result<(), AwsError> {
     if versions.is_empty() {
         return Ok(());
     }
@@ -296,9 +329,14 @@ mod tests {
         assert_eq!(copy.instance_type().map(|t| t.as_str()), Some("t3.micro"));
         assert_eq!(copy.security_group_ids(), ["sg-1".to_string()]);
         assert_eq!(copy.user_data(), Some("IyEvYmluL3NoCg=="));
-        assert_eq!(copy.iam_instance_profile().and_then(|p| p.name()), Some("web"));
         assert_eq!(
-            copy.metadata_options().and_then(|m| m.http_tokens()).map(|t| t.as_str()),
+            copy.iam_instance_profile().and_then(|p| p.name()),
+            Some("web")
+        );
+        assert_eq!(
+            copy.metadata_options()
+                .and_then(|m| m.http_tokens())
+                .map(|t| t.as_str()),
             Some("required")
         );
     }

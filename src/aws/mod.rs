@@ -51,8 +51,8 @@ impl Aws {
     /// IMDS, as every AWS tool does. The SDK's own retries are turned off so that [`call`] is the
     /// only retry policy (one budget, one place that logs a retry).
     pub async fn connect(target: &Target) -> Result<Self, ConfigError> {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .retry_config(RetryConfig::disabled());
+        let mut loader =
+            aws_config::defaults(BehaviorVersion::latest()).retry_config(RetryConfig::disabled());
         if let Some(region) = &target.region {
             loader = loader.region(Region::new(region.clone()));
         }

@@ -18,7 +18,11 @@ pub enum ReferenceError {
     #[error("secret {id} is not a JSON object, so `#{key}` cannot select from it; drop `#{key}` to use the whole value")]
     NotJson { id: String, key: String },
     #[error("secret {id} has no key `{key}` (it has: {keys})")]
-    NoSuchKey { id: String, key: String, keys: String },
+    NoSuchKey {
+        id: String,
+        key: String,
+        keys: String,
+    },
     #[error("RDS instance {0}: not found in this region")]
     DbNotFound(String),
     #[error("RDS instance {0} has no endpoint yet (is it still being created?)")]
@@ -28,12 +32,17 @@ pub enum ReferenceError {
 }
 
 /// Every reference's value by its text, and the redactor that hides the secret ones.
-pub async fn resolve(aws: &Aws, refs: &BTreeSet<String>) -> Result<(BTreeMap<String, String>, Redactor), ReferenceError> {
+pub async fn resolve(
+    aws: &Aws,
+    refs: &BTreeSet<String>,
+) -> Result<(BTreeMap<String, String>, Redactor), ReferenceError> {
     let mut values = BTreeMap::new();
     let mut redactor = Redactor::default();
     let mut fetched: BTreeMap<(String, Option<String>), String> = BTreeMap::new();
     for text in refs {
-        let Ok(r) = parse_reference(text) else { continue };
+        let Ok(r) = parse_reference(text) else {
+            continue;
+        };
         let value = match r {
             Reference::Secret { id, key, stage } => {
                 let whole = match fetched.get(&(id.clone(), stage.clone())) {
@@ -49,7 +58,9 @@ pub async fn resolve(aws: &Aws, refs: &BTreeSet<String>) -> Result<(BTreeMap<Str
                     None => {
                         // The whole secret goes to the provisioner: each value inside a JSON
                         // secret could be printed on its own, so each is hidden too.
-                        if let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(&whole) {
+                        if let Ok(serde_json::Value::Object(map)) =
+                            serde_json::from_str::<serde_json::Value>(&whole)
+                        {
                             for val in map.values() {
                                 match val {
                                     serde_json::Value::String(s) => redactor.add(s),
@@ -60,7 +71,9 @@ pub async fn resolve(aws: &Aws, refs: &BTreeSet<String>) -> Result<(BTreeMap<Str
                         whole
                     }
                     Some(key) => {
-                        let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(&whole) else {
+                        let Ok(serde_json::Value::Object(map)) =
+                            serde_json::from_str::<serde_json::Value>(&whole)
+                        else {
                             return Err(ReferenceError::NotJson { id, key });
                         };
                         let value = match map.get(&key) {
@@ -82,15 +95,22 @@ pub async fn resolve(aws: &Aws, refs: &BTreeSet<String>) -> Result<(BTreeMap<Str
             Reference::Rds { instance, field } => {
                 let rds = &aws.rds;
                 let out = call("rds:DescribeDBInstances", &instance, || {
-                    rds.describe_db_instances().db_instance_identifier(&instance).send()
+                    rds.describe_db_instances()
+                        .db_instance_identifier(&instance)
+                        .send()
                 })
                 .await;
                 let out = match out {
                     Ok(o) => o,
-                    Err(e) if e.code() == Some("DBInstanceNotFound") => return Err(ReferenceError::DbNotFound(instance)),
+                    Err(e) if e.code() == Some("DBInstanceNotFound") => {
+                        return Err(ReferenceError::DbNotFound(instance))
+                    }
                     Err(e) => return Err(e.into()),
                 };
-                let db = out.db_instances().first().ok_or_else(|| ReferenceError::DbNotFound(instance.clone()))?;
+                let db = out
+                    .db_instances()
+                    .first()
+                    .ok_or_else(|| ReferenceError::DbNotFound(instance.clone()))?;
                 match field {
                     RdsField::Engine => db.engine().unwrap_or_default().to_string(),
                     RdsField::Address => db
@@ -125,7 +145,9 @@ async fn secret_string(aws: &Aws, id: &str, stage: Option<&str>) -> Result<Strin
             .secret_string()
             .map(str::to_string)
             .ok_or_else(|| ReferenceError::NotAString { id: id.to_string() }),
-        Err(e) if e.code() == Some("ResourceNotFoundException") => Err(ReferenceError::SecretNotFound { id: id.to_string() }),
+        Err(e) if e.code() == Some("ResourceNotFoundException") => {
+            Err(ReferenceError::SecretNotFound { id: id.to_string() })
+        }
         Err(e) => Err(e.into()),
     }
 }

@@ -24,11 +24,11 @@ use crate::comm::ssm::SsmSession;
 use crate::comm::{hostkey, keys, CommError, LineSink, Session};
 use crate::output::{Event, Reporter, Stream};
 use crate::recipe::template;
-use crate::secret::{LineRedactor, Redactor};
-use crate::signals::Signals;
 use crate::recipe::{
     Communicator, Interface, Provisioner, Recipe, ShellBody, ShellProvisioner, SourceAmi,
 };
+use crate::secret::{LineRedactor, Redactor};
+use crate::signals::Signals;
 use crate::wait::{self, Poll, Probe};
 use manifest::{Manifest, Step};
 use undo::{Temp, UndoStack, BUILD_ID_TAG};
@@ -67,7 +67,9 @@ pub struct Options {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BakeError {
-    #[error("source AMI {0}: not found (check the id and the region, or that your account may use it)")]
+    #[error(
+        "source AMI {0}: not found (check the id and the region, or that your account may use it)"
+    )]
     SourceNotFound(String),
     #[error("source AMI {id} is {state}, not available; pick an available image")]
     SourceNotAvailable { id: String, state: String },
@@ -79,7 +81,9 @@ pub enum BakeError {
     ImageNameTaken { name: String, id: String },
     #[error("subnet {0} not found in this region; check [instance] subnet")]
     SubnetNotFound(String),
-    #[error("the recipe names no subnet and the region has no default subnet; set [instance] subnet")]
+    #[error(
+        "the recipe names no subnet and the region has no default subnet; set [instance] subnet"
+    )]
     NoSubnet,
     #[error("instance {id} has no {interface} to connect to; set [communicator] interface (e.g. \"private_ip\") or host")]
     NoAddress { id: String, interface: &'static str },
@@ -276,7 +280,6 @@ async fn cleanup(
     (failures, Vec::new())
 }
 
-
 fn new_build_id() -> String {
     let now = OffsetDateTime::now_utc();
     format!(
@@ -393,13 +396,19 @@ impl Bake<'_> {
             .await?;
         if !recipe.references.is_empty() {
             self.step("resolve_references", async {
-                let (values, redactor) = crate::aws::references::resolve(self.aws, &recipe.references).await?;
+                let (values, redactor) =
+                    crate::aws::references::resolve(self.aws, &recipe.references).await?;
                 if let Ok(mut r) = self.redactor.write() {
                     *r = redactor;
                 }
                 let n = values.len();
                 let _ = self.resolved.set(values);
-                self.info("resolve_references", format!("{n} reference(s) resolved; secret values are redacted from all output"));
+                self.info(
+                    "resolve_references",
+                    format!(
+                        "{n} reference(s) resolved; secret values are redacted from all output"
+                    ),
+                );
                 Ok(())
             })
             .await?;
@@ -414,7 +423,9 @@ impl Bake<'_> {
             Some(id) => ec2::subnet(ec2c, id)
                 .await?
                 .ok_or_else(|| BakeError::SubnetNotFound(id.clone()))?,
-            None => ec2::default_subnet(ec2c).await?.ok_or(BakeError::NoSubnet)?,
+            None => ec2::default_subnet(ec2c)
+                .await?
+                .ok_or(BakeError::NoSubnet)?,
         };
 
         let name = format!("bakery-{}", self.build_id);
@@ -456,7 +467,9 @@ impl Bake<'_> {
             })
             .await?;
 
-        let instance = self.step("wait_running", self.wait_running(&instance_id)).await?;
+        let instance = self
+            .step("wait_running", self.wait_running(&instance_id))
+            .await?;
         let mut session = match (ssh, &key) {
             (Some(ssh), Some(key)) => {
                 let host = match &ssh.host {
@@ -472,8 +485,11 @@ impl Bake<'_> {
                     private_key: key.private_openssh.clone(),
                 };
                 Session::Ssh(
-                    self.step("connect", self.connect(&instance_id, target, ssh.connect_timeout))
-                        .await?,
+                    self.step(
+                        "connect",
+                        self.connect(&instance_id, target, ssh.connect_timeout),
+                    )
+                    .await?,
                 )
             }
             _ => {
@@ -481,16 +497,22 @@ impl Bake<'_> {
                     unreachable!("an SSH recipe always has a key")
                 };
                 let s = SsmSession::new(self.aws.ssm.clone(), instance_id.clone());
-                self.step("connect", self.wait_agent(&s, spec.agent_timeout)).await?;
+                self.step("connect", self.wait_agent(&s, spec.agent_timeout))
+                    .await?;
                 Session::Ssm(s)
             }
         };
-        let connect_timeout = ssh.map(|s| s.connect_timeout).unwrap_or(DEFAULT_RECONNECT_TIMEOUT);
+        let connect_timeout = ssh
+            .map(|s| s.connect_timeout)
+            .unwrap_or(DEFAULT_RECONNECT_TIMEOUT);
 
         for (i, p) in recipe.provisioners.iter().enumerate() {
             let label = p.label(i);
             session = self
-                .step(&format!("provision: {label}"), self.provision(session, p, &label, connect_timeout))
+                .step(
+                    &format!("provision: {label}"),
+                    self.provision(session, p, &label, connect_timeout),
+                )
                 .await?;
         }
         drop(session);
@@ -639,9 +661,17 @@ impl Bake<'_> {
 
     async fn make_key_pair(&self, name: &str) -> Result<keys::KeyPair, BakeError> {
         let key = keys::generate(name)?;
-        self.undo.lock().await.push(Temp::KeyPair { name: name.into() });
-        ec2::import_key_pair(&self.aws.ec2, name, &key.public_openssh, &self.temporary_tags(name))
-            .await?;
+        self.undo
+            .lock()
+            .await
+            .push(Temp::KeyPair { name: name.into() });
+        ec2::import_key_pair(
+            &self.aws.ec2,
+            name,
+            &key.public_openssh,
+            &self.temporary_tags(name),
+        )
+        .await?;
         self.created("key pair", name);
         Ok(key)
     }
@@ -673,13 +703,24 @@ impl Bake<'_> {
             Some(cidr) => format!("bakery build {}: SSH from {cidr} only", self.build_id),
             None => format!("bakery build {}: no inbound access (SSM)", self.build_id),
         };
-        let id = ec2::create_security_group(&self.aws.ec2, name, &subnet.vpc_id, &description, &self.temporary_tags(name)).await?;
+        let id = ec2::create_security_group(
+            &self.aws.ec2,
+            name,
+            &subnet.vpc_id,
+            &description,
+            &self.temporary_tags(name),
+        )
+        .await?;
         self.undo.lock().await.set_group_id(name, &id);
         self.created("security group", &id);
         match (ssh, cidr) {
             (Some(ssh), Some(cidr)) => {
-                ec2::authorize_tcp_ingress(&self.aws.ec2, &id, ssh.port, &cidr, "bakery build SSH").await?;
-                self.info("prepare", format!("{id} admits tcp/{} from {cidr} only", ssh.port));
+                ec2::authorize_tcp_ingress(&self.aws.ec2, &id, ssh.port, &cidr, "bakery build SSH")
+                    .await?;
+                self.info(
+                    "prepare",
+                    format!("{id} admits tcp/{} from {cidr} only", ssh.port),
+                );
             }
             _ => self.info("prepare", format!("{id} admits nothing inbound (SSM)")),
         }
@@ -688,13 +729,18 @@ impl Bake<'_> {
 
     /// Waits until the instance's SSM agent is online.
     async fn wait_agent(&self, s: &SsmSession, timeout: Duration) -> Result<(), BakeError> {
-        wait::until(format!("the SSM agent of {}", s.instance_id), timeout, Poll::API, || async {
-            Ok::<_, CommError>(if s.agent_online().await? {
-                Probe::Ready(())
-            } else {
-                Probe::Pending("agent not online".into())
-            })
-        })
+        wait::until(
+            format!("the SSM agent of {}", s.instance_id),
+            timeout,
+            Poll::API,
+            || async {
+                Ok::<_, CommError>(if s.agent_online().await? {
+                    Probe::Ready(())
+                } else {
+                    Probe::Pending("agent not online".into())
+                })
+            },
+        )
         .await
         .map_err(|e| match e {
             wait::WaitError::Failed(e) => BakeError::SsmAgent {
@@ -709,56 +755,79 @@ impl Bake<'_> {
                 ),
             },
         })?;
-        self.info("connect", format!("the SSM agent of {} is online", s.instance_id));
+        self.info(
+            "connect",
+            format!("the SSM agent of {} is online", s.instance_id),
+        );
         Ok(())
     }
 
     async fn wait_running(&self, id: &str) -> Result<ec2::InstanceInfo, BakeError> {
         let ec2c = &self.aws.ec2;
-        wait::until(format!("instance {id} to run"), RUNNING_TIMEOUT, Poll::API, || async {
-            match ec2::describe_instance(ec2c, id).await? {
-                None => Ok(Probe::Pending("not yet visible".into())),
-                Some(i) if i.state == "running" => Ok(Probe::Ready(i)),
-                Some(i) if matches!(i.state.as_str(), "pending") => Ok(Probe::Pending(i.state)),
-                Some(i) => Err(BakeError::InstanceDied {
-                    id: id.into(),
-                    state: i.state,
-                }),
-            }
-        })
+        wait::until(
+            format!("instance {id} to run"),
+            RUNNING_TIMEOUT,
+            Poll::API,
+            || async {
+                match ec2::describe_instance(ec2c, id).await? {
+                    None => Ok(Probe::Pending("not yet visible".into())),
+                    Some(i) if i.state == "running" => Ok(Probe::Ready(i)),
+                    Some(i) if matches!(i.state.as_str(), "pending") => Ok(Probe::Pending(i.state)),
+                    Some(i) => Err(BakeError::InstanceDied {
+                        id: id.into(),
+                        state: i.state,
+                    }),
+                }
+            },
+        )
         .await
         .map_err(wait_error)
     }
 
     async fn wait_state(&self, id: &str, state: &str, timeout: Duration) -> Result<(), BakeError> {
         let ec2c = &self.aws.ec2;
-        wait::until(format!("instance {id} to be {state}"), timeout, Poll::API, || async {
-            Ok::<_, BakeError>(match ec2::describe_instance(ec2c, id).await? {
-                Some(i) if i.state == state => Probe::Ready(()),
-                Some(i) => Probe::Pending(i.state),
-                None => Probe::Pending("not visible".into()),
-            })
-        })
+        wait::until(
+            format!("instance {id} to be {state}"),
+            timeout,
+            Poll::API,
+            || async {
+                Ok::<_, BakeError>(match ec2::describe_instance(ec2c, id).await? {
+                    Some(i) if i.state == state => Probe::Ready(()),
+                    Some(i) => Probe::Pending(i.state),
+                    None => Probe::Pending("not visible".into()),
+                })
+            },
+        )
         .await
         .map_err(wait_error)
     }
 
     async fn wait_image(&self, id: &str, timeout: Duration) -> Result<ec2::ImageInfo, BakeError> {
         let ec2c = &self.aws.ec2;
-        wait::until(format!("image {id} to be available"), timeout, Poll::API, || async {
-            match ec2::describe_image(ec2c, id).await? {
-                Some(i) if i.state == "available" => Ok(Probe::Ready(i)),
-                Some(i) if matches!(i.state.as_str(), "failed" | "error" | "invalid" | "deregistered") => {
-                    Err(BakeError::ImageFailed {
-                        id: id.into(),
-                        state: i.state,
-                        reason: None,
-                    })
+        wait::until(
+            format!("image {id} to be available"),
+            timeout,
+            Poll::API,
+            || async {
+                match ec2::describe_image(ec2c, id).await? {
+                    Some(i) if i.state == "available" => Ok(Probe::Ready(i)),
+                    Some(i)
+                        if matches!(
+                            i.state.as_str(),
+                            "failed" | "error" | "invalid" | "deregistered"
+                        ) =>
+                    {
+                        Err(BakeError::ImageFailed {
+                            id: id.into(),
+                            state: i.state,
+                            reason: None,
+                        })
+                    }
+                    Some(i) => Ok(Probe::Pending(i.state)),
+                    None => Ok(Probe::Pending("not yet visible".into())),
                 }
-                Some(i) => Ok(Probe::Pending(i.state)),
-                None => Ok(Probe::Pending("not yet visible".into())),
-            }
-        })
+            },
+        )
         .await
         .map_err(wait_error)
     }
@@ -772,7 +841,10 @@ impl Bake<'_> {
     ) -> Result<SshSession, BakeError> {
         let start = Instant::now();
         let policy = if self.opts.trust_host_key_on_first_use {
-            self.info("connect", "trusting the host key on first use (--trust-host-key-on-first-use)".into());
+            self.info(
+                "connect",
+                "trusting the host key on first use (--trust-host-key-on-first-use)".into(),
+            );
             HostKeyPolicy::TrustOnFirstUse
         } else {
             let ec2c = &self.aws.ec2;
@@ -837,11 +909,19 @@ impl Bake<'_> {
     /// [`Bake::flush`] with the returned state when the command ends.
     fn sink(&self, label: &str) -> (LineSink, Arc<std::sync::Mutex<[LineRedactor; 2]>>) {
         let redactor = self.redactor.read().map(|r| r.clone()).unwrap_or_default();
-        let state = Arc::new(std::sync::Mutex::new([LineRedactor::new(redactor.clone()), LineRedactor::new(redactor)]));
+        let state = Arc::new(std::sync::Mutex::new([
+            LineRedactor::new(redactor.clone()),
+            LineRedactor::new(redactor),
+        ]));
         if let Ok(mut t) = self.tail.lock() {
             t.clear();
         }
-        let (reporter, label, st, tail) = (self.reporter.clone(), label.to_string(), state.clone(), self.tail.clone());
+        let (reporter, label, st, tail) = (
+            self.reporter.clone(),
+            label.to_string(),
+            state.clone(),
+            self.tail.clone(),
+        );
         let sink: LineSink = Arc::new(move |stream, line| {
             let released = {
                 let mut s = st.lock().unwrap_or_else(|p| p.into_inner());
@@ -867,7 +947,10 @@ impl Bake<'_> {
     }
 
     fn tail(&self) -> Vec<String> {
-        self.tail.lock().map(|t| t.iter().cloned().collect()).unwrap_or_default()
+        self.tail
+            .lock()
+            .map(|t| t.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Renders a value with the bake's resolved references.
@@ -901,18 +984,34 @@ impl Bake<'_> {
                     source,
                 };
                 let bytes = if f.template {
-                    let text = std::fs::read_to_string(&f.source)
-                        .map_err(|e| perr(CommError::Transfer(format!("{}: {e}", f.source.display()))))?;
+                    let text = std::fs::read_to_string(&f.source).map_err(|e| {
+                        perr(CommError::Transfer(format!("{}: {e}", f.source.display())))
+                    })?;
                     let rendered = self.render(&text)?;
                     // A rendered template may hold secrets: private unless the recipe says otherwise.
                     session
-                        .upload_bytes(rendered.into_bytes(), &f.destination, f.mode.unwrap_or(0o600), cancel)
+                        .upload_bytes(
+                            rendered.into_bytes(),
+                            &f.destination,
+                            f.mode.unwrap_or(0o600),
+                            cancel,
+                        )
                         .await
                         .map_err(perr)?
                 } else {
-                    session.upload(&f.source, &f.destination, f.mode, cancel).await.map_err(perr)?
+                    session
+                        .upload(&f.source, &f.destination, f.mode, cancel)
+                        .await
+                        .map_err(perr)?
                 };
-                self.info(label, format!("uploaded {} ({bytes} bytes) to {}", f.source.display(), f.destination));
+                self.info(
+                    label,
+                    format!(
+                        "uploaded {} ({bytes} bytes) to {}",
+                        f.source.display(),
+                        f.destination
+                    ),
+                );
                 Ok(session)
             }
             Provisioner::Shell(s) => self.shell(session, s, label, connect_timeout).await,
@@ -931,14 +1030,18 @@ impl Bake<'_> {
         }
         let script = match &s.body {
             ShellBody::Inline(lines) => format!("#!/bin/sh -e\n{}\n", lines.join("\n")),
-            ShellBody::Script(path) => std::fs::read_to_string(path).map_err(|e| {
-                BakeError::ProvisionerError {
+            ShellBody::Script(path) => {
+                std::fs::read_to_string(path).map_err(|e| BakeError::ProvisionerError {
                     label: label.into(),
                     source: CommError::Transfer(format!("{}: {e}", path.display())),
-                }
-            })?,
+                })?
+            }
         };
-        let remote = format!("/tmp/bakery-{}-{}.sh", self.build_id, label.replace(' ', "-"));
+        let remote = format!(
+            "/tmp/bakery-{}-{}.sh",
+            self.build_id,
+            label.replace(' ', "-")
+        );
         let perr = |source| BakeError::ProvisionerError {
             label: label.into(),
             source,
@@ -952,20 +1055,38 @@ impl Bake<'_> {
             attempt += 1;
             let (sink, state) = self.sink(label);
             let outcome = session
-                .run_script(&script, &env, s.sudo, &remote, s.timeout, self.cancel.clone(), sink)
+                .run_script(
+                    &script,
+                    &env,
+                    s.sudo,
+                    &remote,
+                    s.timeout,
+                    self.cancel.clone(),
+                    sink,
+                )
                 .await;
             self.flush(label, &state);
             match outcome {
                 Ok(o) if o.success() => return Ok(session),
                 Err(CommError::Disconnected(why)) if s.expect_disconnect => {
-                    self.info(label, format!("disconnected as expected ({why}); reconnecting"));
+                    self.info(
+                        label,
+                        format!("disconnected as expected ({why}); reconnecting"),
+                    );
                     return self.reconnect(&session, connect_timeout).await;
                 }
                 Ok(o) if s.expect_disconnect && o.signal.is_some() => {
                     return self.reconnect(&session, connect_timeout).await;
                 }
                 Ok(o) if attempt <= s.retries as usize => {
-                    self.info(label, format!("failed with {}; retry {attempt} of {}", status_text(&o), s.retries));
+                    self.info(
+                        label,
+                        format!(
+                            "failed with {}; retry {attempt} of {}",
+                            status_text(&o),
+                            s.retries
+                        ),
+                    );
                 }
                 Ok(o) => {
                     return Err(BakeError::ProvisionerFailed {
@@ -989,16 +1110,23 @@ impl Bake<'_> {
                 self.wait_agent(s, timeout).await?;
                 Ok(Session::Ssm(s.clone()))
             }
-            Session::Ssh(old) => wait::until("SSH after the disconnect", timeout, Poll::CONNECT, || async {
-                match old.reconnect(TCP_CONNECT_TIMEOUT).await {
-                    Ok(s) => Ok(Probe::Ready(Session::Ssh(s))),
-                    Err(e) if e.is_transient() => Ok(Probe::Pending(e.to_string())),
-                    Err(e) => Err(e),
-                }
-            })
+            Session::Ssh(old) => wait::until(
+                "SSH after the disconnect",
+                timeout,
+                Poll::CONNECT,
+                || async {
+                    match old.reconnect(TCP_CONNECT_TIMEOUT).await {
+                        Ok(s) => Ok(Probe::Ready(Session::Ssh(s))),
+                        Err(e) if e.is_transient() => Ok(Probe::Pending(e.to_string())),
+                        Err(e) => Err(e),
+                    }
+                },
+            )
             .await
             .map_err(|e| match e {
-                wait::WaitError::Failed(e @ CommError::HostKeyMismatch { .. }) => BakeError::HostKey(e),
+                wait::WaitError::Failed(e @ CommError::HostKeyMismatch { .. }) => {
+                    BakeError::HostKey(e)
+                }
                 other => BakeError::SshUnavailable {
                     host: "the build instance".into(),
                     detail: other.to_string(),
@@ -1089,8 +1217,11 @@ mod tests {
             shell_command("/tmp/s.sh", &env, false),
             "env MSG='it'\\''s $HOME' '/tmp/s.sh'; rc=$?; rm -f '/tmp/s.sh'; exit $rc"
         );
-        assert!(shell_command("/tmp/s.sh", &BTreeMap::new(), true)
-            .starts_with("if [ \"$(id -u)\" -eq 0 ]; then S=; else S='sudo -n -E'; fi; $S '/tmp/s.sh'"));
+        assert!(
+            shell_command("/tmp/s.sh", &BTreeMap::new(), true).starts_with(
+                "if [ \"$(id -u)\" -eq 0 ]; then S=; else S='sudo -n -E'; fi; $S '/tmp/s.sh'"
+            )
+        );
     }
 
     #[test]

@@ -243,8 +243,12 @@ mod tests {
             vpc_id: "vpc-1".into(),
             id: None,
         });
-        s.push(Temp::Instances { build_id: "b".into() });
-        s.push(Temp::Images { build_id: "b".into() });
+        s.push(Temp::Instances {
+            build_id: "b".into(),
+        });
+        s.push(Temp::Images {
+            build_id: "b".into(),
+        });
         s.set_group_id("g", "sg-1");
         s.keep_images();
         let order: Vec<String> = std::iter::from_fn(|| s.pop()).map(|t| t.label()).collect();

@@ -68,6 +68,9 @@ ssh-ed25519 AAAAC3Nza root@ip-127-10-1-4
     #[test]
     fn the_sha256_form_matches_openssh() {
         // `ssh-keygen -lf` prints base64 without padding.
-        assert_eq!(sha256_fingerprint(&[0u8; 32]), "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
+        assert_eq!(
+            sha256_fingerprint(&[0u8; 32]),
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+        );
     }
 }

@@ -40,7 +40,9 @@ mod tests {
         let b = super::generate("bakery-test").unwrap();
         assert!(a.public_openssh.starts_with("ssh-ed25519 "));
         assert!(a.public_openssh.ends_with(" bakery-test"));
-        assert!(a.private_openssh.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----"));
+        assert!(a
+            .private_openssh
+            .starts_with("-----BEGIN OPENSSH PRIVATE KEY-----"));
         assert_ne!(a.public_openssh, b.public_openssh);
     }
 }

@@ -96,8 +96,10 @@ impl Session {
     ) -> Result<ExecOutcome, CommError> {
         match self {
             Session::Ssh(s) => {
-                s.upload_bytes(script.as_bytes().to_vec(), remote, 0o700).await?;
-                s.exec(ssh::shell_command(remote, env, sudo), timeout, cancel, sink).await
+                s.upload_bytes(script.as_bytes().to_vec(), remote, 0o700)
+                    .await?;
+                s.exec(ssh::shell_command(remote, env, sudo), timeout, cancel, sink)
+                    .await
             }
             Session::Ssm(s) => {
                 // Stage the script as a file so its own interpreter line applies, as over SSH.
@@ -113,7 +115,13 @@ impl Session {
     }
 
     /// Writes `data` (rendered in memory, e.g. a template holding secrets) to `remote` with `mode`.
-    pub async fn upload_bytes(&self, data: Vec<u8>, remote: &str, mode: u32, cancel: Arc<AtomicBool>) -> Result<u64, CommError> {
+    pub async fn upload_bytes(
+        &self,
+        data: Vec<u8>,
+        remote: &str,
+        mode: u32,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<u64, CommError> {
         let len = data.len() as u64;
         match self {
             Session::Ssh(s) => s.upload_bytes(data, remote, mode).await.map(|_| len),
@@ -122,7 +130,13 @@ impl Session {
     }
 
     /// Uploads a file, or a folder recursively.
-    pub async fn upload(&self, local: &Path, remote: &str, mode: Option<u32>, cancel: Arc<AtomicBool>) -> Result<u64, CommError> {
+    pub async fn upload(
+        &self,
+        local: &Path,
+        remote: &str,
+        mode: Option<u32>,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<u64, CommError> {
         match self {
             Session::Ssh(s) => s.upload(local, remote, mode, cancel).await,
             Session::Ssm(s) => s.upload(local, remote, mode, cancel).await,

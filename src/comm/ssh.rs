@@ -171,7 +171,12 @@ impl SshSession {
     }
 
     /// Writes `data` to `remote` over SFTP with `mode`.
-    pub async fn upload_bytes(&self, data: Vec<u8>, remote: &str, mode: u32) -> Result<(), CommError> {
+    pub async fn upload_bytes(
+        &self,
+        data: Vec<u8>,
+        remote: &str,
+        mode: u32,
+    ) -> Result<(), CommError> {
         let session = self.session.clone();
         let remote = remote.to_string();
         tokio::task::spawn_blocking(move || {
@@ -192,7 +197,14 @@ impl SshSession {
                 .map_err(|e| CommError::Transfer(format!("writing {remote}: {e}")))?;
             drop(f);
             // open_mode applies the umask; set the mode asked for.
-            let stat = ssh2::FileStat { size: None, uid: None, gid: None, perm: Some(mode), atime: None, mtime: None };
+            let stat = ssh2::FileStat {
+                size: None,
+                uid: None,
+                gid: None,
+                perm: Some(mode),
+                atime: None,
+                mtime: None,
+            };
             sftp.setstat(Path::new(&remote), stat)
                 .map_err(|e| CommError::Transfer(format!("chmod {remote}: {e}")))
         })
@@ -243,7 +255,13 @@ fn upload_path(
             .collect();
         entries.sort_by_key(|e| e.file_name());
         for entry in entries {
-            total += upload_path(sftp, &entry.path(), &remote.join(entry.file_name()), mode, cancel)?;
+            total += upload_path(
+                sftp,
+                &entry.path(),
+                &remote.join(entry.file_name()),
+                mode,
+                cancel,
+            )?;
         }
         return Ok(total);
     }
@@ -317,7 +335,12 @@ struct LineBuffer {
 }
 
 impl LineBuffer {
-    fn push(&mut self, bytes: &[u8], sink: &LineSink, tail: &mut std::collections::VecDeque<String>) {
+    fn push(
+        &mut self,
+        bytes: &[u8],
+        sink: &LineSink,
+        tail: &mut std::collections::VecDeque<String>,
+    ) {
         self.pending.extend_from_slice(bytes);
         while let Some(pos) = self.pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = self.pending.drain(..=pos).collect();
@@ -333,7 +356,12 @@ impl LineBuffer {
     }
 }
 
-fn emit(stream: Stream, raw: &[u8], sink: &LineSink, tail: &mut std::collections::VecDeque<String>) {
+fn emit(
+    stream: Stream,
+    raw: &[u8],
+    sink: &LineSink,
+    tail: &mut std::collections::VecDeque<String>,
+) {
     let text = String::from_utf8_lossy(raw);
     let line = text.trim_end_matches('\r');
     let shown = sink(stream, line);
@@ -457,4 +485,3 @@ pub fn shell_command(remote: &str, env: &BTreeMap<String, String>, sudo: bool) -
 pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
-

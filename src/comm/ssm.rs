@@ -61,10 +61,10 @@ impl SsmSession {
         })
         .await
         .map_err(|e| CommError::Protocol(e.to_string()))?;
-        Ok(out
-            .instance_information_list()
-            .iter()
-            .any(|i| i.instance_id() == Some(self.instance_id.as_str()) && i.ping_status().map(|p| p.as_str()) == Some("Online")))
+        Ok(out.instance_information_list().iter().any(|i| {
+            i.instance_id() == Some(self.instance_id.as_str())
+                && i.ping_status().map(|p| p.as_str()) == Some("Online")
+        }))
     }
 
     /// Runs `script` with `env` as root, streaming new output on every poll.
@@ -88,7 +88,13 @@ impl SsmSession {
         let mut pending = [String::new(), String::new()];
         loop {
             if cancel.load(Ordering::Relaxed) {
-                let _ = self.ssm.cancel_command().command_id(&command_id).instance_ids(&self.instance_id).send().await;
+                let _ = self
+                    .ssm
+                    .cancel_command()
+                    .command_id(&command_id)
+                    .instance_ids(&self.instance_id)
+                    .send()
+                    .await;
                 return Err(CommError::Cancelled);
             }
             tokio::time::sleep(COMMAND_POLL.next_interval(started.elapsed())).await;
@@ -106,11 +112,20 @@ impl SsmSession {
                 Err(e) if e.code() == Some("InvocationDoesNotExist") => continue,
                 Err(e) => return Err(CommError::Protocol(e.to_string())),
             };
-            let status = inv.status().map(|s| s.as_str().to_string()).unwrap_or_default();
+            let status = inv
+                .status()
+                .map(|s| s.as_str().to_string())
+                .unwrap_or_default();
             let done = !matches!(status.as_str(), "Pending" | "InProgress" | "Delayed" | "");
             for (i, (stream, text)) in [
-                (Stream::Stdout, inv.standard_output_content().unwrap_or_default()),
-                (Stream::Stderr, inv.standard_error_content().unwrap_or_default()),
+                (
+                    Stream::Stdout,
+                    inv.standard_output_content().unwrap_or_default(),
+                ),
+                (
+                    Stream::Stderr,
+                    inv.standard_error_content().unwrap_or_default(),
+                ),
             ]
             .into_iter()
             .enumerate()
@@ -141,14 +156,24 @@ impl SsmSession {
             let code = inv.response_code();
             let tail: Vec<String> = tail.into_iter().collect();
             return match status.as_str() {
-                "Success" => Ok(ExecOutcome { exit_status: Some(0), signal: None, tail }),
-                "Failed" => Ok(ExecOutcome { exit_status: Some(code), signal: None, tail }),
+                "Success" => Ok(ExecOutcome {
+                    exit_status: Some(0),
+                    signal: None,
+                    tail,
+                }),
+                "Failed" => Ok(ExecOutcome {
+                    exit_status: Some(code),
+                    signal: None,
+                    tail,
+                }),
                 "TimedOut" | "ExecutionTimedOut" => Err(CommError::Timeout(timeout)),
                 "Cancelled" | "Cancelling" => Err(CommError::Cancelled),
                 other => Err(CommError::Disconnected(format!(
                     "SSM command {command_id} on {} ended {other}{}",
                     self.instance_id,
-                    inv.status_details().map(|d| format!(" ({d})")).unwrap_or_default()
+                    inv.status_details()
+                        .map(|d| format!(" ({d})"))
+                        .unwrap_or_default()
                 ))),
             };
         }
@@ -176,10 +201,19 @@ impl SsmSession {
     }
 
     /// Uploads a file, or a folder recursively, in base64 chunks through commands.
-    pub async fn upload(&self, local: &Path, remote: &str, mode: Option<u32>, cancel: Arc<AtomicBool>) -> Result<u64, CommError> {
+    pub async fn upload(
+        &self,
+        local: &Path,
+        remote: &str,
+        mode: Option<u32>,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<u64, CommError> {
         let mut files = Vec::new();
         collect(local, Path::new(remote), &mut files)?;
-        let total: u64 = files.iter().map(|(l, _)| std::fs::metadata(l).map(|m| m.len()).unwrap_or(0)).sum();
+        let total: u64 = files
+            .iter()
+            .map(|(l, _)| std::fs::metadata(l).map(|m| m.len()).unwrap_or(0))
+            .sum();
         if total > MAX_UPLOAD {
             return Err(CommError::Transfer(format!(
                 "{} is {total} bytes; over SSM bakery uploads at most {MAX_UPLOAD} bytes: put large payloads in S3 and fetch them in a shell provisioner",
@@ -188,19 +222,30 @@ impl SsmSession {
         }
         let mut sent = 0;
         for (path, dest) in files {
-            let data = std::fs::read(&path).map_err(|e| CommError::Transfer(format!("{}: {e}", path.display())))?;
+            let data = std::fs::read(&path)
+                .map_err(|e| CommError::Transfer(format!("{}: {e}", path.display())))?;
             let file_mode = mode.unwrap_or_else(|| {
                 use std::os::unix::fs::PermissionsExt;
-                std::fs::metadata(&path).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644)
+                std::fs::metadata(&path)
+                    .map(|m| m.permissions().mode() & 0o7777)
+                    .unwrap_or(0o644)
             });
-            sent += self.upload_data(&data, &dest.to_string_lossy(), file_mode, cancel.clone()).await?;
+            sent += self
+                .upload_data(&data, &dest.to_string_lossy(), file_mode, cancel.clone())
+                .await?;
         }
         Ok(sent)
     }
 
     /// Writes `data` to `dest` with `mode`, in base64 chunks; the file appears whole (renamed
     /// into place) or not at all.
-    pub async fn upload_data(&self, data: &[u8], dest: &str, mode: u32, cancel: Arc<AtomicBool>) -> Result<u64, CommError> {
+    pub async fn upload_data(
+        &self,
+        data: &[u8],
+        dest: &str,
+        mode: u32,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<u64, CommError> {
         use base64::Engine;
         let quiet: LineSink = Arc::new(|_, l| l.to_string());
         let part = format!("{dest}.bakery-part");
@@ -216,18 +261,40 @@ impl SsmSession {
             let b64 = base64::engine::general_purpose::STANDARD.encode(chunk);
             let mut script = String::from("set -e\n");
             if first {
-                script.push_str(&format!("umask 077\nmkdir -p \"$(dirname {})\"\n: > {}\n", q(dest), q(&part)));
+                script.push_str(&format!(
+                    "umask 077\nmkdir -p \"$(dirname {})\"\n: > {}\n",
+                    q(dest),
+                    q(&part)
+                ));
             }
             if !chunk.is_empty() {
-                script.push_str(&format!("printf '%s' '{b64}' | base64 -d >> {}\n", q(&part)));
+                script.push_str(&format!(
+                    "printf '%s' '{b64}' | base64 -d >> {}\n",
+                    q(&part)
+                ));
             }
             let last = chunks.peek().is_none();
             if last {
-                script.push_str(&format!("chmod {mode:o} {0}\nmv -f {0} {1}\n", q(&part), q(dest)));
+                script.push_str(&format!(
+                    "chmod {mode:o} {0}\nmv -f {0} {1}\n",
+                    q(&part),
+                    q(dest)
+                ));
             }
-            let o = self.run(&script, &BTreeMap::new(), Duration::from_secs(120), cancel.clone(), quiet.clone()).await?;
+            let o = self
+                .run(
+                    &script,
+                    &BTreeMap::new(),
+                    Duration::from_secs(120),
+                    cancel.clone(),
+                    quiet.clone(),
+                )
+                .await?;
             if !o.success() {
-                return Err(CommError::Transfer(format!("writing {dest} over SSM failed: {}", o.tail.join(" / "))));
+                return Err(CommError::Transfer(format!(
+                    "writing {dest} over SSM failed: {}",
+                    o.tail.join(" / ")
+                )));
             }
             sent += chunk.len() as u64;
             first = false;
@@ -245,8 +312,13 @@ fn push_tail(tail: &mut std::collections::VecDeque<String>, line: String) {
     tail.push_back(line);
 }
 
-fn collect(local: &Path, remote: &Path, out: &mut Vec<(std::path::PathBuf, std::path::PathBuf)>) -> Result<(), CommError> {
-    let meta = std::fs::metadata(local).map_err(|e| CommError::Transfer(format!("{}: {e}", local.display())))?;
+fn collect(
+    local: &Path,
+    remote: &Path,
+    out: &mut Vec<(std::path::PathBuf, std::path::PathBuf)>,
+) -> Result<(), CommError> {
+    let meta = std::fs::metadata(local)
+        .map_err(|e| CommError::Transfer(format!("{}: {e}", local.display())))?;
     if meta.is_dir() {
         let mut entries: Vec<_> = std::fs::read_dir(local)
             .map_err(|e| CommError::Transfer(format!("{}: {e}", local.display())))?

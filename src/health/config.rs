@@ -155,13 +155,23 @@ impl Checker<'_> {
         match humantime::parse_duration(v.get_ref().trim()) {
             Ok(d) if !d.is_zero() => d,
             _ => {
-                self.error(v.span().start, format!("`{field}` = {:?} is not a positive duration", v.get_ref()), "e.g. \"5s\" or \"10m\"");
+                self.error(
+                    v.span().start,
+                    format!("`{field}` = {:?} is not a positive duration", v.get_ref()),
+                    "e.g. \"5s\" or \"10m\"",
+                );
                 default
             }
         }
     }
 
-    fn count(&mut self, v: &Option<Spanned<i64>>, field: &str, range: std::ops::RangeInclusive<i64>, default: u32) -> u32 {
+    fn count(
+        &mut self,
+        v: &Option<Spanned<i64>>,
+        field: &str,
+        range: std::ops::RangeInclusive<i64>,
+        default: u32,
+    ) -> u32 {
         let Some(v) = v else { return default };
         if range.contains(v.get_ref()) {
             *v.get_ref() as u32
@@ -207,24 +217,38 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, RecipeError> {
         Some(l) => match l.get_ref().parse::<SocketAddr>() {
             Ok(a) => a,
             Err(_) => {
-                c.error(l.span().start, format!("`listen` = {:?} is not an address:port", l.get_ref()), "e.g. \"127.0.0.1:9464\"");
+                c.error(
+                    l.span().start,
+                    format!("`listen` = {:?} is not an address:port", l.get_ref()),
+                    "e.g. \"127.0.0.1:9464\"",
+                );
                 "127.0.0.1:9464".parse().unwrap()
             }
         },
     };
-    let probe_concurrency = c.count(&raw.probe_concurrency, "probe_concurrency", 1..=1024, 64) as usize;
+    let probe_concurrency =
+        c.count(&raw.probe_concurrency, "probe_concurrency", 1..=1024, 64) as usize;
     let (mut max_replace, mut window, mut freeze_above, mut freeze_above_all) =
         (Amount::Percent(25), Duration::from_secs(600), 50, 50);
     if let Some(b) = &raw.breaker {
         if let Some(m) = &b.max_replace {
             match m.get_ref().parse::<Amount>() {
                 Ok(a) => max_replace = a,
-                Err(e) => c.error(m.span().start, format!("`max_replace`: {e}"), "a count (\"2\") or a percentage of the group (\"25%\")"),
+                Err(e) => c.error(
+                    m.span().start,
+                    format!("`max_replace`: {e}"),
+                    "a count (\"2\") or a percentage of the group (\"25%\")",
+                ),
             }
         }
         window = c.duration(&b.window, "window", window);
         freeze_above = c.count(&b.freeze_above, "freeze_above", 1..=100, freeze_above);
-        freeze_above_all = c.count(&b.freeze_above_all, "freeze_above_all", 1..=100, freeze_above_all);
+        freeze_above_all = c.count(
+            &b.freeze_above_all,
+            "freeze_above_all",
+            1..=100,
+            freeze_above_all,
+        );
     }
     let (mut api_rate, mut api_burst) = (DEFAULT_API_RATE, DEFAULT_API_BURST as f64);
     if let Some(a) = &raw.api {
@@ -232,7 +256,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, RecipeError> {
             if *r.get_ref() > 0.0 && *r.get_ref() <= 1000.0 {
                 api_rate = *r.get_ref();
             } else {
-                c.error(r.span().start, format!("`rate` = {} is out of range", r.get_ref()), "calls per second, more than 0 and at most 1000");
+                c.error(
+                    r.span().start,
+                    format!("`rate` = {} is out of range", r.get_ref()),
+                    "calls per second, more than 0 and at most 1000",
+                );
             }
         }
         api_burst = c.count(&a.burst, "burst", 1..=1000, DEFAULT_API_BURST as u32) as f64;
@@ -241,7 +269,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, RecipeError> {
     for g in &raw.group {
         let r = g.get_ref();
         let selector = match (&r.name, &r.tag) {
-            (Some(n), None) if !n.get_ref().trim().is_empty() => Selector::Name(n.get_ref().clone()),
+            (Some(n), None) if !n.get_ref().trim().is_empty() => {
+                Selector::Name(n.get_ref().clone())
+            }
             (None, Some(t)) => Selector::Tag {
                 key: t.get_ref().key.get_ref().clone(),
                 value: t.get_ref().value.as_ref().map(|v| v.get_ref().clone()),
@@ -259,22 +289,41 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, RecipeError> {
             let pr = p.get_ref();
             let kind = match pr.kind.get_ref().as_str() {
                 "http" => ProbeKind::Http {
-                    path: pr.path.as_ref().map(|p| p.get_ref().clone()).unwrap_or_else(|| "/".into()),
+                    path: pr
+                        .path
+                        .as_ref()
+                        .map(|p| p.get_ref().clone())
+                        .unwrap_or_else(|| "/".into()),
                 },
                 "tcp" => {
                     if let Some(path) = &pr.path {
-                        c.error(path.span().start, "`path` is only for http probes", "remove it, or set type = \"http\"");
+                        c.error(
+                            path.span().start,
+                            "`path` is only for http probes",
+                            "remove it, or set type = \"http\"",
+                        );
                     }
                     ProbeKind::Tcp
                 }
                 other => {
-                    c.error(pr.kind.span().start, format!("probe `type` = {other:?} is not supported"), "use \"http\" or \"tcp\"");
+                    c.error(
+                        pr.kind.span().start,
+                        format!("probe `type` = {other:?} is not supported"),
+                        "use \"http\" or \"tcp\"",
+                    );
                     return None;
                 }
             };
             if let ProbeKind::Http { path } = &kind {
                 if !path.starts_with('/') {
-                    c.error(pr.path.as_ref().map(|p| p.span().start).unwrap_or(p.span().start), format!("probe `path` = {path:?} must start with /"), "e.g. \"/healthz\"");
+                    c.error(
+                        pr.path
+                            .as_ref()
+                            .map(|p| p.span().start)
+                            .unwrap_or(p.span().start),
+                        format!("probe `path` = {path:?} must start with /"),
+                        "e.g. \"/healthz\"",
+                    );
                 }
             }
             let port = c.count(&Some(pr.port.clone()), "port", 1..=65535, 80) as u16;
@@ -283,10 +332,18 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, RecipeError> {
                 port,
                 timeout: c.duration(&pr.timeout, "timeout", Duration::from_secs(2)),
                 healthy_threshold: c.count(&pr.healthy_threshold, "healthy_threshold", 1..=10, 2),
-                unhealthy_threshold: c.count(&pr.unhealthy_threshold, "unhealthy_threshold", 1..=10, 2),
+                unhealthy_threshold: c.count(
+                    &pr.unhealthy_threshold,
+                    "unhealthy_threshold",
+                    1..=10,
+                    2,
+                ),
             })
         });
-        let threshold = r.unhealthy_threshold.as_ref().map(|t| c.count(&Some(t.clone()), "unhealthy_threshold", 1..=100, 3));
+        let threshold = r
+            .unhealthy_threshold
+            .as_ref()
+            .map(|t| c.count(&Some(t.clone()), "unhealthy_threshold", 1..=100, 3));
         groups.push(GroupConfig {
             selector,
             probe,
@@ -294,7 +351,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, RecipeError> {
         });
     }
     if raw.group.is_empty() {
-        c.error(0, "no [[group]] to watch", "add [[group]] name = \"web\" (or tag = { key = ..., value = ... })");
+        c.error(
+            0,
+            "no [[group]] to watch",
+            "add [[group]] name = \"web\" (or tag = { key = ..., value = ... })",
+        );
     }
     if !c.diags.is_empty() {
         return Err(RecipeError::Invalid(c.diags));
@@ -354,8 +415,19 @@ tag = { key = "team", value = "payments" }
         assert_eq!(c.freeze_above, 40);
         assert_eq!(c.freeze_above_all, 50);
         assert_eq!(c.groups.len(), 2);
-        assert_eq!(c.groups[0].probe.as_ref().unwrap().kind, ProbeKind::Http { path: "/healthz".into() });
-        assert_eq!(c.groups[1].selector, Selector::Tag { key: "team".into(), value: Some("payments".into()) });
+        assert_eq!(
+            c.groups[0].probe.as_ref().unwrap().kind,
+            ProbeKind::Http {
+                path: "/healthz".into()
+            }
+        );
+        assert_eq!(
+            c.groups[1].selector,
+            Selector::Tag {
+                key: "team".into(),
+                value: Some("payments".into())
+            }
+        );
         assert_eq!(c.takeover_ttl(), Duration::from_secs(60));
     }
 

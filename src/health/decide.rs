@@ -58,7 +58,12 @@ fn percent(part: u32, whole: u32) -> f64 {
 
 pub fn decide(groups: &[GroupView], breaker: &Breaker) -> Vec<Verdict> {
     let judged = |g: &GroupView| g.instances.iter().filter(|i| i.judged).count() as u32;
-    let failing = |g: &GroupView| g.instances.iter().filter(|i| i.judged && !i.failing.is_empty()).count() as u32;
+    let failing = |g: &GroupView| {
+        g.instances
+            .iter()
+            .filter(|i| i.judged && !i.failing.is_empty())
+            .count() as u32
+    };
     let all_total: u32 = groups.iter().map(judged).sum();
     let all_failing: u32 = groups.iter().map(failing).sum();
     let fleet_frozen = percent(all_failing, all_total) > f64::from(breaker.freeze_above_all);
@@ -123,7 +128,10 @@ pub fn decide(groups: &[GroupView], breaker: &Breaker) -> Vec<Verdict> {
 
 /// Replacements within the window ending at `now` (timestamps in seconds).
 pub fn in_window(times: &[u64], now: u64, window: Duration) -> u32 {
-    times.iter().filter(|t| now.saturating_sub(**t) < window.as_secs()).count() as u32
+    times
+        .iter()
+        .filter(|t| now.saturating_sub(**t) < window.as_secs())
+        .count() as u32
 }
 
 #[cfg(test)]
@@ -134,7 +142,11 @@ mod tests {
         InstanceView {
             id: id.into(),
             judged: true,
-            failing: if failing { vec!["target group: unhealthy (Target.Timeout)".into()] } else { vec![] },
+            failing: if failing {
+                vec!["target group: unhealthy (Target.Timeout)".into()]
+            } else {
+                vec![]
+            },
             consecutive,
         }
     }
@@ -150,51 +162,104 @@ mod tests {
         }
     }
 
-    const BREAKER: Breaker = Breaker { freeze_above: 50, freeze_above_all: 50 };
+    const BREAKER: Breaker = Breaker {
+        freeze_above: 50,
+        freeze_above_all: 50,
+    };
 
     #[test]
     fn one_failing_instance_past_the_threshold_is_replaced_with_its_evidence() {
-        let v = decide(&[group(vec![inst("a", true, 2), inst("b", false, 0), inst("c", false, 0), inst("d", false, 0)])], &BREAKER);
+        let v = decide(
+            &[group(vec![
+                inst("a", true, 2),
+                inst("b", false, 0),
+                inst("c", false, 0),
+                inst("d", false, 0),
+            ])],
+            &BREAKER,
+        );
         assert_eq!(v[0].replace.len(), 1);
         assert_eq!(v[0].replace[0].0, "a");
-        assert!(v[0].replace[0].1.contains("failed 2 checks in a row: target group: unhealthy (Target.Timeout)"));
+        assert!(v[0].replace[0]
+            .1
+            .contains("failed 2 checks in a row: target group: unhealthy (Target.Timeout)"));
         assert_eq!(v[0].frozen, None);
     }
 
     #[test]
     fn below_the_threshold_nothing_happens() {
-        let v = decide(&[group(vec![inst("a", true, 1), inst("b", false, 0)])], &BREAKER);
+        let v = decide(
+            &[group(vec![inst("a", true, 1), inst("b", false, 0)])],
+            &BREAKER,
+        );
         assert!(v[0].replace.is_empty() && v[0].held.is_empty());
     }
 
     #[test]
     fn most_of_a_group_failing_freezes_it() {
         let v = decide(
-            &[group(vec![inst("a", true, 5), inst("b", true, 5), inst("c", true, 5), inst("d", false, 0)])],
+            &[group(vec![
+                inst("a", true, 5),
+                inst("b", true, 5),
+                inst("c", true, 5),
+                inst("d", false, 0),
+            ])],
             &BREAKER,
         );
         assert!(v[0].replace.is_empty(), "{v:?}");
         assert_eq!(v[0].held.len(), 3);
-        assert!(v[0].frozen.as_ref().unwrap().contains("3 of 4 instances (75%)"));
+        assert!(v[0]
+            .frozen
+            .as_ref()
+            .unwrap()
+            .contains("3 of 4 instances (75%)"));
     }
 
     #[test]
     fn exactly_the_limit_is_not_frozen_but_the_budget_bounds_it() {
-        let mut g = group(vec![inst("a", true, 3), inst("b", true, 2), inst("c", false, 0), inst("d", false, 0)]);
+        let mut g = group(vec![
+            inst("a", true, 3),
+            inst("b", true, 2),
+            inst("c", false, 0),
+            inst("d", false, 0),
+        ]);
         g.max_replace = 1;
         let v = decide(&[g], &BREAKER);
         assert_eq!(v[0].frozen, None, "50% is not more than 50%");
-        assert_eq!(v[0].replace.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(), vec!["a"]);
+        assert_eq!(
+            v[0].replace
+                .iter()
+                .map(|r| r.0.as_str())
+                .collect::<Vec<_>>(),
+            vec!["a"]
+        );
         assert!(v[0].held[0].1.contains("budget"));
     }
 
     #[test]
     fn a_fleet_wide_failure_freezes_every_group() {
-        let sick = GroupView { name: "api".into(), ..group(vec![inst("x", true, 3), inst("y", true, 3)]) };
-        let mostly_fine = group(vec![inst("a", true, 3), inst("b", false, 0), inst("c", false, 0)]);
-        let v = decide(&[sick, mostly_fine], &Breaker { freeze_above: 101.min(100), freeze_above_all: 50 });
+        let sick = GroupView {
+            name: "api".into(),
+            ..group(vec![inst("x", true, 3), inst("y", true, 3)])
+        };
+        let mostly_fine = group(vec![
+            inst("a", true, 3),
+            inst("b", false, 0),
+            inst("c", false, 0),
+        ]);
+        let v = decide(
+            &[sick, mostly_fine],
+            &Breaker {
+                freeze_above: 101.min(100),
+                freeze_above_all: 50,
+            },
+        );
         assert!(v.iter().all(|g| g.replace.is_empty()), "{v:?}");
-        assert!(v[1].frozen.as_ref().unwrap().contains("3 of 5 watched instances"));
+        assert!(v[1]
+            .frozen
+            .as_ref()
+            .unwrap()
+            .contains("3 of 5 watched instances"));
     }
 
     #[test]
@@ -208,7 +273,11 @@ mod tests {
 
     #[test]
     fn a_rollout_in_progress_holds_replacements() {
-        let mut g = group(vec![inst("a", true, 3), inst("b", false, 0), inst("c", false, 0)]);
+        let mut g = group(vec![
+            inst("a", true, 3),
+            inst("b", false, 0),
+            inst("c", false, 0),
+        ]);
         g.rollout_in_progress = true;
         let v = decide(&[g], &BREAKER);
         assert!(v[0].replace.is_empty());
@@ -217,6 +286,9 @@ mod tests {
 
     #[test]
     fn the_window_counts_recent_replacements_only() {
-        assert_eq!(in_window(&[100, 500, 590], 600, Duration::from_secs(120)), 2);
+        assert_eq!(
+            in_window(&[100, 500, 590], 600, Duration::from_secs(120)),
+            2
+        );
     }
 }

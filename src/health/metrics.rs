@@ -38,7 +38,9 @@ pub struct Snapshot {
 pub type Shared = Arc<Mutex<Snapshot>>;
 
 fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 pub fn render(s: &Snapshot) -> String {
@@ -48,11 +50,36 @@ pub fn render(s: &Snapshot) -> String {
     };
     type Pick = fn(&GroupFigures) -> String;
     let per_group: [(&str, &str, &str, Pick); 5] = [
-        ("bakery_group_instances", "In-service instances judged this round.", "gauge", |g| g.instances.to_string()),
-        ("bakery_group_healthy", "Instances with no failing signal.", "gauge", |g| g.healthy.to_string()),
-        ("bakery_group_unhealthy", "Instances with a failing signal.", "gauge", |g| g.unhealthy.to_string()),
-        ("bakery_group_replaced_total", "Instances marked unhealthy for replacement.", "counter", |g| g.replaced_total.to_string()),
-        ("bakery_group_frozen", "1 while the fleet breaker holds replacements back.", "gauge", |g| u8::from(g.frozen).to_string()),
+        (
+            "bakery_group_instances",
+            "In-service instances judged this round.",
+            "gauge",
+            |g| g.instances.to_string(),
+        ),
+        (
+            "bakery_group_healthy",
+            "Instances with no failing signal.",
+            "gauge",
+            |g| g.healthy.to_string(),
+        ),
+        (
+            "bakery_group_unhealthy",
+            "Instances with a failing signal.",
+            "gauge",
+            |g| g.unhealthy.to_string(),
+        ),
+        (
+            "bakery_group_replaced_total",
+            "Instances marked unhealthy for replacement.",
+            "counter",
+            |g| g.replaced_total.to_string(),
+        ),
+        (
+            "bakery_group_frozen",
+            "1 while the fleet breaker holds replacements back.",
+            "gauge",
+            |g| u8::from(g.frozen).to_string(),
+        ),
     ];
     for (name, help, kind, pick) in per_group {
         gauge(&mut out, name, help, kind);
@@ -60,26 +87,80 @@ pub fn render(s: &Snapshot) -> String {
             let _ = writeln!(out, "{name}{{group=\"{}\"}} {}", esc(group), pick(g));
         }
     }
-    gauge(&mut out, "bakery_fleet_frozen", "1 while too much of all watched groups is unhealthy.", "gauge");
+    gauge(
+        &mut out,
+        "bakery_fleet_frozen",
+        "1 while too much of all watched groups is unhealthy.",
+        "gauge",
+    );
     let _ = writeln!(out, "bakery_fleet_frozen {}", u8::from(s.fleet_frozen));
     let stats = budget::stats();
-    gauge(&mut out, "bakery_api_calls_total", "AWS API calls (attempts) by action.", "counter");
+    gauge(
+        &mut out,
+        "bakery_api_calls_total",
+        "AWS API calls (attempts) by action.",
+        "counter",
+    );
     for (action, st) in &stats {
-        let _ = writeln!(out, "bakery_api_calls_total{{action=\"{}\"}} {}", esc(action), st.calls);
+        let _ = writeln!(
+            out,
+            "bakery_api_calls_total{{action=\"{}\"}} {}",
+            esc(action),
+            st.calls
+        );
     }
-    gauge(&mut out, "bakery_api_throttles_total", "AWS API calls answered with throttling, by action.", "counter");
+    gauge(
+        &mut out,
+        "bakery_api_throttles_total",
+        "AWS API calls answered with throttling, by action.",
+        "counter",
+    );
     for (action, st) in &stats {
-        let _ = writeln!(out, "bakery_api_throttles_total{{action=\"{}\"}} {}", esc(action), st.throttles);
+        let _ = writeln!(
+            out,
+            "bakery_api_throttles_total{{action=\"{}\"}} {}",
+            esc(action),
+            st.throttles
+        );
     }
-    gauge(&mut out, "bakery_api_errors_total", "AWS API calls failed otherwise, by action.", "counter");
+    gauge(
+        &mut out,
+        "bakery_api_errors_total",
+        "AWS API calls failed otherwise, by action.",
+        "counter",
+    );
     for (action, st) in &stats {
-        let _ = writeln!(out, "bakery_api_errors_total{{action=\"{}\"}} {}", esc(action), st.errors);
+        let _ = writeln!(
+            out,
+            "bakery_api_errors_total{{action=\"{}\"}} {}",
+            esc(action),
+            st.errors
+        );
     }
-    gauge(&mut out, "bakery_loop_duration_seconds", "Duration of the last round.", "gauge");
-    let _ = writeln!(out, "bakery_loop_duration_seconds {:.6}", s.last_loop.as_secs_f64());
-    gauge(&mut out, "bakery_loops_total", "Rounds completed.", "counter");
+    gauge(
+        &mut out,
+        "bakery_loop_duration_seconds",
+        "Duration of the last round.",
+        "gauge",
+    );
+    let _ = writeln!(
+        out,
+        "bakery_loop_duration_seconds {:.6}",
+        s.last_loop.as_secs_f64()
+    );
+    gauge(
+        &mut out,
+        "bakery_loops_total",
+        "Rounds completed.",
+        "counter",
+    );
     let _ = writeln!(out, "bakery_loops_total {}", s.loops);
-    gauge(&mut out, "bakery_loop_errors_total", "Rounds that failed (API errors); the daemon keeps going.", "counter");
+    gauge(
+        &mut out,
+        "bakery_loop_errors_total",
+        "Rounds that failed (API errors); the daemon keeps going.",
+        "counter",
+    );
     let _ = writeln!(out, "bakery_loop_errors_total {}", s.loop_errors);
     out
 }
@@ -92,7 +173,13 @@ fn healthz(s: &Snapshot, now: u64) -> (u16, String) {
     } else if s.loops == 0 {
         (503, "starting\n".into())
     } else {
-        (503, format!("no round completed for {}s\n", now.saturating_sub(s.last_round_at)))
+        (
+            503,
+            format!(
+                "no round completed for {}s\n",
+                now.saturating_sub(s.last_round_at)
+            ),
+        )
     }
 }
 
@@ -105,7 +192,8 @@ pub async fn serve(listener: TcpListener, shared: Shared) {
         let shared = shared.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
-            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await
+            {
                 Ok(Ok(n)) => n,
                 _ => return,
             };
@@ -122,7 +210,11 @@ pub async fn serve(listener: TcpListener, shared: Shared) {
                     let (s, b) = healthz(&snapshot, now);
                     (s, "text/plain", b)
                 }
-                _ => (404, "text/plain", "not found: try /metrics or /healthz\n".into()),
+                _ => (
+                    404,
+                    "text/plain",
+                    "not found: try /metrics or /healthz\n".into(),
+                ),
             };
             let reason = match status {
                 200 => "OK",
@@ -150,7 +242,13 @@ mod tests {
         };
         s.groups.insert(
             "web".into(),
-            GroupFigures { instances: 4, healthy: 1, unhealthy: 3, replaced_total: 2, frozen: true },
+            GroupFigures {
+                instances: 4,
+                healthy: 1,
+                unhealthy: 3,
+                replaced_total: 2,
+                frozen: true,
+            },
         );
         let text = render(&s);
         assert!(text.contains("bakery_group_unhealthy{group=\"web\"} 3\n"));

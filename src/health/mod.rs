@@ -38,8 +38,13 @@ const HEALTH_CHECK: &str = "HealthCheck";
 pub enum DaemonError {
     #[error(transparent)]
     Config(#[from] RecipeError),
-    #[error("cannot listen on {addr}: {source} (is another daemon running? set `listen` in the config)")]
-    Listen { addr: String, source: std::io::Error },
+    #[error(
+        "cannot listen on {addr}: {source} (is another daemon running? set `listen` in the config)"
+    )]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 fn now() -> u64 {
@@ -159,7 +164,10 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
             _ = recv_hup(&mut hup) => d.reload(),
         }
     };
-    tracing::info!(signal = reason, "stopping: handing health decisions back to the groups");
+    tracing::info!(
+        signal = reason,
+        "stopping: handing health decisions back to the groups"
+    );
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     d.release_all().await;
     server.abort();
@@ -183,9 +191,19 @@ impl Daemon {
                     tracing::warn!(old = %self.config.listen, new = %c.listen, "`listen` changes take effect at the next start");
                 }
                 budget::set_global(c.api_rate, c.api_burst);
-                self.metrics.lock().unwrap_or_else(|p| p.into_inner()).interval = c.interval;
-                tracing::info!(groups = c.groups.len(), interval_s = c.interval.as_secs_f64(), "configuration reloaded");
-                self.config = Config { listen: self.config.listen, ..c };
+                self.metrics
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .interval = c.interval;
+                tracing::info!(
+                    groups = c.groups.len(),
+                    interval_s = c.interval.as_secs_f64(),
+                    "configuration reloaded"
+                );
+                self.config = Config {
+                    listen: self.config.listen,
+                    ..c
+                };
             }
             Err(e) => {
                 tracing::error!(error = %e, "reload failed; keeping the running configuration");
@@ -195,7 +213,12 @@ impl Daemon {
 
     /// Takeovers whose owner is gone (expired, or a dead process on this host) are undone.
     async fn undo_stale_takeovers(&mut self) -> Result<(), AwsError> {
-        let groups = autoscaling::describe_many(&self.aws.autoscaling, &[], &[(TAKEOVER_TAG.to_string(), None)]).await?;
+        let groups = autoscaling::describe_many(
+            &self.aws.autoscaling,
+            &[],
+            &[(TAKEOVER_TAG.to_string(), None)],
+        )
+        .await?;
         for g in groups {
             let Some(l) = g.tags.get(TAKEOVER_TAG).and_then(|t| Lock::decode(t)) else {
                 continue;
@@ -218,7 +241,8 @@ impl Daemon {
             },
         });
         (
-            cfg.and_then(|c| c.unhealthy_threshold).unwrap_or(self.config.unhealthy_threshold),
+            cfg.and_then(|c| c.unhealthy_threshold)
+                .unwrap_or(self.config.unhealthy_threshold),
             cfg.and_then(|c| c.probe.as_ref()),
         )
     }
@@ -249,7 +273,12 @@ impl Daemon {
                 expires: now() + ttl,
                 ..self.me.clone()
             };
-            autoscaling::set_tags(&self.aws.autoscaling, &g.name, &[(TAKEOVER_TAG, lock.encode())]).await?;
+            autoscaling::set_tags(
+                &self.aws.autoscaling,
+                &g.name,
+                &[(TAKEOVER_TAG, lock.encode())],
+            )
+            .await?;
             self.taken.insert(g.name.clone(), lock.expires);
         }
         Ok(true)
@@ -272,8 +301,12 @@ impl Daemon {
         while let Some(Ok((group, r))) = set.join_next().await {
             match r {
                 Ok(Ok(())) => tracing::info!(group = %group, "HealthCheck resumed"),
-                Ok(Err(e)) => tracing::error!(group = %group, error = %e, "could not resume HealthCheck; the next daemon start or `bakery gc` will"),
-                Err(_) => tracing::error!(group = %group, "resuming HealthCheck timed out; the next daemon start or `bakery gc` will"),
+                Ok(Err(e)) => {
+                    tracing::error!(group = %group, error = %e, "could not resume HealthCheck; the next daemon start or `bakery gc` will")
+                }
+                Err(_) => {
+                    tracing::error!(group = %group, "resuming HealthCheck timed out; the next daemon start or `bakery gc` will")
+                }
             }
         }
     }
@@ -310,16 +343,31 @@ impl Daemon {
             }
         }
         // Instance facts that never change, fetched once per instance.
-        let ids: BTreeSet<String> = groups.iter().flat_map(|g| g.instances.iter().map(|i| i.id.clone())).collect();
+        let ids: BTreeSet<String> = groups
+            .iter()
+            .flat_map(|g| g.instances.iter().map(|i| i.id.clone()))
+            .collect();
         self.instances.retain(|id, _| ids.contains(id));
-        let unknown: Vec<String> = ids.iter().filter(|id| !self.instances.contains_key(*id)).cloned().collect();
+        let unknown: Vec<String> = ids
+            .iter()
+            .filter(|id| !self.instances.contains_key(*id))
+            .cloned()
+            .collect();
         if !unknown.is_empty() {
             for (id, (ip, launched)) in ec2::addresses(&self.aws.ec2, &unknown).await? {
-                self.instances.insert(id, InstanceState { ip, launched, ..Default::default() });
+                self.instances.insert(
+                    id,
+                    InstanceState {
+                        ip,
+                        launched,
+                        ..Default::default()
+                    },
+                );
             }
         }
         let impaired = ec2::impaired(&self.aws.ec2).await?;
-        let target_groups: BTreeSet<&String> = groups.iter().flat_map(|g| &g.target_group_arns).collect();
+        let target_groups: BTreeSet<&String> =
+            groups.iter().flat_map(|g| &g.target_group_arns).collect();
         let mut health = BTreeMap::new();
         for tg in target_groups {
             health.insert(tg.clone(), elbv2::target_health(&self.aws.elb, tg).await?);
@@ -331,10 +379,16 @@ impl Daemon {
         let mut probes = tokio::task::JoinSet::new();
         for g in &groups {
             let (_, probe) = self.threshold_for(g);
-            let Some(probe) = probe.cloned() else { continue };
+            let Some(probe) = probe.cloned() else {
+                continue;
+            };
             for i in g.instances.iter().filter(|i| i.lifecycle == "InService") {
-                let Some(ip) = self.instances.get(&i.id).and_then(|s| s.ip.clone()) else { continue };
-                let Ok(ip) = ip.parse::<IpAddr>() else { continue };
+                let Some(ip) = self.instances.get(&i.id).and_then(|s| s.ip.clone()) else {
+                    continue;
+                };
+                let Ok(ip) = ip.parse::<IpAddr>() else {
+                    continue;
+                };
                 let (id, probe, sem) = (i.id.clone(), probe.clone(), semaphore.clone());
                 probes.spawn(async move {
                     let _permit = sem.acquire().await;
@@ -349,7 +403,13 @@ impl Daemon {
                     st.probe.record(result.is_ok(), &p);
                     if st.probe.unhealthy {
                         let why = result.err().unwrap_or_else(|| "recovering".into());
-                        probe_errors.insert(id, format!("probe :{}: {why} ({} failed in a row)", p.port, st.probe.failures));
+                        probe_errors.insert(
+                            id,
+                            format!(
+                                "probe :{}: {why} ({} failed in a row)",
+                                p.port, st.probe.failures
+                            ),
+                        );
                     }
                 }
             }
@@ -371,7 +431,10 @@ impl Daemon {
                     let short = tg.rsplit(':').next().unwrap_or(tg);
                     match health.get(tg).and_then(|h| h.get(&i.id)) {
                         Some(t) if t.state == "unhealthy" => {
-                            let s = format!("{short}: unhealthy ({})", t.reason.clone().unwrap_or_default());
+                            let s = format!(
+                                "{short}: unhealthy ({})",
+                                t.reason.clone().unwrap_or_default()
+                            );
                             failing.push(s.clone());
                             all.push(s);
                         }
@@ -395,7 +458,11 @@ impl Daemon {
                     None => {}
                 }
                 if judged {
-                    st.consecutive = if failing.is_empty() { 0 } else { st.consecutive + 1 };
+                    st.consecutive = if failing.is_empty() {
+                        0
+                    } else {
+                        st.consecutive + 1
+                    };
                 } else {
                     st.consecutive = 0;
                 }
@@ -455,13 +522,18 @@ impl Daemon {
                 match autoscaling::set_unhealthy(&self.aws.autoscaling, id).await {
                     Ok(()) => {
                         tracing::warn!(group = %v.group, instance = %id, reason = %reason, evidence = %evidence, "marked unhealthy: the group replaces it");
-                        self.replaced.entry(v.group.clone()).or_default().push(now());
+                        self.replaced
+                            .entry(v.group.clone())
+                            .or_default()
+                            .push(now());
                         *self.replaced_total.entry(v.group.clone()).or_default() += 1;
                         if let Some(st) = self.instances.get_mut(id) {
                             st.consecutive = 0;
                         }
                     }
-                    Err(e) => tracing::error!(group = %v.group, instance = %id, error = %e, "could not mark unhealthy"),
+                    Err(e) => {
+                        tracing::error!(group = %v.group, instance = %id, error = %e, "could not mark unhealthy")
+                    }
                 }
             }
             snapshot_groups.insert(
@@ -470,7 +542,11 @@ impl Daemon {
                     instances: v.total,
                     healthy: v.total - v.unhealthy,
                     unhealthy: v.unhealthy,
-                    replaced_total: self.replaced_total.get(&v.group).copied().unwrap_or_default(),
+                    replaced_total: self
+                        .replaced_total
+                        .get(&v.group)
+                        .copied()
+                        .unwrap_or_default(),
                     frozen: v.frozen.is_some(),
                 },
             );
@@ -479,7 +555,9 @@ impl Daemon {
         let all_bad: u32 = verdicts.iter().map(|v| v.unhealthy).sum();
         let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
         m.groups = snapshot_groups;
-        m.fleet_frozen = all_total > 0 && f64::from(all_bad) * 100.0 / f64::from(all_total) > f64::from(self.config.freeze_above_all);
+        m.fleet_frozen = all_total > 0
+            && f64::from(all_bad) * 100.0 / f64::from(all_total)
+                > f64::from(self.config.freeze_above_all);
     }
 
     fn record_round(&mut self, took: Duration, ok: bool) {

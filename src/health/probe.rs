@@ -46,7 +46,12 @@ async fn attempt(ip: IpAddr, p: &Probe) -> Result<(), String> {
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("GET {path}: not an HTTP response ({:?})", head.lines().next().unwrap_or("")))?;
+        .ok_or_else(|| {
+            format!(
+                "GET {path}: not an HTTP response ({:?})",
+                head.lines().next().unwrap_or("")
+            )
+        })?;
     if (200..400).contains(&code) {
         Ok(())
     } else {
@@ -103,7 +108,9 @@ mod tests {
             while let Ok((mut s, _)) = l.accept().await {
                 let mut b = [0u8; 512];
                 let _ = s.read(&mut b).await;
-                let _ = s.write_all(format!("HTTP/1.0 {status}\r\n\r\n").as_bytes()).await;
+                let _ = s
+                    .write_all(format!("HTTP/1.0 {status}\r\n\r\n").as_bytes())
+                    .await;
             }
         });
         port
@@ -111,13 +118,28 @@ mod tests {
 
     #[tokio::test]
     async fn http_probes_judge_by_status() {
-        let ok = Probe { port: server("200 OK").await, ..http("/healthz") };
-        let bad = Probe { port: server("503 Service Unavailable").await, ..http("/healthz") };
+        let ok = Probe {
+            port: server("200 OK").await,
+            ..http("/healthz")
+        };
+        let bad = Probe {
+            port: server("503 Service Unavailable").await,
+            ..http("/healthz")
+        };
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         assert_eq!(probe(ip, &ok).await, Ok(()));
-        assert_eq!(probe(ip, &bad).await, Err("GET /healthz answered 503".into()));
-        let closed = Probe { port: 1, ..http("/") };
-        assert!(probe(ip, &closed).await.unwrap_err().starts_with("connect 127.0.0.1:1"));
+        assert_eq!(
+            probe(ip, &bad).await,
+            Err("GET /healthz answered 503".into())
+        );
+        let closed = Probe {
+            port: 1,
+            ..http("/")
+        };
+        assert!(probe(ip, &closed)
+            .await
+            .unwrap_err()
+            .starts_with("connect 127.0.0.1:1"));
     }
 
     #[test]

@@ -264,10 +264,7 @@ pub fn load(path: &Path, vars: &VarSources) -> Result<Recipe, RecipeError> {
 /// Parses and validates recipe text; `path` names it in errors and anchors relative paths.
 pub fn parse(path: &Path, text: &str, vars: &VarSources) -> Result<Recipe, RecipeError> {
     let raw: Raw = toml::from_str(text).map_err(|e| {
-        let (line, column) = e
-            .span()
-            .map(|s| locate(text, s.start))
-            .unwrap_or((1, 1));
+        let (line, column) = e.span().map(|s| locate(text, s.start)).unwrap_or((1, 1));
         RecipeError::Invalid(vec![Diagnostic {
             file: path.to_path_buf(),
             line,
@@ -302,7 +299,10 @@ pub fn parse(path: &Path, text: &str, vars: &VarSources) -> Result<Recipe, Recip
 
 fn hint_for_parse_error(message: &str) -> Option<String> {
     if message.contains("unknown field") {
-        Some("remove the key or fix its spelling; the keys this table accepts are listed above".into())
+        Some(
+            "remove the key or fix its spelling; the keys this table accepts are listed above"
+                .into(),
+        )
     } else if message.contains("missing field") {
         Some("add the field; see the example recipe in the README".into())
     } else if message.contains("invalid type") {
@@ -508,7 +508,10 @@ impl Loader<'_> {
                         }
                         Some(_) => self.error(
                             decl.span().start,
-                            format!("the default of variable `{}` must be a string", name.get_ref()),
+                            format!(
+                                "the default of variable `{}` must be a string",
+                                name.get_ref()
+                            ),
                             "quote it, e.g. `default = \"8\"`",
                         ),
                         None => {
@@ -562,7 +565,8 @@ impl Loader<'_> {
         for (name, at) in required {
             if !self.vars.contains_key(&name) {
                 // Keep the placeholder so later checks see an unresolved value, not a new error.
-                self.vars.insert(name.clone(), format!("{{{{var.{name}}}}}"));
+                self.vars
+                    .insert(name.clone(), format!("{{{{var.{name}}}}}"));
                 self.error(
                     at,
                     format!("variable `{name}` is required and has no value"),
@@ -616,7 +620,11 @@ impl Loader<'_> {
                 toml::Value::Boolean(b) => b.to_string(),
                 other => {
                     diag(
-                        format!("variable `{}` must be a string, not a {}", k.get_ref(), other.type_str()),
+                        format!(
+                            "variable `{}` must be a string, not a {}",
+                            k.get_ref(),
+                            other.type_str()
+                        ),
                         "quote the value".into(),
                     );
                     continue;
@@ -646,7 +654,11 @@ impl Loader<'_> {
             vars: &self.vars,
             timestamp: None,
             build_id: None,
-            refs: if refs { template::Refs::Unresolved } else { template::Refs::Forbidden },
+            refs: if refs {
+                template::Refs::Unresolved
+            } else {
+                template::Refs::Forbidden
+            },
         };
         match template::render(s.get_ref(), &ctx) {
             Ok(v) => v,
@@ -701,7 +713,8 @@ impl Loader<'_> {
     fn build(&mut self, raw: Raw) -> Recipe {
         let source = self.source(&raw.source);
         let instance = self.instance(raw.instance.get_ref());
-        let communicator = self.communicator(&raw.communicator, instance.instance_profile.is_some());
+        let communicator =
+            self.communicator(&raw.communicator, instance.instance_profile.is_some());
         let provisioners = raw
             .provisioner
             .iter()
@@ -723,10 +736,14 @@ impl Loader<'_> {
 
     fn source(&mut self, raw: &Spanned<RawSource>) -> SourceAmi {
         let r = raw.get_ref();
-        let given = [r.ami.is_some(), r.filter.is_some(), r.ssm_parameter.is_some()]
-            .iter()
-            .filter(|b| **b)
-            .count();
+        let given = [
+            r.ami.is_some(),
+            r.filter.is_some(),
+            r.ssm_parameter.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
         if given != 1 {
             self.error(
                 raw.span().start,
@@ -758,7 +775,11 @@ impl Loader<'_> {
             let owners = fr.owners.iter().map(|o| self.render(o)).collect();
             let name = self.render(&fr.name);
             if name.trim().is_empty() {
-                self.error(fr.name.span().start, "`name` pattern is empty", "e.g. name = \"al2023-ami-2023.*-x86_64\"");
+                self.error(
+                    fr.name.span().start,
+                    "`name` pattern is empty",
+                    "e.g. name = \"al2023-ami-2023.*-x86_64\"",
+                );
             }
             return SourceAmi::Filter {
                 owners,
@@ -769,7 +790,11 @@ impl Loader<'_> {
         if let Some(p) = &r.ssm_parameter {
             let path = self.render(p);
             if path.trim().is_empty() {
-                self.error(p.span().start, "`ssm_parameter` is empty", "name the parameter that holds the AMI id");
+                self.error(
+                    p.span().start,
+                    "`ssm_parameter` is empty",
+                    "name the parameter that holds the AMI id",
+                );
             }
             return SourceAmi::SsmParameter(path);
         }
@@ -815,7 +840,11 @@ impl Loader<'_> {
             let size_gib = v.size_gib.as_ref().and_then(|s| {
                 let n = *s.get_ref();
                 if !(1..=16384).contains(&n) {
-                    self.error(s.span().start, format!("`size_gib` = {n} is out of range"), "use 1 to 16384");
+                    self.error(
+                        s.span().start,
+                        format!("`size_gib` = {n} is out of range"),
+                        "use 1 to 16384",
+                    );
                     None
                 } else {
                     Some(n as i32)
@@ -860,8 +889,14 @@ impl Loader<'_> {
                 ("port", r.port.as_ref().map(|v| v.span().start)),
                 ("interface", r.interface.as_ref().map(|v| v.span().start)),
                 ("host", r.host.as_ref().map(|v| v.span().start)),
-                ("connect_timeout", r.connect_timeout.as_ref().map(|v| v.span().start)),
-                ("allowed_cidr", r.allowed_cidr.as_ref().map(|v| v.span().start)),
+                (
+                    "connect_timeout",
+                    r.connect_timeout.as_ref().map(|v| v.span().start),
+                ),
+                (
+                    "allowed_cidr",
+                    r.allowed_cidr.as_ref().map(|v| v.span().start),
+                ),
             ] {
                 if let Some(at) = at {
                     self.error(
@@ -878,11 +913,16 @@ impl Loader<'_> {
                     "name an instance profile whose role allows SSM (e.g. the AmazonSSMManagedInstanceCore policy): the agent cannot register without it",
                 );
             }
-            let agent_timeout = self.duration(&r.agent_timeout, "agent_timeout", DEFAULT_CONNECT_TIMEOUT);
+            let agent_timeout =
+                self.duration(&r.agent_timeout, "agent_timeout", DEFAULT_CONNECT_TIMEOUT);
             return Communicator::Ssm(SsmSpec { agent_timeout });
         }
         if let Some(a) = &r.agent_timeout {
-            self.error(a.span().start, "`agent_timeout` is an SSM setting", "use connect_timeout for SSH, or set type = \"ssm\"");
+            self.error(
+                a.span().start,
+                "`agent_timeout` is an SSM setting",
+                "use connect_timeout for SSH, or set type = \"ssm\"",
+            );
         }
         if kind != "ssh" {
             self.error(
@@ -906,7 +946,11 @@ impl Loader<'_> {
             Some(p) => match u16::try_from(*p.get_ref()) {
                 Ok(v) if v > 0 => v,
                 _ => {
-                    self.error(p.span().start, format!("`port` = {} is not a TCP port", p.get_ref()), "use 1 to 65535");
+                    self.error(
+                        p.span().start,
+                        format!("`port` = {} is not a TCP port", p.get_ref()),
+                        "use 1 to 65535",
+                    );
                     22
                 }
             },
@@ -930,7 +974,11 @@ impl Loader<'_> {
             },
         };
         let host = r.host.as_ref().map(|h| self.render(h));
-        let connect_timeout = self.duration(&r.connect_timeout, "connect_timeout", DEFAULT_CONNECT_TIMEOUT);
+        let connect_timeout = self.duration(
+            &r.connect_timeout,
+            "connect_timeout",
+            DEFAULT_CONNECT_TIMEOUT,
+        );
         let allowed_cidr = r.allowed_cidr.as_ref().and_then(|c| {
             let text = self.render(c);
             let parsed = text
@@ -968,16 +1016,24 @@ impl Loader<'_> {
                     &kind,
                     &[
                         ("source", r.source.as_ref().map(|s| s.span().start)),
-                        ("destination", r.destination.as_ref().map(|s| s.span().start)),
+                        (
+                            "destination",
+                            r.destination.as_ref().map(|s| s.span().start),
+                        ),
                         ("mode", r.mode.as_ref().map(|s| s.span().start)),
                         ("template", r.template.as_ref().map(|s| s.span().start)),
                     ],
                 );
                 let body = match (&r.inline, &r.script) {
                     (Some(lines), None) => {
-                        let lines: Vec<String> = lines.get_ref().iter().map(|l| self.render(l)).collect();
+                        let lines: Vec<String> =
+                            lines.get_ref().iter().map(|l| self.render(l)).collect();
                         if lines.is_empty() {
-                            self.error(raw.span().start, "`inline` is empty", "give at least one command, or remove the provisioner");
+                            self.error(
+                                raw.span().start,
+                                "`inline` is empty",
+                                "give at least one command, or remove the provisioner",
+                            );
                         }
                         ShellBody::Inline(lines)
                     }
@@ -1011,7 +1067,11 @@ impl Loader<'_> {
                 let timeout = self.duration(&r.timeout, "timeout", DEFAULT_PROVISIONER_TIMEOUT);
                 let retries = match &r.retries {
                     Some(n) if !(0..=100).contains(n.get_ref()) => {
-                        self.error(n.span().start, format!("`retries` = {} is out of range", n.get_ref()), "use 0 to 100");
+                        self.error(
+                            n.span().start,
+                            format!("`retries` = {} is out of range", n.get_ref()),
+                            "use 0 to 100",
+                        );
                         0
                     }
                     Some(n) => *n.get_ref() as u32,
@@ -1021,7 +1081,11 @@ impl Loader<'_> {
                     body,
                     env,
                     timeout,
-                    expect_disconnect: r.expect_disconnect.as_ref().map(|b| *b.get_ref()).unwrap_or(false),
+                    expect_disconnect: r
+                        .expect_disconnect
+                        .as_ref()
+                        .map(|b| *b.get_ref())
+                        .unwrap_or(false),
                     pause_before,
                     retries,
                     sudo: r.sudo.as_ref().map(|b| *b.get_ref()).unwrap_or(false),
@@ -1035,7 +1099,10 @@ impl Loader<'_> {
                         ("script", r.script.as_ref().map(|s| s.span().start)),
                         ("env", r.env.as_ref().map(|s| s.span().start)),
                         ("timeout", r.timeout.as_ref().map(|s| s.span().start)),
-                        ("expect_disconnect", r.expect_disconnect.as_ref().map(|s| s.span().start)),
+                        (
+                            "expect_disconnect",
+                            r.expect_disconnect.as_ref().map(|s| s.span().start),
+                        ),
                         ("retries", r.retries.as_ref().map(|s| s.span().start)),
                         ("sudo", r.sudo.as_ref().map(|s| s.span().start)),
                     ],
@@ -1047,14 +1114,21 @@ impl Loader<'_> {
                         if !path.exists() {
                             self.error(
                                 s.span().start,
-                                format!("`source` {rel:?} does not exist (looked for {})", path.display()),
+                                format!(
+                                    "`source` {rel:?} does not exist (looked for {})",
+                                    path.display()
+                                ),
                                 "paths are relative to the recipe's folder",
                             );
                         }
                         path
                     }
                     None => {
-                        self.error(raw.span().start, "a file provisioner needs `source`", "source = \"files/app.conf\"");
+                        self.error(
+                            raw.span().start,
+                            "a file provisioner needs `source`",
+                            "source = \"files/app.conf\"",
+                        );
                         PathBuf::new()
                     }
                 };
@@ -1062,12 +1136,20 @@ impl Loader<'_> {
                     Some(d) => {
                         let v = self.render(d);
                         if !v.starts_with('/') {
-                            self.error(d.span().start, format!("`destination` {v:?} is not an absolute path"), "e.g. destination = \"/opt/app/app.conf\"");
+                            self.error(
+                                d.span().start,
+                                format!("`destination` {v:?} is not an absolute path"),
+                                "e.g. destination = \"/opt/app/app.conf\"",
+                            );
                         }
                         v
                     }
                     None => {
-                        self.error(raw.span().start, "a file provisioner needs `destination`", "destination = \"/opt/app/app.conf\"");
+                        self.error(
+                            raw.span().start,
+                            "a file provisioner needs `destination`",
+                            "destination = \"/opt/app/app.conf\"",
+                        );
                         String::new()
                     }
                 };
@@ -1076,7 +1158,11 @@ impl Loader<'_> {
                     match u32::from_str_radix(text.trim_start_matches("0o"), 8) {
                         Ok(v) if v <= 0o7777 => Some(v),
                         _ => {
-                            self.error(m.span().start, format!("`mode` = {text:?} is not an octal file mode"), "e.g. mode = \"0644\"");
+                            self.error(
+                                m.span().start,
+                                format!("`mode` = {text:?} is not an octal file mode"),
+                                "e.g. mode = \"0644\"",
+                            );
                             None
                         }
                     }
@@ -1218,8 +1304,8 @@ fn unresolved(s: &str) -> bool {
 fn is_resource_id(s: &str, prefix: &str) -> bool {
     unresolved(s)
         || s.strip_prefix(prefix)
-        .and_then(|r| r.strip_prefix('-'))
-        .is_some_and(|r| !r.is_empty() && r.chars().all(|c| c.is_ascii_alphanumeric()))
+            .and_then(|r| r.strip_prefix('-'))
+            .is_some_and(|r| !r.is_empty() && r.chars().all(|c| c.is_ascii_alphanumeric()))
 }
 
 fn valid_ami_name(s: &str) -> bool {
@@ -1295,7 +1381,10 @@ tags = { Role = "web" }
         let file = dir.join("vars.toml");
         std::fs::write(&file, "env = \"from-file\"\n").unwrap();
         let mut sources = VarSources {
-            env: BTreeMap::from([("env".into(), "from-env".into()), ("subnet".into(), "subnet-9".into())]),
+            env: BTreeMap::from([
+                ("env".into(), "from-env".into()),
+                ("subnet".into(), "subnet-9".into()),
+            ]),
             ..Default::default()
         };
         let r = parse(Path::new("r.toml"), GOOD, &sources).unwrap();
@@ -1323,18 +1412,28 @@ tags = { Role = "web" }
     #[test]
     fn an_undeclared_var_arg_is_refused() {
         let err = parse_str(GOOD, &["subnet=subnet-1", "colour=red"]).unwrap_err();
-        assert!(err.to_string().contains("`colour` is not declared"), "{err}");
+        assert!(
+            err.to_string().contains("`colour` is not declared"),
+            "{err}"
+        );
         let err = parse_str(GOOD, &["subnet"]).unwrap_err();
         assert!(err.to_string().contains("NAME=VALUE"), "{err}");
     }
 
     #[test]
     fn unknown_keys_are_errors_with_line_and_column() {
-        let text = GOOD.replace("type = \"t3.micro\"", "type = \"t3.micro\"\nsubnet_id = \"x\"");
+        let text = GOOD.replace(
+            "type = \"t3.micro\"",
+            "type = \"t3.micro\"\nsubnet_id = \"x\"",
+        );
         let d = diags(&text);
         assert_eq!(d.len(), 1);
         assert_eq!((d[0].line, d[0].column), (11, 1));
-        assert!(d[0].message.contains("unknown field `subnet_id`"), "{}", d[0].message);
+        assert!(
+            d[0].message.contains("unknown field `subnet_id`"),
+            "{}",
+            d[0].message
+        );
         assert!(d[0].to_string().starts_with("r.toml:11:1: "));
     }
 
@@ -1343,7 +1442,9 @@ tags = { Role = "web" }
         let text = GOOD.replace("timeout = \"2m\"", "timeout = \"2m\"\ndestination = \"/x\"");
         let d = diags(&text);
         assert_eq!(d.len(), 1, "{d:?}");
-        assert!(d[0].message.contains("`destination` is not a field of a `shell` provisioner"));
+        assert!(d[0]
+            .message
+            .contains("`destination` is not a field of a `shell` provisioner"));
         assert_eq!(d[0].line, 22);
     }
 
@@ -1391,7 +1492,10 @@ tags = { Role = "web" }
 
     #[test]
     fn reserved_tag_keys_are_refused() {
-        let text = GOOD.replace("tags = { Role = \"web\" }", "tags = { \"bakery:build-id\" = \"x\" }");
+        let text = GOOD.replace(
+            "tags = { Role = \"web\" }",
+            "tags = { \"bakery:build-id\" = \"x\" }",
+        );
         let d = diags(&text);
         assert!(d[0].message.contains("reserved"), "{d:?}");
     }
@@ -1417,18 +1521,29 @@ name = "x-{{timestamp}}"
     #[test]
     fn an_ssm_recipe_loads() {
         let r = parse(Path::new("r.toml"), SSM, &VarSources::default()).unwrap();
-        assert_eq!(r.communicator, Communicator::Ssm(SsmSpec { agent_timeout: Duration::from_secs(120) }));
+        assert_eq!(
+            r.communicator,
+            Communicator::Ssm(SsmSpec {
+                agent_timeout: Duration::from_secs(120)
+            })
+        );
     }
 
     #[test]
     fn ssm_without_a_profile_or_with_ssh_settings_is_refused() {
-        let text = SSM.replace("instance_profile = \"bake-ssm\"\n", "").replace("agent_timeout", "user = \"ec2-user\"\nagent_timeout");
-        let Err(RecipeError::Invalid(d)) = parse(Path::new("r.toml"), &text, &VarSources::default()) else {
+        let text = SSM
+            .replace("instance_profile = \"bake-ssm\"\n", "")
+            .replace("agent_timeout", "user = \"ec2-user\"\nagent_timeout");
+        let Err(RecipeError::Invalid(d)) =
+            parse(Path::new("r.toml"), &text, &VarSources::default())
+        else {
             panic!()
         };
         let m: Vec<&str> = d.iter().map(|d| d.message.as_str()).collect();
         assert_eq!(d.len(), 2, "{m:?}");
         assert!(m.iter().any(|m| m.contains("`user` is an SSH setting")));
-        assert!(m.iter().any(|m| m.contains("needs [instance] instance_profile")));
+        assert!(m
+            .iter()
+            .any(|m| m.contains("needs [instance] instance_profile")));
     }
 }

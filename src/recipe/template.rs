@@ -50,7 +50,9 @@ pub enum RdsField {
 pub fn parse_reference(text: &str) -> Result<Reference, String> {
     if let Some(rest) = text.strip_prefix("secret:") {
         let (rest, stage) = match rest.rsplit_once('@') {
-            Some((r, s)) if !s.is_empty() && !s.contains(['/', '#', ':']) => (r, Some(s.to_string())),
+            Some((r, s)) if !s.is_empty() && !s.contains(['/', '#', ':']) => {
+                (r, Some(s.to_string()))
+            }
             _ => (rest, None),
         };
         let (id, key) = match rest.split_once('#') {
@@ -61,20 +63,31 @@ pub fn parse_reference(text: &str) -> Result<Reference, String> {
         if id.is_empty() {
             return Err("no secret name or ARN".into());
         }
-        return Ok(Reference::Secret { id: id.to_string(), key, stage });
+        return Ok(Reference::Secret {
+            id: id.to_string(),
+            key,
+            stage,
+        });
     }
     if let Some(rest) = text.strip_prefix("rds:") {
         let (instance, field) = match rest.rsplit_once('.') {
             Some((i, "address")) => (i, RdsField::Address),
             Some((i, "port")) => (i, RdsField::Port),
             Some((i, "engine")) => (i, RdsField::Engine),
-            Some((_, other)) => return Err(format!("unknown RDS field `{other}` (use address, port or engine)")),
+            Some((_, other)) => {
+                return Err(format!(
+                    "unknown RDS field `{other}` (use address, port or engine)"
+                ))
+            }
             None => (rest, RdsField::Address),
         };
         if instance.is_empty() {
             return Err("no DB instance identifier".into());
         }
-        return Ok(Reference::Rds { instance: instance.to_string(), field });
+        return Ok(Reference::Rds {
+            instance: instance.to_string(),
+            field,
+        });
     }
     Err("not a reference".into())
 }
@@ -224,19 +237,44 @@ mod tests {
     fn references_parse_and_are_allowed_only_where_asked() {
         assert_eq!(
             parse_reference("secret:prod/db#password@AWSPREVIOUS").unwrap(),
-            Reference::Secret { id: "prod/db".into(), key: Some("password".into()), stage: Some("AWSPREVIOUS".into()) }
+            Reference::Secret {
+                id: "prod/db".into(),
+                key: Some("password".into()),
+                stage: Some("AWSPREVIOUS".into())
+            }
         );
         assert_eq!(
             parse_reference("secret:arn:aws:secretsmanager:us-east-1:1:secret:db-AbC").unwrap(),
-            Reference::Secret { id: "arn:aws:secretsmanager:us-east-1:1:secret:db-AbC".into(), key: None, stage: None }
+            Reference::Secret {
+                id: "arn:aws:secretsmanager:us-east-1:1:secret:db-AbC".into(),
+                key: None,
+                stage: None
+            }
         );
-        assert_eq!(parse_reference("rds:world-db.port").unwrap(), Reference::Rds { instance: "world-db".into(), field: RdsField::Port });
+        assert_eq!(
+            parse_reference("rds:world-db.port").unwrap(),
+            Reference::Rds {
+                instance: "world-db".into(),
+                field: RdsField::Port
+            }
+        );
         assert!(parse_reference("rds:db.password").is_err());
         let v = vars();
-        let mut ctx = Context { vars: &v, timestamp: None, build_id: None, refs: Refs::Forbidden };
-        assert!(render("{{secret:db}}", &ctx).unwrap_err().message.contains("may only appear"));
+        let mut ctx = Context {
+            vars: &v,
+            timestamp: None,
+            build_id: None,
+            refs: Refs::Forbidden,
+        };
+        assert!(render("{{secret:db}}", &ctx)
+            .unwrap_err()
+            .message
+            .contains("may only appear"));
         ctx.refs = Refs::Unresolved;
-        assert_eq!(render("pw={{ secret:db#pw }}", &ctx).unwrap(), "pw={{secret:db#pw}}");
+        assert_eq!(
+            render("pw={{ secret:db#pw }}", &ctx).unwrap(),
+            "pw={{secret:db#pw}}"
+        );
         let resolved = BTreeMap::from([("secret:db#pw".to_string(), "hunter22".to_string())]);
         ctx.refs = Refs::Resolved(&resolved);
         assert_eq!(render("pw={{secret:db#pw}}", &ctx).unwrap(), "pw=hunter22");

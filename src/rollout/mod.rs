@@ -88,7 +88,10 @@ pub enum RolloutError {
     #[error("group {0} has no rollout in progress; nothing to abort")]
     NothingToAbort(String),
     #[error("rolled back: {reason}")]
-    RolledBack { reason: String, instances: Vec<String> },
+    RolledBack {
+        reason: String,
+        instances: Vec<String>,
+    },
     #[error("{0}")]
     Failed(String),
     #[error(transparent)]
@@ -134,7 +137,10 @@ fn now() -> u64 {
 fn rfc3339(secs: u64) -> String {
     time::OffsetDateTime::from_unix_timestamp(secs as i64)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| secs.to_string())
 }
 
@@ -154,7 +160,11 @@ pub async fn run(aws: &Aws, req: &Request, reporter: &Reporter) -> Result<Summar
     let ami = match (&req.ami, req.abort) {
         (Some(src), _) => Some(resolve_ami(aws, src).await?),
         (None, true) => None,
-        (None, false) => return Err(RolloutError::BadInput("name the AMI: --ami, --manifest or --ami-param".into())),
+        (None, false) => {
+            return Err(RolloutError::BadInput(
+                "name the AMI: --ami, --manifest or --ami-param".into(),
+            ))
+        }
     };
     let group = autoscaling::describe(&aws.autoscaling, &req.group)
         .await?
@@ -174,7 +184,15 @@ pub async fn run(aws: &Aws, req: &Request, reporter: &Reporter) -> Result<Summar
                 .tags
                 .get(PROGRESS_TAG)
                 .and_then(|s| state::decode(s))
-                .unwrap_or(ProgressTag::new(Phase::Rolling, &Progress { batch: 0, batch_started: None, canary_healthy_at: None, canary_done: false }));
+                .unwrap_or(ProgressTag::new(
+                    Phase::Rolling,
+                    &Progress {
+                        batch: 0,
+                        batch_started: None,
+                        canary_healthy_at: None,
+                        canary_done: false,
+                    },
+                ));
             let same = ami.as_deref() == Some(st.ami.as_str());
             if req.dry_run {
                 let plan = serde_json::json!({
@@ -187,7 +205,12 @@ pub async fn run(aws: &Aws, req: &Request, reporter: &Reporter) -> Result<Summar
                     "would": if req.abort { "roll back" } else if same { "resume" } else if req.force { "replace it" } else { "refuse" },
                 });
                 reporter.emit(Event::RolloutPlan { plan });
-                return Ok(Summary { group: group.name, ami: st.ami, version: st.to, changed: false });
+                return Ok(Summary {
+                    group: group.name,
+                    ami: st.ami,
+                    version: st.to,
+                    changed: false,
+                });
             }
             if !req.abort && !same && !req.force {
                 return Err(RolloutError::OtherRollout {
@@ -201,27 +224,59 @@ pub async fn run(aws: &Aws, req: &Request, reporter: &Reporter) -> Result<Summar
             let mut d = Driver::new(aws, req, reporter, group.name.clone(), st, progress, me);
             d.lock(&group).await?;
             if req.abort && d.progress.ph == Phase::Rolling {
-                d.start_rollback("aborted by the user (--abort)".into(), Vec::new()).await?;
+                d.start_rollback("aborted by the user (--abort)".into(), Vec::new())
+                    .await?;
             } else if !req.abort && !same {
                 // --force: a new rollout from the same starting point.
                 let new_ami = ami.clone().unwrap_or_default();
                 let source = lt::describe(&aws.ec2, &template_id, &d.st.from)
                     .await?
-                    .ok_or_else(|| RolloutError::Failed(format!("launch template {template_id} version {} is gone", d.st.from)))?;
-                let to = lt::create_with_image(&aws.ec2, &source, &new_ami, &format!("bakery rollout of {new_ami}")).await?;
+                    .ok_or_else(|| {
+                        RolloutError::Failed(format!(
+                            "launch template {template_id} version {} is gone",
+                            d.st.from
+                        ))
+                    })?;
+                let to = lt::create_with_image(
+                    &aws.ec2,
+                    &source,
+                    &new_ami,
+                    &format!("bakery rollout of {new_ami}"),
+                )
+                .await?;
                 d.st.ami = new_ami;
                 d.st.to = to.to_string();
                 d.st.t = now();
-                d.progress = ProgressTag::new(Phase::Rolling, &Progress { batch: 0, batch_started: None, canary_healthy_at: None, canary_done: false });
+                d.progress = ProgressTag::new(
+                    Phase::Rolling,
+                    &Progress {
+                        batch: 0,
+                        batch_started: None,
+                        canary_healthy_at: None,
+                        canary_done: false,
+                    },
+                );
                 d.save_state().await?;
-                autoscaling::update(&aws.autoscaling, &d.group, Some((&template_id, &d.st.to)), None, None, None).await?;
+                autoscaling::update(
+                    &aws.autoscaling,
+                    &d.group,
+                    Some((&template_id, &d.st.to)),
+                    None,
+                    None,
+                    None,
+                )
+                .await?;
             } else if d.progress.bt.is_some() {
                 // A batch was in flight when the last driver died: give it a fresh health timeout.
                 d.progress.bt = Some(now());
                 d.save_progress().await?;
             }
             if d.progress.ph == Phase::RollingBack && d.rollback_reason.is_none() {
-                let reason = group.tags.get(REASON_TAG).cloned().unwrap_or_else(|| "the rollout was rolled back".into());
+                let reason = group
+                    .tags
+                    .get(REASON_TAG)
+                    .cloned()
+                    .unwrap_or_else(|| "the rollout was rolled back".into());
                 d.rollback_reason = Some((reason, Vec::new()));
             }
             d.resumed = true;
@@ -241,16 +296,28 @@ pub async fn run(aws: &Aws, req: &Request, reporter: &Reporter) -> Result<Summar
                 .await?
                 .ok_or_else(|| RolloutError::Unsupported {
                     group: group.name.clone(),
-                    detail: format!("its launch template {template_id} has no version {version_name}"),
+                    detail: format!(
+                        "its launch template {template_id} has no version {version_name}"
+                    ),
                 })?;
             let plan = initial_plan(req, &group, &source, &ami, aws).await?;
             if req.dry_run {
                 reporter.emit(Event::RolloutPlan { plan });
-                return Ok(Summary { group: group.name, ami, version: source.number.to_string(), changed: false });
+                return Ok(Summary {
+                    group: group.name,
+                    ami,
+                    version: source.number.to_string(),
+                    changed: false,
+                });
             }
             let old: Vec<&autoscaling::GroupInstance> = group.instances.iter().collect();
-            let images = ec2::images_of(&aws.ec2, &old.iter().map(|i| i.id.clone()).collect::<Vec<_>>()).await?;
-            let all_new = images.values().all(|(a, _)| *a == ami) && images.len() as u32 >= group.desired;
+            let images = ec2::images_of(
+                &aws.ec2,
+                &old.iter().map(|i| i.id.clone()).collect::<Vec<_>>(),
+            )
+            .await?;
+            let all_new =
+                images.values().all(|(a, _)| *a == ami) && images.len() as u32 >= group.desired;
             if source.image_id.as_deref() == Some(ami.as_str()) && all_new {
                 reporter.emit(Event::RolloutFinished {
                     result: "already running".into(),
@@ -259,7 +326,12 @@ pub async fn run(aws: &Aws, req: &Request, reporter: &Reporter) -> Result<Summar
                     version: source.number.to_string(),
                     duration_s: started.elapsed().as_secs_f64(),
                 });
-                return Ok(Summary { group: group.name, ami, version: source.number.to_string(), changed: false });
+                return Ok(Summary {
+                    group: group.name,
+                    ami,
+                    version: source.number.to_string(),
+                    changed: false,
+                });
             }
             let id = format!("r-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
             let st = RolloutState {
@@ -274,13 +346,31 @@ pub async fn run(aws: &Aws, req: &Request, reporter: &Reporter) -> Result<Summar
                 az: false,
                 t: now(),
             };
-            let progress = ProgressTag::new(Phase::Rolling, &Progress { batch: 0, batch_started: None, canary_healthy_at: None, canary_done: false });
+            let progress = ProgressTag::new(
+                Phase::Rolling,
+                &Progress {
+                    batch: 0,
+                    batch_started: None,
+                    canary_healthy_at: None,
+                    canary_done: false,
+                },
+            );
             let mut d = Driver::new(aws, req, reporter, group.name.clone(), st, progress, me);
             d.lock(&group).await?;
-            let to = lt::create_with_image(&aws.ec2, &source, &ami, &format!("bakery rollout of {ami}")).await?;
+            let to =
+                lt::create_with_image(&aws.ec2, &source, &ami, &format!("bakery rollout of {ami}"))
+                    .await?;
             d.st.to = to.to_string();
             d.save_state().await?;
-            autoscaling::update(&aws.autoscaling, &d.group, Some((&template_id, &d.st.to)), None, None, None).await?;
+            autoscaling::update(
+                &aws.autoscaling,
+                &d.group,
+                Some((&template_id, &d.st.to)),
+                None,
+                None,
+                None,
+            )
+            .await?;
             d
         }
     };
@@ -307,15 +397,17 @@ async fn resolve_ami(aws: &Aws, src: &AmiSource) -> Result<String, RolloutError>
         }
         AmiSource::Param(name) => {
             let ssm = &aws.ssm;
-            let out = crate::aws::call("ssm:GetParameter", name, || ssm.get_parameter().name(name).send())
-                .await
-                .map_err(|e| {
-                    if e.code() == Some("ParameterNotFound") {
-                        RolloutError::BadInput(format!("SSM parameter {name} does not exist"))
-                    } else {
-                        e.into()
-                    }
-                })?;
+            let out = crate::aws::call("ssm:GetParameter", name, || {
+                ssm.get_parameter().name(name).send()
+            })
+            .await
+            .map_err(|e| {
+                if e.code() == Some("ParameterNotFound") {
+                    RolloutError::BadInput(format!("SSM parameter {name} does not exist"))
+                } else {
+                    e.into()
+                }
+            })?;
             out.parameter()
                 .and_then(|p| p.value())
                 .map(str::to_string)
@@ -324,7 +416,9 @@ async fn resolve_ami(aws: &Aws, src: &AmiSource) -> Result<String, RolloutError>
     };
     match ec2::describe_image(&aws.ec2, &id).await? {
         None => Err(RolloutError::AmiNotFound(id)),
-        Some(i) if i.state != "available" => Err(RolloutError::AmiNotAvailable { id, state: i.state }),
+        Some(i) if i.state != "available" => {
+            Err(RolloutError::AmiNotAvailable { id, state: i.state })
+        }
         Some(_) => Ok(id),
     }
 }
@@ -336,7 +430,8 @@ async fn template_of(aws: &Aws, group: &autoscaling::Group) -> Result<String, Ro
     };
     if group.uses_mixed_instances_policy {
         return Err(unsupported(
-            "it uses a mixed instances policy; bakery rolls groups with a single launch template".into(),
+            "it uses a mixed instances policy; bakery rolls groups with a single launch template"
+                .into(),
         ));
     }
     let Some(lt_ref) = &group.launch_template else {
@@ -478,13 +573,21 @@ impl<'a> Driver<'a> {
                 since: rfc3339(l.since),
                 expires: rfc3339(l.expires),
             }),
-            None => Err(RolloutError::Failed(format!("the lock tag on {} vanished while taking it", self.group))),
+            None => Err(RolloutError::Failed(format!(
+                "the lock tag on {} vanished while taking it",
+                self.group
+            ))),
         }
     }
 
     async fn write_lock(&mut self) -> Result<(), RolloutError> {
         self.lock.expires = now() + LOCK_TTL.as_secs();
-        autoscaling::set_tags(&self.aws.autoscaling, &self.group, &[(LOCK_TAG, self.lock.encode())]).await?;
+        autoscaling::set_tags(
+            &self.aws.autoscaling,
+            &self.group,
+            &[(LOCK_TAG, self.lock.encode())],
+        )
+        .await?;
         self.last_renew = Instant::now();
         Ok(())
     }
@@ -493,14 +596,22 @@ impl<'a> Driver<'a> {
         autoscaling::set_tags(
             &self.aws.autoscaling,
             &self.group,
-            &[(STATE_TAG, state::encode(&self.st)), (PROGRESS_TAG, state::encode(&self.progress))],
+            &[
+                (STATE_TAG, state::encode(&self.st)),
+                (PROGRESS_TAG, state::encode(&self.progress)),
+            ],
         )
         .await?;
         Ok(())
     }
 
     async fn save_progress(&self) -> Result<(), RolloutError> {
-        autoscaling::set_tags(&self.aws.autoscaling, &self.group, &[(PROGRESS_TAG, state::encode(&self.progress))]).await?;
+        autoscaling::set_tags(
+            &self.aws.autoscaling,
+            &self.group,
+            &[(PROGRESS_TAG, state::encode(&self.progress))],
+        )
+        .await?;
         Ok(())
     }
 
@@ -564,7 +675,14 @@ impl<'a> Driver<'a> {
             })
             .collect();
         let desired = g.desired;
-        Ok((g, Observed { desired, instances, now: now() }))
+        Ok((
+            g,
+            Observed {
+                desired,
+                instances,
+                now: now(),
+            },
+        ))
     }
 
     /// The loop: observe, decide, act, until done or failed.
@@ -590,21 +708,36 @@ impl<'a> Driver<'a> {
                 self.write_lock().await?;
             }
             let (group, observed) = self.observe().await?;
-            let target = self.target_ami_for_phase().unwrap_or(&rollback_ami).to_string();
+            let target = self
+                .target_ami_for_phase()
+                .unwrap_or(&rollback_ami)
+                .to_string();
             let s = self.settings();
             let decision = plan::decide(&s, &self.progress.progress(), &target, &observed);
             // After acting, look again at once: the next step may already be possible.
             let acted = !matches!(decision, Decision::Wait { .. });
             match decision {
                 Decision::Done => return Ok(()),
-                Decision::StartBatch { batch, desired, retire } => {
+                Decision::StartBatch {
+                    batch,
+                    desired,
+                    retire,
+                } => {
                     // Write-ahead: record the batch before acting, so a resumed driver waits
                     // for it instead of retiring old instances early.
                     self.progress.b = batch;
                     self.progress.bt = Some(now());
                     self.save_progress().await?;
                     if desired > group.max {
-                        autoscaling::update(&self.aws.autoscaling, &self.group, None, None, Some(desired), None).await?;
+                        autoscaling::update(
+                            &self.aws.autoscaling,
+                            &self.group,
+                            None,
+                            None,
+                            Some(desired),
+                            None,
+                        )
+                        .await?;
                     }
                     autoscaling::set_desired(&self.aws.autoscaling, &self.group, desired).await?;
                     for id in &retire {
@@ -620,20 +753,26 @@ impl<'a> Driver<'a> {
                 }
                 Decision::Retire { ids } => {
                     if ids.is_empty() {
-                        autoscaling::set_desired(&self.aws.autoscaling, &self.group, s.capacity).await?;
+                        autoscaling::set_desired(&self.aws.autoscaling, &self.group, s.capacity)
+                            .await?;
                     }
                     for id in &ids {
                         autoscaling::terminate_instance(&self.aws.autoscaling, id, true).await?;
                     }
                     self.progress.bt = None;
                     self.save_progress().await?;
-                    self.reporter.emit(Event::Retired { instances: ids, desired: s.capacity });
+                    self.reporter.emit(Event::Retired {
+                        instances: ids,
+                        desired: s.capacity,
+                    });
                     changed_at = Instant::now();
                 }
                 Decision::StartCanaryBake => {
                     self.progress.ch = Some(now());
                     self.save_progress().await?;
-                    self.reporter.emit(Event::CanaryBaking { seconds: s.canary_bake.as_secs() });
+                    self.reporter.emit(Event::CanaryBaking {
+                        seconds: s.canary_bake.as_secs(),
+                    });
                 }
                 Decision::CanaryBaked => {
                     self.progress.cd = true;
@@ -667,7 +806,9 @@ impl<'a> Driver<'a> {
                 // A floor, so an action that changed nothing visible cannot spin the loop.
                 Duration::from_millis(20)
             } else {
-                Duration::from_millis(200).max(changed_at.elapsed().mul_f64(0.05)).min(Duration::from_secs(2))
+                Duration::from_millis(200)
+                    .max(changed_at.elapsed().mul_f64(0.05))
+                    .min(Duration::from_secs(2))
             };
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
@@ -676,21 +817,41 @@ impl<'a> Driver<'a> {
         }
     }
 
-    async fn start_rollback(&mut self, reason: String, instances: Vec<String>) -> Result<(), RolloutError> {
+    async fn start_rollback(
+        &mut self,
+        reason: String,
+        instances: Vec<String>,
+    ) -> Result<(), RolloutError> {
         self.reporter.emit(Event::RollbackStarted {
             reason: reason.clone(),
             instances: instances.clone(),
         });
-        autoscaling::update(&self.aws.autoscaling, &self.group, Some((&self.st.lt, &self.st.from)), None, None, None).await?;
+        autoscaling::update(
+            &self.aws.autoscaling,
+            &self.group,
+            Some((&self.st.lt, &self.st.from)),
+            None,
+            None,
+            None,
+        )
+        .await?;
         self.progress = ProgressTag::new(
             Phase::RollingBack,
-            &Progress { batch: 0, batch_started: None, canary_healthy_at: None, canary_done: true },
+            &Progress {
+                batch: 0,
+                batch_started: None,
+                canary_healthy_at: None,
+                canary_done: true,
+            },
         );
         let short: String = reason.chars().take(250).collect();
         autoscaling::set_tags(
             &self.aws.autoscaling,
             &self.group,
-            &[(PROGRESS_TAG, state::encode(&self.progress)), (REASON_TAG, short)],
+            &[
+                (PROGRESS_TAG, state::encode(&self.progress)),
+                (REASON_TAG, short),
+            ],
         )
         .await?;
         self.rollback_reason = Some((reason, instances));
@@ -699,9 +860,18 @@ impl<'a> Driver<'a> {
 
     /// Restores the group's sizes and processes, clears the rollout's tags (unless it must be
     /// resumable) and prunes old launch-template versions after a success.
-    async fn finish(mut self, result: Result<(), RolloutError>, started: Instant) -> Result<Summary, RolloutError> {
+    async fn finish(
+        mut self,
+        result: Result<(), RolloutError>,
+        started: Instant,
+    ) -> Result<Summary, RolloutError> {
         let asg = &self.aws.autoscaling;
-        let resumable = matches!(result, Err(RolloutError::Interrupted(_)) | Err(RolloutError::Failed(_)) | Err(RolloutError::Aws(_)));
+        let resumable = matches!(
+            result,
+            Err(RolloutError::Interrupted(_))
+                | Err(RolloutError::Failed(_))
+                | Err(RolloutError::Aws(_))
+        );
         if self.st.az {
             if let Err(e) = autoscaling::resume(asg, &self.group, &[AZ_REBALANCE]).await {
                 tracing::warn!(group = %self.group, error = %e, "could not resume AZRebalance");
@@ -713,29 +883,56 @@ impl<'a> Driver<'a> {
             // Keep the state for the next driver; free the lock now rather than at expiry.
             let _ = self.save_state().await;
             let _ = autoscaling::delete_tags(asg, &self.group, &[LOCK_TAG]).await;
-            return Err(result.err().unwrap_or_else(|| RolloutError::Failed("unknown".into())));
+            return Err(result
+                .err()
+                .unwrap_or_else(|| RolloutError::Failed("unknown".into())));
         }
         if let Err(e) = result {
             return Err(e);
         }
-        autoscaling::update(asg, &self.group, None, Some(self.st.mn), Some(self.st.mx), Some(self.st.d)).await?;
+        autoscaling::update(
+            asg,
+            &self.group,
+            None,
+            Some(self.st.mn),
+            Some(self.st.mx),
+            Some(self.st.d),
+        )
+        .await?;
         let reason = self.rollback_reason.clone().or_else(|| {
-            (self.progress.ph == Phase::RollingBack).then(|| ("the rollout was rolled back".to_string(), Vec::new()))
+            (self.progress.ph == Phase::RollingBack)
+                .then(|| ("the rollout was rolled back".to_string(), Vec::new()))
         });
-        let version = if reason.is_some() { self.st.from.clone() } else { self.st.to.clone() };
+        let version = if reason.is_some() {
+            self.st.from.clone()
+        } else {
+            self.st.to.clone()
+        };
         if reason.is_none() {
             if let Err(e) = self.prune().await {
                 tracing::warn!(error = %e, "could not prune old launch template versions");
             }
         }
-        autoscaling::delete_tags(asg, &self.group, &[STATE_TAG, PROGRESS_TAG, REASON_TAG, LOCK_TAG]).await?;
+        autoscaling::delete_tags(
+            asg,
+            &self.group,
+            &[STATE_TAG, PROGRESS_TAG, REASON_TAG, LOCK_TAG],
+        )
+        .await?;
         let ami = if reason.is_some() {
-            lt::describe(&self.aws.ec2, &self.st.lt, &self.st.from).await?.and_then(|v| v.image_id).unwrap_or_default()
+            lt::describe(&self.aws.ec2, &self.st.lt, &self.st.from)
+                .await?
+                .and_then(|v| v.image_id)
+                .unwrap_or_default()
         } else {
             self.st.ami.clone()
         };
         self.reporter.emit(Event::RolloutFinished {
-            result: if reason.is_some() { "rolled back".into() } else { "succeeded".into() },
+            result: if reason.is_some() {
+                "rolled back".into()
+            } else {
+                "succeeded".into()
+            },
             group: self.group.clone(),
             ami: ami.clone(),
             version: version.clone(),
@@ -743,13 +940,21 @@ impl<'a> Driver<'a> {
         });
         match reason {
             Some((reason, instances)) => Err(RolloutError::RolledBack { reason, instances }),
-            None => Ok(Summary { group: self.group.clone(), ami, version, changed: true }),
+            None => Ok(Summary {
+                group: self.group.clone(),
+                ami,
+                version,
+                changed: true,
+            }),
         }
     }
 
     async fn prune(&self) -> Result<(), AwsError> {
         let versions = lt::all_versions(&self.aws.ec2, &self.st.lt).await?;
-        let in_use: Vec<i64> = [&self.st.to].iter().filter_map(|v| v.parse().ok()).collect();
+        let in_use: Vec<i64> = [&self.st.to]
+            .iter()
+            .filter_map(|v| v.parse().ok())
+            .collect();
         let doomed = lt::versions_to_prune(&versions, self.req.keep_versions, &in_use);
         lt::delete_versions(&self.aws.ec2, &self.st.lt, &doomed).await
     }
@@ -774,7 +979,6 @@ fn combined_health(groups: &[BTreeMap<String, elbv2::TargetState>], id: &str) ->
     result
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -791,11 +995,28 @@ mod tests {
     fn health_combines_every_target_group() {
         let a = BTreeMap::from([("i-1".to_string(), ts("healthy", None))]);
         let b = BTreeMap::from([("i-1".to_string(), ts("unhealthy", Some("Target.Timeout")))]);
-        let c = BTreeMap::from([("i-1".to_string(), ts("initial", Some("Elb.RegistrationInProgress")))]);
+        let c = BTreeMap::from([(
+            "i-1".to_string(),
+            ts("initial", Some("Elb.RegistrationInProgress")),
+        )]);
         assert_eq!(combined_health(&[a.clone()], "i-1"), TargetHealth::Healthy);
-        assert_eq!(combined_health(&[a.clone(), b], "i-1"), TargetHealth::Unhealthy("Target.Timeout".into()));
-        assert_eq!(combined_health(&[a.clone(), c], "i-1"), TargetHealth::Initial);
-        assert_eq!(combined_health(&[a], "i-2"), TargetHealth::Initial, "not registered yet");
-        assert_eq!(combined_health(&[], "i-2"), TargetHealth::Healthy, "no target groups: ASG health only");
+        assert_eq!(
+            combined_health(&[a.clone(), b], "i-1"),
+            TargetHealth::Unhealthy("Target.Timeout".into())
+        );
+        assert_eq!(
+            combined_health(&[a.clone(), c], "i-1"),
+            TargetHealth::Initial
+        );
+        assert_eq!(
+            combined_health(&[a], "i-2"),
+            TargetHealth::Initial,
+            "not registered yet"
+        );
+        assert_eq!(
+            combined_health(&[], "i-2"),
+            TargetHealth::Healthy,
+            "no target groups: ASG health only"
+        );
     }
 }

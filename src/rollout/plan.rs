@@ -120,8 +120,12 @@ impl Instance {
             format!("{} is Unhealthy in the group", self.id)
         } else {
             match &self.target {
-                TargetHealth::Unhealthy(reason) => format!("{} is unhealthy in the target group ({reason})", self.id),
-                TargetHealth::Initial => format!("{} has not passed its health checks yet", self.id),
+                TargetHealth::Unhealthy(reason) => {
+                    format!("{} is unhealthy in the target group ({reason})", self.id)
+                }
+                TargetHealth::Initial => {
+                    format!("{} has not passed its health checks yet", self.id)
+                }
                 TargetHealth::Healthy => format!(
                     "{} is warming up ({}s of {}s)",
                     self.id,
@@ -161,7 +165,10 @@ pub enum Decision {
     /// Nothing to do until the group changes.
     Wait { why: String },
     /// The new instances failed; roll back.
-    Fail { reason: String, instances: Vec<String> },
+    Fail {
+        reason: String,
+        instances: Vec<String>,
+    },
     /// Every instance runs the target AMI, healthy, at the original capacity.
     Done,
 }
@@ -180,7 +187,10 @@ pub fn decide(s: &Settings, p: &Progress, target_ami: &str, o: &Observed) -> Dec
         let started = p.batch_started.unwrap_or(o.now);
         if o.now.saturating_sub(started) >= s.health_timeout.as_secs() {
             let mut instances: Vec<String> = not_ready.iter().map(|i| i.id.clone()).collect();
-            let mut reasons: Vec<String> = not_ready.iter().map(|i| i.why_not_ready(o.now, s.warmup)).collect();
+            let mut reasons: Vec<String> = not_ready
+                .iter()
+                .map(|i| i.why_not_ready(o.now, s.warmup))
+                .collect();
             if !batch_launched {
                 reasons.push(format!(
                     "the group has {} of {} instances",
@@ -201,7 +211,11 @@ pub fn decide(s: &Settings, p: &Progress, target_ami: &str, o: &Observed) -> Dec
         }
         let why = match not_ready.first() {
             Some(i) => i.why_not_ready(o.now, s.warmup),
-            None => format!("waiting for the group to launch ({} of {})", live.len(), o.desired),
+            None => format!(
+                "waiting for the group to launch ({} of {})",
+                live.len(),
+                o.desired
+            ),
         };
         return Decision::Wait { why };
     }
@@ -253,13 +267,19 @@ pub fn decide(s: &Settings, p: &Progress, target_ami: &str, o: &Observed) -> Dec
         }
         // Fewer new instances than capacity and no batch: the group is still filling up.
         return Decision::Wait {
-            why: format!("{} of {} instances ready", new.len() - not_ready.len(), s.capacity),
+            why: format!(
+                "{} of {} instances ready",
+                new.len() - not_ready.len(),
+                s.capacity
+            ),
         };
     }
 
     let size = if p.batch == 0 { s.canary } else { s.surge }.max(1);
     let size = size.min(old.len() as u32);
-    let unavailable = s.max_unavailable.min(old.len() as u32 - size.min(old.len() as u32));
+    let unavailable = s
+        .max_unavailable
+        .min(old.len() as u32 - size.min(old.len() as u32));
     let retire = old
         .iter()
         .skip(size as usize)
@@ -314,8 +334,24 @@ mod tests {
     }
 
     fn fleet(old: usize, new: usize) -> Vec<Instance> {
-        let mut v: Vec<Instance> = (0..old).map(|i| inst(&format!("i-old{i}"), "ami-old", TargetHealth::Healthy, i as u64)).collect();
-        v.extend((0..new).map(|i| inst(&format!("i-new{i}"), "ami-new", TargetHealth::Healthy, 100 + i as u64)));
+        let mut v: Vec<Instance> = (0..old)
+            .map(|i| {
+                inst(
+                    &format!("i-old{i}"),
+                    "ami-old",
+                    TargetHealth::Healthy,
+                    i as u64,
+                )
+            })
+            .collect();
+        v.extend((0..new).map(|i| {
+            inst(
+                &format!("i-new{i}"),
+                "ami-new",
+                TargetHealth::Healthy,
+                100 + i as u64,
+            )
+        }));
         v
     }
 
@@ -339,17 +375,36 @@ mod tests {
 
     #[test]
     fn the_first_batch_is_the_canary_and_surges_above_capacity() {
-        let o = Observed { desired: 4, instances: fleet(4, 0), now: 1000 };
-        let s = Settings { surge: 2, ..settings() };
+        let o = Observed {
+            desired: 4,
+            instances: fleet(4, 0),
+            now: 1000,
+        };
+        let s = Settings {
+            surge: 2,
+            ..settings()
+        };
         assert_eq!(
             decide(&s, &idle(0), "ami-new", &o),
-            Decision::StartBatch { batch: 1, desired: 5, retire: vec![] }
+            Decision::StartBatch {
+                batch: 1,
+                desired: 5,
+                retire: vec![]
+            }
         );
         // Later batches use the surge.
-        let o = Observed { desired: 4, instances: fleet(3, 1), now: 1000 };
+        let o = Observed {
+            desired: 4,
+            instances: fleet(3, 1),
+            now: 1000,
+        };
         assert_eq!(
             decide(&s, &idle(1), "ami-new", &o),
-            Decision::StartBatch { batch: 2, desired: 6, retire: vec![] }
+            Decision::StartBatch {
+                batch: 2,
+                desired: 6,
+                retire: vec![]
+            }
         );
     }
 
@@ -357,100 +412,231 @@ mod tests {
     fn a_batch_waits_for_its_instances_and_then_retires_the_oldest() {
         let mut instances = fleet(4, 0);
         instances.push(inst("i-new0", "ami-new", TargetHealth::Initial, 900));
-        let p = Progress { batch_started: Some(990), ..idle(1) };
-        let o = Observed { desired: 5, instances: instances.clone(), now: 1000 };
-        assert!(matches!(decide(&settings(), &p, "ami-new", &o), Decision::Wait { why } if why.contains("i-new0 has not passed")));
+        let p = Progress {
+            batch_started: Some(990),
+            ..idle(1)
+        };
+        let o = Observed {
+            desired: 5,
+            instances: instances.clone(),
+            now: 1000,
+        };
+        assert!(
+            matches!(decide(&settings(), &p, "ami-new", &o), Decision::Wait { why } if why.contains("i-new0 has not passed"))
+        );
 
         instances[4].target = TargetHealth::Healthy;
-        let o = Observed { desired: 5, instances, now: 1000 };
+        let o = Observed {
+            desired: 5,
+            instances,
+            now: 1000,
+        };
         assert_eq!(
             decide(&settings(), &p, "ami-new", &o),
-            Decision::Retire { ids: vec!["i-old0".into()] }
+            Decision::Retire {
+                ids: vec!["i-old0".into()]
+            }
         );
     }
 
     #[test]
     fn a_batch_still_launching_is_waited_for() {
-        let p = Progress { batch_started: Some(999), ..idle(1) };
-        let o = Observed { desired: 5, instances: fleet(4, 0), now: 1000 };
-        assert!(matches!(decide(&settings(), &p, "ami-new", &o), Decision::Wait { why } if why.contains("4 of 5")));
+        let p = Progress {
+            batch_started: Some(999),
+            ..idle(1)
+        };
+        let o = Observed {
+            desired: 5,
+            instances: fleet(4, 0),
+            now: 1000,
+        };
+        assert!(
+            matches!(decide(&settings(), &p, "ami-new", &o), Decision::Wait { why } if why.contains("4 of 5"))
+        );
     }
 
     #[test]
     fn warmup_holds_a_healthy_instance_back() {
-        let s = Settings { warmup: Duration::from_secs(30), ..settings() };
+        let s = Settings {
+            warmup: Duration::from_secs(30),
+            ..settings()
+        };
         let mut instances = fleet(4, 0);
         instances.push(inst("i-new0", "ami-new", TargetHealth::Healthy, 990));
-        let p = Progress { batch_started: Some(985), ..idle(1) };
-        let o = Observed { desired: 5, instances, now: 1000 };
-        assert!(matches!(decide(&s, &p, "ami-new", &o), Decision::Wait { why } if why.contains("warming up")));
+        let p = Progress {
+            batch_started: Some(985),
+            ..idle(1)
+        };
+        let o = Observed {
+            desired: 5,
+            instances,
+            now: 1000,
+        };
+        assert!(
+            matches!(decide(&s, &p, "ami-new", &o), Decision::Wait { why } if why.contains("warming up"))
+        );
     }
 
     #[test]
     fn an_unhealthy_batch_past_the_timeout_fails_with_the_reason() {
         let mut instances = fleet(4, 0);
-        instances.push(inst("i-new0", "ami-new", TargetHealth::Unhealthy("Target.ResponseCodeMismatch".into()), 900));
-        let p = Progress { batch_started: Some(900), ..idle(1) };
-        let o = Observed { desired: 5, instances, now: 961 };
+        instances.push(inst(
+            "i-new0",
+            "ami-new",
+            TargetHealth::Unhealthy("Target.ResponseCodeMismatch".into()),
+            900,
+        ));
+        let p = Progress {
+            batch_started: Some(900),
+            ..idle(1)
+        };
+        let o = Observed {
+            desired: 5,
+            instances,
+            now: 961,
+        };
         let Decision::Fail { reason, instances } = decide(&settings(), &p, "ami-new", &o) else {
             panic!()
         };
         assert_eq!(instances, vec!["i-new0".to_string()]);
-        assert!(reason.contains("batch 1 was not healthy within 60s"), "{reason}");
+        assert!(
+            reason.contains("batch 1 was not healthy within 60s"),
+            "{reason}"
+        );
         assert!(reason.contains("Target.ResponseCodeMismatch"), "{reason}");
     }
 
     #[test]
     fn the_canary_bakes_and_fails_if_it_turns_unhealthy() {
-        let s = Settings { canary_bake: Duration::from_secs(30), ..settings() };
-        let o = Observed { desired: 4, instances: fleet(3, 1), now: 1000 };
-        assert_eq!(decide(&s, &idle(1), "ami-new", &o), Decision::StartCanaryBake);
-        let baking = Progress { canary_healthy_at: Some(990), ..idle(1) };
-        assert!(matches!(decide(&s, &baking, "ami-new", &o), Decision::Wait { .. }));
-        let o_late = Observed { now: 1020, ..o.clone() };
-        assert_eq!(decide(&s, &baking, "ami-new", &o_late), Decision::CanaryBaked);
+        let s = Settings {
+            canary_bake: Duration::from_secs(30),
+            ..settings()
+        };
+        let o = Observed {
+            desired: 4,
+            instances: fleet(3, 1),
+            now: 1000,
+        };
+        assert_eq!(
+            decide(&s, &idle(1), "ami-new", &o),
+            Decision::StartCanaryBake
+        );
+        let baking = Progress {
+            canary_healthy_at: Some(990),
+            ..idle(1)
+        };
+        assert!(matches!(
+            decide(&s, &baking, "ami-new", &o),
+            Decision::Wait { .. }
+        ));
+        let o_late = Observed {
+            now: 1020,
+            ..o.clone()
+        };
+        assert_eq!(
+            decide(&s, &baking, "ami-new", &o_late),
+            Decision::CanaryBaked
+        );
         let mut sick = o.clone();
         sick.instances[3].target = TargetHealth::Unhealthy("Target.Timeout".into());
-        assert!(matches!(decide(&s, &baking, "ami-new", &sick), Decision::Fail { reason, .. } if reason.contains("canary turned unhealthy")));
-        let done = Progress { canary_done: true, ..baking };
-        assert!(matches!(decide(&s, &done, "ami-new", &o), Decision::StartBatch { batch: 2, .. }));
+        assert!(
+            matches!(decide(&s, &baking, "ami-new", &sick), Decision::Fail { reason, .. } if reason.contains("canary turned unhealthy"))
+        );
+        let done = Progress {
+            canary_done: true,
+            ..baking
+        };
+        assert!(matches!(
+            decide(&s, &done, "ami-new", &o),
+            Decision::StartBatch { batch: 2, .. }
+        ));
     }
 
     #[test]
     fn done_when_every_instance_runs_the_target_at_capacity() {
-        let o = Observed { desired: 4, instances: fleet(0, 4), now: 1000 };
+        let o = Observed {
+            desired: 4,
+            instances: fleet(0, 4),
+            now: 1000,
+        };
         assert_eq!(decide(&settings(), &idle(4), "ami-new", &o), Decision::Done);
         // Terminating old instances do not count.
         let mut instances = fleet(1, 4);
         instances[0].lifecycle = "Terminating".into();
-        let o = Observed { desired: 4, instances, now: 1000 };
+        let o = Observed {
+            desired: 4,
+            instances,
+            now: 1000,
+        };
         assert_eq!(decide(&settings(), &idle(4), "ami-new", &o), Decision::Done);
     }
 
     #[test]
     fn max_unavailable_retires_old_instances_at_batch_start() {
-        let s = Settings { surge: 1, max_unavailable: 1, ..settings() };
-        let o = Observed { desired: 4, instances: fleet(3, 1), now: 1000 };
+        let s = Settings {
+            surge: 1,
+            max_unavailable: 1,
+            ..settings()
+        };
+        let o = Observed {
+            desired: 4,
+            instances: fleet(3, 1),
+            now: 1000,
+        };
         assert_eq!(
-            decide(&s, &Progress { canary_done: true, ..idle(1) }, "ami-new", &o),
-            Decision::StartBatch { batch: 2, desired: 5, retire: vec!["i-old1".into()] }
+            decide(
+                &s,
+                &Progress {
+                    canary_done: true,
+                    ..idle(1)
+                },
+                "ami-new",
+                &o
+            ),
+            Decision::StartBatch {
+                batch: 2,
+                desired: 5,
+                retire: vec!["i-old1".into()]
+            }
         );
     }
 
     #[test]
     fn a_rollback_is_the_same_rollout_towards_the_old_ami() {
         // Two new instances already in; rolling back replaces them with old ones.
-        let o = Observed { desired: 4, instances: fleet(2, 2), now: 1000 };
+        let o = Observed {
+            desired: 4,
+            instances: fleet(2, 2),
+            now: 1000,
+        };
         assert_eq!(
             decide(&settings(), &idle(0), "ami-old", &o),
-            Decision::StartBatch { batch: 1, desired: 5, retire: vec![] }
+            Decision::StartBatch {
+                batch: 1,
+                desired: 5,
+                retire: vec![]
+            }
         );
     }
 
     #[test]
     fn batches_cover_every_old_instance() {
-        let s = Settings { capacity: 12, surge: 3, canary: 1, ..settings() };
+        let s = Settings {
+            capacity: 12,
+            surge: 3,
+            canary: 1,
+            ..settings()
+        };
         assert_eq!(batches(&s, 12), vec![1, 3, 3, 3, 2]);
-        assert_eq!(batches(&Settings { canary: 3, ..s.clone() }, 12), vec![3, 3, 3, 3]);
+        assert_eq!(
+            batches(
+                &Settings {
+                    canary: 3,
+                    ..s.clone()
+                },
+                12
+            ),
+            vec![3, 3, 3, 3]
+        );
     }
 }

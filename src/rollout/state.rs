@@ -180,8 +180,14 @@ mod tests {
         };
         assert_eq!(Lock::decode(&l.encode()), Some(l.clone()));
         assert!(!l.is_stale(120, "build-7", |_| true));
-        assert!(l.is_stale(120, "build-7", |_| false), "a dead local owner frees the lock");
-        assert!(!l.is_stale(120, "other-host", |_| false), "a remote owner is trusted until expiry");
+        assert!(
+            l.is_stale(120, "build-7", |_| false),
+            "a dead local owner frees the lock"
+        );
+        assert!(
+            !l.is_stale(120, "other-host", |_| false),
+            "a remote owner is trusted until expiry"
+        );
         assert!(l.is_stale(160, "other-host", |_| true));
     }
 }

@@ -75,7 +75,10 @@ pub async fn status(aws: &Aws, group_name: &str) -> Result<Status, RolloutError>
         .iter()
         .map(|i| InstanceRow {
             id: i.id.clone(),
-            ami: images.get(&i.id).map(|(a, _)| a.clone()).unwrap_or_default(),
+            ami: images
+                .get(&i.id)
+                .map(|(a, _)| a.clone())
+                .unwrap_or_default(),
             launch_template_version: i.launch_template_version.clone(),
             availability_zone: i.availability_zone.clone(),
             lifecycle: i.lifecycle.clone(),
@@ -92,24 +95,29 @@ pub async fn status(aws: &Aws, group_name: &str) -> Result<Status, RolloutError>
                 .collect(),
         })
         .collect();
-    let rollout = g.tags.get(STATE_TAG).and_then(|s| state::decode::<RolloutState>(s)).map(|st| {
-        let progress: Option<ProgressTag> = g.tags.get(PROGRESS_TAG).and_then(|s| state::decode(s));
-        let lock = g.tags.get(LOCK_TAG).and_then(|s| Lock::decode(s));
-        RolloutRow {
-            rollout_id: st.id,
-            ami: st.ami,
-            phase: match progress.as_ref().map(|p| p.ph) {
-                Some(state::Phase::RollingBack) => "rolling back".into(),
-                _ => "rolling".into(),
-            },
-            batch: progress.map(|p| p.b).unwrap_or_default(),
-            from_version: st.from,
-            to_version: st.to,
-            started: super::rfc3339(st.t),
-            lock_owner: lock.as_ref().map(|l| l.owner.clone()),
-            lock_expires: lock.map(|l| super::rfc3339(l.expires)),
-        }
-    });
+    let rollout = g
+        .tags
+        .get(STATE_TAG)
+        .and_then(|s| state::decode::<RolloutState>(s))
+        .map(|st| {
+            let progress: Option<ProgressTag> =
+                g.tags.get(PROGRESS_TAG).and_then(|s| state::decode(s));
+            let lock = g.tags.get(LOCK_TAG).and_then(|s| Lock::decode(s));
+            RolloutRow {
+                rollout_id: st.id,
+                ami: st.ami,
+                phase: match progress.as_ref().map(|p| p.ph) {
+                    Some(state::Phase::RollingBack) => "rolling back".into(),
+                    _ => "rolling".into(),
+                },
+                batch: progress.map(|p| p.b).unwrap_or_default(),
+                from_version: st.from,
+                to_version: st.to,
+                started: super::rfc3339(st.t),
+                lock_owner: lock.as_ref().map(|l| l.owner.clone()),
+                lock_expires: lock.map(|l| super::rfc3339(l.expires)),
+            }
+        });
     Ok(Status {
         group: g.name.clone(),
         launch_template: template_id,
@@ -137,11 +145,16 @@ pub fn render(s: &Status) -> String {
         "launch template {} version {} (#{}) -> {}\n",
         s.launch_template.as_deref().unwrap_or("-"),
         s.version.as_deref().unwrap_or("$Default"),
-        s.version_number.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+        s.version_number
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| "-".into()),
         s.version_ami.as_deref().unwrap_or("-"),
     ));
     if !s.suspended_processes.is_empty() {
-        out.push_str(&format!("suspended processes: {}\n", s.suspended_processes.join(", ")));
+        out.push_str(&format!(
+            "suspended processes: {}\n",
+            s.suspended_processes.join(", ")
+        ));
     }
     match &s.rollout {
         Some(r) => out.push_str(&format!(
@@ -170,16 +183,28 @@ pub fn render(s: &Status) -> String {
         [
             i.id.clone(),
             i.ami.clone(),
-            i.launch_template_version.clone().unwrap_or_else(|| "-".into()),
+            i.launch_template_version
+                .clone()
+                .unwrap_or_else(|| "-".into()),
             i.lifecycle.clone(),
             i.health.clone(),
-            if i.target_health.is_empty() { "-".into() } else { i.target_health.join(", ") },
+            if i.target_health.is_empty() {
+                "-".into()
+            } else {
+                i.target_health.join(", ")
+            },
         ]
     }))
     .collect();
-    let widths: Vec<usize> = (0..6).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..6)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
     for r in rows {
-        let line: Vec<String> = r.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect();
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }

@@ -76,7 +76,12 @@ impl World {
     /// A `bakery` command with the world's environment and nothing of the caller's AWS setup.
     pub fn bakery(&self) -> Command {
         let mut c = Command::new(BIN);
-        for k in ["AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"] {
+        for k in [
+            "AWS_PROFILE",
+            "AWS_DEFAULT_PROFILE",
+            "AWS_CONFIG_FILE",
+            "AWS_SHARED_CREDENTIALS_FILE",
+        ] {
             c.env_remove(k);
         }
         c.envs(&self.env);
@@ -88,7 +93,9 @@ impl World {
 
 fn unquote(v: &str) -> String {
     let v = v.trim();
-    if v.len() >= 2 && (v.starts_with('\'') && v.ends_with('\'') || v.starts_with('"') && v.ends_with('"')) {
+    if v.len() >= 2
+        && (v.starts_with('\'') && v.ends_with('\'') || v.starts_with('"') && v.ends_with('"'))
+    {
         v[1..v.len() - 1].to_string()
     } else {
         v.to_string()
@@ -97,7 +104,8 @@ fn unquote(v: &str) -> String {
 
 /// A scratch folder for one test's recipes and manifests.
 pub fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -161,7 +169,12 @@ impl Run {
             .iter()
             .find(|e| e["event"] == "build_started")
             .and_then(|e| e["build_id"].as_str())
-            .unwrap_or_else(|| panic!("no build_started event in:\n{}\n{}", self.stdout, self.stderr))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no build_started event in:\n{}\n{}",
+                    self.stdout, self.stderr
+                )
+            })
             .to_string()
     }
 
@@ -178,7 +191,10 @@ impl Run {
     }
 
     pub fn describe(&self) -> String {
-        format!("exit {:?}\n--- stdout\n{}\n--- stderr\n{}", self.code, self.stdout, self.stderr)
+        format!(
+            "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
     }
 }
 
@@ -238,11 +254,23 @@ pub async fn leftovers(world: &World, build_id: &str, include_images: bool) -> V
         .values(build_id)
         .build();
     let mut left = Vec::new();
-    let instances = ec2.describe_instances().filters(tag.clone()).send().await.unwrap();
+    let instances = ec2
+        .describe_instances()
+        .filters(tag.clone())
+        .send()
+        .await
+        .unwrap();
     for i in instances.reservations().iter().flat_map(|r| r.instances()) {
-        let state = i.state().and_then(|s| s.name()).map(|n| n.as_str().to_string()).unwrap_or_default();
+        let state = i
+            .state()
+            .and_then(|s| s.name())
+            .map(|n| n.as_str().to_string())
+            .unwrap_or_default();
         if state != "terminated" {
-            left.push(format!("instance {} ({state})", i.instance_id().unwrap_or_default()));
+            left.push(format!(
+                "instance {} ({state})",
+                i.instance_id().unwrap_or_default()
+            ));
         }
     }
     let keys = ec2.describe_key_pairs().send().await.unwrap();
@@ -251,13 +279,26 @@ pub async fn leftovers(world: &World, build_id: &str, include_images: bool) -> V
             left.push(format!("key pair {}", k.key_name().unwrap_or_default()));
         }
     }
-    let groups = ec2.describe_security_groups().filters(tag.clone()).send().await.unwrap();
+    let groups = ec2
+        .describe_security_groups()
+        .filters(tag.clone())
+        .send()
+        .await
+        .unwrap();
     for g in groups.security_groups() {
-        left.push(format!("security group {}", g.group_id().unwrap_or_default()));
+        left.push(format!(
+            "security group {}",
+            g.group_id().unwrap_or_default()
+        ));
     }
     let named = ec2
         .describe_security_groups()
-        .filters(aws_sdk_ec2::types::Filter::builder().name("group-name").values(format!("bakery-{build_id}")).build())
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("group-name")
+                .values(format!("bakery-{build_id}"))
+                .build(),
+        )
         .send()
         .await
         .unwrap();
@@ -268,7 +309,13 @@ pub async fn leftovers(world: &World, build_id: &str, include_images: bool) -> V
         }
     }
     if include_images {
-        let images = ec2.describe_images().owners("self").filters(tag).send().await.unwrap();
+        let images = ec2
+            .describe_images()
+            .owners("self")
+            .filters(tag)
+            .send()
+            .await
+            .unwrap();
         for i in images.images() {
             left.push(format!("image {}", i.image_id().unwrap_or_default()));
         }
@@ -298,11 +345,21 @@ pub async fn launch(world: &World, ami: &str, key_name: Option<&str>) -> (String
 }
 
 pub async fn terminate(world: &World, id: &str) {
-    let _ = world.ec2().terminate_instances().instance_ids(id).send().await;
+    let _ = world
+        .ec2()
+        .terminate_instances()
+        .instance_ids(id)
+        .send()
+        .await;
 }
 
 /// `GET path` on ip:port with plain HTTP/1.0, retried until `timeout`; returns (status, body).
-pub fn http_get(ip: &str, port: u16, path: &str, timeout: Duration) -> Result<(u16, String), String> {
+pub fn http_get(
+    ip: &str,
+    port: u16,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String), String> {
     let deadline = std::time::Instant::now() + timeout;
     let mut last = String::new();
     while std::time::Instant::now() < deadline {
@@ -316,9 +373,13 @@ pub fn http_get(ip: &str, port: u16, path: &str, timeout: Duration) -> Result<(u
 }
 
 fn try_get(ip: &str, port: u16, path: &str) -> Result<(u16, String), String> {
-    assert!(ip.starts_with("127."), "tests only talk to loopback, not {ip}");
+    assert!(
+        ip.starts_with("127."),
+        "tests only talk to loopback, not {ip}"
+    );
     let addr = format!("{ip}:{port}").parse().map_err(|e| format!("{e}"))?;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).map_err(|e| e.to_string())?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+        .map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok();
     write!(s, "GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").map_err(|e| e.to_string())?;
     let mut buf = String::new();
@@ -340,7 +401,13 @@ impl World {
             .region(aws_config::Region::new(self.var("AWS_REGION").to_string()))
             .endpoint_url(self.var("AWS_ENDPOINT_URL"))
             .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(
-                Credentials::new(self.var("AWS_ACCESS_KEY_ID"), self.var("AWS_SECRET_ACCESS_KEY"), None, None, "world"),
+                Credentials::new(
+                    self.var("AWS_ACCESS_KEY_ID"),
+                    self.var("AWS_SECRET_ACCESS_KEY"),
+                    None,
+                    None,
+                    "world",
+                ),
             ))
             .build()
     }
@@ -373,7 +440,10 @@ impl Fleet {
 
     pub async fn create_with_grace(world: &World, name: &str, capacity: i32, grace: i32) -> Fleet {
         use aws_sdk_elasticloadbalancingv2::types as elbt;
-        let name = format!("t-{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
+        let name = format!(
+            "t-{name}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..6]
+        );
         let elb = world.elb();
         let tg = elb
             .create_target_group()
@@ -389,20 +459,34 @@ impl Fleet {
             .send()
             .await
             .expect("CreateTargetGroup");
-        let tg_arn = tg.target_groups()[0].target_group_arn().unwrap().to_string();
+        let tg_arn = tg.target_groups()[0]
+            .target_group_arn()
+            .unwrap()
+            .to_string();
         elb.modify_target_group_attributes()
             .target_group_arn(&tg_arn)
-            .attributes(elbt::TargetGroupAttribute::builder().key("deregistration_delay.timeout_seconds").value("1").build())
+            .attributes(
+                elbt::TargetGroupAttribute::builder()
+                    .key("deregistration_delay.timeout_seconds")
+                    .value("1")
+                    .build(),
+            )
             .send()
             .await
             .expect("ModifyTargetGroupAttributes");
-        let port = 20000 + (u32::from_str_radix(&name[name.len() - 4..], 16).unwrap() % 20000) as i32;
+        let port =
+            20000 + (u32::from_str_radix(&name[name.len() - 4..], 16).unwrap() % 20000) as i32;
         let listener = elb
             .create_listener()
             .load_balancer_arn(world.var("WORLD_ALB_ARN"))
             .protocol(elbt::ProtocolEnum::Http)
             .port(port)
-            .default_actions(elbt::Action::builder().r#type(elbt::ActionTypeEnum::Forward).target_group_arn(&tg_arn).build())
+            .default_actions(
+                elbt::Action::builder()
+                    .r#type(elbt::ActionTypeEnum::Forward)
+                    .target_group_arn(&tg_arn)
+                    .build(),
+            )
             .send()
             .await
             .expect("CreateListener");
@@ -418,7 +502,9 @@ impl Fleet {
                     .security_group_ids(world.var("WORLD_APP_SG"))
                     .metadata_options(
                         aws_sdk_ec2::types::LaunchTemplateInstanceMetadataOptionsRequest::builder()
-                            .http_tokens(aws_sdk_ec2::types::LaunchTemplateHttpTokensState::Required)
+                            .http_tokens(
+                                aws_sdk_ec2::types::LaunchTemplateHttpTokensState::Required,
+                            )
                             .build(),
                     )
                     .build(),
@@ -426,7 +512,12 @@ impl Fleet {
             .send()
             .await
             .expect("CreateLaunchTemplate");
-        let lt_id = lt.launch_template().unwrap().launch_template_id().unwrap().to_string();
+        let lt_id = lt
+            .launch_template()
+            .unwrap()
+            .launch_template_id()
+            .unwrap()
+            .to_string();
         world
             .asg()
             .create_auto_scaling_group()
@@ -455,17 +546,30 @@ impl Fleet {
             lt_id,
             capacity,
         };
-        fleet.wait_healthy(world, capacity as usize, Duration::from_secs(60)).await;
+        fleet
+            .wait_healthy(world, capacity as usize, Duration::from_secs(60))
+            .await;
         fleet
     }
 
     /// Healthy targets in the fleet's target group.
     pub async fn healthy(&self, world: &World) -> usize {
-        match world.elb().describe_target_health().target_group_arn(&self.tg_arn).send().await {
+        match world
+            .elb()
+            .describe_target_health()
+            .target_group_arn(&self.tg_arn)
+            .send()
+            .await
+        {
             Ok(out) => out
                 .target_health_descriptions()
                 .iter()
-                .filter(|d| d.target_health().and_then(|h| h.state()).map(|s| s.as_str()) == Some("healthy"))
+                .filter(|d| {
+                    d.target_health()
+                        .and_then(|h| h.state())
+                        .map(|s| s.as_str())
+                        == Some("healthy")
+                })
                 .count(),
             Err(_) => 0,
         }
@@ -478,7 +582,11 @@ impl Fleet {
             if h >= n {
                 return;
             }
-            assert!(std::time::Instant::now() < deadline, "{}: only {h} of {n} targets healthy after {timeout:?}", self.name);
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}: only {h} of {n} targets healthy after {timeout:?}",
+                self.name
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -501,13 +609,24 @@ impl Fleet {
         let ids: Vec<String> = g
             .instances()
             .iter()
-            .filter(|i| !i.lifecycle_state().map(|l| l.as_str()).unwrap_or_default().starts_with("Terminat"))
+            .filter(|i| {
+                !i.lifecycle_state()
+                    .map(|l| l.as_str())
+                    .unwrap_or_default()
+                    .starts_with("Terminat")
+            })
             .filter_map(|i| i.instance_id().map(str::to_string))
             .collect();
         if ids.is_empty() {
             return Vec::new();
         }
-        let out = world.ec2().describe_instances().set_instance_ids(Some(ids)).send().await.unwrap();
+        let out = world
+            .ec2()
+            .describe_instances()
+            .set_instance_ids(Some(ids))
+            .send()
+            .await
+            .unwrap();
         out.reservations()
             .iter()
             .flat_map(|r| r.instances())
@@ -523,9 +642,24 @@ impl Fleet {
             .force_delete(true)
             .send()
             .await;
-        let _ = world.elb().delete_listener().listener_arn(&self.listener_arn).send().await;
-        let _ = world.elb().delete_target_group().target_group_arn(&self.tg_arn).send().await;
-        let _ = world.ec2().delete_launch_template().launch_template_id(&self.lt_id).send().await;
+        let _ = world
+            .elb()
+            .delete_listener()
+            .listener_arn(&self.listener_arn)
+            .send()
+            .await;
+        let _ = world
+            .elb()
+            .delete_target_group()
+            .target_group_arn(&self.tg_arn)
+            .send()
+            .await;
+        let _ = world
+            .ec2()
+            .delete_launch_template()
+            .launch_template_id(&self.lt_id)
+            .send()
+            .await;
     }
 }
 
@@ -542,7 +676,10 @@ pub fn sample_amis(world: &World) -> &'static (String, String) {
                 .current_dir(repo())
                 .args(["-q", "build", "examples/web/recipe.toml", "--manifest"])
                 .arg(&manifest)
-                .args(["--var", &format!("base_ami={}", world.var("WORLD_BASE_AMI"))])
+                .args([
+                    "--var",
+                    &format!("base_ami={}", world.var("WORLD_BASE_AMI")),
+                ])
                 .args(["--var", &format!("subnet={}", world.private_subnet())])
                 .args(["--var", &format!("version=rollout-{name}")])
                 .args(["--var", &format!("healthz={healthz}")])
@@ -555,8 +692,13 @@ pub fn sample_amis(world: &World) -> &'static (String, String) {
         let ids: Vec<String> = runs
             .into_iter()
             .map(|(mut child, manifest)| {
-                assert!(child.wait().unwrap().success(), "baking {}", manifest.display());
-                let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+                assert!(
+                    child.wait().unwrap().success(),
+                    "baking {}",
+                    manifest.display()
+                );
+                let m: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
                 m["ami_id"].as_str().unwrap().to_string()
             })
             .collect();
@@ -566,13 +708,26 @@ pub fn sample_amis(world: &World) -> &'static (String, String) {
 
 /// A free loopback port (bound, read, released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The private IP of an instance.
 pub async fn private_ip(world: &World, id: &str) -> String {
-    let out = world.ec2().describe_instances().instance_ids(id).send().await.unwrap();
-    out.reservations()[0].instances()[0].private_ip_address().unwrap().to_string()
+    let out = world
+        .ec2()
+        .describe_instances()
+        .instance_ids(id)
+        .send()
+        .await
+        .unwrap();
+    out.reservations()[0].instances()[0]
+        .private_ip_address()
+        .unwrap()
+        .to_string()
 }
 
 /// `scripts/world kill ID`: the instance's services die, the instance stays running.
@@ -583,14 +738,28 @@ pub fn world_kill(world: &World, id: &str) {
         .env("WORLD_PORT", world.var("WORLD_PORT"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "world kill {id}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "world kill {id}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The world's call log, only the calls made with access key `key`.
 pub fn world_calls(world: &World, key: &str) -> serde_json::Value {
-    let endpoint = world.var("AWS_ENDPOINT_URL").trim_start_matches("http://").trim_end_matches('/').to_string();
+    let endpoint = world
+        .var("AWS_ENDPOINT_URL")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
     let (ip, port) = endpoint.split_once(':').unwrap();
-    let (status, body) = http_get(ip, port.parse().unwrap(), &format!("/_world/calls?access_key={key}"), Duration::from_secs(5)).unwrap();
+    let (status, body) = http_get(
+        ip,
+        port.parse().unwrap(),
+        &format!("/_world/calls?access_key={key}"),
+        Duration::from_secs(5),
+    )
+    .unwrap();
     assert_eq!(status, 200, "{body}");
     serde_json::from_str(&body).unwrap()
 }

@@ -9,7 +9,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from .conftest import World, bakery_ok, report
+from .conftest import World, bakery_ok, gc, report
 
 BAKES = 20
 CONCURRENCY = 4
@@ -58,6 +58,7 @@ def test_bakes_survive_throttling_and_500s(world: World, faults, tmp_path):
         left = world.leftovers(build_id, keep_image=ami)
         if left:
             leaked[build_id] = left
+            gc(world, build_id)  # keep the world clean for what follows; reported below
         launched = world.instances_of(build_id)
         if len(launched) > 1 or (ami and len(launched) != 1):
             duplicates[build_id] = [f"{x['InstanceId']} ({x['State']['Name']})" for x in launched]

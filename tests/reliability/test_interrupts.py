@@ -63,7 +63,8 @@ def test_interrupted_bakes_leave_nothing_behind(world: World, tmp_path):
         point = rng.choice(POINTS)
         delay = rng.uniform(0, point[2])
         sig = SIGNALS[i % len(SIGNALS)]
-        r = bakery(world, f"rel-int-{run_id}-{i:02d}", "build", str(recipe), "--manifest", str(tmp_path / f"m{i:02d}.json"))
+        r_key = f"rel-int-{run_id}-{i:02d}"
+        r = bakery(world, r_key, "build", str(recipe), "--manifest", str(tmp_path / f"m{i:02d}.json"))
         hit = r.wait_for(lambda e: matches(point, e), timeout=120)
         where = f"{point[0]} {point[1] or ''}".strip()
         out = {"seed": seed, "point": where, "delay": delay, "sig": sig, "run": r, "problems": []}
@@ -104,6 +105,15 @@ def test_interrupted_bakes_leave_nothing_behind(world: World, tmp_path):
             left = world.leftovers(build_id)
             if left:
                 out["problems"].append(f"left behind: {left}")
+                calls = world.calls(r_key, limit=1000)["calls"]
+                t0 = calls[0]["t"] if calls else 0
+                out["problems"].append(
+                    "calls (the world's log):\n" + "\n".join(
+                        f"  start +{c['t'] - t0:6.2f}s  end +{c['t'] - t0 + c['ms'] / 1000:6.2f}s  {c['action']} -> {c['status']}"
+                        for c in sorted(calls, key=lambda c: c["t"])
+                    )
+                )
+                gc(world, build_id)  # keep the world clean for what follows; reported above
             out["left"] = left
             out["instances"] = len(world.instances_of(build_id))
             if out["instances"] > 1:
