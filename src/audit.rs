@@ -774,12 +774,12 @@ mod tests {
         let deny = serde_json::json!({"Statement": [{"Effect": "Deny", "Action": "secretsmanager:Get*", "Resource": "*"}]});
         let other = serde_json::json!({"Statement": [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}]});
         assert!(policies_allow(
-            &[allow.clone()],
+            std::slice::from_ref(&allow),
             "secretsmanager:GetSecretValue",
             arn
         ));
         assert!(policies_allow(
-            &[star.clone()],
+            std::slice::from_ref(&star),
             "secretsmanager:GetSecretValue",
             arn
         ));

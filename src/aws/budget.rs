@@ -72,8 +72,7 @@ static BYPASS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::ne
 
 /// Sets (or changes) the process-wide budget.
 pub fn set_global(rate: f64, burst: f64) {
-    if let Err(fresh) = BUDGET.set(TokenBucket::new(rate, burst)) {
-        drop(fresh);
+    if BUDGET.set(TokenBucket::new(rate, burst)).is_err() {
         if let Some(b) = BUDGET.get() {
             b.set(rate, burst);
         }

@@ -105,7 +105,7 @@ pub async fn all_versions(ec2: &Client, template_id: &str) -> Result<Vec<Version
         .iter()
         .map(version_of)
         .collect();
-    v.sort_by(|a, b| b.number.cmp(&a.number));
+    v.sort_by_key(|v| std::cmp::Reverse(v.number));
     Ok(v)
 }
 
@@ -280,7 +280,7 @@ pub async fn delete_versions(
 /// Versions to delete so that at most `keep` remain: never the default, never one in `in_use`.
 pub fn versions_to_prune(versions: &[Version], keep: usize, in_use: &[i64]) -> Vec<i64> {
     let mut sorted: Vec<&Version> = versions.iter().collect();
-    sorted.sort_by(|a, b| b.number.cmp(&a.number));
+    sorted.sort_by_key(|v| std::cmp::Reverse(v.number));
     sorted
         .iter()
         .skip(keep)

@@ -75,6 +75,8 @@ pub enum BakeError {
     SourceNotAvailable { id: String, state: String },
     #[error("no AMI matches owners {owners:?} and name {name:?}; check the pattern with `aws ec2 describe-images --owners ... --filters Name=name,Values=...`")]
     NoSourceMatch { owners: Vec<String>, name: String },
+    #[error("{count} AMIs match the name {name:?}; set most_recent = true in [source.filter] or narrow the pattern")]
+    AmbiguousSource { count: usize, name: String },
     #[error("SSM parameter {0} holds no AMI id")]
     BadSsmParameter(String),
     #[error("an AMI named {name:?} already exists ({id}); change [image] name (add {{{{timestamp}}}}) or deregister it")]
@@ -143,11 +145,13 @@ impl BakeError {
             BakeError::SourceNotFound(_)
             | BakeError::SourceNotAvailable { .. }
             | BakeError::NoSourceMatch { .. }
+            | BakeError::AmbiguousSource { .. }
             | BakeError::BadSsmParameter(_)
             | BakeError::ImageNameTaken { .. }
             | BakeError::SubnetNotFound(_)
             | BakeError::NoSubnet
-            | BakeError::Reference(_) => 2,
+            | BakeError::Reference(_)
+            | BakeError::Template(_) => 2,
             _ => 1,
         }
     }
@@ -618,14 +622,13 @@ impl Bake<'_> {
                 most_recent,
             } => {
                 let found = ec2::find_images(ec2c, owners, name).await?;
-                let pick = if *most_recent {
-                    found.into_iter().next()
-                } else if found.len() == 1 {
-                    found.into_iter().next()
-                } else {
-                    None
-                };
-                pick.ok_or_else(|| BakeError::NoSourceMatch {
+                if found.len() > 1 && !*most_recent {
+                    return Err(BakeError::AmbiguousSource {
+                        count: found.len(),
+                        name: name.clone(),
+                    });
+                }
+                found.into_iter().next().ok_or_else(|| BakeError::NoSourceMatch {
                     owners: owners.clone(),
                     name: name.clone(),
                 })?

@@ -90,7 +90,7 @@ fn connect_once(
         .map(hostkey::sha256_fingerprint)
         .ok_or_else(|| CommError::Protocol("the server sent no host key".into()))?;
     if let HostKeyPolicy::Fingerprints(expected) = policy {
-        if !expected.iter().any(|e| *e == fingerprint) {
+        if !expected.contains(&fingerprint) {
             return Err(CommError::HostKeyMismatch {
                 host: addr.to_string(),
                 presented: fingerprint,

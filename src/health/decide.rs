@@ -250,7 +250,7 @@ mod tests {
         let v = decide(
             &[sick, mostly_fine],
             &Breaker {
-                freeze_above: 101.min(100),
+                freeze_above: 100,
                 freeze_above_all: 50,
             },
         );

@@ -887,9 +887,7 @@ impl<'a> Driver<'a> {
                 .err()
                 .unwrap_or_else(|| RolloutError::Failed("unknown".into())));
         }
-        if let Err(e) = result {
-            return Err(e);
-        }
+        result?;
         autoscaling::update(
             asg,
             &self.group,
@@ -999,7 +997,7 @@ mod tests {
             "i-1".to_string(),
             ts("initial", Some("Elb.RegistrationInProgress")),
         )]);
-        assert_eq!(combined_health(&[a.clone()], "i-1"), TargetHealth::Healthy);
+        assert_eq!(combined_health(std::slice::from_ref(&a), "i-1"), TargetHealth::Healthy);
         assert_eq!(
             combined_health(&[a.clone(), b], "i-1"),
             TargetHealth::Unhealthy("Target.Timeout".into())
