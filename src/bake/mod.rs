@@ -628,10 +628,13 @@ impl Bake<'_> {
                         name: name.clone(),
                     });
                 }
-                found.into_iter().next().ok_or_else(|| BakeError::NoSourceMatch {
-                    owners: owners.clone(),
-                    name: name.clone(),
-                })?
+                found
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| BakeError::NoSourceMatch {
+                        owners: owners.clone(),
+                        name: name.clone(),
+                    })?
             }
             SourceAmi::SsmParameter(path) => {
                 let id = self.ssm_parameter(path).await?;

@@ -997,7 +997,10 @@ mod tests {
             "i-1".to_string(),
             ts("initial", Some("Elb.RegistrationInProgress")),
         )]);
-        assert_eq!(combined_health(std::slice::from_ref(&a), "i-1"), TargetHealth::Healthy);
+        assert_eq!(
+            combined_health(std::slice::from_ref(&a), "i-1"),
+            TargetHealth::Healthy
+        );
         assert_eq!(
             combined_health(&[a.clone(), b], "i-1"),
             TargetHealth::Unhealthy("Target.Timeout".into())
