@@ -281,6 +281,12 @@ def groups_ready(asg, elbv2, groups: list[dict], size: int):
     nothing else registered (no draining leftovers)."""
 
     def probe():
+        try:
+            return _probe()
+        except Exception as ex:  # noqa: BLE001  (a busy world may answer 500; try again)
+            return False, f"API error: {str(ex)[:200]}"
+
+    def _probe():
         gs = describe_groups(asg, [g["name"] for g in groups])
         ready, total, notes = 0, 0, {}
         for g in groups:
@@ -386,6 +392,42 @@ def delete_fleet(state: dict, timeout: float) -> None:
     )["LaunchTemplates"]:
         ec2.delete_launch_template(LaunchTemplateId=lt["LaunchTemplateId"])
         say(f"deleted launch template {lt['LaunchTemplateId']} ({PREFIX})")
+    for sub in ec2.describe_subnets(Filters=[{"Name": f"tag:{TAG_KEY}", "Values": [TAG_VALUE]}])["Subnets"]:
+        ec2.delete_subnet(SubnetId=sub["SubnetId"])
+        say(f"deleted subnet {sub['SubnetId']} ({sub['CidrBlock']})")
+
+
+def make_subnets(ec2, state: dict) -> list[str]:
+    """Two /22 subnets of the benchmark's own in the world's VPC (its private /24s hold ~500
+    addresses for the world's whole life: moto never frees a terminated instance's address,
+    its primary network interface has DeleteOnTermination false), one per AZ of the private
+    subnets. Deleted by cleanup."""
+    import ipaddress as ipa
+
+    vpc = os.environ["WORLD_VPC_ID"]
+    vcidr = ipa.ip_network(os.environ.get("WORLD_VPC_CIDR") or
+                           ec2.describe_vpcs(VpcIds=[vpc])["Vpcs"][0]["CidrBlock"])
+    existing = ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["Subnets"]
+    taken = [ipa.ip_network(x["CidrBlock"]) for x in existing]
+    priv = os.environ["WORLD_PRIVATE_SUBNETS"].split(",")
+    azs = [x["AvailabilityZone"] for x in existing if x["SubnetId"] in priv] or ["us-east-1a", "us-east-1b"]
+    made = []
+    for cand in vcidr.subnets(new_prefix=22):
+        if len(made) == len(azs):
+            break
+        if cand.network_address.packed[2] < 64 or any(cand.overlaps(t) for t in taken):
+            continue
+        sub = ec2.create_subnet(
+            VpcId=vpc, CidrBlock=str(cand), AvailabilityZone=azs[len(made)],
+            TagSpecifications=[{"ResourceType": "subnet", "Tags": [{"Key": TAG_KEY, "Value": TAG_VALUE},
+                                                                   {"Key": "Name", "Value": f"{PREFIX}-{azs[len(made)][-1]}"}]}],
+        )["Subnet"]
+        made.append(sub["SubnetId"])
+        taken.append(cand)
+        say(f"subnet {sub['SubnetId']} {cand} in {azs[len(made) - 1]} ({sub['AvailableIpAddressCount']} addresses)")
+    if len(made) < len(azs):
+        die(f"no free /22 left in {vcidr} for the benchmark's subnets")
+    return made
 
 
 def create_group(state: dict, i: int, asg, elbv2, elbv2_raw) -> dict:
@@ -419,7 +461,7 @@ def create_group(state: dict, i: int, asg, elbv2, elbv2_raw) -> dict:
         AutoScalingGroupName=name,
         LaunchTemplate={"LaunchTemplateId": state["template_id"], "Version": "$Latest"},
         MinSize=state["size"], MaxSize=state["size"] * 2, DesiredCapacity=state["size"],
-        VPCZoneIdentifier=os.environ["WORLD_PRIVATE_SUBNETS"],
+        VPCZoneIdentifier=",".join(state["subnets"]),
         TargetGroupARNs=[arn], HealthCheckType="ELB", HealthCheckGracePeriod=state["grace"],
         Tags=[{**t, "ResourceId": name, "ResourceType": "auto-scaling-group"} for t in tags],
     )
@@ -443,7 +485,8 @@ def prep(state_path: str, ngroups: int, size: int, wave: int, tg_interval: int, 
     save_state(state_path, state)
     if describe_groups(asg, [group_name(i) for i in range(1, 100)]) or [
         t for t in elbv2.describe_target_groups()["TargetGroups"] if t["TargetGroupName"].startswith(PREFIX + "-")
-    ] or ec2.describe_launch_templates(Filters=[{"Name": "launch-template-name", "Values": [PREFIX]}])["LaunchTemplates"]:
+    ] or ec2.describe_launch_templates(Filters=[{"Name": "launch-template-name", "Values": [PREFIX]}])["LaunchTemplates"] \
+            or ec2.describe_subnets(Filters=[{"Name": f"tag:{TAG_KEY}", "Values": [TAG_VALUE]}])["Subnets"]:
         say("removing benchmark groups / target groups / template left by an earlier run")
         delete_fleet(state, timeout)
 
@@ -462,6 +505,8 @@ def prep(state_path: str, ngroups: int, size: int, wave: int, tg_interval: int, 
     state["template_id"] = lt["LaunchTemplateId"]
     state["ami"] = data.get("ImageId")
     save_state(state_path, state)
+    state["subnets"] = make_subnets(ec2, state)
+    save_state(state_path, state)
 
     per_body_kb = 20 * 1024  # first guess; measured from the first wave on
     i = 0
@@ -476,10 +521,27 @@ def prep(state_path: str, ngroups: int, size: int, wave: int, tg_interval: int, 
             break
         mem0, cpu, t0 = avail, CpuWindow(), time.monotonic()
         made = []
+        failed = None
         for j in range(i + 1, i + k + 1):
-            made.append(create_group(state, j, asg, elbv2, elbv2_raw))
+            try:
+                made.append(create_group(state, j, asg, elbv2, elbv2_raw))
+            except Exception as ex:  # noqa: BLE001
+                failed = f"creating {group_name(j)} failed: {str(ex)[:300]}"
+                break
             state["groups"].append(made[-1])
             save_state(state_path, state)
+        if failed:
+            state["limit"] = f"API: {failed}"
+            say(f"stopping the scale-up: {state['limit']}")
+            for g in made + [{"name": group_name(i + len(made) + 1)}]:
+                try:
+                    asg.delete_auto_scaling_group(AutoScalingGroupName=g["name"], ForceDelete=True)
+                except Exception:  # noqa: BLE001
+                    pass
+            state["groups"] = [g for g in state["groups"] if g not in made]
+            state["dropped"] = [g["name"] for g in made]
+            save_state(state_path, state)
+            break
         have = len(state["groups"]) * size
         say(f"wave {len(state['waves']) + 1}: created {', '.join(g['name'] for g in made)} "
             f"({k * size} instances, {have} in all); waiting up to {timeout:.0f}s for them to be healthy")

@@ -530,7 +530,7 @@ class Body:
         for d in (self.dir, Path(self.root)):
             os.chown(d, 0, 0)
             os.chmod(d, 0o755)
-        lower = ":".join([*self.layers, "/"])
+        lower = ":".join([*self.layers, self.world.images.base_layer(), "/"])
         run(
             [
                 "mount", "-t", "overlay", "overlay",

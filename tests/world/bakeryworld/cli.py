@@ -77,6 +77,20 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def state_dir_arg(pid: int) -> str | None:
+    """The exact `--state-dir` argument of a world server (not a substring: `.world-bench`
+    must not match `.world-benchr`)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return None
+    for i, a in enumerate(argv[:-1]):
+        if a == b"--state-dir":
+            return argv[i + 1].decode(errors="replace")
+    return None
+
+
 def server_pid(sd: Path) -> int | None:
     for name in ("server.json", "server.pid"):
         p = sd / name
@@ -131,7 +145,7 @@ def procs_of_world(sd: Path) -> list[int]:
             continue
         cl = cmdline(pid)
         if root.startswith(base + "/") or f"{sd}/bodies/" in cl or (
-            "bakeryworld.server" in cl and f"--state-dir {sd}" in cl
+            "bakeryworld.server" in cl and state_dir_arg(pid) == str(sd)
         ):
             out.append(pid)
     return out

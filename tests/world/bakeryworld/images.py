@@ -25,6 +25,17 @@ class ImageStore:
         self._timers: list[threading.Timer] = []
         self._lock = threading.RLock()
 
+    def base_layer(self) -> str:
+        """The stock image's own files, under every body, above the host's `/`: a root
+        account whose shell start-up files are a cloud image's, not this host's (the host's
+        /root/.bashrc initialises pyenv and costs 0.2 s per SSH command, which no AMI does)."""
+        base = self.dir / "_base"
+        if not (base / "root" / ".bashrc").exists():
+            (base / "root").mkdir(parents=True, exist_ok=True)
+            for name in (".bashrc", ".bash_profile", ".profile"):
+                (base / "root" / name).write_text("# stock image: nothing to initialise\n")
+        return str(base)
+
     def layers_for(self, ami_id: str | None) -> list[str]:
         with self._lock:
             return list(self._layers.get(ami_id or "", []))
