@@ -43,6 +43,15 @@ def test_throttling_uses_each_protocols_real_code(world, faults):
     assert world.control("GET", "/_world/calls")[1]["counts"]["ec2:DescribeVpcs"] == 4
 
 
+def test_faults_can_be_scoped_to_one_access_key(world, faults):
+    code, _ = faults({"seed": 3, "rules": [{"action": "ec2:DescribeVpcs", "throttle": 1, "access_key": "AKIDSCOPED"}]})
+    assert code == 200
+    scoped = world.client("ec2", retries=1, access_key="AKIDSCOPED")
+    other = world.client("ec2", retries=1, access_key="AKIDOTHER")
+    assert err_of(scoped.describe_vpcs) == ("RequestLimitExceeded", 503)
+    assert err_of(other.describe_vpcs) is None, "another client is not affected"
+
+
 def test_500_drop_and_latency(world, faults):
     faults({"seed": 2, "rules": [
         {"action": "ec2:DescribeSubnets", "error500": 1},
@@ -101,6 +110,7 @@ def test_call_log_counts_actions(world):
     ({"rules": [{"action": "*", "latency": 5}]}, "latency"),
     ({"seed": "x", "rules": []}, "seed"),
     ({"rules": {"action": "*"}}, "rules"),
+    ({"rules": [{"action": "*", "access_key": ""}]}, "rules[0].access_key"),
 ])
 def test_malformed_fault_spec_is_rejected_naming_the_field(world, spec, field):
     import json

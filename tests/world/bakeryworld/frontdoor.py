@@ -21,7 +21,7 @@ import uuid
 from collections import deque
 from urllib.parse import parse_qs
 
-RULE_KEYS = {"action", "throttle", "error500", "drop", "latency_ms"}
+RULE_KEYS = {"action", "throttle", "error500", "drop", "latency_ms", "access_key"}
 ACTION_RE = re.compile(r"^(\*|[a-z0-9-]+:(\*|[A-Za-z0-9]+))$")
 # SigV4 credential scope: AKID/yyyymmdd/region/service/aws4_request (the `Authorization`
 # header's `Credential=`, or a presigned URL's `X-Amz-Credential`). SigV4a has no region.
@@ -162,6 +162,11 @@ def validate_spec(spec) -> dict:
         if not isinstance(lat, (int, float)) or isinstance(lat, bool) or not 0 <= lat <= 60000:
             raise SpecError(f"{where}.latency_ms must be a number of milliseconds in 0..60000, got {lat!r}")
         rule["latency_ms"] = lat
+        ak = r.get("access_key")
+        if ak is not None and (not isinstance(ak, str) or not ak):
+            raise SpecError(f"{where}.access_key must be a non-empty string (the caller's access key id), got {ak!r}")
+        # Only calls signed with this access key id get this rule's faults (one test's client).
+        rule["access_key"] = ak
         out.append(rule)
     return {"seed": seed, "rules": out}
 
@@ -284,17 +289,17 @@ class FrontDoor:
         return False
 
     # -------------------------------------------------------------- faults
-    def _rule_for(self, key: str, service: str) -> dict | None:
+    def _rule_for(self, key: str, service: str, access_key: str | None = None) -> dict | None:
         rules = self.spec["rules"]
         for want in (key, f"{service}:*", "*"):
             for r in rules:
-                if r["action"] == want:
+                if r["action"] == want and r.get("access_key") in (None, access_key):
                     return r
         return None
 
-    def _decide(self, key: str, service: str):
+    def _decide(self, key: str, service: str, access_key: str | None = None):
         with self.lock:
-            rule = self._rule_for(key, service)
+            rule = self._rule_for(key, service, access_key)
             if rule is None:
                 return None, 0
             n = self.fault_counters.get(key, 0)
@@ -373,7 +378,7 @@ class FrontDoor:
         # An EC2 DryRun request only checks permissions (it fails with DryRunOperation).
         mutating = is_mutating(service, action) and not dry_run
         t0 = time.time()
-        fault, latency = self._decide(key, service)
+        fault, latency = self._decide(key, service, access_key)
         if latency:
             time.sleep(latency / 1000.0)
 
