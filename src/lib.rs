@@ -12,6 +12,7 @@ pub mod cli;
 pub mod comm;
 pub mod gc;
 pub mod health;
+pub mod host;
 pub mod output;
 pub mod prune;
 pub mod recipe;

@@ -291,6 +291,45 @@ async fn an_instance_inside_its_grace_period_is_not_replaced() {
     fleet.delete(world).await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn under_30_percent_throttling_the_daemon_keeps_looping_and_still_heals() {
+    let world = world();
+    let fleet = Fleet::create(world, "throttle", 4).await;
+    let key = format!("daemon-throttle-{}", std::process::id());
+    // Only this daemon's calls are throttled: other tests keep running untouched.
+    let spec = format!(r#"{{"seed": 11, "rules": [{{"action": "*", "throttle": 0.3, "access_key": "{key}"}}]}}"#);
+    let (status, body) = world_control(world, "POST", "/_world/faults", &spec);
+    assert_eq!(status, 200, "{body}");
+    let d = Daemon::start(world, "throttle", &fleet.asg, "", &key);
+    let loops_before = d.metric("bakery_loops_total").unwrap();
+    let victim = instance_ids(world, &fleet).await[1].clone();
+    world_kill(world, &victim);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !d
+        .events("marked unhealthy: the group replaces it")
+        .iter()
+        .any(|e| e["instance"] == victim.as_str())
+    {
+        assert!(Instant::now() < deadline, "not replaced under throttling: {}", d.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let throttles: f64 = d
+        .metrics()
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("bakery_api_throttles_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    let loops_after = d.metric("bakery_loops_total").unwrap();
+    world_control(world, "DELETE", "/_world/faults", "");
+    assert!(throttles > 0.0, "the world throttled the daemon: {}", d.metrics().unwrap());
+    assert!(loops_after > loops_before, "the loop kept going");
+    let (code, _, logs) = d.stop();
+    assert_eq!(code, Some(0), "{logs}");
+    fleet.wait_healthy(world, 4, Duration::from_secs(30)).await;
+    fleet.delete(world).await;
+}
+
 #[test]
 fn config_errors_are_clear_and_fatal() {
     let dir = scratch("daemon-config");

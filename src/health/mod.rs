@@ -17,7 +17,6 @@ pub mod probe;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -54,15 +53,7 @@ fn now() -> u64 {
         .unwrap_or_default()
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
-}
 
-fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
 
 #[derive(Debug, Default)]
 struct InstanceState {
@@ -113,7 +104,7 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
     let mut d = Daemon {
         aws,
         me: Lock {
-            owner: format!("{}:{}", hostname(), std::process::id()),
+            owner: crate::host::owner(),
             token: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
             since: now(),
             expires: 0,
@@ -223,7 +214,7 @@ impl Daemon {
             let Some(l) = g.tags.get(TAKEOVER_TAG).and_then(|t| Lock::decode(t)) else {
                 continue;
             };
-            if l.is_stale(now(), &hostname(), pid_alive) {
+            if l.is_stale(now(), &crate::host::hostname(), crate::host::pid_alive) {
                 tracing::warn!(group = %g.name, owner = %l.owner, "undoing a stale takeover: resuming HealthCheck");
                 autoscaling::resume(&self.aws.autoscaling, &g.name, &[HEALTH_CHECK]).await?;
                 autoscaling::delete_tags(&self.aws.autoscaling, &g.name, &[TAKEOVER_TAG]).await?;
@@ -250,7 +241,7 @@ impl Daemon {
     /// Takes over (or renews) the group's health decisions; false if another daemon owns them.
     async fn take_over(&mut self, g: &autoscaling::Group) -> Result<bool, AwsError> {
         if let Some(l) = g.tags.get(TAKEOVER_TAG).and_then(|t| Lock::decode(t)) {
-            if l.token != self.me.token && !l.is_stale(now(), &hostname(), pid_alive) {
+            if l.token != self.me.token && !l.is_stale(now(), &crate::host::hostname(), crate::host::pid_alive) {
                 if self.foreign.insert(g.name.clone()) {
                     tracing::warn!(group = %g.name, owner = %l.owner, "another daemon owns this group's health decisions; watching only");
                 }

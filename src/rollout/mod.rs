@@ -144,15 +144,7 @@ fn rfc3339(secs: u64) -> String {
         .unwrap_or_else(|| secs.to_string())
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
-}
 
-fn pid_alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
 
 /// Runs a rollout to its end (success, rollback or failure), or prints its plan (`dry_run`).
 pub async fn run(aws: &Aws, req: &Request, reporter: &Reporter) -> Result<Summary, RolloutError> {
@@ -172,7 +164,7 @@ pub async fn run(aws: &Aws, req: &Request, reporter: &Reporter) -> Result<Summar
     let template_id = template_of(aws, &group).await?;
     let existing: Option<RolloutState> = group.tags.get(STATE_TAG).and_then(|s| state::decode(s));
     let me = Lock {
-        owner: format!("{}:{}", hostname(), std::process::id()),
+        owner: crate::host::owner(),
         token: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
         since: now(),
         expires: now() + LOCK_TTL.as_secs(),
@@ -550,7 +542,7 @@ impl<'a> Driver<'a> {
     /// Takes the group's lock: refused while another live driver holds it.
     async fn lock(&mut self, group: &autoscaling::Group) -> Result<(), RolloutError> {
         if let Some(held) = group.tags.get(LOCK_TAG).and_then(|s| Lock::decode(s)) {
-            if held.token != self.lock.token && !held.is_stale(now(), &hostname(), pid_alive) {
+            if held.token != self.lock.token && !held.is_stale(now(), &crate::host::hostname(), crate::host::pid_alive) {
                 return Err(RolloutError::Locked {
                     group: self.group.clone(),
                     owner: held.owner,
