@@ -19,12 +19,13 @@ pub struct Poll {
 }
 
 impl Poll {
-    /// For API state changes (instance running, image available): a twentieth of the time
-    /// waited, so a 3 s wait overshoots by at most 0.15 s and a 5-minute AMI costs ~100 calls.
+    /// For API state changes (instance running, image available): 3% of the time waited, so a
+    /// 3 s wait overshoots by at most 0.1 s, while a 10-minute AMI costs about 200 describe calls
+    /// (one every 15 s at most once it has waited 8 minutes).
     pub const API: Poll = Poll {
-        min: Duration::from_millis(100),
+        min: Duration::from_millis(80),
         max: Duration::from_secs(15),
-        ratio: 0.05,
+        ratio: 0.03,
     };
     /// For a port to accept connections (cheap probes, no API budget spent).
     pub const CONNECT: Poll = Poll {
