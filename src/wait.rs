@@ -97,10 +97,10 @@ mod tests {
     #[test]
     fn the_interval_follows_elapsed_time_within_bounds() {
         let p = Poll::API;
-        assert_eq!(p.next_interval(Duration::ZERO), Duration::from_millis(100));
+        assert_eq!(p.next_interval(Duration::ZERO), Duration::from_millis(80));
         assert_eq!(
             p.next_interval(Duration::from_secs(5)),
-            Duration::from_millis(250)
+            Duration::from_millis(150)
         );
         assert_eq!(
             p.next_interval(Duration::from_secs(3600)),
