@@ -685,14 +685,11 @@ fn percent_decode(s: &str) -> String {
 }
 
 pub fn render(findings: &[Finding]) -> String {
-    let rows: Vec<[String; 4]> = std::iter::once([
-        "CHECK".into(),
-        "SEVERITY".into(),
-        "RESULT".into(),
-        "DETAIL".into(),
-    ])
-    .chain(findings.iter().map(|f| {
-        [
+    let mut rows = vec![["CHECK", "SEVERITY", "RESULT", "DETAIL"]
+        .map(String::from)
+        .to_vec()];
+    rows.extend(findings.iter().map(|f| {
+        vec![
             f.check.to_string(),
             format!("{:?}", f.severity).to_lowercase(),
             if f.passed {
@@ -702,25 +699,8 @@ pub fn render(findings: &[Finding]) -> String {
             },
             f.detail.clone(),
         ]
-    }))
-    .collect();
-    let widths: Vec<usize> = (0..3)
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        out.push_str(&format!(
-            "{:<w0$}  {:<w1$}  {:<w2$}  {}\n",
-            r[0],
-            r[1],
-            r[2],
-            r[3],
-            w0 = widths[0],
-            w1 = widths[1],
-            w2 = widths[2]
-        ));
-    }
-    out
+    }));
+    crate::output::table(&rows)
 }
 
 #[cfg(test)]

@@ -405,35 +405,17 @@ pub fn render(findings: &[Finding]) -> String {
     if findings.is_empty() {
         return "nothing left behind\n".into();
     }
-    let rows: Vec<[String; 5]> = std::iter::once([
-        "KIND".into(),
-        "ID".into(),
-        "AGE".into(),
-        "ACTION".into(),
-        "WHY".into(),
-    ])
-    .chain(findings.iter().map(|f| {
-        [
+    let mut rows = vec![["KIND", "ID", "AGE", "ACTION", "WHY"]
+        .map(String::from)
+        .to_vec()];
+    rows.extend(findings.iter().map(|f| {
+        vec![
             f.kind.to_string(),
             f.id.clone(),
             humantime::format_duration(Duration::from_secs(f.age_s)).to_string(),
             f.action.clone(),
             f.why.clone(),
         ]
-    }))
-    .collect();
-    let widths: Vec<usize> = (0..5)
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(v, w)| format!("{v:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    }));
+    crate::output::table(&rows)
 }

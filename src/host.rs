@@ -5,7 +5,10 @@
 /// This machine's host name, from gethostname(2) (so it works where /proc is restricted, as
 /// under systemd's `ProcSubset=pid`).
 pub fn hostname() -> String {
-    let name = gethostname::gethostname().to_string_lossy().trim().to_string();
+    let name = gethostname::gethostname()
+        .to_string_lossy()
+        .trim()
+        .to_string();
     if name.is_empty() {
         "localhost".into()
     } else {
@@ -22,7 +25,10 @@ pub fn owner() -> String {
 /// exists (another user's process), unlike a look in /proc, which hidepid or systemd's
 /// ProtectProc= can blind.
 pub fn pid_alive(pid: u32) -> bool {
-    let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
+    let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
         return false;
     };
     match rustix::process::test_kill_process(pid) {

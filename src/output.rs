@@ -257,3 +257,43 @@ fn human_line(event: &Event, quiet: bool) -> Option<String> {
     };
     (!quiet).then_some(line)
 }
+
+/// An aligned text table: the first row is the header; the last column is not padded.
+pub fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|v| v.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let cells: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(c, v)| format!("{v:<w$}", w = widths[c]))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tables_align_columns() {
+        let t = super::table(&[
+            vec!["ID".into(), "STATE".into(), "NOTE".into()],
+            vec!["i-1".into(), "running".into(), "".into()],
+        ]);
+        assert_eq!(
+            t,
+            "ID   STATE\ni-1  running\n".replace("STATE\n", "STATE    NOTE\n")
+        );
+    }
+}

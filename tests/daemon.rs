@@ -297,7 +297,9 @@ async fn under_30_percent_throttling_the_daemon_keeps_looping_and_still_heals() 
     let fleet = Fleet::create(world, "throttle", 4).await;
     let key = format!("daemon-throttle-{}", std::process::id());
     // Only this daemon's calls are throttled: other tests keep running untouched.
-    let spec = format!(r#"{{"seed": 11, "rules": [{{"action": "*", "throttle": 0.3, "access_key": "{key}"}}]}}"#);
+    let spec = format!(
+        r#"{{"seed": 11, "rules": [{{"action": "*", "throttle": 0.3, "access_key": "{key}"}}]}}"#
+    );
     let (status, body) = world_control(world, "POST", "/_world/faults", &spec);
     assert_eq!(status, 200, "{body}");
     let d = Daemon::start(world, "throttle", &fleet.asg, "", &key);
@@ -310,7 +312,11 @@ async fn under_30_percent_throttling_the_daemon_keeps_looping_and_still_heals() 
         .iter()
         .any(|e| e["instance"] == victim.as_str())
     {
-        assert!(Instant::now() < deadline, "not replaced under throttling: {}", d.logs());
+        assert!(
+            Instant::now() < deadline,
+            "not replaced under throttling: {}",
+            d.logs()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let throttles: f64 = d
@@ -322,7 +328,11 @@ async fn under_30_percent_throttling_the_daemon_keeps_looping_and_still_heals() 
         .sum();
     let loops_after = d.metric("bakery_loops_total").unwrap();
     world_control(world, "DELETE", "/_world/faults", "");
-    assert!(throttles > 0.0, "the world throttled the daemon: {}", d.metrics().unwrap());
+    assert!(
+        throttles > 0.0,
+        "the world throttled the daemon: {}",
+        d.metrics().unwrap()
+    );
     assert!(loops_after > loops_before, "the loop kept going");
     let (code, _, logs) = d.stop();
     assert_eq!(code, Some(0), "{logs}");

@@ -62,65 +62,53 @@ pub async fn describe_many(
 ) -> Result<Vec<Group>, AwsError> {
     use aws_sdk_autoscaling::types::Filter;
     let mut found: BTreeMap<String, Group> = BTreeMap::new();
-    // DescribeAutoScalingGroups takes at most 100 names, and pages its answer.
+    // DescribeAutoScalingGroups takes at most 100 names.
     for chunk in names.chunks(100) {
-        let mut token: Option<String> = None;
-        loop {
-            let out = call(
-                "autoscaling:DescribeAutoScalingGroups",
-                format!("{} groups", chunk.len()),
-                || {
-                    asg.describe_auto_scaling_groups()
-                        .set_auto_scaling_group_names(Some(chunk.to_vec()))
-                        .set_next_token(token.clone())
-                        .max_records(100)
-                        .send()
-                },
-            )
-            .await?;
-            for g in out.auto_scaling_groups() {
-                let g = group_of(g);
-                found.insert(g.name.clone(), g);
-            }
-            token = out.next_token().map(str::to_string);
-            if token.is_none() {
-                break;
-            }
+        let label = format!("{} groups", chunk.len());
+        for g in all_pages(asg, &label, Some(chunk.to_vec()), None).await? {
+            found.insert(g.name.clone(), g);
         }
     }
     for (key, value) in tags {
-        let mut token: Option<String> = None;
-        loop {
-            let filter = match value {
-                Some(v) => Filter::builder()
-                    .name(format!("tag:{key}"))
-                    .values(v)
-                    .build(),
-                None => Filter::builder().name("tag-key").values(key).build(),
-            };
-            let out = call(
-                "autoscaling:DescribeAutoScalingGroups",
-                format!("tag {key}"),
-                || {
-                    asg.describe_auto_scaling_groups()
-                        .filters(filter.clone())
-                        .set_next_token(token.clone())
-                        .max_records(100)
-                        .send()
-                },
-            )
-            .await?;
-            for g in out.auto_scaling_groups() {
-                let g = group_of(g);
-                found.insert(g.name.clone(), g);
-            }
-            token = out.next_token().map(str::to_string);
-            if token.is_none() {
-                break;
-            }
+        let filter = match value {
+            Some(v) => Filter::builder()
+                .name(format!("tag:{key}"))
+                .values(v)
+                .build(),
+            None => Filter::builder().name("tag-key").values(key).build(),
+        };
+        for g in all_pages(asg, &format!("tag {key}"), None, Some(filter)).await? {
+            found.insert(g.name.clone(), g);
         }
     }
     Ok(found.into_values().collect())
+}
+
+/// Every page of one DescribeAutoScalingGroups query.
+async fn all_pages(
+    asg: &Client,
+    label: &str,
+    names: Option<Vec<String>>,
+    filter: Option<aws_sdk_autoscaling::types::Filter>,
+) -> Result<Vec<Group>, AwsError> {
+    let mut out = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let page = call("autoscaling:DescribeAutoScalingGroups", label, || {
+            asg.describe_auto_scaling_groups()
+                .set_auto_scaling_group_names(names.clone())
+                .set_filters(filter.clone().map(|f| vec![f]))
+                .set_next_token(token.clone())
+                .max_records(100)
+                .send()
+        })
+        .await?;
+        out.extend(page.auto_scaling_groups().iter().map(group_of));
+        token = page.next_token().map(str::to_string);
+        if token.is_none() {
+            return Ok(out);
+        }
+    }
 }
 
 /// Marks an instance unhealthy: the group's `ReplaceUnhealthy` process replaces it.

@@ -53,8 +53,6 @@ fn now() -> u64 {
         .unwrap_or_default()
 }
 
-
-
 #[derive(Debug, Default)]
 struct InstanceState {
     consecutive: u32,
@@ -241,7 +239,9 @@ impl Daemon {
     /// Takes over (or renews) the group's health decisions; false if another daemon owns them.
     async fn take_over(&mut self, g: &autoscaling::Group) -> Result<bool, AwsError> {
         if let Some(l) = g.tags.get(TAKEOVER_TAG).and_then(|t| Lock::decode(t)) {
-            if l.token != self.me.token && !l.is_stale(now(), &crate::host::hostname(), crate::host::pid_alive) {
+            if l.token != self.me.token
+                && !l.is_stale(now(), &crate::host::hostname(), crate::host::pid_alive)
+            {
                 if self.foreign.insert(g.name.clone()) {
                     tracing::warn!(group = %g.name, owner = %l.owner, "another daemon owns this group's health decisions; watching only");
                 }

@@ -144,8 +144,6 @@ fn rfc3339(secs: u64) -> String {
         .unwrap_or_else(|| secs.to_string())
 }
 
-
-
 /// Runs a rollout to its end (success, rollback or failure), or prints its plan (`dry_run`).
 pub async fn run(aws: &Aws, req: &Request, reporter: &Reporter) -> Result<Summary, RolloutError> {
     let started = Instant::now();
@@ -176,15 +174,7 @@ pub async fn run(aws: &Aws, req: &Request, reporter: &Reporter) -> Result<Summar
                 .tags
                 .get(PROGRESS_TAG)
                 .and_then(|s| state::decode(s))
-                .unwrap_or(ProgressTag::new(
-                    Phase::Rolling,
-                    &Progress {
-                        batch: 0,
-                        batch_started: None,
-                        canary_healthy_at: None,
-                        canary_done: false,
-                    },
-                ));
+                .unwrap_or(ProgressTag::new(Phase::Rolling, &Progress::START));
             let same = ami.as_deref() == Some(st.ami.as_str());
             if req.dry_run {
                 let plan = serde_json::json!({
@@ -229,35 +219,10 @@ pub async fn run(aws: &Aws, req: &Request, reporter: &Reporter) -> Result<Summar
                             d.st.from
                         ))
                     })?;
-                let to = lt::create_with_image(
-                    &aws.ec2,
-                    &source,
-                    &new_ami,
-                    &format!("bakery rollout of {new_ami}"),
-                )
-                .await?;
                 d.st.ami = new_ami;
-                d.st.to = to.to_string();
                 d.st.t = now();
-                d.progress = ProgressTag::new(
-                    Phase::Rolling,
-                    &Progress {
-                        batch: 0,
-                        batch_started: None,
-                        canary_healthy_at: None,
-                        canary_done: false,
-                    },
-                );
-                d.save_state().await?;
-                autoscaling::update(
-                    &aws.autoscaling,
-                    &d.group,
-                    Some((&template_id, &d.st.to)),
-                    None,
-                    None,
-                    None,
-                )
-                .await?;
+                d.progress = ProgressTag::new(Phase::Rolling, &Progress::START);
+                d.point_at_new_version(&source).await?;
             } else if d.progress.bt.is_some() {
                 // A batch was in flight when the last driver died: give it a fresh health timeout.
                 d.progress.bt = Some(now());
@@ -338,31 +303,10 @@ pub async fn run(aws: &Aws, req: &Request, reporter: &Reporter) -> Result<Summar
                 az: false,
                 t: now(),
             };
-            let progress = ProgressTag::new(
-                Phase::Rolling,
-                &Progress {
-                    batch: 0,
-                    batch_started: None,
-                    canary_healthy_at: None,
-                    canary_done: false,
-                },
-            );
+            let progress = ProgressTag::new(Phase::Rolling, &Progress::START);
             let mut d = Driver::new(aws, req, reporter, group.name.clone(), st, progress, me);
             d.lock(&group).await?;
-            let to =
-                lt::create_with_image(&aws.ec2, &source, &ami, &format!("bakery rollout of {ami}"))
-                    .await?;
-            d.st.to = to.to_string();
-            d.save_state().await?;
-            autoscaling::update(
-                &aws.autoscaling,
-                &d.group,
-                Some((&template_id, &d.st.to)),
-                None,
-                None,
-                None,
-            )
-            .await?;
+            d.point_at_new_version(&source).await?;
             d
         }
     };
@@ -542,7 +486,9 @@ impl<'a> Driver<'a> {
     /// Takes the group's lock: refused while another live driver holds it.
     async fn lock(&mut self, group: &autoscaling::Group) -> Result<(), RolloutError> {
         if let Some(held) = group.tags.get(LOCK_TAG).and_then(|s| Lock::decode(s)) {
-            if held.token != self.lock.token && !held.is_stale(now(), &crate::host::hostname(), crate::host::pid_alive) {
+            if held.token != self.lock.token
+                && !held.is_stale(now(), &crate::host::hostname(), crate::host::pid_alive)
+            {
                 return Err(RolloutError::Locked {
                     group: self.group.clone(),
                     owner: held.owner,
@@ -570,6 +516,26 @@ impl<'a> Driver<'a> {
                 self.group
             ))),
         }
+    }
+
+    /// Writes the launch-template version for the rollout's AMI (a copy of `source`), records
+    /// it in the state and points the group at it; in that order, so a driver that dies in
+    /// between leaves state that names the version.
+    async fn point_at_new_version(&mut self, source: &lt::Version) -> Result<(), RolloutError> {
+        let description = format!("bakery rollout of {}", self.st.ami);
+        let to = lt::create_with_image(&self.aws.ec2, source, &self.st.ami, &description).await?;
+        self.st.to = to.to_string();
+        self.save_state().await?;
+        autoscaling::update(
+            &self.aws.autoscaling,
+            &self.group,
+            Some((&self.st.lt, &self.st.to)),
+            None,
+            None,
+            None,
+        )
+        .await?;
+        Ok(())
     }
 
     async fn write_lock(&mut self) -> Result<(), RolloutError> {
@@ -830,10 +796,8 @@ impl<'a> Driver<'a> {
         self.progress = ProgressTag::new(
             Phase::RollingBack,
             &Progress {
-                batch: 0,
-                batch_started: None,
-                canary_healthy_at: None,
                 canary_done: true,
+                ..Progress::START
             },
         );
         let short: String = reason.chars().take(250).collect();

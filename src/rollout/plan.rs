@@ -75,6 +75,16 @@ pub struct Progress {
     pub canary_done: bool,
 }
 
+impl Progress {
+    /// Nothing done yet.
+    pub const START: Progress = Progress {
+        batch: 0,
+        batch_started: None,
+        canary_healthy_at: None,
+        canary_done: false,
+    };
+}
+
 /// How an instance's target health looks across all the group's target groups.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TargetHealth {

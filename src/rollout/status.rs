@@ -171,16 +171,18 @@ pub fn render(s: &Status) -> String {
         )),
         None => out.push_str("no rollout in progress\n"),
     }
-    let rows: Vec<[String; 6]> = std::iter::once([
-        "INSTANCE".into(),
-        "AMI".into(),
-        "VERSION".into(),
-        "LIFECYCLE".into(),
-        "HEALTH".into(),
-        "TARGET HEALTH".into(),
-    ])
-    .chain(s.instances.iter().map(|i| {
-        [
+    let mut rows = vec![[
+        "INSTANCE",
+        "AMI",
+        "VERSION",
+        "LIFECYCLE",
+        "HEALTH",
+        "TARGET HEALTH",
+    ]
+    .map(String::from)
+    .to_vec()];
+    rows.extend(s.instances.iter().map(|i| {
+        vec![
             i.id.clone(),
             i.ami.clone(),
             i.launch_template_version
@@ -194,19 +196,7 @@ pub fn render(s: &Status) -> String {
                 i.target_health.join(", ")
             },
         ]
-    }))
-    .collect();
-    let widths: Vec<usize> = (0..6)
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(v, w)| format!("{v:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
+    }));
+    out.push_str(&crate::output::table(&rows));
     out
 }

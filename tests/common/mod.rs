@@ -766,7 +766,11 @@ pub fn world_calls(world: &World, key: &str) -> serde_json::Value {
 
 /// Sends a request with a JSON body to the world's control API; returns (status, body).
 pub fn world_control(world: &World, method: &str, path: &str, body: &str) -> (u16, String) {
-    let endpoint = world.var("AWS_ENDPOINT_URL").trim_start_matches("http://").trim_end_matches('/').to_string();
+    let endpoint = world
+        .var("AWS_ENDPOINT_URL")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
     assert!(endpoint.starts_with("127."), "the world is on loopback");
     let mut s = std::net::TcpStream::connect(&endpoint).unwrap();
     write!(
@@ -777,6 +781,13 @@ pub fn world_control(world: &World, method: &str, path: &str, body: &str) -> (u1
     .unwrap();
     let mut buf = String::new();
     s.read_to_string(&mut buf).unwrap();
-    let status = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_string(),
+    )
 }

@@ -112,7 +112,11 @@ class World:
 
     @property
     def private_subnet(self) -> str:
-        return self.var("WORLD_PRIVATE_SUBNETS").split(",")[0]
+        return self.private_subnets[0]
+
+    @property
+    def private_subnets(self) -> list[str]:
+        return self.var("WORLD_PRIVATE_SUBNETS").split(",")
 
     # ---- AWS clients (boto3), one per (service, access key), retried generously
     def client(self, service: str, access_key: str = "rel-check"):
@@ -165,8 +169,14 @@ class World:
         env["AWS_EC2_METADATA_DISABLED"] = "true"
         return env
 
-    def recipe(self, path: Path, inline: list[str]) -> Path:
-        """The minimal recipe: the world's base AMI, one short shell provisioner, root, private IP."""
+    def recipe(self, path: Path, inline: list[str], subnet: int = 0) -> Path:
+        """The minimal recipe: the world's base AMI, one short shell provisioner, root, private IP,
+        in private subnet number `subnet` (modulo their count). The world's subnets never get
+        the addresses of terminated instances back (moto frees them only when the instance
+        object is garbage-collected, and terminated instances stay listed): each /24 takes about
+        250 launches per world, so the suite spreads its bakes over the private subnets."""
+        subnets = self.private_subnets
+        subnet_id = subnets[subnet % len(subnets)]
         lines = ", ".join(json.dumps(c) for c in inline)
         path.write_text(
             f"""[source]
@@ -174,7 +184,7 @@ ami = "{self.var('WORLD_BASE_AMI')}"
 
 [instance]
 type = "t3.micro"
-subnet = "{self.private_subnet}"
+subnet = "{subnet_id}"
 
 [communicator]
 type = "ssh"
@@ -262,6 +272,16 @@ def world() -> World:
         w.control("GET", "/_world/faults")
     except OSError as e:
         pytest.fail(f"the world of {path} does not answer at {w.endpoint}: {e}", pytrace=False)
+    # The suite launches about 25 instances in each private subnet; a world whose subnets ran out
+    # of addresses answers RunInstances with a bare 500 (see World.recipe): say so up front.
+    subnets = w.client("ec2").describe_subnets(SubnetIds=w.private_subnets)["Subnets"]
+    low = {s["SubnetId"]: s["AvailableIpAddressCount"] for s in subnets if s["AvailableIpAddressCount"] < 40}
+    if low:
+        pytest.fail(
+            f"the world's private subnets are almost out of addresses {low} (moto never reuses the "
+            "addresses of terminated instances): restart the world (`scripts/world down; scripts/world up --stack`)",
+            pytrace=False,
+        )
     if not Path(BAKERY).is_file():
         pytest.fail(f"no bakery binary at {BAKERY} (build it, or set BAKERY)", pytrace=False)
     return w

@@ -18,13 +18,13 @@ SPEC = {"seed": SEED, "rules": [{"action": "*", "throttle": 0.2, "error500": 0.0
 
 
 def test_bakes_survive_throttling_and_500s(world: World, faults, tmp_path):
-    recipe = world.recipe(tmp_path / "recipe.toml", ["echo reliability"])
+    recipes = [world.recipe(tmp_path / f"recipe-{n}.toml", ["echo reliability"], subnet=n) for n in range(2)]
     run_id = uuid.uuid4().hex[:6]
     keys = [f"rel-faults-{run_id}-{i:02d}" for i in range(BAKES)]
 
     def bake(i: int):
         manifest = tmp_path / f"manifest-{i:02d}.json"
-        return bakery_ok(world, keys[i], "build", str(recipe), "--manifest", str(manifest), timeout=240)
+        return bakery_ok(world, keys[i], "build", str(recipes[i % 2]), "--manifest", str(manifest), timeout=240)
 
     faults(SPEC)
     t0 = time.monotonic()

@@ -54,7 +54,7 @@ def matches(point, e: dict) -> bool:
 
 
 def test_interrupted_bakes_leave_nothing_behind(world: World, tmp_path):
-    recipe = world.recipe(tmp_path / "recipe.toml", ["echo start", "sleep 0.2", "echo done"])
+    recipes = [world.recipe(tmp_path / f"recipe-{n}.toml", ["echo start", "sleep 0.2", "echo done"], subnet=n) for n in range(2)]
     run_id = uuid.uuid4().hex[:6]
 
     def one(i: int) -> dict:
@@ -64,7 +64,7 @@ def test_interrupted_bakes_leave_nothing_behind(world: World, tmp_path):
         delay = rng.uniform(0, point[2])
         sig = SIGNALS[i % len(SIGNALS)]
         r_key = f"rel-int-{run_id}-{i:02d}"
-        r = bakery(world, r_key, "build", str(recipe), "--manifest", str(tmp_path / f"m{i:02d}.json"))
+        r = bakery(world, r_key, "build", str(recipes[i % 2]), "--manifest", str(tmp_path / f"m{i:02d}.json"))
         hit = r.wait_for(lambda e: matches(point, e), timeout=120)
         where = f"{point[0]} {point[1] or ''}".strip()
         out = {"seed": seed, "point": where, "delay": delay, "sig": sig, "run": r, "problems": []}

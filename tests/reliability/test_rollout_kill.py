@@ -44,7 +44,7 @@ def test_a_rollout_killed_five_times_converges_without_losing_capacity(world: Wo
             world, key + "-bake", "build", "examples/web/recipe.toml",
             "--manifest", str(tmp_path / "web.json"),
             "--var", f"base_ami={world.var('WORLD_BASE_AMI')}",
-            "--var", f"subnet={world.private_subnet}",
+            "--var", f"subnet={world.private_subnets[-1]}",
             "--var", f"version={version}",
             cwd=REPO, timeout=180,
         )
