@@ -5,11 +5,12 @@ Run with the world's virtualenv python (boto3) and the world's env file exported
 (refused unless loopback), the daemon's own listen address (127.0.0.1) and the bodies' private
 addresses (the world's VPC range 127.N.0.0/16, checked before any probe).
 
-    benchlib.py prep STATE.json GROUPS SIZE WAVE TG_INTERVAL GRACE SMALL_GROUPS TIMEOUT_S MIN_FREE_MB
+    benchlib.py prep STATE.json GROUPS SIZE WAVE TG_INTERVAL on|off GRACE SMALL_GROUPS TIMEOUT_S MIN_FREE_MB
         Removes what an earlier, killed run left (groups, listeners, target groups, template
         named bench-daemon*), copies the stack's launch template once, then creates GROUPS groups
-        of SIZE in waves of WAVE groups. Each group gets its own target group (HTTP 8080
-        /healthz, interval TG_INTERVAL, thresholds 2/2, deregistration delay 1 s) behind the
+        of SIZE in waves of WAVE groups, in two /22 subnets of its own. Each group gets its own
+        target group (HTTP 8080 /healthz, health checks on|off, interval TG_INTERVAL,
+        thresholds 2/2, deregistration delay 1 s) behind the
         stack's ALB through a listener on a port of its own. Before each wave it checks the
         memory left (the last waves' cost per body, MIN_FREE_MB kept free); after each wave it
         waits (TIMEOUT_S) until every instance is InService and `healthy` in its target group,
@@ -276,9 +277,25 @@ def private_ips(ec2, ids: list[str]) -> dict[str, dict]:
     return out
 
 
-def groups_ready(asg, elbv2, groups: list[dict], size: int):
-    """A probe: every group has `size` InService instances, all `healthy` in its target group,
-    nothing else registered (no draining leftovers)."""
+def groups_ready(asg, elbv2, groups: list[dict], size: int, tg_health: bool = True):
+    """A probe: every group has `size` InService instances, all `healthy` in its target group
+    (with the target groups' health checks off: all answering GET :8080/healthz with 200, asked
+    by this script), nothing else registered (no draining leftovers)."""
+    ec2 = client("ec2")
+    answered: set[str] = set()
+    ips: dict[str, str | None] = {}
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=32)
+
+    def app_up(ids: list[str]) -> None:
+        need = [i for i in ids if i not in answered]
+        unknown = [i for i in need if i not in ips]
+        if unknown:
+            for iid, f in private_ips(ec2, unknown).items():
+                ips[iid] = f["ip"]
+        todo = [i for i in need if ips.get(i)]
+        for iid, ok in zip(todo, pool.map(lambda i: http_ok(ips[i], timeout=2.0), todo)):
+            if ok:
+                answered.add(iid)
 
     def probe():
         try:
@@ -297,6 +314,11 @@ def groups_ready(asg, elbv2, groups: list[dict], size: int):
                 continue
             ins = [i for i in d["Instances"] if i["LifecycleState"] == "InService"]
             th = target_states(elbv2, g["tg_arn"])
+            if not tg_health:
+                # The world answers `unavailable` (Target.HealthCheckDisabled): ask the apps.
+                app_up([i["InstanceId"] for i in ins])
+                th = {t: ("healthy" if t in answered else ("app not answering" if st == "unavailable" else st))
+                      for t, st in th.items()}
             good = [i for i in ins if th.get(i["InstanceId"]) == "healthy"]
             ready += min(size, len(good))
             for i in d["Instances"]:
@@ -440,6 +462,7 @@ def create_group(state: dict, i: int, asg, elbv2, elbv2_raw) -> dict:
         Name=name, Protocol="HTTP", Port=8080, VpcId=os.environ["WORLD_VPC_ID"],
         HealthCheckProtocol="HTTP", HealthCheckPath="/healthz", HealthCheckIntervalSeconds=iv,
         HealthCheckTimeoutSeconds=to, HealthyThresholdCount=2, UnhealthyThresholdCount=2,
+        HealthCheckEnabled=bool(state["tg_health"]),
         Tags=[{"Key": TAG_KEY, "Value": TAG_VALUE}],
     )["TargetGroups"][0]
     arn = tg["TargetGroupArn"]
@@ -468,7 +491,7 @@ def create_group(state: dict, i: int, asg, elbv2, elbv2_raw) -> dict:
     return {"index": i, "name": name, "tg_arn": arn, "listener_arn": lst["ListenerArn"], "port": port}
 
 
-def prep(state_path: str, ngroups: int, size: int, wave: int, tg_interval: int, grace: int,
+def prep(state_path: str, ngroups: int, size: int, wave: int, tg_interval: int, tg_health: bool, grace: int,
          small_groups: int, timeout: float, min_free_mb: int) -> None:
     env = os.environ
     for k in ("WORLD_ALB_ARN", "WORLD_LAUNCH_TEMPLATE_ID", "WORLD_PRIVATE_SUBNETS", "WORLD_VPC_ID", "WORLD_ASG"):
@@ -477,7 +500,7 @@ def prep(state_path: str, ngroups: int, size: int, wave: int, tg_interval: int, 
     asg, elbv2, ec2 = client("autoscaling"), client("elbv2"), client("ec2")
     elbv2_raw = client("elbv2", validate=False)
     state = {
-        "requested_groups": ngroups, "size": size, "wave": wave, "tg_interval": tg_interval,
+        "requested_groups": ngroups, "size": size, "wave": wave, "tg_interval": tg_interval, "tg_health": tg_health,
         "grace": grace, "small_groups": small_groups, "groups": [], "target_groups": [],
         "listeners": [], "waves": [], "limit": None, "endpoint": endpoint(),
         "world_dir": env.get("WORLD_DIR", ""), "boot_delay": float(env.get("WORLD_BOOT_DELAY", "2")),
@@ -546,7 +569,7 @@ def prep(state_path: str, ngroups: int, size: int, wave: int, tg_interval: int, 
         say(f"wave {len(state['waves']) + 1}: created {', '.join(g['name'] for g in made)} "
             f"({k * size} instances, {have} in all); waiting up to {timeout:.0f}s for them to be healthy")
         ok = wait_for(f"wave {len(state['waves']) + 1} to be healthy", timeout,
-                      groups_ready(asg, elbv2, made, size), every=2.0, fatal=False)
+                      groups_ready(asg, elbv2, made, size, tg_health), every=2.0, fatal=False)
         took = time.monotonic() - t0
         time.sleep(2)  # let the bodies' start-up settle before reading memory
         mem1 = meminfo()["MemAvailable"]
@@ -593,7 +616,7 @@ def shrink(state_path: str, size: int, timeout: float) -> None:
         asg.update_auto_scaling_group(AutoScalingGroupName=g["name"], MinSize=size, DesiredCapacity=size, MaxSize=size * 2)
     say(f"scaled every group in to {size}; waiting up to {timeout:.0f}s")
     t0 = time.monotonic()
-    wait_for(f"the groups at {size}", timeout, groups_ready(asg, elbv2, state["groups"], size), every=2.0)
+    wait_for(f"the groups at {size}", timeout, groups_ready(asg, elbv2, state["groups"], size, state["tg_health"]), every=2.0)
     # Bodies of the instances scaled in halt in the background; wait for the memory to come back.
     time.sleep(3)
     state["size_now"] = size
@@ -603,36 +626,64 @@ def shrink(state_path: str, size: int, timeout: float) -> None:
 
 # ------------------------------------------------------------------------------ the idle world
 def world_sample(state_path: str, seconds: float) -> None:
+    """The idle world at full size, with the benchmark's target-group health checks as
+    configured; when they are off, also for a while with them on, to show what they cost."""
     state = load_state(state_path)
     elbv2, asg, ec2 = client("elbv2"), client("autoscaling"), client("ec2")
-    cpu = CpuWindow()
-    lat: dict[str, list[float]] = {"DescribeTargetHealth": [], "DescribeAutoScalingGroups": [], "DescribeInstanceStatus": []}
     names = [g["name"] for g in state["groups"]]
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        for g in state["groups"][:3]:
+
+    def measure(secs: float) -> dict:
+        cpu = CpuWindow()
+        lat: dict[str, list[float]] = {"DescribeTargetHealth": [], "DescribeAutoScalingGroups": [], "DescribeInstanceStatus": []}
+        end = time.monotonic() + secs
+        while time.monotonic() < end:
+            for g in state["groups"][:3]:
+                t = time.monotonic()
+                elbv2.describe_target_health(TargetGroupArn=g["tg_arn"])
+                lat["DescribeTargetHealth"].append(time.monotonic() - t)
             t = time.monotonic()
-            elbv2.describe_target_health(TargetGroupArn=g["tg_arn"])
-            lat["DescribeTargetHealth"].append(time.monotonic() - t)
-        t = time.monotonic()
-        asg.describe_auto_scaling_groups(AutoScalingGroupNames=names[:100])
-        lat["DescribeAutoScalingGroups"].append(time.monotonic() - t)
-        t = time.monotonic()
-        ec2.describe_instance_status(Filters=[{"Name": "instance-status.status", "Values": ["impaired"]}])
-        lat["DescribeInstanceStatus"].append(time.monotonic() - t)
-        time.sleep(0.5)
-    c = cpu.read()
-    m = meminfo()
-    state["idle_world"] = {
-        **c, "load1": loadavg(), "mem_available_mb": m["MemAvailable"] // 1024,
-        "mem_total_mb": m["MemTotal"] // 1024,
-        "world_rss_mb": (proc_status(cpu.pid, "VmRSS") or 0) // 1024 if cpu.pid else None,
-        "latency_ms": {k: {"median": round(1000 * statistics.median(v), 1), "max": round(1000 * max(v), 1), "n": len(v)}
-                       for k, v in lat.items() if v},
-    }
+            asg.describe_auto_scaling_groups(AutoScalingGroupNames=names[:100])
+            lat["DescribeAutoScalingGroups"].append(time.monotonic() - t)
+            t = time.monotonic()
+            ec2.describe_instance_status(Filters=[{"Name": "instance-status.status", "Values": ["impaired"]}])
+            lat["DescribeInstanceStatus"].append(time.monotonic() - t)
+            time.sleep(0.5)
+        c = cpu.read()
+        m = meminfo()
+        return {
+            **c, "load1": loadavg(), "mem_available_mb": m["MemAvailable"] // 1024,
+            "mem_total_mb": m["MemTotal"] // 1024,
+            "world_rss_mb": (proc_status(cpu.pid, "VmRSS") or 0) // 1024 if cpu.pid else None,
+            "latency_ms": {k: {"median": round(1000 * statistics.median(v), 1), "max": round(1000 * max(v), 1), "n": len(v)}
+                           for k, v in lat.items() if v},
+        }
+
+    def show(label: str, r: dict) -> None:
+        say(f"idle world, target-group health checks {label}: server {r['world_cores']} cores, host {r['host_busy_pct']}% busy; "
+            "calls (ms, median/max): " + ", ".join(f"{k} {v['median']}/{v['max']}" for k, v in r["latency_ms"].items()))
+
+    def set_checks(on: bool) -> None:
+        for g in state["groups"]:
+            elbv2.modify_target_group(TargetGroupArn=g["tg_arn"], HealthCheckEnabled=on)
+
+    out = {}
+    if state["tg_health"]:
+        out["on"] = measure(seconds)
+        show("on", out["on"])
+    else:
+        out["off"] = measure(seconds)
+        show("off", out["off"])
+        if os.environ.get("BENCH_WORLD_COMPARE", "1") != "0":
+            set_checks(True)
+            try:
+                time.sleep(5)
+                out["on"] = measure(seconds)
+                show("on (for comparison)", out["on"])
+            finally:
+                set_checks(False)
+            time.sleep(3)
+    state["idle_world"] = out
     save_state(state_path, state)
-    say(f"idle world: server {c['world_cores']} cores, host {c['host_busy_pct']}% busy, "
-        f"calls (ms, median/max): " + ", ".join(f"{k} {v['median']}/{v['max']}" for k, v in state["idle_world"]["latency_ms"].items()))
 
 
 # ------------------------------------------------------------------------------ a daemon run
@@ -761,10 +812,17 @@ def run(state_path: str, label: str, ngroups: int, loops: int, kills: int, scrat
         "AWS_EC2_METADATA_DISABLED": "true",
     })
     denv.pop("RUST_LOG", None)
-    r: dict = {"label": label, "groups": len(groups), "target_groups": len(groups), "size": size,
+    binary = cmd[0]
+    try:
+        sections = subprocess.run(["readelf", "-S", "-W", binary], capture_output=True, text=True, timeout=30).stdout
+        debug_build = ".debug_info" in sections and "/debug/" in os.path.realpath(binary)
+    except (OSError, subprocess.SubprocessError):
+        debug_build = "/debug/" in os.path.realpath(binary)
+    r: dict = {"binary": binary, "binary_mb": os.path.getsize(binary) / 2**20, "debug_build": debug_build}
+    r.update({"label": label, "groups": len(groups), "target_groups": len(groups), "size": size,
                "instances": len(groups) * size, "interval": interval, "threshold": threshold,
                "select": e.get("BENCH_SELECT", "name"), "api_rate": e.get("BENCH_API_RATE") or "default",
-               "probe_unhealthy_threshold": e.get("BENCH_PROBE_UNHEALTHY") or "default", "config": cfg.read_text()}
+               "probe_unhealthy_threshold": e.get("BENCH_PROBE_UNHEALTHY") or "default", "config": cfg.read_text()})
     say(f"[{label}] daemon on {len(groups)} groups x {size} ({r['instances']} instances), interval {interval:g}s, "
         f"threshold {threshold}; access key {key}; log {errlog}")
     ef, of = open(errlog, "wb"), open(outlog, "wb")
@@ -837,8 +895,8 @@ def run(state_path: str, label: str, ngroups: int, loops: int, kills: int, scrat
 
     try:
         warm = 3
-        # A round can take a while on a big fleet: allow 5 x interval + 20 s per round.
-        per_round = 5 * interval + 20
+        # A round can take a while on a big fleet in a busy world: allow 5 x interval + 60 s per round.
+        per_round = 5 * interval + 60
         b1 = wait_loops(warm, per_round * (warm + 2))
         if b1 is None:
             tail.poll()
@@ -855,6 +913,12 @@ def run(state_path: str, label: str, ngroups: int, loops: int, kills: int, scrat
         w2 = calls_of_key(key)
         b2 = sample(force=True) or b2
         n = b2["loops"] - b1["loops"]
+        # Time the world spent serving the daemon's calls in the measured rounds (its call log).
+        entries = [c for c in world_get(f"/_world/calls?access_key={key}&limit=20000").get("calls", [])
+                   if b1["t"] <= c.get("t", 0) <= b2["t"]]
+        by_action: dict[str, list[float]] = {}
+        for c in entries:
+            by_action.setdefault(f"{c.get('service')}:{c.get('action')}", []).append(float(c.get("ms") or 0))
         actions = sorted(set(b2["calls"]) | set(b1["calls"]))
         per = {a: (b2["calls"].get(a, 0) - b1["calls"].get(a, 0)) / n for a in actions}
         wper = {a: (w2["counts"].get(a, 0) - w1["counts"].get(a, 0)) / n for a in set(w2["counts"]) | set(w1["counts"])}
@@ -872,18 +936,22 @@ def run(state_path: str, label: str, ngroups: int, loops: int, kills: int, scrat
             "loop_s": [s["loop_s"] for s in samples if b1["loops"] < s["loops"] <= b2["loops"] and s["loop_s"] is not None],
             "rounds_seen": len([s for s in samples if b1["loops"] < s["loops"] <= b2["loops"]]),
             "period_s": round((b2["t"] - b1["t"]) / n, 3),
+            "world_s_per_loop": round(sum(sum(v) for v in by_action.values()) / 1000 / n, 3),
+            "world_ms_by_action": {a: {"median": round(statistics.median(v), 1), "max": round(max(v), 1), "n": len(v)}
+                                   for a, v in by_action.items()},
         }
         r["warmup"] = {"loops": b1["loops"], "calls": {a: v for a, v in b1["calls"].items()},
                        "calls_total": sum(b1["calls"].values())}
         st = r["steady"]
-        say(f"[{label}] {st['calls_per_loop_total']:.2f} calls per round (world log: {st['world_calls_per_loop_total']:.2f}); "
+        say(f"[{label}] {st['calls_per_loop_total']:.2f} calls per round (world log: {st['world_calls_per_loop_total']:.2f}, "
+            f"served in {st['world_s_per_loop']:.2f}s per round); "
             f"round {statistics.median(st['loop_s']) if st['loop_s'] else float('nan'):.3f}s median, period {st['period_s']:.2f}s; "
             f"CPU {st['cpu_ms_per_loop']} ms per round; RSS {rss_max // 1024} MB")
 
         # ------------------------------------------------------------------ detection latency
         r["kills"] = []
         if kills:
-            r["kills"] = kill_phase(state, groups, kills, interval, threshold, pid, tail, sample, label, proc)
+            r["kills"] = kill_phase(state, groups, kills, max(interval, st["period_s"]), threshold, pid, tail, sample, label, proc)
         tail.poll()
         end_sample = sample(force=True)
         if end_sample:
@@ -955,7 +1023,9 @@ def kill_phase(state, groups, kills, interval, threshold, pid, tail, sample, lab
         world_post(f"/_world/instances/{victim}/kill")
         t_done = time.time()
         dead = not http_ok(ip, timeout=1.0)
-        deadline = time.monotonic() + max(30.0, 6 * interval * threshold + 10)
+        # Generous: the probe's own threshold stacks on the group's (see the report), and a
+        # round may last longer than the interval.
+        deadline = time.monotonic() + max(30.0, (threshold + 4) * interval + 10)
         found = None
         while time.monotonic() < deadline and proc.poll() is None:
             sample()
@@ -1011,7 +1081,8 @@ def report(state_path: str, results: str) -> int:
     made = state.get("ngroups", len(state["groups"])) * state["size"]
     P(f"fleet: asked {state['requested_groups']} groups x {state['size']} = {req} instances; made "
       f"{state.get('ngroups', len(state['groups']))} x {state['size']} = {made}"
-      f"; target groups: one per group, HTTP 8080 /healthz, interval {state['tg_interval']}s, thresholds 2/2, "
+      f"; target groups: one per group, HTTP 8080 /healthz, health checks {'on' if state.get('tg_health') else 'off'}, "
+      f"interval {state['tg_interval']}s, thresholds 2/2, "
       f"each behind the stack's ALB on its own listener port; grace {state['grace']}s")
     if state.get("limit"):
         P(f"LIMIT: {state['limit']}")
@@ -1021,11 +1092,10 @@ def report(state_path: str, results: str) -> int:
         P(f"  {k:>4} {w['instances']:>5} {w['total_instances']:>5} {w['seconds']:>6.1f} {'yes' if w['healthy'] else 'NO':>3} "
           f"{w['kb_per_body'] / 1024:>7.1f} {w['mem_available_mb_after']:>8} {w['world_cores']!s:>11} "
           f"{w['host_busy_pct']:>8}% {w['load1']:>6.2f} {str(w.get('world_rss_mb')) + ' MB':>9}")
-    iw = state.get("idle_world")
-    if iw:
-        P(f"idle world at full size (no daemon, {iw['seconds']}s): server {iw['world_cores']} cores, host "
-          f"{iw['host_busy_pct']}% busy, load {iw['load1']}, {iw['mem_available_mb']} of {iw['mem_total_mb']} MB available, "
-          f"server RSS {iw['world_rss_mb']} MB")
+    for mode, iw in (state.get("idle_world") or {}).items():
+        P(f"idle world at full size, no daemon, target-group health checks {mode} ({iw['seconds']}s): server "
+          f"{iw['world_cores']} cores, host {iw['host_busy_pct']}% busy, load {iw['load1']}, {iw['mem_available_mb']} of "
+          f"{iw['mem_total_mb']} MB available, server RSS {iw['world_rss_mb']} MB")
         P("  call latency seen by a client (ms, median/max): " +
           ", ".join(f"{k} {v['median']}/{v['max']}" for k, v in iw["latency_ms"].items()))
     if not runs:
@@ -1071,6 +1141,15 @@ def report(state_path: str, results: str) -> int:
         if rp:
             P(f"  {r['label']}: max RssAnon {rp.get('RssAnon', 0) / 1024:.1f} MB (heap, stacks), max RssFile {rp.get('RssFile', 0) / 1024:.1f} MB "
               f"(mapped binary and libraries), threads {rp.get('Threads', 0)}")
+    P("  time per round: the world serving the daemon's calls (sum of the call log's `ms` for its key) vs the round:")
+    for r in runs:
+        st = r.get("steady", {})
+        ls = st.get("loop_s", [])
+        if ls and st.get("world_s_per_loop") is not None:
+            P(f"    {r['label']:<10} round {statistics.mean(ls):.3f}s mean = world {st['world_s_per_loop']:.3f}s + "
+              f"{statistics.mean(ls) - st['world_s_per_loop']:.3f}s in the daemon (CPU, API budget waits, probes, client side)")
+            P("      per call (ms, median/max): " + ", ".join(
+                f"{short(a)} {v['median']}/{v['max']}" for a, v in sorted(st.get("world_ms_by_action", {}).items())))
     P("  (round = bakery_loop_duration_seconds sampled once per round; period = wall time per round, interval "
       f"{runs[0]['interval']:g}s; CPU = utime+stime of the daemon over the measured rounds)")
     for r in runs:
@@ -1089,6 +1168,17 @@ def report(state_path: str, results: str) -> int:
             else:
                 P(f"  {r['label']:<8} {k['group']:<16} {k.get('instance', '-'):<20}  ERROR: {k.get('error')}")
 
+    fails = [int(m.group(1)) for r in runs for k in r.get("kills", [])
+             for m in [re.search(r"probe :\d+: .*\((\d+) failed in a row\)", k.get("reason") or "")] if m]
+    if fails:
+        big0 = runs[0]
+        P(f"  the probe had failed {sorted(set(fails))} rounds in a row when the group threshold ({big0['threshold']}) was reached: "
+          f"the probe's own unhealthy_threshold ({big0['probe_unhealthy_threshold']}) must pass before the probe counts as a "
+          f"failing signal, then the group's threshold counts rounds again: a kill is marked in the K-th round after it, "
+          f"K = probe threshold + threshold - 1 = {max(fails)}, i.e. {(max(fails) - 1) * big0['interval']:g} to "
+          f"{max(fails) * big0['interval']:g} s after the kill plus that round's duration, against a target of "
+          f"{big0['interval'] * big0['threshold'] + 0.5:g} s")
+
     P("\n--- daemon log: warnings and errors (count, message)")
     for r in runs:
         w = r.get("log_warnings", {})
@@ -1103,7 +1193,17 @@ def report(state_path: str, results: str) -> int:
     big = next((r for r in runs if r["label"] == "full"), runs[0])
     few_inst = next((r for r in runs if r["groups"] == big["groups"] and r["size"] < big["size"]), None)
     few_grp = next((r for r in runs if r["groups"] < big["groups"] and r["size"] == big["size"]), None)
-    tot = lambda r: r.get("steady", {}).get("calls_per_loop_total")  # noqa: E731
+    # The takeover tag's renewal (CreateOrUpdateTags, one per group every ~20 s) is driven by the
+    # clock, not by rounds: how many renewals fall in a window of rounds depends on where it
+    # starts. The comparison is on the other calls; the renewals are shown on their own.
+    TIMED = ("autoscaling:CreateOrUpdateTags", "autoscaling:SuspendProcesses")
+
+    def tot(r):
+        st = r.get("steady", {})
+        if "calls_per_loop" not in st:
+            return None
+        return sum(v for a, v in st["calls_per_loop"].items() if a not in TIMED)
+
     dth = lambda r: r.get("steady", {}).get("calls_per_loop", {}).get("elasticloadbalancing:DescribeTargetHealth", 0)  # noqa: E731
     ok_scale, why = None, []
     if tot(big) is not None and few_inst is not None and tot(few_inst) is not None:
@@ -1117,9 +1217,17 @@ def report(state_path: str, results: str) -> int:
         why.append(f"{big['groups']} vs {few_grp['groups']} groups/target groups: {tot(big):.2f} vs {tot(few_grp):.2f} calls/round, "
                    f"DescribeTargetHealth {dth(big):.2f} vs {dth(few_grp):.2f} per round ({'one per target group' if grows else 'NOT one per target group'})")
         ok_scale = grows if ok_scale is None else ok_scale and grows
+    ren = "; ".join(f"{r['label']} {r.get('steady', {}).get('calls_per_loop', {}).get('autoscaling:CreateOrUpdateTags', 0):.2f}"
+                    for r in runs)
+    why.append(f"(calls other than the takeover renewal; CreateOrUpdateTags per round: {ren})")
     verdicts.append(("calls per loop grow with groups and target groups, not with instances", ok_scale, "; ".join(why) or "needs the comparison runs"))
     rss = max((r.get("rss_max_kb", 0) for r in runs), default=0) / 1024
-    verdicts.append(("RSS under 30 MB", rss < 30 if rss else None, f"max VmRSS {rss:.1f} MB over all runs (sampled every ~50 ms)"))
+    anon = max(((r.get("rss_parts_max") or {}).get("RssAnon", 0) for r in runs), default=0) / 1024
+    filem = max(((r.get("rss_parts_max") or {}).get("RssFile", 0) for r in runs), default=0) / 1024
+    verdicts.append(("RSS under 30 MB", rss < 30 if rss else None,
+                     f"max VmRSS {rss:.1f} MB over all runs (sampled every ~50 ms): RssAnon {anon:.1f} MB + RssFile {filem:.1f} MB "
+                     f"(pages of the binary {os.path.basename(runs[0].get('binary', 'bakery'))} mapped in: "
+                     f"{runs[0].get('binary_mb', 0):.0f} MB on disk, {'a debug build' if runs[0].get('debug_build') else 'not a debug build'})"))
     bound = big["interval"] * big["threshold"] + 0.5
     lats = [l for _, l in lat_all]
     misses = [k for r in runs for k in r.get("kills", []) if "latency_s" not in k]
@@ -1143,7 +1251,7 @@ def main(argv: list[str]) -> int:
         die(__doc__ or "usage")
     cmd, a = argv[1], argv[2:]
     if cmd == "prep":
-        prep(a[0], int(a[1]), int(a[2]), int(a[3]), int(a[4]), int(a[5]), int(a[6]), float(a[7]), int(a[8]))
+        prep(a[0], int(a[1]), int(a[2]), int(a[3]), int(a[4]), a[5] == "on", int(a[6]), int(a[7]), float(a[8]), int(a[9]))
     elif cmd == "world":
         world_sample(a[0], float(a[1]))
     elif cmd == "run":

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::recipe::{locate, Diagnostic, RecipeError};
+use crate::recipe::{locate, toml_message_in, Diagnostic, RecipeError};
 use crate::rollout::plan::Amount;
 
 /// Which groups to watch.
@@ -201,7 +201,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, RecipeError> {
             file: path.to_path_buf(),
             line,
             column,
-            message: e.message().trim().to_string(),
+            message: toml_message_in(&e, Some(text)),
             hint: Some("see the daemon configuration example in the README".into()),
         }])
     })?;

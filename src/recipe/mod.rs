@@ -269,8 +269,8 @@ pub fn parse(path: &Path, text: &str, vars: &VarSources) -> Result<Recipe, Recip
             file: path.to_path_buf(),
             line,
             column,
-            message: e.message().trim().to_string(),
-            hint: hint_for_parse_error(e.message()),
+            message: toml_message_in(&e, Some(text)),
+            hint: hint_for_parse_error(&toml_message(&e)),
         }])
     })?;
     let mut loader = Loader {
@@ -297,6 +297,40 @@ pub fn parse(path: &Path, text: &str, vars: &VarSources) -> Result<Recipe, Recip
     }
 }
 
+/// A TOML error's message without the location header and source snippet that its `Display`
+/// adds (bakery prints its own `file:line:column`). Some syntax errors carry an empty
+/// `message()` (found by fuzzing): the description is then in the `Display` form only.
+pub(crate) fn toml_message(e: &toml::de::Error) -> String {
+    toml_message_in(e, None)
+}
+
+/// [`toml_message`], naming the offending character when the parser gave no description.
+pub(crate) fn toml_message_in(e: &toml::de::Error, text: Option<&str>) -> String {
+    let m = e.message().trim();
+    if !m.is_empty() {
+        return m.to_string();
+    }
+    if let (Some(text), Some(span)) = (text, e.span()) {
+        if let Some(c) = text.get(span.start..).and_then(|t| t.chars().next()) {
+            if c.is_control() && c != '\n' && c != '\t' {
+                return format!("control character U+{:04X} is not allowed here", c as u32);
+            }
+            return format!("unexpected {c:?} here: this is not valid TOML");
+        }
+    }
+    let text = e.to_string();
+    let described: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("TOML parse error") && !l.contains('|'))
+        .collect();
+    if described.is_empty() {
+        "this is not valid TOML".into()
+    } else {
+        described.join("; ")
+    }
+}
+
 fn hint_for_parse_error(message: &str) -> Option<String> {
     if message.contains("unknown field") {
         Some(
@@ -307,8 +341,13 @@ fn hint_for_parse_error(message: &str) -> Option<String> {
         Some("add the field; see the example recipe in the README".into())
     } else if message.contains("invalid type") {
         Some("check the value's type (strings are quoted, lists use [ ... ])".into())
+    } else if message.contains("duplicate key") {
+        Some("each key may appear once per table; remove or rename one of them".into())
     } else {
-        None
+        Some(
+            "this is a TOML syntax error: check quotes, brackets and `=` around this position"
+                .into(),
+        )
     }
 }
 
@@ -590,7 +629,7 @@ impl Loader<'_> {
                     file: file.to_path_buf(),
                     line,
                     column,
-                    message: e.message().trim().to_string(),
+                    message: toml_message_in(&e, Some(&text)),
                     hint: Some("a variable file holds `name = \"value\"` lines".into()),
                 });
                 return Ok(());

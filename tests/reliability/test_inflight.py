@@ -23,20 +23,24 @@ LATENCY_MS = 1500
 SIGNAL_AFTER = 0.5  # seconds after the step that makes the call started
 
 CASES = [
-    # (delayed action, step during which it is made, signal)
-    ("ec2:ImportKeyPair", "prepare", signal.SIGINT),
-    ("ec2:CreateSecurityGroup", "prepare", signal.SIGTERM),
-    ("ec2:RunInstances", "launch", signal.SIGTERM),
-    ("ec2:CreateImage", "create_image", signal.SIGINT),
+    # (delayed action, step during which it is made, signal, other delays)
+    ("ec2:ImportKeyPair", "prepare", signal.SIGINT, {}),
+    ("ec2:CreateSecurityGroup", "prepare", signal.SIGTERM, {}),
+    # The instance can only be made while its key pair and group exist: the cleanup's deletion
+    # of the group is slowed down so the delayed launch lands before it (as a busy API would).
+    ("ec2:RunInstances", "launch", signal.SIGTERM, {"ec2:DeleteSecurityGroup": 2500}),
+    ("ec2:CreateImage", "create_image", signal.SIGINT, {}),
 ]
 EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
-@pytest.mark.parametrize("action,step,sig", CASES, ids=[c[0].split(":")[1] for c in CASES])
-def test_an_interrupt_during_an_in_flight_create_leaves_nothing(world: World, faults, tmp_path, action, step, sig):
-    recipe = world.recipe(tmp_path / "recipe.toml", ["true"], subnet=CASES.index((action, step, sig)))
+@pytest.mark.parametrize("action,step,sig,others", CASES, ids=[c[0].split(":")[1] for c in CASES])
+def test_an_interrupt_during_an_in_flight_create_leaves_nothing(world: World, faults, tmp_path, action, step, sig, others):
+    recipe = world.recipe(tmp_path / "recipe.toml", ["true"], subnet=[c[0] for c in CASES].index(action))
     key = f"rel-inflight-{uuid.uuid4().hex[:6]}"
-    faults({"seed": 1, "rules": [{"action": action, "latency_ms": LATENCY_MS}]})
+    rules = [{"action": action, "latency_ms": LATENCY_MS}]
+    rules += [{"action": a, "latency_ms": ms} for a, ms in others.items()]
+    faults({"seed": 1, "rules": rules})
     r = bakery(world, key, "build", str(recipe), "--manifest", str(tmp_path / "m.json"))
     assert r.wait_for(lambda e: e.get("event") == "step_started" and e.get("step") == step, 120), r.describe()
     time.sleep(SIGNAL_AFTER)
@@ -45,6 +49,7 @@ def test_an_interrupt_during_an_in_flight_create_leaves_nothing(world: World, fa
     # Wait until the delayed call has been served (the log records a call when it ends).
     name = action.split(":")[1]
     deadline = time.monotonic() + LATENCY_MS / 1000 + 10
+    deadline += sum(others.values()) / 1000
     while world.calls(key)["counts"].get(action, 0) < 1 and time.monotonic() < deadline:
         time.sleep(0.2)
     world.clear_faults()

@@ -58,8 +58,7 @@ def test_a_rollout_killed_five_times_converges_without_losing_capacity(world: Wo
     try:
         _converge(world, fleet, ami, key)
     finally:
-        fleet.delete()
-        fleet.listener_arn = fleet.tg_arn = fleet.lt_id = None
+        fleet.delete()  # before its AMI goes
         try:
             world.delete_image(ami)
         except Exception:
@@ -76,7 +75,7 @@ def _converge(world: World, fleet: Fleet, ami: str, key: str):
     old_ami = world.var("WORLD_STACK_AMI")
     args = ["rollout", "--asg", fleet.asg, "--ami", ami, "--health-timeout", "60s"]
 
-    kills, runs = [], []
+    kills, runs, state_before = [], [], []
     t0 = time.monotonic()
     with HealthSampler(fleet) as sampler:
         time.sleep(0.5)  # a few samples of the group before anything changes
@@ -85,6 +84,7 @@ def _converge(world: World, fleet: Fleet, ami: str, key: str):
         start = time.monotonic()
         for k, seed in enumerate(KILL_SEEDS):
             at = random.Random(seed).uniform(lo + k * width, lo + (k + 1) * width)
+            state_before.append("bakery:rollout" in _tags(fleet.group()))
             r = bakery(world, key, *args)
             after = max(MIN_RUN, at - (time.monotonic() - start))
             try:
@@ -112,6 +112,7 @@ def _converge(world: World, fleet: Fleet, ami: str, key: str):
             )
         final = None
         for _ in range(MAX_FINAL_RUNS):
+            state_before.append("bakery:rollout" in _tags(fleet.group()))
             final = bakery(world, key, *args)
             final.wait(240)
             runs.append(final)
@@ -128,7 +129,8 @@ def _converge(world: World, fleet: Fleet, ami: str, key: str):
     lt_version = g["LaunchTemplate"]["Version"]
     version_ami = next((v["LaunchTemplateData"].get("ImageId") for v in versions if str(v["VersionNumber"]) == lt_version), None)
     amis = fleet.amis()
-    resumed = [r.event("rollout_started").get("resumed") for r in runs[1:] if r.event("rollout_started")]
+    # A run resumes exactly when it found a rollout's state on the group.
+    resumed = [((r.event("rollout_started") or {}).get("resumed"), had) for r, had in zip(runs, state_before)]
 
     report(
         f"rollout-kill: {CAPACITY} instances, {sum(k['sent'] for k in kills)} SIGKILLs at "
@@ -149,7 +151,8 @@ def _converge(world: World, fleet: Fleet, ami: str, key: str):
     assert not sampler.errors, f"DescribeTargetHealth failed while sampling: {sampler.errors[:3]}"
     assert len(samples) > 20, f"too few health samples: {sampler.samples}"
     assert not low, f"healthy targets fell below {CAPACITY}: {low} (all samples: {sampler.samples})"
-    assert all(resumed), f"every rerun after a kill resumes the rollout in progress: {resumed}"
+    assert all(got == had for got, had in resumed), f"(resumed, state found) per run: {resumed}"
+    assert sum(had for had in state_before) >= len(KILL_SEEDS), f"the kills left a rollout to resume: {state_before}"
     assert amis == [ami] * CAPACITY, f"the group converges on {ami} (old {old_ami}): {amis}"
     assert (g["DesiredCapacity"], g["MinSize"], g["MaxSize"]) == before, "desired/min/max as before"
     assert version_ami == ami, f"the group's launch-template version {lt_version} runs {version_ami}, not {ami}"

@@ -1,0 +1,67 @@
+//! The corpus of malformed recipes (`tests/recipes/malformed/`), kept as regression tests: each
+//! `NAME.toml` must be refused with every line of `NAME.expected` in the error, by the library
+//! and by `bakery validate` (exit 2). New crashes or bad messages found by fuzzing
+//! (`scripts/fuzz-recipe`) are added here.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::*;
+
+fn corpus() -> Vec<(PathBuf, Vec<String>)> {
+    let dir = repo().join("tests/recipes/malformed");
+    let mut cases: Vec<(PathBuf, Vec<String>)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .map(|p| {
+            let expected = std::fs::read_to_string(p.with_extension("expected"))
+                .unwrap_or_else(|_| panic!("{} has no .expected file", p.display()));
+            (
+                p,
+                expected
+                    .lines()
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+            )
+        })
+        .collect();
+    cases.sort();
+    cases
+}
+
+#[test]
+fn every_malformed_recipe_is_refused_with_its_expected_error() {
+    let cases = corpus();
+    assert!(cases.len() >= 20, "the corpus has {} recipes", cases.len());
+    let mut failures = Vec::new();
+    for (path, expected) in &cases {
+        let lib = match bakery::recipe::load(path, &bakery::recipe::VarSources::default()) {
+            Ok(_) => {
+                failures.push(format!("{}: accepted", path.display()));
+                continue;
+            }
+            Err(e) => e.to_string(),
+        };
+        let out = Command::new(BIN)
+            .arg("validate")
+            .arg(path)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .unwrap();
+        let cli = String::from_utf8_lossy(&out.stderr).into_owned();
+        if out.status.code() != Some(2) {
+            failures.push(format!("{}: exit {:?}", path.display(), out.status.code()));
+        }
+        for e in expected {
+            if !lib.contains(e.as_str()) || !cli.contains(e.as_str()) {
+                failures.push(format!("{}: {e:?} not in:\n{lib}", path.display()));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
