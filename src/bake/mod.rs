@@ -569,17 +569,16 @@ impl Bake<'_> {
         // Release the temporaries now, as a timed step; `run` releases whatever is left.
         self.step("cleanup_temporaries", async {
             loop {
+                // Look, release, then forget: interrupted mid-release, the record is still on
+                // the stack for the final cleanup.
                 let next = {
                     let mut stack = self.undo.lock().await;
                     stack.keep_images();
-                    stack.pop()
+                    stack.last().cloned()
                 };
                 let Some(t) = next else { break };
-                if let Err(e) = undo::release(ec2c, &t, self.reporter).await {
-                    // Put it back so the final cleanup retries and reports it.
-                    self.undo.lock().await.push(t);
-                    return Err(e.into());
-                }
+                undo::release(ec2c, &t, self.reporter).await?;
+                self.undo.lock().await.forget(&t);
             }
             Ok(())
         })

@@ -122,6 +122,18 @@ impl UndoStack {
     pub fn pop(&mut self) -> Option<Temp> {
         self.items.pop()
     }
+
+    /// The most recent record, left in place.
+    pub fn last(&self) -> Option<&Temp> {
+        self.items.last()
+    }
+
+    /// Drops a record once its resource is released.
+    pub fn forget(&mut self, t: &Temp) {
+        if let Some(i) = self.items.iter().rposition(|x| x == t) {
+            self.items.remove(i);
+        }
+    }
 }
 
 /// Releases one temporary resource. Idempotent: a resource already gone is success.
@@ -253,6 +265,19 @@ mod tests {
         s.keep_images();
         let order: Vec<String> = std::iter::from_fn(|| s.pop()).map(|t| t.label()).collect();
         assert_eq!(order, vec!["tagged bakery:build-id=b", "sg-1", "k"]);
+    }
+
+    #[test]
+    fn a_record_is_forgotten_only_after_its_release() {
+        let mut s = UndoStack::default();
+        s.push(Temp::KeyPair { name: "k".into() });
+        s.push(Temp::Instances {
+            build_id: "b".into(),
+        });
+        let last = s.last().cloned().unwrap();
+        assert_eq!(s.items().len(), 2, "looking does not remove");
+        s.forget(&last);
+        assert_eq!(s.items(), [Temp::KeyPair { name: "k".into() }]);
     }
 
     #[test]

@@ -16,11 +16,11 @@ with the figures the README quotes.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import threading
@@ -326,7 +326,7 @@ class Run:
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
                 )
             except OSError as e:
-                if e.errno not in (26, 2) or attempt == 19:  # ETXTBSY, ENOENT
+                if e.errno not in (errno.ETXTBSY, errno.ENOENT) or attempt == 19:
                     raise
                 time.sleep(0.5)
         raise AssertionError("unreachable")
@@ -414,17 +414,9 @@ def bakery_ok(world: World, access_key: str, *args: str, timeout: float = 180, c
 
 def gc(world: World, build_id: str) -> dict:
     """`bakery gc --build-id ID --older-than 0s`: its JSON report."""
-    env = world.bakery_env(f"rel-gc-{uuid.uuid4().hex[:8]}")
-    for attempt in range(3):
-        p = subprocess.run(
-            [BAKERY, "--output", "json", "gc", "--build-id", build_id, "--older-than", "0s"],
-            env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
-        )
-        if p.returncode == 0 or p.returncode > 0 and "Text file busy" not in p.stderr:
-            break
-        time.sleep(1)
-    assert p.returncode == 0, f"bakery gc --build-id {build_id}: exit {p.returncode}\n{p.stdout}\n{p.stderr}"
-    return json.loads(p.stdout)
+    r = bakery_ok(world, f"rel-gc-{uuid.uuid4().hex[:8]}", "gc", "--build-id", build_id, "--older-than", "0s", timeout=120)
+    assert r.code == 0, r.describe()
+    return json.loads("\n".join(r.stdout_lines))
 
 
 # -------------------------------------------------------------------------------------- fleets
@@ -553,4 +545,4 @@ class HealthSampler:
         return False
 
 
-__all__ = ["World", "Run", "Fleet", "HealthSampler", "bakery", "bakery_ok", "gc", "report", "signal"]
+__all__ = ["World", "Run", "Fleet", "HealthSampler", "bakery", "bakery_ok", "gc", "report"]
