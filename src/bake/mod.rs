@@ -174,6 +174,7 @@ pub async fn run(aws: &Aws, recipe: &Recipe, opts: &Options, reporter: &Reporter
     let build_id = new_build_id();
     let redactor = Arc::new(std::sync::RwLock::new(Redactor::default()));
     let undo = Arc::new(Mutex::new(UndoStack::default()));
+    let inflight: Inflight = Arc::default();
     let cancel = Arc::new(AtomicBool::new(false));
     let mut signals = Signals::new();
     reporter.emit(Event::BuildStarted {
@@ -195,6 +196,7 @@ pub async fn run(aws: &Aws, recipe: &Recipe, opts: &Options, reporter: &Reporter
         resolved: std::sync::OnceLock::new(),
         redactor: redactor.clone(),
         tail: Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new())),
+        inflight: inflight.clone(),
     };
     let result = tokio::select! {
         r = bake.run() => r,
@@ -209,6 +211,20 @@ pub async fn run(aws: &Aws, recipe: &Recipe, opts: &Options, reporter: &Reporter
             error: redactor.redact(&format!("{e}")),
             exit_code: e.exit_code(),
         });
+    }
+    // A create call already sent when the bake was interrupted still creates its resource:
+    // wait for it, so the cleanup below finds what it made.
+    let pending: Vec<_> = std::mem::take(&mut *inflight.lock().unwrap_or_else(|p| p.into_inner()));
+    if !pending.is_empty() {
+        let all = async {
+            for h in pending {
+                let _ = h.await;
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::timeout(INFLIGHT_TIMEOUT, all) => {}
+            _ = signals.next() => {}
+        }
     }
     let mut stack = std::mem::take(&mut *undo.lock().await);
     if result.is_ok() {
@@ -319,7 +335,15 @@ struct Bake<'a> {
     redactor: Arc<std::sync::RwLock<Redactor>>,
     /// The last output lines of the running provisioner, redacted, for its error message.
     tail: Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
+    /// Create calls on the wire; see [`Bake::shielded`].
+    inflight: Inflight,
 }
+
+/// Create calls that run to completion even when the bake is interrupted.
+type Inflight = Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>;
+
+/// How long cleanup waits for create calls already sent before it looks for what they made.
+const INFLIGHT_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Bake<'_> {
     /// Times `f` as the named step, for progress and the manifest.
@@ -344,6 +368,32 @@ impl Bake<'_> {
             duration_s,
         });
         r
+    }
+
+    /// Runs a create call as a task of its own that finishes even if the bake is interrupted
+    /// while it is on the wire (dropping the request would not stop AWS from creating the
+    /// resource, and cleanup could look for it too early). Cleanup waits for these first.
+    async fn shielded<T, F>(&self, call: F) -> Result<T, AwsError>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, AwsError>> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let handle = tokio::spawn(async move {
+            let _ = tx.send(call.await);
+        });
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(handle);
+        rx.await.unwrap_or_else(|_| {
+            Err(AwsError {
+                action: "bakery",
+                resource: "create call".into(),
+                code: None,
+                message: "the create task ended without an answer".into(),
+            })
+        })
     }
 
     fn info(&self, step: &str, message: String) {
@@ -465,7 +515,10 @@ impl Bake<'_> {
                     client_token: self.build_id.clone(),
                     tags: self.temporary_tags(&name),
                 };
-                let id = ec2::run_instance(ec2c, &spec).await?;
+                let client = ec2c.clone();
+                let id = self
+                    .shielded(async move { ec2::run_instance(&client, &spec).await })
+                    .await?;
                 self.created("instance", &id);
                 Ok(id)
             })
@@ -538,16 +591,23 @@ impl Bake<'_> {
                 tags.insert(BUILD_ID_TAG.into(), self.build_id.clone());
                 tags.insert("bakery:source-ami".into(), source.id.clone());
                 tags.insert("bakery:recipe-sha256".into(), recipe.sha256.clone());
-                let id = ec2::create_image(
-                    ec2c,
-                    &instance_id,
-                    &image_name,
-                    recipe.image.description.as_deref(),
-                    // Already stopped unless the recipe asked not to reboot.
-                    true,
-                    &tags,
-                )
-                .await?;
+                let (client, instance, name) =
+                    (ec2c.clone(), instance_id.clone(), image_name.clone());
+                let description = recipe.image.description.clone();
+                let id = self
+                    .shielded(async move {
+                        // Already stopped unless the recipe asked not to reboot.
+                        ec2::create_image(
+                            &client,
+                            &instance,
+                            &name,
+                            description.as_deref(),
+                            true,
+                            &tags,
+                        )
+                        .await
+                    })
+                    .await?;
                 self.created("image", &id);
                 let image = self.wait_image(&id, recipe.image.timeout).await?;
                 let mut snap_tags = recipe.image.snapshot_tags.clone();
@@ -670,11 +730,14 @@ impl Bake<'_> {
             .lock()
             .await
             .push(Temp::KeyPair { name: name.into() });
-        ec2::import_key_pair(
-            &self.aws.ec2,
-            name,
-            &key.public_openssh,
-            &self.temporary_tags(name),
+        let (client, key_name, public, tags) = (
+            self.aws.ec2.clone(),
+            name.to_string(),
+            key.public_openssh.clone(),
+            self.temporary_tags(name),
+        );
+        self.shielded(
+            async move { ec2::import_key_pair(&client, &key_name, &public, &tags).await },
         )
         .await?;
         self.created("key pair", name);
@@ -708,14 +771,17 @@ impl Bake<'_> {
             Some(cidr) => format!("bakery build {}: SSH from {cidr} only", self.build_id),
             None => format!("bakery build {}: no inbound access (SSM)", self.build_id),
         };
-        let id = ec2::create_security_group(
-            &self.aws.ec2,
-            name,
-            &subnet.vpc_id,
-            &description,
-            &self.temporary_tags(name),
-        )
-        .await?;
+        let (client, group_name, vpc, tags) = (
+            self.aws.ec2.clone(),
+            name.to_string(),
+            subnet.vpc_id.clone(),
+            self.temporary_tags(name),
+        );
+        let id = self
+            .shielded(async move {
+                ec2::create_security_group(&client, &group_name, &vpc, &description, &tags).await
+            })
+            .await?;
         self.undo.lock().await.set_group_id(name, &id);
         self.created("security group", &id);
         match (ssh, cidr) {
