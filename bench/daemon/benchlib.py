@@ -1168,11 +1168,11 @@ def report(state_path: str, results: str) -> int:
         f"{r['label']} {r.get('warmup', {}).get('calls_total', 0):.0f} calls" for r in runs))
 
     P("\n--- rounds, memory, CPU")
-    P(f"  {'run':<10} {'round s median':>14} {'max':>7} {'p90':>7} {'period s':>9} {'RSS max MB':>10} {'VmHWM MB':>9} {'CPU ms/round':>12} {'CPU %':>6} {'SIGTERM->exit s':>15}")
+    P(f"  {'run':<12} {'round s median':>14} {'max':>7} {'p90':>7} {'period s':>9} {'RSS max MB':>10} {'VmHWM MB':>9} {'CPU ms/round':>12} {'CPU %':>6} {'SIGTERM->exit s':>15}")
     for r in runs:
         st = r.get("steady", {})
         ls = st.get("loop_s", [])
-        P(f"  {r['label']:<10} {(statistics.median(ls) if ls else float('nan')):>14.3f} {(max(ls) if ls else float('nan')):>7.3f} "
+        P(f"  {r['label']:<12} {(statistics.median(ls) if ls else float('nan')):>14.3f} {(max(ls) if ls else float('nan')):>7.3f} "
           f"{(pct(ls, 0.9) if ls else float('nan')):>7.3f} {st.get('period_s', float('nan')):>9.2f} "
           f"{r.get('rss_max_kb', 0) / 1024:>10.1f} {r.get('vmhwm_kb', 0) / 1024:>9.1f} {st.get('cpu_ms_per_loop') or float('nan'):>12.1f} "
           f"{st.get('cpu_pct', float('nan')):>6.2f} {str(r.get('sigterm_exit_s')):>15}")
@@ -1186,7 +1186,7 @@ def report(state_path: str, results: str) -> int:
         st = r.get("steady", {})
         ls = st.get("loop_s", [])
         if ls and st.get("world_s_per_loop") is not None:
-            P(f"    {r['label']:<10} round {statistics.mean(ls):.3f}s mean = world {st['world_s_per_loop']:.3f}s + "
+            P(f"    {r['label']:<12} round {statistics.mean(ls):.3f}s mean = world {st['world_s_per_loop']:.3f}s + "
               f"{statistics.mean(ls) - st['world_s_per_loop']:.3f}s in the daemon (CPU, API budget waits, probes, client side)")
             P("      per call (ms, median/max): " + ", ".join(
                 f"{short(a)} {v['median']}/{v['max']}" for a, v in sorted(st.get("world_ms_by_action", {}).items())))
@@ -1209,10 +1209,10 @@ def report(state_path: str, results: str) -> int:
         for k in r.get("kills", []):
             if "latency_s" in k:
                 lat_all.append((r, k["latency_s"]))
-                P(f"  {r['label']:<8} {k['group']:<16} {k['instance']:<20} {k['latency_s']:>6.2f}s  app dead: {k['app_dead']}; "
+                P(f"  {r['label']:<12} {k['group']:<16} {k['instance']:<20} {k['latency_s']:>6.2f}s  app dead: {k['app_dead']}; "
                   f"reason: {(k.get('reason') or '')[:150]}")
             else:
-                P(f"  {r['label']:<8} {k['group']:<16} {k.get('instance', '-'):<20}  ERROR: {k.get('error')}")
+                P(f"  {r['label']:<12} {k['group']:<16} {k.get('instance', '-'):<20}  ERROR: {k.get('error')}")
 
     fails = [int(m.group(1)) for r in runs for k in r.get("kills", [])
              for m in [re.search(r"probe :\d+: .*\((\d+) failed in a row\)", k.get("reason") or "")] if m]

@@ -183,6 +183,12 @@ def instance_user_data(instance) -> bytes | None:
         return None
 
 
+def _launched_at(instance_id: str) -> float | None:
+    from .patches_ec2 import LAUNCHED_AT
+
+    return LAUNCHED_AT.get(instance_id)
+
+
 @dataclass(frozen=True)
 class InstanceFacts:
     """What a body needs from moto's instance, copied under the moto lock: the body never
@@ -193,6 +199,7 @@ class InstanceFacts:
     image_id: str
     authorized_keys: str
     user_data: bytes | None
+    launched_at: float | None = None
 
     @classmethod
     def of(cls, ec2, instance) -> "InstanceFacts":
@@ -203,6 +210,7 @@ class InstanceFacts:
             image_id=instance.image_id,
             authorized_keys=instance_public_key(ec2, instance),
             user_data=instance_user_data(instance),
+            launched_at=_launched_at(instance.id),
         )
 
 
@@ -226,7 +234,8 @@ class Body:
         self.authorized_keys = facts.authorized_keys
         self.user_data = facts.user_data
         self.created_at = time.time()
-        self.boot_started_at = self.created_at
+        # A first boot counts from RunInstances; a restart from StartInstances (see _boot).
+        self.boot_started_at = min(facts.launched_at or self.created_at, self.created_at)
         self.booted_at: float | None = None
         self.state = "new"  # new booting running dead stopped terminated
         self.desired = "running"

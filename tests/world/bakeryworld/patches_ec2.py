@@ -21,6 +21,8 @@
 
 from __future__ import annotations
 
+import time
+
 import logging
 import random
 import threading
@@ -31,6 +33,10 @@ _W = None
 _tls = threading.local()
 _installed = False
 
+
+
+# Instance id -> time.time() of its RunInstances (see run_instances below).
+LAUNCHED_AT: dict[str, float] = {}
 
 def _status_block(instance, system: bool) -> dict:
     if instance.state_code != 16:
@@ -162,7 +168,7 @@ def install(world) -> None:
 
     Instance.reboot = reboot
 
-    # --- IAM instance profile of every instance launched -----------------------------------
+    # --- launch times and the IAM instance profile of every instance launched ---------------
     orig_run_instances = EC2Backend.run_instances
 
     def run_instances(self, image_id, count, user_data, security_group_names, **kwargs):
@@ -170,6 +176,12 @@ def install(world) -> None:
         # the response layer, after this returns) and ignores a launch template's. AWS gives
         # every instance the profile; the SSM agent needs it to register.
         reservation = orig_run_instances(self, image_id, count, user_data, security_group_names, **kwargs)
+        # The moment each instance was launched, to the millisecond (moto's launch_time has
+        # whole seconds): a body's boot delay counts from here, as an EC2 boot does, not from
+        # when the reconciler happens to notice the instance.
+        now = time.time()
+        for inst in reservation.instances:
+            LAUNCHED_AT[inst.id] = now
         name, arn = kwargs.get("iam_instance_profile_name"), kwargs.get("iam_instance_profile_arn")
         instances = list(reservation.instances)
         if name or arn:
