@@ -441,11 +441,30 @@ impl Bake<'_> {
         };
         let image_name = recipe.image_name(&timestamp, &self.build_id);
 
-        let source = self
+        // Everything to check before creating anything, asked at once.
+        let (source, subnet) = self
             .step("resolve_source", async {
-                let source = self.resolve_source().await?;
+                let subnet = async {
+                    match &recipe.instance.subnet {
+                        Some(id) => ec2::subnet(ec2c, id)
+                            .await?
+                            .ok_or_else(|| BakeError::SubnetNotFound(id.clone())),
+                        None => ec2::default_subnet(ec2c).await?.ok_or(BakeError::NoSubnet),
+                    }
+                };
+                let name_free = async {
+                    match ec2::image_named(ec2c, &image_name).await? {
+                        Some(existing) => Err(BakeError::ImageNameTaken {
+                            name: image_name.clone(),
+                            id: existing.id,
+                        }),
+                        None => Ok(()),
+                    }
+                };
+                let (source, subnet, ()) =
+                    tokio::try_join!(self.resolve_source(), subnet, name_free)?;
                 self.info("resolve_source", format!("{} ({})", source.id, source.name));
-                Ok(source)
+                Ok((source, subnet))
             })
             .await?;
         if !recipe.references.is_empty() {
@@ -467,20 +486,6 @@ impl Bake<'_> {
             })
             .await?;
         }
-        if let Some(existing) = ec2::image_named(ec2c, &image_name).await? {
-            return Err(BakeError::ImageNameTaken {
-                name: image_name,
-                id: existing.id,
-            });
-        }
-        let subnet = match &recipe.instance.subnet {
-            Some(id) => ec2::subnet(ec2c, id)
-                .await?
-                .ok_or_else(|| BakeError::SubnetNotFound(id.clone()))?,
-            None => ec2::default_subnet(ec2c)
-                .await?
-                .ok_or(BakeError::NoSubnet)?,
-        };
 
         let name = format!("bakery-{}", self.build_id);
         let (key, group) = self
