@@ -206,6 +206,36 @@ pub async fn set_tags(asg: &Client, group: &str, tags: &[(&str, String)]) -> Res
     .map(|_| ())
 }
 
+/// Sets tags on several groups in one call: `(group, key, value)`.
+pub async fn set_tags_many(asg: &Client, tags: &[(&str, &str, &str)]) -> Result<(), AwsError> {
+    // CreateOrUpdateTags takes at most 50 tags a call.
+    for chunk in tags.chunks(50) {
+        let tags: Vec<Tag> = chunk
+            .iter()
+            .map(|(group, k, v)| {
+                Tag::builder()
+                    .resource_id(*group)
+                    .resource_type("auto-scaling-group")
+                    .key(*k)
+                    .value(*v)
+                    .propagate_at_launch(false)
+                    .build()
+            })
+            .collect();
+        call(
+            "autoscaling:CreateOrUpdateTags",
+            format!("{} groups", chunk.len()),
+            || {
+                asg.create_or_update_tags()
+                    .set_tags(Some(tags.clone()))
+                    .send()
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 pub async fn delete_tags(asg: &Client, group: &str, keys: &[&str]) -> Result<(), AwsError> {
     let tags: Vec<Tag> = keys
         .iter()

@@ -588,55 +588,6 @@ pub async fn delete_image(ec2: &Client, image: &ImageInfo) -> Result<(), AwsErro
     Ok(())
 }
 
-/// The image and launch time (seconds since the epoch) of each instance, by id.
-pub async fn images_of(
-    ec2: &Client,
-    ids: &[String],
-) -> Result<BTreeMap<String, (String, u64)>, AwsError> {
-    let mut found = BTreeMap::new();
-    // DescribeInstances takes up to 1000 ids a call.
-    for chunk in ids.chunks(1000) {
-        let out = call(
-            "ec2:DescribeInstances",
-            format!("{} instances", chunk.len()),
-            || {
-                ec2.describe_instances()
-                    .set_instance_ids(Some(chunk.to_vec()))
-                    .send()
-            },
-        )
-        .await;
-        let out = match out {
-            Ok(o) => o,
-            // An id that just went away fails the whole call; ask one by one instead.
-            Err(e) if e.is_not_found() && chunk.len() > 1 => {
-                for id in chunk {
-                    if let Ok(Some(v)) = Box::pin(images_of(ec2, std::slice::from_ref(id)))
-                        .await
-                        .map(|m| m.get(id).cloned())
-                    {
-                        found.insert(id.clone(), v);
-                    }
-                }
-                continue;
-            }
-            Err(e) if e.is_not_found() => continue,
-            Err(e) => return Err(e),
-        };
-        for i in out.reservations().iter().flat_map(|r| r.instances()) {
-            let launched = i
-                .launch_time()
-                .map(|t| t.secs().max(0) as u64)
-                .unwrap_or_default();
-            found.insert(
-                i.instance_id().unwrap_or_default().to_string(),
-                (i.image_id().unwrap_or_default().to_string(), launched),
-            );
-        }
-    }
-    Ok(found)
-}
-
 /// Every instance in the region whose EC2 status checks (instance or system) are `impaired`,
 /// with the evidence: two filtered, paginated calls however many instances there are.
 pub async fn impaired(ec2: &Client) -> Result<BTreeMap<String, String>, AwsError> {
@@ -681,39 +632,93 @@ pub async fn impaired(ec2: &Client) -> Result<BTreeMap<String, String>, AwsError
     Ok(out)
 }
 
+/// The instances with these ids, however many: ids in chunks, every page of each answer (an
+/// implementation may page even when ids are given), and an id that vanished meanwhile skipped
+/// rather than failing the whole call.
+pub async fn instances_by_id(
+    ec2: &Client,
+    ids: &[String],
+) -> Result<Vec<aws_sdk_ec2::types::Instance>, AwsError> {
+    let mut found = Vec::new();
+    for chunk in ids.chunks(1000) {
+        let mut token: Option<String> = None;
+        loop {
+            let out = call(
+                "ec2:DescribeInstances",
+                format!("{} instances", chunk.len()),
+                || {
+                    ec2.describe_instances()
+                        .set_instance_ids(Some(chunk.to_vec()))
+                        .set_next_token(token.clone())
+                        .send()
+                },
+            )
+            .await;
+            let out = match out {
+                Ok(o) => o,
+                // One unknown id fails the call: ask one by one instead.
+                Err(e) if e.is_not_found() && chunk.len() > 1 => {
+                    for id in chunk {
+                        found.extend(
+                            Box::pin(instances_by_id(ec2, std::slice::from_ref(id))).await?,
+                        );
+                    }
+                    break;
+                }
+                Err(e) if e.is_not_found() => break,
+                Err(e) => return Err(e),
+            };
+            found.extend(
+                out.reservations()
+                    .iter()
+                    .flat_map(|r| r.instances())
+                    .cloned(),
+            );
+            token = out.next_token().map(str::to_string);
+            if token.is_none() {
+                break;
+            }
+        }
+    }
+    Ok(found)
+}
+
+fn launched(i: &aws_sdk_ec2::types::Instance) -> u64 {
+    i.launch_time()
+        .map(|t| t.secs().max(0) as u64)
+        .unwrap_or_default()
+}
+
+/// The image and launch time (seconds since the epoch) of each instance, by id.
+pub async fn images_of(
+    ec2: &Client,
+    ids: &[String],
+) -> Result<BTreeMap<String, (String, u64)>, AwsError> {
+    Ok(instances_by_id(ec2, ids)
+        .await?
+        .iter()
+        .map(|i| {
+            (
+                i.instance_id().unwrap_or_default().to_string(),
+                (i.image_id().unwrap_or_default().to_string(), launched(i)),
+            )
+        })
+        .collect())
+}
+
 /// Private IP and launch time of each instance, by id.
 pub async fn addresses(
     ec2: &Client,
     ids: &[String],
 ) -> Result<BTreeMap<String, (Option<String>, u64)>, AwsError> {
-    let mut found = BTreeMap::new();
-    for chunk in ids.chunks(1000) {
-        let out = match call(
-            "ec2:DescribeInstances",
-            format!("{} instances", chunk.len()),
-            || {
-                ec2.describe_instances()
-                    .set_instance_ids(Some(chunk.to_vec()))
-                    .send()
-            },
-        )
-        .await
-        {
-            Ok(o) => o,
-            Err(e) if e.is_not_found() => continue,
-            Err(e) => return Err(e),
-        };
-        for i in out.reservations().iter().flat_map(|r| r.instances()) {
-            found.insert(
+    Ok(instances_by_id(ec2, ids)
+        .await?
+        .iter()
+        .map(|i| {
+            (
                 i.instance_id().unwrap_or_default().to_string(),
-                (
-                    nonempty(i.private_ip_address()),
-                    i.launch_time()
-                        .map(|t| t.secs().max(0) as u64)
-                        .unwrap_or_default(),
-                ),
-            );
-        }
-    }
-    Ok(found)
+                (nonempty(i.private_ip_address()), launched(i)),
+            )
+        })
+        .collect())
 }

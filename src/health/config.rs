@@ -332,11 +332,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, RecipeError> {
                 port,
                 timeout: c.duration(&pr.timeout, "timeout", Duration::from_secs(2)),
                 healthy_threshold: c.count(&pr.healthy_threshold, "healthy_threshold", 1..=10, 2),
+                // A failed probe is a failing signal at once by default: the group's
+                // `unhealthy_threshold` then counts the rounds (the two do not stack).
                 unhealthy_threshold: c.count(
                     &pr.unhealthy_threshold,
                     "unhealthy_threshold",
                     1..=10,
-                    2,
+                    1,
                 ),
             })
         });

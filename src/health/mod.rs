@@ -140,7 +140,16 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
                 false
             }
         };
-        d.record_round(started.elapsed(), ok);
+        let took = started.elapsed();
+        if took > d.config.interval {
+            tracing::warn!(
+                round_s = took.as_secs_f64(),
+                interval_s = d.config.interval.as_secs_f64(),
+                api_rate = d.config.api_rate,
+                "a round took longer than the interval: detection is slower than configured; raise [api] rate or the interval"
+            );
+        }
+        d.record_round(took, ok);
         if !ready {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
             ready = true;
@@ -236,8 +245,13 @@ impl Daemon {
         )
     }
 
-    /// Takes over (or renews) the group's health decisions; false if another daemon owns them.
-    async fn take_over(&mut self, g: &autoscaling::Group) -> Result<bool, AwsError> {
+    /// Takes over the group's health decisions (suspending `HealthCheck`); false if another
+    /// daemon owns them. Returns whether the takeover tag is due for renewal in `due`.
+    async fn take_over(
+        &mut self,
+        g: &autoscaling::Group,
+        due: &mut Vec<String>,
+    ) -> Result<bool, AwsError> {
         if let Some(l) = g.tags.get(TAKEOVER_TAG).and_then(|t| Lock::decode(t)) {
             if l.token != self.me.token
                 && !l.is_stale(now(), &crate::host::hostname(), crate::host::pid_alive)
@@ -250,7 +264,7 @@ impl Daemon {
         }
         self.foreign.remove(&g.name);
         let ttl = self.config.takeover_ttl().as_secs();
-        let due = match self.taken.get(&g.name) {
+        let renew = match self.taken.get(&g.name) {
             // Renew once a third of the lifetime is used.
             Some(expires) => expires.saturating_sub(now()) < ttl * 2 / 3,
             None => true,
@@ -259,20 +273,31 @@ impl Daemon {
             autoscaling::suspend(&self.aws.autoscaling, &g.name, &[HEALTH_CHECK]).await?;
             tracing::info!(group = %g.name, "took over health decisions: HealthCheck suspended, ReplaceUnhealthy left on");
         }
-        if due {
-            let lock = Lock {
-                expires: now() + ttl,
-                ..self.me.clone()
-            };
-            autoscaling::set_tags(
-                &self.aws.autoscaling,
-                &g.name,
-                &[(TAKEOVER_TAG, lock.encode())],
-            )
-            .await?;
-            self.taken.insert(g.name.clone(), lock.expires);
+        if renew {
+            due.push(g.name.clone());
         }
         Ok(true)
+    }
+
+    /// Writes the takeover tags of `groups` in one call (one call carries many groups' tags).
+    async fn renew(&mut self, groups: &[String]) -> Result<(), AwsError> {
+        if groups.is_empty() {
+            return Ok(());
+        }
+        let lock = Lock {
+            expires: now() + self.config.takeover_ttl().as_secs(),
+            ..self.me.clone()
+        };
+        let value = lock.encode();
+        let tags: Vec<(&str, &str, &str)> = groups
+            .iter()
+            .map(|g| (g.as_str(), TAKEOVER_TAG, value.as_str()))
+            .collect();
+        autoscaling::set_tags_many(&self.aws.autoscaling, &tags).await?;
+        for g in groups {
+            self.taken.insert(g.clone(), lock.expires);
+        }
+        Ok(())
     }
 
     async fn release_all(&mut self) {
@@ -328,40 +353,53 @@ impl Daemon {
             }
         }
         let mut groups = Vec::new();
+        let mut due = Vec::new();
         for g in all {
-            if self.take_over(&g).await? {
+            if self.take_over(&g, &mut due).await? {
                 groups.push(g);
             }
         }
+        self.renew(&due).await?;
         // Instance facts that never change, fetched once per instance.
         let ids: BTreeSet<String> = groups
             .iter()
             .flat_map(|g| g.instances.iter().map(|i| i.id.clone()))
             .collect();
         self.instances.retain(|id, _| ids.contains(id));
+        // Addresses and launch times never change: fetched once, and asked again next round
+        // for any instance EC2 did not describe yet (eventual consistency).
         let unknown: Vec<String> = ids
             .iter()
-            .filter(|id| !self.instances.contains_key(*id))
+            .filter(|id| self.instances.get(*id).is_none_or(|st| st.launched == 0))
             .cloned()
             .collect();
         if !unknown.is_empty() {
             for (id, (ip, launched)) in ec2::addresses(&self.aws.ec2, &unknown).await? {
-                self.instances.insert(
-                    id,
-                    InstanceState {
-                        ip,
-                        launched,
-                        ..Default::default()
-                    },
-                );
+                let st = self.instances.entry(id).or_default();
+                st.ip = ip;
+                st.launched = launched;
             }
         }
+
         let impaired = ec2::impaired(&self.aws.ec2).await?;
-        let target_groups: BTreeSet<&String> =
-            groups.iter().flat_map(|g| &g.target_group_arns).collect();
-        let mut health = BTreeMap::new();
+        // One DescribeTargetHealth per target group, all at once (each still waits on the budget).
+        let target_groups: BTreeSet<String> = groups
+            .iter()
+            .flat_map(|g| g.target_group_arns.iter().cloned())
+            .collect();
+        let mut calls = tokio::task::JoinSet::new();
         for tg in target_groups {
-            health.insert(tg.clone(), elbv2::target_health(&self.aws.elb, tg).await?);
+            let elb = self.aws.elb.clone();
+            calls.spawn(async move {
+                let h = elbv2::target_health(&elb, &tg).await;
+                (tg, h)
+            });
+        }
+        let mut health = BTreeMap::new();
+        while let Some(joined) = calls.join_next().await {
+            if let Ok((tg, h)) = joined {
+                health.insert(tg, h?);
+            }
         }
         let now = now();
 
@@ -415,6 +453,7 @@ impl Daemon {
             for i in &g.instances {
                 let st = self.instances.entry(i.id.clone()).or_default();
                 let judged = i.lifecycle == "InService"
+                    && st.launched > 0
                     && now.saturating_sub(st.launched) >= g.health_check_grace_period.max(0) as u64;
                 let mut failing = Vec::new();
                 let mut all = Vec::new();
@@ -444,6 +483,9 @@ impl Daemon {
                     Some(e) => {
                         failing.push(e.clone());
                         all.push(e.clone());
+                    }
+                    None if has_probe && st.ip.is_none() => {
+                        all.push("probe: no address yet".into())
                     }
                     None if has_probe => all.push("probe: ok".into()),
                     None => {}
