@@ -263,28 +263,7 @@ impl Gc<'_> {
         let found: Vec<(ec2::ImageInfo, BTreeMap<String, String>)> = out
             .images()
             .iter()
-            .map(|i| {
-                (
-                    ec2::ImageInfo {
-                        id: i.image_id().unwrap_or_default().to_string(),
-                        name: i.name().unwrap_or_default().to_string(),
-                        state: i
-                            .state()
-                            .map(|s| s.as_str().to_string())
-                            .unwrap_or_default(),
-                        root_device_name: None,
-                        creation_date: i.creation_date().map(str::to_string),
-                        snapshot_ids: i
-                            .block_device_mappings()
-                            .iter()
-                            .filter_map(|m| {
-                                m.ebs().and_then(|e| e.snapshot_id()).map(str::to_string)
-                            })
-                            .collect(),
-                    },
-                    tag_map(i.tags()),
-                )
-            })
+            .map(|i| (ec2::image_info(i), tag_map(i.tags())))
             .filter(|(_, tags)| !tags.contains_key(COMPLETE_TAG))
             .collect();
         for (image, tags) in found {

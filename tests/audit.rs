@@ -160,14 +160,7 @@ async fn each_broken_rule_is_a_high_finding() {
         .send()
         .await
         .unwrap();
-    let config = aws_config::SdkConfig::builder()
-        .behavior_version(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new(world.var("AWS_REGION").to_string()))
-        .endpoint_url(world.var("AWS_ENDPOINT_URL"))
-        .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(
-            aws_sdk_ec2::config::Credentials::new("x", "x", None, None, "test"),
-        ))
-        .build();
+    let config = world.sdk_config();
     let rds = aws_sdk_rds::Client::new(&config);
     let db = format!("{}-db", fleet.name);
     rds.create_db_instance()

@@ -7,14 +7,7 @@ use base64::Engine;
 use common::*;
 
 async fn db_password(world: &World) -> String {
-    let config = aws_config::SdkConfig::builder()
-        .behavior_version(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new(world.var("AWS_REGION").to_string()))
-        .endpoint_url(world.var("AWS_ENDPOINT_URL"))
-        .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(
-            aws_sdk_ec2::config::Credentials::new("x", "x", None, None, "test"),
-        ))
-        .build();
+    let config = world.sdk_config();
     let sm = aws_sdk_secretsmanager::Client::new(&config);
     let v = sm
         .get_secret_value()

@@ -47,7 +47,7 @@ pub struct ImageInfo {
     pub snapshot_ids: Vec<String>,
 }
 
-fn image_info(i: &aws_sdk_ec2::types::Image) -> ImageInfo {
+pub(crate) fn image_info(i: &aws_sdk_ec2::types::Image) -> ImageInfo {
     ImageInfo {
         id: i.image_id().unwrap_or_default().to_string(),
         name: i.name().unwrap_or_default().to_string(),

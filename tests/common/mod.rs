@@ -395,7 +395,8 @@ fn try_get(ip: &str, port: u16, path: &str) -> Result<(u16, String), String> {
 
 /// Clients for the fleet tests.
 impl World {
-    fn sdk_config(&self) -> aws_config::SdkConfig {
+    /// A shared SDK configuration for the world, for clients of any service.
+    pub fn sdk_config(&self) -> aws_config::SdkConfig {
         aws_config::SdkConfig::builder()
             .behavior_version(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new(self.var("AWS_REGION").to_string()))
