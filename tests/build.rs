@@ -439,10 +439,7 @@ async fn a_host_key_that_does_not_match_the_console_output_is_refused() {
     let run = build(&world, &r, &[]);
     terminate(&world, &decoy).await;
     assert_eq!(run.code, Some(4), "{}", run.describe());
-    let error = run.event("build_failed").unwrap()["error"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let error = run.error();
     assert!(error.contains("host key verification failed"), "{error}");
     assert!(
         error.contains("--trust-host-key-on-first-use"),
@@ -479,10 +476,7 @@ async fn a_source_ami_that_does_not_exist_fails_before_creating_anything() {
     let r = write(&dir, "recipe.toml", &text);
     let run = build(&world, &r, &[]);
     assert_eq!(run.code, Some(2), "{}", run.describe());
-    let error = run.event("build_failed").unwrap()["error"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let error = run.error();
     assert!(
         error.contains("ami-0000000000000dead") && error.contains("not found"),
         "{error}"
@@ -498,10 +492,7 @@ async fn a_subnet_that_does_not_exist_is_named() {
     let text = recipe(&world, "", "").replace(world.private_subnet(), "subnet-0000dead");
     let run = build(&world, &write(&dir, "recipe.toml", &text), &[]);
     assert_eq!(run.code, Some(2), "{}", run.describe());
-    let error = run.event("build_failed").unwrap()["error"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let error = run.error();
     assert!(
         error.contains("subnet subnet-0000dead not found"),
         "{error}"

@@ -58,6 +58,27 @@ fn sample_health(
     (stop, handle)
 }
 
+/// Runs a rollout of `fleet` while sampling its healthy targets; returns the run and the samples.
+async fn rollout_sampled(
+    world: &'static World,
+    fleet: &Fleet,
+    key: &str,
+    args: &[&str],
+) -> (Run, Vec<usize>) {
+    let (stop, sampler) = sample_health(world, fleet);
+    let mut all = vec!["--asg".to_string(), fleet.asg.clone()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    let key = key.to_string();
+    let run = tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        rollout(world, &key, &refs)
+    })
+    .await
+    .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    (run, sampler.await.unwrap())
+}
+
 fn world() -> &'static World {
     static W: std::sync::OnceLock<World> = std::sync::OnceLock::new();
     W.get_or_init(World::get)
@@ -94,20 +115,13 @@ async fn a_good_ami_rolls_the_whole_group_without_dropping_below_capacity() {
         .unwrap();
     let fleet = Fleet::create(world, "good", 4).await;
     let before = sizes(&fleet.group(world).await);
-    let (stop, sampler) = sample_health(world, &fleet);
-    let asg = fleet.asg.clone();
-    let g2 = good.clone();
-    let run = tokio::task::spawn_blocking(move || {
-        rollout(
-            world,
-            "rollout-good",
-            &["--asg", &asg, "--ami", &g2, "--health-timeout", "60s"],
-        )
-    })
-    .await
-    .unwrap();
-    stop.store(true, Ordering::Relaxed);
-    let samples = sampler.await.unwrap();
+    let (run, samples) = rollout_sampled(
+        world,
+        &fleet,
+        "rollout-good",
+        &["--ami", &good, "--health-timeout", "60s"],
+    )
+    .await;
     assert_eq!(run.code, Some(0), "{}", run.describe());
 
     let g = fleet.group(world).await;
@@ -187,20 +201,13 @@ async fn a_bad_ami_is_rolled_back_by_itself() {
         .unwrap();
     let fleet = Fleet::create(world, "bad", 4).await;
     let before = sizes(&fleet.group(world).await);
-    let (stop, sampler) = sample_health(world, &fleet);
-    let asg = fleet.asg.clone();
-    let b2 = bad.clone();
-    let run = tokio::task::spawn_blocking(move || {
-        rollout(
-            world,
-            "rollout-bad",
-            &["--asg", &asg, "--ami", &b2, "--health-timeout", "8s"],
-        )
-    })
-    .await
-    .unwrap();
-    stop.store(true, Ordering::Relaxed);
-    let samples = sampler.await.unwrap();
+    let (run, samples) = rollout_sampled(
+        world,
+        &fleet,
+        "rollout-bad",
+        &["--ami", &bad, "--health-timeout", "8s"],
+    )
+    .await;
     assert_eq!(
         run.code,
         Some(6),
@@ -398,10 +405,7 @@ async fn bad_input_is_refused_clearly_without_changing_the_group() {
         &["--asg", "no-such-group", "--ami", &good],
     );
     assert_eq!(run.code, Some(2), "{}", run.describe());
-    assert!(run.event("rollout_failed").unwrap()["error"]
-        .as_str()
-        .unwrap()
-        .contains("group \"no-such-group\" not found"));
+    assert!(run.error().contains("group \"no-such-group\" not found"));
 
     let fleet = Fleet::create(world, "input", 0).await;
     let before = fleet.group(world).await;
@@ -412,10 +416,7 @@ async fn bad_input_is_refused_clearly_without_changing_the_group() {
         &["--asg", &fleet.asg, "--ami", "ami-00000000deadbeef0"],
     );
     assert_eq!(run.code, Some(2), "{}", run.describe());
-    assert!(run.event("rollout_failed").unwrap()["error"]
-        .as_str()
-        .unwrap()
-        .contains("AMI ami-00000000deadbeef0 not found"));
+    assert!(run.error().contains("AMI ami-00000000deadbeef0 not found"));
 
     // Another driver holds the group (on another machine, lock not expired).
     let asg = world.asg();
@@ -440,10 +441,7 @@ async fn bad_input_is_refused_clearly_without_changing_the_group() {
         .unwrap();
     let run = rollout(world, "bad-input", &["--asg", &fleet.asg, "--ami", &good]);
     assert_eq!(run.code, Some(7), "{}", run.describe());
-    let error = run.event("rollout_failed").unwrap()["error"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let error = run.error();
     assert!(
         error.contains("locked by another rollout driver (ci-runner-7:4242"),
         "{error}"
@@ -481,10 +479,7 @@ async fn bad_input_is_refused_clearly_without_changing_the_group() {
         .unwrap();
     let run = rollout(world, "bad-input", &["--asg", &fleet.asg, "--ami", &good]);
     assert_eq!(run.code, Some(7), "{}", run.describe());
-    let error = run.event("rollout_failed").unwrap()["error"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let error = run.error();
     assert!(
         error.contains("has a rollout of")
             && error.contains("--abort")
@@ -525,10 +520,7 @@ async fn bad_input_is_refused_clearly_without_changing_the_group() {
         .send()
         .await;
     assert_eq!(run.code, Some(2), "{}", run.describe());
-    let error = run.event("rollout_failed").unwrap()["error"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let error = run.error();
     assert!(
         error.contains("launch configuration") && error.contains("migrate"),
         "{error}"

@@ -120,10 +120,7 @@ inline = [
         "RDS values are not secrets: {lines:?}"
     );
     assert!(lines.iter().any(|l| l.contains("[REDACTED]")));
-    let error = run.event("build_failed").unwrap()["error"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let error = run.error();
     assert!(
         error.contains("exit code 9") && error.contains("failing with [REDACTED]"),
         "{error}"
@@ -162,10 +159,7 @@ async fn a_missing_secret_or_key_is_named_and_nothing_is_created() {
         );
         let run = build(&world, &r, &[]);
         assert_eq!(run.code, Some(2), "{}", run.describe());
-        let error = run.event("build_failed").unwrap()["error"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let error = run.error();
         assert!(error.contains(&expected), "{reference}: {error}");
         assert!(
             run.event("resource_created").is_none(),

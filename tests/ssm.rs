@@ -135,10 +135,7 @@ async fn a_failing_command_over_ssm_fails_the_bake_with_its_exit_code() {
     );
     let run = build(&world, &r, &[]);
     assert_eq!(run.code, Some(3), "{}", run.describe());
-    let error = run.event("build_failed").unwrap()["error"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let error = run.error();
     assert!(
         error.contains("exit code 42") && error.contains("going down"),
         "{error}"

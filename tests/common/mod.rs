@@ -182,6 +182,16 @@ impl Run {
         self.events.iter().find(|e| e["event"] == name)
     }
 
+    /// The error of the run's `build_failed` or `rollout_failed` event.
+    pub fn error(&self) -> String {
+        self.events
+            .iter()
+            .find(|e| e["event"] == "build_failed" || e["event"] == "rollout_failed")
+            .and_then(|e| e["error"].as_str())
+            .unwrap_or_else(|| panic!("no failure event in:\n{}", self.describe()))
+            .to_string()
+    }
+
     pub fn output_lines(&self) -> Vec<String> {
         self.events
             .iter()
