@@ -6,7 +6,7 @@ starts a world of its own and never skips: without a world it fails and says how
 
     WORLD_ENV_FILE=.world/env .venv/bin/python -m pytest tests/reliability
 
-`BAKERY` names the binary (default `target/debug/bakery`). The tests set world-global faults,
+`BAKERY` names the binary (default `$CARGO_TARGET_DIR/debug/bakery`, else `target/debug/bakery`). The tests set world-global faults,
 so they must not share the world with other tests running at the same time; every fault spec
 is cleared by a fixture finalizer, also on failure.
 
@@ -33,7 +33,9 @@ from typing import Callable
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-BAKERY = os.environ.get("BAKERY") or str(REPO / "target" / "debug" / "bakery")
+BAKERY = os.environ.get("BAKERY") or str(
+    Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target") / "debug" / "bakery"
+)
 
 # Nothing here may leave 127.0.0.0/8: no proxies, no instance-metadata lookups (boto3 and bakery).
 for _k in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
