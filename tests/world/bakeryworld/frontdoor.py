@@ -3,7 +3,9 @@
 - a call log: service, action, HTTP status, time, fault injected (if any), the caller's access
   key id (SigV4 credential scope) and whether the action is mutating;
 - seeded fault injection per action: throttling with the service's real error code and
-  protocol shape, HTTP 500, dropped connections, added latency;
+  protocol shape, HTTP 500, dropped connections, added latency, and lost responses (the call
+  is served, then the connection drops before the answer: the case idempotency tokens exist
+  for);
 - the control API under /_world/.
 
 Faults never apply to /_world/ or /moto-api/.
@@ -21,7 +23,7 @@ import uuid
 from collections import deque
 from urllib.parse import parse_qs
 
-RULE_KEYS = {"action", "throttle", "error500", "drop", "latency_ms", "access_key"}
+RULE_KEYS = {"action", "throttle", "error500", "drop", "lose", "latency_ms", "access_key"}
 ACTION_RE = re.compile(r"^(\*|[a-z0-9-]+:(\*|[A-Za-z0-9]+))$")
 # SigV4 credential scope: AKID/yyyymmdd/region/service/aws4_request (the `Authorization`
 # header's `Credential=`, or a presigned URL's `X-Amz-Credential`). SigV4a has no region.
@@ -151,13 +153,13 @@ def validate_spec(spec) -> dict:
                 f"{where}.action must be '*', 'service:*' or 'service:Action' (e.g. 'ec2:RunInstances'), got {act!r}"
             )
         rule = {"action": act}
-        for k in ("throttle", "error500", "drop"):
+        for k in ("throttle", "error500", "drop", "lose"):
             v = r.get(k, 0)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
                 raise SpecError(f"{where}.{k} must be a probability between 0 and 1, got {v!r}")
             rule[k] = float(v)
-        if rule["throttle"] + rule["error500"] + rule["drop"] > 1.0 + 1e-9:
-            raise SpecError(f"{where}: throttle + error500 + drop must not exceed 1")
+        if rule["throttle"] + rule["error500"] + rule["drop"] + rule["lose"] > 1.0 + 1e-9:
+            raise SpecError(f"{where}: throttle + error500 + drop + lose must not exceed 1")
         lat = r.get("latency_ms", 0)
         if not isinstance(lat, (int, float)) or isinstance(lat, bool) or not 0 <= lat <= 60000:
             raise SpecError(f"{where}.latency_ms must be a number of milliseconds in 0..60000, got {lat!r}")
@@ -313,6 +315,8 @@ class FrontDoor:
             fault = "throttle"
         elif u < rule["drop"] + rule["throttle"] + rule["error500"]:
             fault = "error500"
+        elif u < rule["drop"] + rule["throttle"] + rule["error500"] + rule["lose"]:
+            fault = "lose"
         return fault, rule["latency_ms"]
 
     @staticmethod
@@ -404,8 +408,7 @@ class FrontDoor:
                     }
                 )
 
-        if fault == "drop":
-            record("dropped")
+        def drop_connection(what: str):
             sock = environ.get("werkzeug.socket")
             if sock is not None:
                 import socket as _s
@@ -414,7 +417,28 @@ class FrontDoor:
                     sock.shutdown(_s.SHUT_RDWR)
                 except OSError:
                     pass
-            raise DropConnection("world: connection dropped by fault injection")
+            raise DropConnection(f"world: {what} by fault injection")
+
+        if fault == "drop":
+            record("dropped")
+            drop_connection("connection dropped")
+        if fault == "lose":
+            # Serve the call for real (its effects happen), then lose the answer: the caller
+            # sees a broken connection and cannot tell whether the call took effect.
+            served = {}
+
+            def keep(status, headers, exc_info=None):
+                served["status"] = status
+                return lambda _data: None
+
+            try:
+                for _chunk in self.app(environ, keep):
+                    pass
+            except Exception:
+                record(500)
+                raise
+            record(f"lost {str(served.get('status', '0')).split()[0]}")
+            drop_connection("answer lost after the call was served")
         if fault in ("throttle", "error500"):
             status, headers, payload = self.error_response(fault, protocol, service, action)
             headers.append(("Content-Length", str(len(payload))))

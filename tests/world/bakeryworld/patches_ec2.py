@@ -8,10 +8,15 @@
   delay, then `available`; without NoReboot the instance is shut down around the capture
   and boots again (AWS: "Amazon EC2 reboots the instance" unless NoReboot).
 - CopyImage: the copy shares the source's layers and is `pending` for the snapshot delay.
+- CreateImage/CopyImage: a name already used by an AMI of the account is refused with
+  `InvalidAMIName.Duplicate` (moto makes a second image of the same name).
 - Public IPs: instances in world VPCs (CIDR in 127.0.0.0/8) get no public IP; elsewhere an
   auto-assigned public IP comes from 127.254.0.0/16 rather than moto's 54.214.x.x, so no
   client is ever pointed at a non-loopback address.
 - RebootInstances: the body reboots (processes end, boot runs again after the boot delay).
+- RunInstances `ClientToken`: moto stores it and launches again; AWS answers a repeated
+  request with the same token with the original reservation (`IdempotentParameterMismatch`
+  when the image, type or subnet differ), which is what makes a retry after a lost answer safe.
 - IAM instance profiles at launch: moto associates a RunInstances `IamInstanceProfile` with the
   first instance only and ignores a launch template's; AWS gives every instance the profile
   (the SSM agent needs it to register).
@@ -72,6 +77,7 @@ def install(world) -> None:
     from moto.core.responses import ActionResult
     from moto.core.types import Base64EncodedString
     from moto.core.utils import utcnow
+    from moto.ec2.exceptions import EC2ClientError
     from moto.ec2.models import EC2Backend
     from moto.ec2.models import amis as amis_models
     from moto.ec2.models import elastic_network_interfaces as eni_mod
@@ -117,7 +123,16 @@ def install(world) -> None:
 
     orig_create_image = amis_models.AmiBackend.create_image
 
+    def refuse_duplicate_name(backend, name):
+        for other in list(backend.amis.values()):
+            if other.name == name and other.owner_id == backend.account_id:
+                raise EC2ClientError(
+                    "InvalidAMIName.Duplicate",
+                    f"AMI name {name} is already in use by AMI {other.id}",
+                )
+
     def create_image(self, instance_id, name, description, tag_specifications):
+        refuse_duplicate_name(self, name)
         ami = orig_create_image(self, instance_id, name, description, tag_specifications)
         instance = self.get_instance(instance_id)
         if _W is not None:
@@ -133,6 +148,8 @@ def install(world) -> None:
     orig_copy_image = amis_models.AmiBackend.copy_image
 
     def copy_image(self, source_image_id, source_region, name=None, description=None):
+        if name:
+            refuse_duplicate_name(self, name)
         ami = orig_copy_image(self, source_image_id, source_region, name, description)
         if _W is not None:
             _W.images.on_copy_image(ami, source_image_id)
@@ -206,3 +223,33 @@ def install(world) -> None:
         return reservation
 
     EC2Backend.run_instances = run_instances  # type: ignore[method-assign]
+
+    # --- RunInstances is idempotent by ClientToken --------------------------------------------
+    from moto.ec2.responses.instances import InstanceResponse
+
+    orig_resp_run_instances = InstanceResponse.run_instances
+
+    def resp_run_instances(self):
+        token = self._get_param("ClientToken")
+        if token:
+            for reservation in list(self.ec2_backend.reservations.values()):
+                if not reservation.instances or reservation.instances[0].client_token != token:
+                    continue
+                first = reservation.instances[0]
+                asked = {
+                    "image": self._get_param("ImageId"),
+                    "type": self._get_param("InstanceType"),
+                    "subnet": self._get_param("SubnetId"),
+                }
+                had = {"image": first.image_id, "type": first.instance_type, "subnet": first.subnet_id}
+                if any(asked[k] is not None and asked[k] != had[k] for k in asked):
+                    raise EC2ClientError(
+                        "IdempotentParameterMismatch",
+                        f"Arguments on this idempotent request are inconsistent with arguments used in "
+                        f"previous request(s) with client token {token}.",
+                    )
+                self.error_on_dryrun()
+                return ActionResult(reservation)
+        return orig_resp_run_instances(self)
+
+    InstanceResponse.run_instances = resp_run_instances  # type: ignore[method-assign]
