@@ -29,6 +29,20 @@ pub fn to_tags(tags: &Tags) -> Vec<Tag> {
         .collect()
 }
 
+/// Whether a resource carrying `found` has every tag of `asked` (which must not be empty).
+///
+/// A create call whose first answer was lost (the request was served, the connection broke)
+/// is retried and then meets its own resource: `…Duplicate` for a name-unique resource. The
+/// tags it asked for, build id and expiry included, tell that resource from anyone else's.
+fn carries(found: &[Tag], asked: &Tags) -> bool {
+    !asked.is_empty()
+        && asked.iter().all(|(k, v)| {
+            found
+                .iter()
+                .any(|t| t.key() == Some(k.as_str()) && t.value() == Some(v.as_str()))
+        })
+}
+
 fn tag_filter(key: &str, value: &str) -> Filter {
     Filter::builder()
         .name(format!("tag:{key}"))
@@ -129,15 +143,34 @@ pub async fn import_key_pair(
     public_key_openssh: &str,
     tags: &Tags,
 ) -> Result<(), AwsError> {
-    call("ec2:ImportKeyPair", name, || {
+    let made = call("ec2:ImportKeyPair", name, || {
         ec2.import_key_pair()
             .key_name(name)
             .public_key_material(Blob::new(public_key_openssh.as_bytes()))
             .tag_specifications(tag_spec(ResourceType::KeyPair, tags))
             .send()
     })
-    .await
-    .map(|_| ())
+    .await;
+    match made {
+        Ok(_) => Ok(()),
+        // A retry after a lost answer: the key pair is ours if it carries our tags.
+        Err(e) if e.code() == Some("InvalidKeyPair.Duplicate") => {
+            let out = call("ec2:DescribeKeyPairs", name, || {
+                ec2.describe_key_pairs().key_names(name).send()
+            })
+            .await?;
+            let ours = out
+                .key_pairs()
+                .iter()
+                .any(|k| k.key_name() == Some(name) && carries(k.tags(), tags));
+            if ours {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Deletes a key pair; one that is already gone is not an error.
@@ -206,7 +239,7 @@ pub async fn create_security_group(
     description: &str,
     tags: &Tags,
 ) -> Result<String, AwsError> {
-    let out = call("ec2:CreateSecurityGroup", name, || {
+    let made = call("ec2:CreateSecurityGroup", name, || {
         ec2.create_security_group()
             .group_name(name)
             .vpc_id(vpc_id)
@@ -214,8 +247,27 @@ pub async fn create_security_group(
             .tag_specifications(tag_spec(ResourceType::SecurityGroup, tags))
             .send()
     })
-    .await?;
-    Ok(out.group_id().unwrap_or_default().to_string())
+    .await;
+    match made {
+        Ok(out) => Ok(out.group_id().unwrap_or_default().to_string()),
+        // A retry after a lost answer: the group is ours if it carries our tags.
+        Err(e) if e.code() == Some("InvalidGroup.Duplicate") => {
+            let out = call("ec2:DescribeSecurityGroups", name, || {
+                ec2.describe_security_groups()
+                    .filters(Filter::builder().name("group-name").values(name).build())
+                    .filters(Filter::builder().name("vpc-id").values(vpc_id).build())
+                    .send()
+            })
+            .await?;
+            out.security_groups()
+                .iter()
+                .find(|g| g.group_name() == Some(name) && carries(g.tags(), tags))
+                .and_then(|g| g.group_id())
+                .map(str::to_string)
+                .ok_or(e)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Security groups named `name` in `vpc_id` (at most one; names are unique per VPC).
@@ -538,7 +590,7 @@ pub async fn create_image(
     no_reboot: bool,
     tags: &Tags,
 ) -> Result<String, AwsError> {
-    let out = call("ec2:CreateImage", instance_id, || {
+    let made = call("ec2:CreateImage", instance_id, || {
         ec2.create_image()
             .instance_id(instance_id)
             .name(name)
@@ -547,8 +599,27 @@ pub async fn create_image(
             .tag_specifications(tag_spec(ResourceType::Image, tags))
             .send()
     })
-    .await?;
-    Ok(out.image_id().unwrap_or_default().to_string())
+    .await;
+    match made {
+        Ok(out) => Ok(out.image_id().unwrap_or_default().to_string()),
+        // A retry after a lost answer: the image of that name is ours if it carries our tags.
+        Err(e) if e.code() == Some("InvalidAMIName.Duplicate") => {
+            let out = call("ec2:DescribeImages", name, || {
+                ec2.describe_images()
+                    .owners("self")
+                    .filters(Filter::builder().name("name").values(name).build())
+                    .send()
+            })
+            .await?;
+            out.images()
+                .iter()
+                .find(|i| i.name() == Some(name) && carries(i.tags(), tags))
+                .and_then(|i| i.image_id())
+                .map(str::to_string)
+                .ok_or(e)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 pub async fn create_tags(ec2: &Client, resources: &[String], tags: &Tags) -> Result<(), AwsError> {
@@ -721,4 +792,35 @@ pub async fn addresses(
             )
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tag(k: &str, v: &str) -> Tag {
+        Tag::builder().key(k).value(v).build()
+    }
+
+    #[test]
+    fn a_resource_is_ours_only_with_every_tag_we_asked_for() {
+        let asked = Tags::from([
+            ("bakery:build-id".to_string(), "b1".to_string()),
+            ("Name".to_string(), "bakery-b1".to_string()),
+        ]);
+        let found = [
+            tag("Name", "bakery-b1"),
+            tag("bakery:build-id", "b1"),
+            tag("other", "x"),
+        ];
+        assert!(carries(&found, &asked));
+        // another build's resource of the same name
+        assert!(!carries(
+            &[tag("Name", "bakery-b1"), tag("bakery:build-id", "b2")],
+            &asked
+        ));
+        assert!(!carries(&[tag("Name", "bakery-b1")], &asked));
+        // asking with no tags proves nothing
+        assert!(!carries(&found, &Tags::new()));
+    }
 }

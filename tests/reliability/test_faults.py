@@ -1,7 +1,10 @@
 """20 bakes under API faults: every AWS call the world serves is throttled with probability 0.2
 (the service's real throttling code: EC2 `RequestLimitExceeded`/503, query `Throttling`/400,
-JSON `ThrottlingException`/400) or answered `InternalError`/500 with probability 0.05. Every
-bake must succeed, leave nothing behind, and never launch a second instance."""
+JSON `ThrottlingException`/400) or answered `InternalError`/500 with probability 0.05, and
+its answer is lost after the call took effect (the connection breaks) with probability 0.05,
+0.2 for the calls that create something (RunInstances, ImportKeyPair, CreateSecurityGroup,
+CreateImage): the case where a careless retry launches a second instance or fails on its own
+key pair. Every bake must succeed, leave nothing behind, and never launch a second instance."""
 
 from __future__ import annotations
 
@@ -14,7 +17,12 @@ from .conftest import World, bakery_ok, gc, report
 BAKES = 20
 CONCURRENCY = 4
 SEED = 2026
-SPEC = {"seed": SEED, "rules": [{"action": "*", "throttle": 0.2, "error500": 0.05}]}
+CREATES = ("ec2:RunInstances", "ec2:ImportKeyPair", "ec2:CreateSecurityGroup", "ec2:CreateImage")
+SPEC = {
+    "seed": SEED,
+    "rules": [{"action": "*", "throttle": 0.2, "error500": 0.05, "lose": 0.05}]
+    + [{"action": a, "throttle": 0.2, "error500": 0.05, "lose": 0.2} for a in CREATES],
+}
 
 
 def test_bakes_survive_throttling_and_500s(world: World, faults, tmp_path):
@@ -35,14 +43,18 @@ def test_bakes_survive_throttling_and_500s(world: World, faults, tmp_path):
     world.clear_faults()  # the checks below must not be faulted themselves
 
     calls = sum(t["total"] for t in tallies)
-    injected = {"throttle": 0, "error500": 0}
+    injected = {"throttle": 0, "error500": 0, "lose": 0}
     for t in tallies:
         for kind, n in t["faults_injected"].items():
             injected[kind] = injected.get(kind, 0) + n
-    # RunInstances calls that were faulted and retried: where a careless retry would launch twice.
-    launch_faults = sum(
-        1 for t in tallies for c in t["calls"] if c["action"] == "RunInstances" and c["fault"]
-    )
+    # Answers lost after a create took effect: where a careless retry launches a second
+    # instance (RunInstances) or fails on its own resource (`…Duplicate`).
+    lost = {a: 0 for a in CREATES}
+    for t in tallies:
+        for c in t["calls"]:
+            key = f"{c['service']}:{c['action']}"
+            if key in lost and c["fault"] == "lose":
+                lost[key] += 1
     failures, leaked, duplicates, amis = [], {}, {}, []
     for r in runs:
         ami = None
@@ -65,8 +77,10 @@ def test_bakes_survive_throttling_and_500s(world: World, faults, tmp_path):
 
     report(
         f"faults: {BAKES} bakes ({CONCURRENCY} at a time, seed {SEED}), {calls} calls, "
-        f"{injected.get('throttle', 0)} throttled, {injected.get('error500', 0)} 500s "
-        f"({launch_faults} of them on RunInstances), "
+        f"{injected.get('throttle', 0)} throttled, {injected.get('error500', 0)} 500s, "
+        f"{injected.get('lose', 0)} answers lost ("
+        + ", ".join(f"{n} {a.split(':')[1]}" for a, n in lost.items())
+        + "), "
         f"{BAKES - len(failures)} succeeded, {sum(len(v) for v in leaked.values())} leaked, "
         f"{len(duplicates)} duplicates, {elapsed:.0f}s"
     )
@@ -76,4 +90,5 @@ def test_bakes_survive_throttling_and_500s(world: World, faults, tmp_path):
     assert not failures, f"{len(failures)} of {BAKES} bakes failed under faults:\n\n" + "\n\n".join(failures)
     assert not leaked, f"bakes left resources behind: {leaked}"
     assert not duplicates, f"more (or fewer) than one instance carried a build id: {duplicates}"
-    assert injected.get("throttle", 0) > 0 and injected.get("error500", 0) > 0, f"faults were injected: {injected}"
+    assert all(injected.get(k, 0) > 0 for k in ("throttle", "error500", "lose")), f"faults were injected: {injected}"
+    assert all(lost.values()), f"every kind of create must lose an answer for the test to prove anything: {lost}"
