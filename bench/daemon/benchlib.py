@@ -953,17 +953,6 @@ def run(state_path: str, label: str, ngroups: int, loops: int, kills: int, scrat
                      "tags_per_round": max((b[1] for b in burst), default=0)},
             "without": {"n": len(plain), "median_s": round(statistics.median([b[0] for b in plain]), 3) if plain else None},
         }
-        # What one DescribeInstances with every watched id answers (the daemon asks once for the
-        # addresses of the instances it does not know yet).
-        try:
-            gs = describe_groups(client("autoscaling"), names)
-            ids = [i["InstanceId"] for g in gs.values() for i in g["Instances"]]
-            resp = client("ec2").describe_instances(InstanceIds=ids[:1000])
-            first = [i["InstanceId"] for x in resp["Reservations"] for i in x["Instances"]]
-            r["describe_instances_check"] = {"asked": len(ids[:1000]), "answered": len(first),
-                                             "next_token": bool(resp.get("NextToken")), "first_page": first}
-        except Exception as ex:  # noqa: BLE001
-            r["describe_instances_check"] = {"error": str(ex)[:200]}
         r["warmup"] = {"loops": b1["loops"], "calls": {a: v for a, v in b1["calls"].items()},
                        "calls_total": sum(b1["calls"].values())}
         st = r["steady"]
@@ -1165,7 +1154,9 @@ def report(state_path: str, results: str) -> int:
                        f"{r.get('steady', {}).get('throttles', 0)} throttles, {r.get('steady', {}).get('api_errors', 0)} API errors, "
                        f"{r.get('steady', {}).get('loop_errors', 0)} failed rounds" for r in runs))
     P("  warm-up (first 3 rounds, takeover included): " + ", ".join(
-        f"{r['label']} {r.get('warmup', {}).get('calls_total', 0):.0f} calls" for r in runs))
+        f"{r['label']} {r.get('warmup', {}).get('calls_total', 0):.0f} calls "
+        f"({r.get('warmup', {}).get('calls', {}).get('ec2:DescribeInstances', 0):.0f} DescribeInstances pages "
+        f"for {r.get('instances', 0)} instances' addresses)" for r in runs))
 
     P("\n--- rounds, memory, CPU")
     P(f"  {'run':<12} {'round s median':>14} {'max':>7} {'p90':>7} {'period s':>9} {'RSS max MB':>10} {'VmHWM MB':>9} {'CPU ms/round':>12} {'CPU %':>6} {'SIGTERM->exit s':>15}")
@@ -1222,16 +1213,10 @@ def report(state_path: str, results: str) -> int:
           f"the probe's own unhealthy_threshold ({big0['probe_unhealthy_threshold']}) must pass before the probe counts as a "
           f"failing signal, then the group's threshold counts rounds again: a kill is marked in the K-th round after it, "
           f"K = probe threshold + threshold - 1 = {max(fails)}, i.e. {(max(fails) - 1) * big0['interval']:g} to "
-          f"{max(fails) * big0['interval']:g} s after the kill plus that round's duration, against a target of "
+          f"{max(fails) * big0['interval']:g} s after the kill plus the probe's own time (a round probes first, on "
+          f"the interval's beat, and reads the API after acting), against a target of "
           f"{big0['interval'] * big0['threshold'] + 0.5:g} s")
 
-    for r in runs:
-        dc = r.get("describe_instances_check") or {}
-        if dc.get("asked") and dc.get("answered", 0) < dc["asked"]:
-            P(f"  {r['label']}: one DescribeInstances with the {dc['asked']} watched instance ids (the daemon's "
-              f"ec2::addresses asks once and reads one page) answers {dc['answered']} instances"
-              f"{' and a NextToken' if dc.get('next_token') else ''}: the other {dc['asked'] - dc['answered']} get no "
-              f"address, so the daemon never probes them (and its evidence still says `probe: ok`)")
     P("\n--- daemon log: warnings and errors (count, message)")
     for r in runs:
         w = r.get("log_warnings", {})

@@ -6,6 +6,11 @@
 //! [`decide::decide`] what to replace. Replacement goes through the group
 //! (`SetInstanceHealth Unhealthy`), so the group's own machinery launches the successor.
 //!
+//! A round starts on the interval's beat with the probes, judges them together with the API's
+//! answers read at the end of the previous round, acts, and then reads the API for the next
+//! round. So API latency (a loaded or throttling endpoint) does not shift the probes, and a
+//! killed app is marked within interval x threshold plus the probe's own time.
+//!
 //! While it runs it owns the health decisions of its groups: it suspends their `HealthCheck`
 //! process (ELB health alone no longer kills instances, so the fleet breaker means something) and
 //! records the takeover in a tag with owner and expiry; it resumes `HealthCheck` when it stops.
@@ -77,6 +82,14 @@ struct Daemon {
     foreign: BTreeSet<String>,
 }
 
+/// What the API said about the watched groups: read at the end of a round, judged at the start
+/// of the next one together with fresh probes.
+struct Facts {
+    groups: Vec<autoscaling::Group>,
+    impaired: BTreeMap<String, String>,
+    health: BTreeMap<String, BTreeMap<String, elbv2::TargetState>>,
+}
+
 /// What one round saw, before deciding.
 struct Observation {
     views: Vec<GroupView>,
@@ -122,18 +135,44 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
     let mut stop = crate::signals::Signals::new();
     let mut hup = signal(SignalKind::hangup()).ok();
     let mut ready = false;
+    // The API's answers for the next round, read at the end of this one. A round starts with its
+    // probes, on the interval's own beat whatever the API's latency (a slow or throttled
+    // DescribeInstanceStatus no longer delays the probes, so detection stays within interval x
+    // threshold), and judges them with facts at most one interval old.
+    let mut facts: Option<Facts> = None;
     let reason = 'outer: loop {
         let started = Instant::now();
-        // Observing has no side effects: a signal may cut it short.
-        let observed = tokio::select! {
-            o = d.observe() => o,
-            sig = stop.next() => break 'outer sig,
+        // A signal may cut reading and probing short: neither decides anything, and a takeover
+        // is recorded before it is made (see `take_over`).
+        let read = match facts.take() {
+            Some(f) => Ok(f),
+            None => tokio::select! {
+                f = d.fetch() => f,
+                sig = stop.next() => break 'outer sig,
+            },
         };
-        // Acting is short and never cut in half.
-        let ok = match observed {
-            Ok(obs) => {
+        let ok = match read {
+            Ok(f) => {
+                let obs = tokio::select! {
+                    o = d.judge(f) => o,
+                    sig = stop.next() => break 'outer sig,
+                };
+                // Acting is short and never cut in half.
                 d.act(obs).await;
-                true
+                let next = tokio::select! {
+                    f = d.fetch() => f,
+                    sig = stop.next() => break 'outer sig,
+                };
+                match next {
+                    Ok(f) => {
+                        facts = Some(f);
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "round failed; the daemon keeps going");
+                        false
+                    }
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "round failed; the daemon keeps going");
@@ -264,12 +303,19 @@ impl Daemon {
         }
         self.foreign.remove(&g.name);
         let ttl = self.config.takeover_ttl().as_secs();
-        let renew = match self.taken.get(&g.name) {
+        let mut renew = match self.taken.get(&g.name) {
             // Renew once a third of the lifetime is used.
             Some(expires) => expires.saturating_sub(now()) < ttl * 2 / 3,
             None => true,
         };
         if !g.suspended.iter().any(|p| p == HEALTH_CHECK) {
+            // The takeover is recorded (tag, and `taken` for the stop) before it is made, so a
+            // stop or a crash at any point leaves a record the stop, the next start and
+            // `bakery gc` undo: never a suspended HealthCheck nobody knows about.
+            if renew {
+                self.renew(std::slice::from_ref(&g.name)).await?;
+                renew = false;
+            }
             autoscaling::suspend(&self.aws.autoscaling, &g.name, &[HEALTH_CHECK]).await?;
             tracing::info!(group = %g.name, "took over health decisions: HealthCheck suspended, ReplaceUnhealthy left on");
         }
@@ -327,7 +373,9 @@ impl Daemon {
         }
     }
 
-    async fn observe(&mut self) -> Result<Observation, AwsError> {
+    /// The API reads of a round: the groups (taking over new ones, renewing takeovers), the
+    /// facts of instances not seen before, EC2 status checks and every target group's health.
+    async fn fetch(&mut self) -> Result<Facts, AwsError> {
         let names: Vec<String> = self
             .config
             .groups
@@ -401,6 +449,20 @@ impl Daemon {
                 health.insert(tg, h?);
             }
         }
+        Ok(Facts {
+            groups,
+            impaired,
+            health,
+        })
+    }
+
+    /// Probes the in-service instances and puts every signal together, per group.
+    async fn judge(&mut self, facts: Facts) -> Observation {
+        let Facts {
+            groups,
+            impaired,
+            health,
+        } = facts;
         let now = now();
 
         // Own probes, all at once within the concurrency bound.
@@ -524,7 +586,7 @@ impl Daemon {
                 threshold,
             });
         }
-        Ok(Observation { views, evidence })
+        Observation { views, evidence }
     }
 
     async fn act(&mut self, obs: Observation) {
