@@ -90,46 +90,6 @@ def test_a_lost_answer_means_the_call_took_effect(world, faults):
     ec2.delete_security_group(GroupId=groups[0]["GroupId"])
 
 
-def test_run_instances_honours_its_client_token_after_a_lost_answer(world, faults):
-    ec2 = world.client("ec2", retries=0)
-    token = f"token-{uuid.uuid4().hex}"
-    kw = dict(
-        ImageId=world.env["WORLD_BASE_AMI"], MinCount=1, MaxCount=1, InstanceType="t3.micro",
-        SubnetId=world.env["WORLD_PRIVATE_SUBNETS"].split(",")[0], ClientToken=token,
-        TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "token", "Value": token}]}],
-    )
-    faults({"seed": 5, "rules": [{"action": "ec2:RunInstances", "lose": 1}]})
-    with pytest.raises((ConnectionClosedError, EndpointConnectionError)):
-        ec2.run_instances(**kw)
-    world.control("DELETE", "/_world/faults")
-    first = ec2.run_instances(**kw)["Instances"][0]["InstanceId"]
-    again = ec2.run_instances(**kw)["Instances"][0]["InstanceId"]
-    try:
-        assert first == again, "the same token answers with the original instance"
-        made = [i["InstanceId"]
-                for r in ec2.describe_instances(Filters=[{"Name": "tag:token", "Values": [token]}])["Reservations"]
-                for i in r["Instances"]]
-        assert made == [first], f"one instance for one token, got {made}"
-        code = err_of(lambda: ec2.run_instances(**{**kw, "InstanceType": "t3.small"}))
-        assert code and code[0] == "IdempotentParameterMismatch", code
-    finally:
-        ec2.terminate_instances(InstanceIds=[first])
-
-
-def test_ami_names_are_unique_per_account(world, launch):
-    ec2 = world.client("ec2", retries=0)
-    box = launch()
-    name = f"unique-{uuid.uuid4().hex[:8]}"
-    image = ec2.create_image(InstanceId=box.id, Name=name, NoReboot=True)["ImageId"]
-    try:
-        code = err_of(lambda: ec2.create_image(InstanceId=box.id, Name=name, NoReboot=True))
-        assert code == ("InvalidAMIName.Duplicate", 400), code
-        code = err_of(lambda: ec2.copy_image(SourceImageId=image, SourceRegion=world.env["AWS_REGION"], Name=name))
-        assert code == ("InvalidAMIName.Duplicate", 400), code
-    finally:
-        ec2.deregister_image(ImageId=image)
-
-
 def test_faults_are_seeded_and_replayable(world, faults):
     ec2 = world.client("ec2", retries=0)  # every call is one attempt (no backoff sleeps)
 

@@ -17,6 +17,9 @@
 - RunInstances `ClientToken`: moto stores it and launches again; AWS answers a repeated
   request with the same token with the original reservation (`IdempotentParameterMismatch`
   when the image, type or subnet differ), which is what makes a retry after a lost answer safe.
+- DeleteSecurityGroup: refused with `DependencyViolation` while an instance that is not
+  `terminated` uses the group (moto deletes it); AWS keeps a group while a network interface
+  uses it, which is why a bake's cleanup waits for its instance to terminate.
 - IAM instance profiles at launch: moto associates a RunInstances `IamInstanceProfile` with the
   first instance only and ignores a launch template's; AWS gives every instance the profile
   (the SSM agent needs it to register).
@@ -223,6 +226,30 @@ def install(world) -> None:
         return reservation
 
     EC2Backend.run_instances = run_instances  # type: ignore[method-assign]
+
+    # --- a security group in use cannot be deleted -------------------------------------------
+    from moto.ec2.models.security_groups import SecurityGroupBackend
+
+    orig_delete_security_group = SecurityGroupBackend.delete_security_group
+
+    def delete_security_group(self, name=None, group_id=None):
+        group = self.get_security_group_from_id(group_id) if group_id else None
+        if group is None and name:
+            group = self.get_security_group_by_name_or_id(name)
+        if group is not None:
+            for inst in self.all_instances():
+                if inst.state == "terminated":
+                    continue
+                used = {g.id for g in inst.security_groups}
+                for nic in (inst.nics or {}).values():
+                    used |= {g.id for g in nic.group_set}
+                if group.id in used:
+                    raise EC2ClientError(
+                        "DependencyViolation", f"resource {group.id} has a dependent object"
+                    )
+        return orig_delete_security_group(self, name=name, group_id=group_id)
+
+    SecurityGroupBackend.delete_security_group = delete_security_group  # type: ignore[method-assign]
 
     # --- RunInstances is idempotent by ClientToken --------------------------------------------
     from moto.ec2.responses.instances import InstanceResponse

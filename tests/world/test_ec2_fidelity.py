@@ -1,0 +1,86 @@
+"""EC2 behaviour the world adds to moto (patches_ec2.py): idempotent RunInstances, unique AMI
+names, security groups kept while in use."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError
+
+
+@pytest.fixture
+def faults(world):
+    yield lambda spec: world.control("POST", "/_world/faults", spec)
+    world.control("DELETE", "/_world/faults")
+
+
+def err_of(fn):
+    try:
+        fn()
+    except ClientError as e:
+        return e.response["Error"]["Code"], e.response["ResponseMetadata"]["HTTPStatusCode"]
+    return None
+
+
+def test_run_instances_honours_its_client_token_after_a_lost_answer(world, faults):
+    ec2 = world.client("ec2", retries=0)
+    token = f"token-{uuid.uuid4().hex}"
+    kw = dict(
+        ImageId=world.env["WORLD_BASE_AMI"], MinCount=1, MaxCount=1, InstanceType="t3.micro",
+        SubnetId=world.env["WORLD_PRIVATE_SUBNETS"].split(",")[0], ClientToken=token,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "token", "Value": token}]}],
+    )
+    faults({"seed": 5, "rules": [{"action": "ec2:RunInstances", "lose": 1}]})
+    with pytest.raises((ConnectionClosedError, EndpointConnectionError)):
+        ec2.run_instances(**kw)
+    world.control("DELETE", "/_world/faults")
+    first = ec2.run_instances(**kw)["Instances"][0]["InstanceId"]
+    again = ec2.run_instances(**kw)["Instances"][0]["InstanceId"]
+    try:
+        assert first == again, "the same token answers with the original instance"
+        made = [i["InstanceId"]
+                for r in ec2.describe_instances(Filters=[{"Name": "tag:token", "Values": [token]}])["Reservations"]
+                for i in r["Instances"]]
+        assert made == [first], f"one instance for one token, got {made}"
+        code = err_of(lambda: ec2.run_instances(**{**kw, "InstanceType": "t3.small"}))
+        assert code and code[0] == "IdempotentParameterMismatch", code
+    finally:
+        ec2.terminate_instances(InstanceIds=[first])
+
+
+def test_ami_names_are_unique_per_account(world, launch):
+    ec2 = world.client("ec2", retries=0)
+    box = launch()
+    name = f"unique-{uuid.uuid4().hex[:8]}"
+    image = ec2.create_image(InstanceId=box.id, Name=name, NoReboot=True)["ImageId"]
+    try:
+        code = err_of(lambda: ec2.create_image(InstanceId=box.id, Name=name, NoReboot=True))
+        assert code == ("InvalidAMIName.Duplicate", 400), code
+        code = err_of(lambda: ec2.copy_image(SourceImageId=image, SourceRegion=world.env["AWS_REGION"], Name=name))
+        assert code == ("InvalidAMIName.Duplicate", 400), code
+    finally:
+        ec2.deregister_image(ImageId=image)
+
+
+def test_a_security_group_in_use_is_kept_until_its_instance_is_terminated(world):
+    ec2 = world.client("ec2", retries=0)
+    sg = ec2.create_security_group(
+        GroupName=f"in-use-{uuid.uuid4().hex[:8]}", Description="in use", VpcId=world.env["WORLD_VPC_ID"]
+    )["GroupId"]
+    inst = ec2.run_instances(
+        ImageId=world.env["WORLD_BASE_AMI"], MinCount=1, MaxCount=1, InstanceType="t3.micro",
+        SubnetId=world.env["WORLD_PRIVATE_SUBNETS"].split(",")[0], SecurityGroupIds=[sg],
+    )["Instances"][0]["InstanceId"]
+    try:
+        code = err_of(lambda: ec2.delete_security_group(GroupId=sg))
+        assert code and code[0] == "DependencyViolation", code
+    finally:
+        ec2.terminate_instances(InstanceIds=[inst])
+    deadline = time.time() + 30
+    while ec2.describe_instances(InstanceIds=[inst])["Reservations"][0]["Instances"][0]["State"]["Name"] != "terminated":
+        assert time.time() < deadline, "instance never terminated"
+        time.sleep(0.2)
+    ec2.delete_security_group(GroupId=sg)
+    assert err_of(lambda: ec2.describe_security_groups(GroupIds=[sg]))[0] == "InvalidGroup.NotFound"
