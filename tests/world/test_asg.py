@@ -222,3 +222,13 @@ def test_instances_report_the_launch_template_version_they_were_launched_with(wo
         assert types[old] == "t3.small" and {t for i, t in types.items() if i != old} == {"t3.medium"}
     finally:
         asg.delete_auto_scaling_group(AutoScalingGroupName=name, ForceDelete=True)
+
+
+def test_terminating_an_instance_no_group_manages_is_a_validation_error(world):
+    from botocore.exceptions import ClientError
+
+    client = world.client("autoscaling", retries=0)
+    with pytest.raises(ClientError) as e:
+        client.terminate_instance_in_auto_scaling_group(InstanceId="i-0123456789abcdef0", ShouldDecrementDesiredCapacity=True)
+    err = e.value.response["Error"]
+    assert err["Code"] == "ValidationError" and "not found" in err["Message"], err

@@ -24,6 +24,10 @@ template's `IamInstanceProfile`, which moto ignores (SSM needs it). Each instanc
 template and version number it was launched with, as on AWS; moto reported the group's current
 template at its default version.
 
+TerminateInstanceInAutoScalingGroup for an instance no group manages (already terminated, say,
+by the first attempt of a retried call) answers `ValidationError: Instance Id not found - No
+managed instance found for instance ID: …` as AWS does; moto failed with a 500.
+
 The loop runs every `LOOP_SECONDS` under the world's moto lock.
 """
 
@@ -160,6 +164,21 @@ def _patch_moto() -> None:
         return orig_lt.fget(self)
 
     InstanceState.launch_template = property(launch_template)  # type: ignore[method-assign,assignment]
+
+    from moto.autoscaling.exceptions import ValidationError
+    from moto.autoscaling.models import AutoScalingBackend
+
+    orig_terminate = AutoScalingBackend.terminate_instance
+
+    def terminate_instance(self: Any, instance_id: str, should_decrement: bool) -> Any:
+        managed = any(
+            st.instance.id == instance_id for g in self.autoscaling_groups.values() for st in g.instance_states
+        )
+        if not managed:
+            raise ValidationError(f"Instance Id not found - No managed instance found for instance ID: {instance_id}")
+        return orig_terminate(self, instance_id, should_decrement)
+
+    AutoScalingBackend.terminate_instance = terminate_instance  # type: ignore[method-assign]
 
 
 def _impaired(body: Any) -> bool:

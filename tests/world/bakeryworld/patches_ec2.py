@@ -20,6 +20,9 @@
 - DeleteSecurityGroup: refused with `DependencyViolation` while an instance that is not
   `terminated` uses the group (moto deletes it); AWS keeps a group while a network interface
   uses it, which is why a bake's cleanup waits for its instance to terminate.
+- Launch-template versions: DeleteLaunchTemplateVersions (moto has none: a 500) deletes
+  versions other than the default, reporting the others as AWS does; numbers are never reused;
+  CreateLaunchTemplateVersion honours `ClientToken` (the original version on a repeat).
 - IAM instance profiles at launch: moto associates a RunInstances `IamInstanceProfile` with the
   first instance only and ignores a launch template's; AWS gives every instance the profile
   (the SSM agent needs it to register).
@@ -250,6 +253,95 @@ def install(world) -> None:
         return orig_delete_security_group(self, name=name, group_id=group_id)
 
     SecurityGroupBackend.delete_security_group = delete_security_group  # type: ignore[method-assign]
+
+    # --- launch-template versions: deletion, numbers never reused, ClientToken ----------------
+    from moto.ec2.exceptions import InvalidLaunchTemplateVersionNotFound
+    from moto.ec2.models import launch_templates as lt_models
+    from moto.ec2.responses.launch_templates import LaunchTemplates as LtResponse
+
+    LaunchTemplate = lt_models.LaunchTemplate
+    # Deleted versions stay in moto's list (it finds version N at index N-1) as tombstones.
+    orig_get_version = LaunchTemplate.get_version
+
+    def live(template):
+        return [v for v in template.versions if not getattr(v, "deleted", False)]
+
+    def get_version(self, num):
+        if str(num).lower() == "$latest":
+            return live(self)[-1]
+        v = orig_get_version(self, num)
+        if getattr(v, "deleted", False):
+            raise InvalidLaunchTemplateVersionNotFound(template_id=self.id, version=num)
+        return v
+
+    LaunchTemplate.get_version = get_version  # type: ignore[method-assign]
+    LaunchTemplate.latest_version = lambda self: live(self)[-1]  # type: ignore[method-assign]
+
+    orig_describe_versions = lt_models.LaunchTemplateBackend.describe_launch_template_versions
+
+    def describe_launch_template_versions(self, *args, **kwargs):
+        return [(t, v) for t, v in orig_describe_versions(self, *args, **kwargs) if not getattr(v, "deleted", False)]
+
+    lt_models.LaunchTemplateBackend.describe_launch_template_versions = describe_launch_template_versions  # type: ignore[method-assign]
+
+    def resp_delete_launch_template_versions(self):
+        name = self._get_param("LaunchTemplateName")
+        tmpl_id = self._get_param("LaunchTemplateId")
+        template = self.ec2_backend.get_launch_template(tmpl_id) if tmpl_id else \
+            self.ec2_backend.get_launch_template_by_name(name)
+        self.error_on_dryrun()
+        done, failed = [], []
+        for asked in self._get_param("Versions", []):
+            entry = {"LaunchTemplateId": template.id, "LaunchTemplateName": template.name}
+            try:
+                number = int(asked)
+                version = template.versions[number - 1] if 0 < number <= len(template.versions) else None
+            except ValueError:
+                version = None
+            if version is None or getattr(version, "deleted", False):
+                failed.append({**entry, "VersionNumber": int(asked) if str(asked).isdigit() else 0,
+                               "ResponseError": {"Code": "launchTemplateVersionDoesNotExist",
+                                                 "Message": "The specified launch template version does not exist."}})
+            elif template.is_default(version):
+                failed.append({**entry, "VersionNumber": version.number,
+                               "ResponseError": {"Code": "launchTemplateVersionIsDefaultVersion",
+                                                 "Message": "The default version of a launch template cannot be deleted."}})
+            else:
+                version.deleted = True
+                done.append({**entry, "VersionNumber": version.number})
+        return ActionResult({"SuccessfullyDeletedLaunchTemplateVersions": done,
+                             "UnsuccessfullyDeletedLaunchTemplateVersions": failed})
+
+    LtResponse.delete_launch_template_versions = resp_delete_launch_template_versions
+
+    orig_resp_create_lt_version = LtResponse.create_launch_template_version
+
+    def resp_create_launch_template_version(self):
+        token = self._get_param("ClientToken")
+        if token:
+            tmpl_id = self._get_param("LaunchTemplateId")
+            template = self.ec2_backend.get_launch_template(tmpl_id) if tmpl_id else \
+                self.ec2_backend.get_launch_template_by_name(self._get_param("LaunchTemplateName"))
+            known = getattr(template, "client_tokens", {})
+            version = known.get(token)
+            if version is not None and not getattr(version, "deleted", False):
+                self.error_on_dryrun()
+                return ActionResult({"LaunchTemplateVersion": {
+                    "CreateTime": version.create_time,
+                    "CreatedBy": f"arn:{self.partition}:iam::{self.current_account}:root",
+                    "DefaultVersion": template.is_default(version),
+                    "LaunchTemplateData": version.data,
+                    "LaunchTemplateId": template.id,
+                    "LaunchTemplateName": template.name,
+                    "VersionDescription": version.description,
+                    "VersionNumber": version.number,
+                }})
+            result = orig_resp_create_lt_version(self)
+            template.client_tokens = {**known, token: template.versions[-1]}
+            return result
+        return orig_resp_create_lt_version(self)
+
+    LtResponse.create_launch_template_version = resp_create_launch_template_version
 
     # --- RunInstances is idempotent by ClientToken --------------------------------------------
     from moto.ec2.responses.instances import InstanceResponse
