@@ -433,13 +433,16 @@ pub async fn run(
         || {
             rds.describe_db_instances()
                 .set_db_instance_identifier(db_instance.map(str::to_string))
+                .into_paginator()
+                .items()
                 .send()
+                .collect::<Result<Vec<_>, _>>()
         },
     )
     .await?;
     let app_set: BTreeSet<String> = app_groups.iter().cloned().collect();
     let mut checked_db = false;
-    for db in dbs.db_instances() {
+    for db in &dbs {
         let in_vpc = db.db_subnet_group().and_then(|s| s.vpc_id()) == Some(vpc.as_str());
         if db_instance.is_none() && !in_vpc {
             continue;

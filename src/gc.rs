@@ -125,11 +125,13 @@ impl Gc<'_> {
                         .values("stopped")
                         .build(),
                 )
+                .into_paginator()
+                .items()
                 .send()
+                .collect::<Result<Vec<_>, _>>()
         })
         .await?;
         let found: Vec<(String, i64, String)> = out
-            .reservations()
             .iter()
             .flat_map(|r| r.instances())
             .map(|i| {
@@ -179,11 +181,13 @@ impl Gc<'_> {
         let out = call("ec2:DescribeSecurityGroups", "bakery temporaries", || {
             ec2c.describe_security_groups()
                 .set_filters(Some(self.ours(TEMPORARY_TAG, "true")))
+                .into_paginator()
+                .items()
                 .send()
+                .collect::<Result<Vec<_>, _>>()
         })
         .await?;
         let found: Vec<(String, BTreeMap<String, String>)> = out
-            .security_groups()
             .iter()
             .map(|g| {
                 (
@@ -257,11 +261,13 @@ impl Gc<'_> {
             ec2c.describe_images()
                 .owners("self")
                 .set_filters(Some(filters.clone()))
+                .into_paginator()
+                .items()
                 .send()
+                .collect::<Result<Vec<_>, _>>()
         })
         .await?;
         let found: Vec<(ec2::ImageInfo, BTreeMap<String, String>)> = out
-            .images()
             .iter()
             .map(|i| (ec2::image_info(i), tag_map(i.tags())))
             .filter(|(_, tags)| !tags.contains_key(COMPLETE_TAG))

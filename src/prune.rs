@@ -44,11 +44,16 @@ pub fn choose(
 pub(crate) async fn images_in_use(aws: &Aws) -> Result<BTreeSet<String>, AwsError> {
     let mut used = BTreeSet::new();
     let ec2c = &aws.ec2;
+    // Every page of every list: an AMI missed here would be deregistered while in use.
     let templates = call("ec2:DescribeLaunchTemplates", "all", || {
-        ec2c.describe_launch_templates().send()
+        ec2c.describe_launch_templates()
+            .into_paginator()
+            .items()
+            .send()
+            .collect::<Result<Vec<_>, _>>()
     })
     .await?;
-    for t in templates.launch_templates() {
+    for t in &templates {
         let Some(id) = t.launch_template_id() else {
             continue;
         };
@@ -58,12 +63,15 @@ pub(crate) async fn images_in_use(aws: &Aws) -> Result<BTreeSet<String>, AwsErro
     }
     let asg = &aws.autoscaling;
     let configs = call("autoscaling:DescribeLaunchConfigurations", "all", || {
-        asg.describe_launch_configurations().send()
+        asg.describe_launch_configurations()
+            .into_paginator()
+            .items()
+            .send()
+            .collect::<Result<Vec<_>, _>>()
     })
     .await?;
     used.extend(
         configs
-            .launch_configurations()
             .iter()
             .filter_map(|c| c.image_id().map(str::to_string)),
     );
@@ -79,12 +87,14 @@ pub(crate) async fn images_in_use(aws: &Aws) -> Result<BTreeSet<String>, AwsErro
                     .values("shutting-down")
                     .build(),
             )
+            .into_paginator()
+            .items()
             .send()
+            .collect::<Result<Vec<_>, _>>()
     })
     .await?;
     used.extend(
         instances
-            .reservations()
             .iter()
             .flat_map(|r| r.instances())
             .filter_map(|i| i.image_id().map(str::to_string)),

@@ -526,3 +526,115 @@ async fn bad_input_is_refused_clearly_without_changing_the_group() {
         "{error}"
     );
 }
+
+/// The template's version numbers, oldest first.
+async fn versions(world: &World, lt_id: &str) -> Vec<i64> {
+    let out = world
+        .ec2()
+        .describe_launch_template_versions()
+        .launch_template_id(lt_id)
+        .send()
+        .await
+        .unwrap();
+    let mut v: Vec<i64> = out
+        .launch_template_versions()
+        .iter()
+        .filter_map(|v| v.version_number())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollout_prunes_old_versions_but_never_one_another_group_uses() {
+    let world = world();
+    let (good, _) = tokio::task::spawn_blocking(|| sample_amis(world).clone())
+        .await
+        .unwrap();
+    let fleet = Fleet::create(world, "prune", 2).await;
+    // Versions 2..=4 of the same template; a second group (staging, say) runs version 2.
+    for _ in 0..3 {
+        world
+            .ec2()
+            .create_launch_template_version()
+            .launch_template_id(&fleet.lt_id)
+            .source_version("1")
+            .launch_template_data(
+                aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
+                    .image_id(world.var("WORLD_STACK_AMI"))
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("CreateLaunchTemplateVersion");
+    }
+    let other = format!("{}-other", fleet.asg);
+    world
+        .asg()
+        .create_auto_scaling_group()
+        .auto_scaling_group_name(&other)
+        .launch_template(
+            aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
+                .launch_template_id(&fleet.lt_id)
+                .version("2")
+                .build(),
+        )
+        .min_size(0)
+        .max_size(0)
+        .desired_capacity(0)
+        .vpc_zone_identifier(world.var("WORLD_PRIVATE_SUBNETS"))
+        .send()
+        .await
+        .expect("CreateAutoScalingGroup");
+    assert_eq!(versions(world, &fleet.lt_id).await, vec![1, 2, 3, 4]);
+
+    let run = rollout(
+        world,
+        "rollout-prune",
+        &[
+            "--asg",
+            &fleet.asg,
+            "--ami",
+            &good,
+            "--health-timeout",
+            "60s",
+            "--keep-versions",
+            "1",
+        ],
+    );
+    assert_eq!(run.code, Some(0), "{}", run.describe());
+    let g = fleet.group(world).await;
+    assert_eq!(lt_version(&g), "5", "the rollout's own version");
+    assert_eq!(
+        versions(world, &fleet.lt_id).await,
+        vec![1, 2, 5],
+        "3 and 4 pruned; the default (1), the other group's (2) and the new one (5) kept"
+    );
+    // Numbers are never reused: the next version is 6.
+    let next = world
+        .ec2()
+        .create_launch_template_version()
+        .launch_template_id(&fleet.lt_id)
+        .source_version("5")
+        .launch_template_data(
+            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
+                .image_id(&good)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        next.launch_template_version()
+            .and_then(|v| v.version_number()),
+        Some(6)
+    );
+    let _ = world
+        .asg()
+        .delete_auto_scaling_group()
+        .auto_scaling_group_name(&other)
+        .force_delete(true)
+        .send()
+        .await;
+    fleet.delete(world).await;
+}

@@ -84,6 +84,11 @@ pub async fn describe_many(
     Ok(found.into_values().collect())
 }
 
+/// Every group in the region.
+pub async fn all(asg: &Client) -> Result<Vec<Group>, AwsError> {
+    all_pages(asg, "all groups", None, None).await
+}
+
 /// Every page of one DescribeAutoScalingGroups query.
 async fn all_pages(
     asg: &Client,

@@ -97,14 +97,14 @@ pub async fn all_versions(ec2: &Client, template_id: &str) -> Result<Vec<Version
     let out = call("ec2:DescribeLaunchTemplateVersions", template_id, || {
         ec2.describe_launch_template_versions()
             .launch_template_id(template_id)
+            .max_results(200)
+            .into_paginator()
+            .items()
             .send()
+            .collect::<Result<Vec<_>, _>>()
     })
     .await?;
-    let mut v: Vec<Version> = out
-        .launch_template_versions()
-        .iter()
-        .map(version_of)
-        .collect();
+    let mut v: Vec<Version> = out.iter().map(version_of).collect();
     v.sort_by_key(|v| std::cmp::Reverse(v.number));
     Ok(v)
 }
@@ -240,11 +240,15 @@ pub async fn create_with_image(
                 )
                 .build()
         });
+    // One token for every attempt of this call: a retry after a lost answer gets the version
+    // the first attempt made instead of making another.
+    let token = uuid::Uuid::new_v4().simple().to_string();
     let out = call(
         "ec2:CreateLaunchTemplateVersion",
         &source.template_id,
         || {
             ec2.create_launch_template_version()
+                .client_token(&token)
                 .launch_template_id(&source.template_id)
                 .source_version(source.number.to_string())
                 .version_description(description)
@@ -259,22 +263,41 @@ pub async fn create_with_image(
         .unwrap_or_default())
 }
 
+/// Deletes versions (at most 200 a call, as the API takes); returns those EC2 refused, with
+/// its reason.
 pub async fn delete_versions(
     ec2: &Client,
     template_id: &str,
     versions: &[i64],
-) -> Result<(), AwsError> {
-    if versions.is_empty() {
-        return Ok(());
+) -> Result<Vec<(i64, String)>, AwsError> {
+    let mut refused = Vec::new();
+    for chunk in versions.chunks(200) {
+        let out = call("ec2:DeleteLaunchTemplateVersions", template_id, || {
+            ec2.delete_launch_template_versions()
+                .launch_template_id(template_id)
+                .set_versions(Some(chunk.iter().map(|v| v.to_string()).collect()))
+                .send()
+        })
+        .await?;
+        refused.extend(
+            out.unsuccessfully_deleted_launch_template_versions()
+                .iter()
+                .map(|f| {
+                    let why = f.response_error().map(|e| {
+                        format!(
+                            "{}: {}",
+                            e.code().map(|c| c.as_str()).unwrap_or("error"),
+                            e.message().unwrap_or_default()
+                        )
+                    });
+                    (
+                        f.version_number().unwrap_or_default(),
+                        why.unwrap_or_default(),
+                    )
+                }),
+        );
     }
-    call("ec2:DeleteLaunchTemplateVersions", template_id, || {
-        ec2.delete_launch_template_versions()
-            .launch_template_id(template_id)
-            .set_versions(Some(versions.iter().map(|v| v.to_string()).collect()))
-            .send()
-    })
-    .await
-    .map(|_| ())
+    Ok(refused)
 }
 
 /// Versions to delete so that at most `keep` remain: never the default, never one in `in_use`.

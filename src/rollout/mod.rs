@@ -10,7 +10,7 @@ pub mod plan;
 pub mod state;
 pub mod status;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use crate::aws::{autoscaling, ec2, elbv2, launch_template as lt, Aws, AwsError};
@@ -905,12 +905,35 @@ impl<'a> Driver<'a> {
 
     async fn prune(&self) -> Result<(), AwsError> {
         let versions = lt::all_versions(&self.aws.ec2, &self.st.lt).await?;
-        let in_use: Vec<i64> = [&self.st.to]
-            .iter()
-            .filter_map(|v| v.parse().ok())
-            .collect();
+        // Never a version something still uses: this rollout's, the newest (`$Latest` of any
+        // group that names it so), and every version another group on the same template, or
+        // one of its instances, runs (one template often serves staging and production).
+        let mut in_use: BTreeSet<i64> = self.st.to.parse().ok().into_iter().collect();
+        in_use.extend(versions.iter().map(|v| v.number).max());
+        for g in autoscaling::all(&self.aws.autoscaling).await? {
+            let Some(t) = &g.launch_template else {
+                continue;
+            };
+            if t.id.as_deref() != Some(self.st.lt.as_str()) {
+                continue;
+            }
+            in_use.extend(t.version.as_deref().and_then(|v| v.parse::<i64>().ok()));
+            in_use.extend(g.instances.iter().filter_map(|i| {
+                i.launch_template_version
+                    .as_deref()
+                    .and_then(|v| v.parse::<i64>().ok())
+            }));
+        }
+        let in_use: Vec<i64> = in_use.into_iter().collect();
         let doomed = lt::versions_to_prune(&versions, self.req.keep_versions, &in_use);
-        lt::delete_versions(&self.aws.ec2, &self.st.lt, &doomed).await
+        let refused = lt::delete_versions(&self.aws.ec2, &self.st.lt, &doomed).await?;
+        for (version, why) in &refused {
+            tracing::warn!(template = %self.st.lt, version, reason = %why, "launch template version not deleted");
+        }
+        if !doomed.is_empty() {
+            tracing::info!(template = %self.st.lt, deleted = doomed.len() - refused.len(), kept = self.req.keep_versions, "pruned old launch template versions");
+        }
+        Ok(())
     }
 }
 
