@@ -27,6 +27,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -414,6 +415,26 @@ def bakery_ok(world: World, access_key: str, *args: str, timeout: float = 180, c
     return r
 
 
+def bake_web_while(world: World, fleet: "Fleet", access_key: str, tmp_path: Path) -> str:
+    """Bakes the sample web service (examples/web) while `fleet` comes up healthy; its AMI."""
+    def bake():
+        return bakery_ok(
+            world, access_key, "build", "examples/web/recipe.toml",
+            "--manifest", str(tmp_path / "web.json"),
+            "--var", f"base_ami={world.var('WORLD_BASE_AMI')}",
+            "--var", f"subnet={world.private_subnets[-1]}",
+            "--var", f"version=rel-{uuid.uuid4().hex[:6]}",
+            cwd=REPO, timeout=180,
+        )
+
+    with ThreadPoolExecutor(1) as pool:
+        baking = pool.submit(bake)
+        fleet.wait_healthy(fleet.capacity, timeout=90)
+        b = baking.result()
+    assert b.code == 0, b.describe()
+    return b.event("build_finished")["manifest"]["ami_id"]
+
+
 def gc(world: World, build_id: str) -> dict:
     """`bakery gc --build-id ID --older-than 0s`: its JSON report."""
     r = bakery_ok(world, f"rel-gc-{uuid.uuid4().hex[:8]}", "gc", "--build-id", build_id, "--older-than", "0s", timeout=120)
@@ -547,4 +568,4 @@ class HealthSampler:
         return False
 
 
-__all__ = ["World", "Run", "Fleet", "HealthSampler", "bakery", "bakery_ok", "gc", "report"]
+__all__ = ["World", "Run", "Fleet", "HealthSampler", "bake_web_while", "bakery", "bakery_ok", "gc", "report"]

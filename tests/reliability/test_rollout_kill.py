@@ -10,11 +10,10 @@ import signal
 import subprocess
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from .conftest import REPO, Fleet, HealthSampler, World, bakery, bakery_ok, report
+from .conftest import Fleet, HealthSampler, World, bake_web_while, bakery, report
 
 CAPACITY = 4
 KILL_SEEDS = [501, 502, 503, 504, 505]
@@ -36,25 +35,7 @@ def fleet(world: World):
 
 def test_a_rollout_killed_five_times_converges_without_losing_capacity(world: World, fleet: Fleet, tmp_path):
     key = f"rel-rollout-{uuid.uuid4().hex[:6]}"
-    version = f"rel-{uuid.uuid4().hex[:6]}"
-
-    # The new AMI (the sample web service), baked while the fleet comes up.
-    def bake():
-        return bakery_ok(
-            world, key + "-bake", "build", "examples/web/recipe.toml",
-            "--manifest", str(tmp_path / "web.json"),
-            "--var", f"base_ami={world.var('WORLD_BASE_AMI')}",
-            "--var", f"subnet={world.private_subnets[-1]}",
-            "--var", f"version={version}",
-            cwd=REPO, timeout=180,
-        )
-
-    with ThreadPoolExecutor(1) as pool:
-        baking = pool.submit(bake)
-        fleet.wait_healthy(CAPACITY, timeout=90)
-        b = baking.result()
-    assert b.code == 0, b.describe()
-    ami = b.event("build_finished")["manifest"]["ami_id"]
+    ami = bake_web_while(world, fleet, key + "-bake", tmp_path)
     try:
         _converge(world, fleet, ami, key)
     finally:
