@@ -638,3 +638,176 @@ async fn a_rollout_prunes_old_versions_but_never_one_another_group_uses() {
         .await;
     fleet.delete(world).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_canary_that_turns_unhealthy_during_its_bake_rolls_back() {
+    let world = world();
+    let (good, _) = tokio::task::spawn_blocking(|| sample_amis(world).clone())
+        .await
+        .unwrap();
+    let fleet = Fleet::create(world, "canary", 4).await;
+    let before = sizes(&fleet.group(world).await);
+    let mut child = world
+        .bakery()
+        .env("AWS_ACCESS_KEY_ID", "rollout-canary")
+        .args(["--output", "json", "rollout", "--asg", &fleet.asg])
+        .args(["--ami", &good, "--canary", "1", "--canary-bake", "30s"])
+        .args(["--health-timeout", "60s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // When the canary is healthy and its bake begins, its app dies (the instance stays up).
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("\"canary_baking\"") {
+                let _ = tx.send(());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(90)))
+        .await
+        .unwrap()
+        .expect("the canary's bake began");
+    let g = fleet.group(world).await;
+    let ids: Vec<String> = g
+        .instances()
+        .iter()
+        .filter_map(|i| i.instance_id().map(str::to_string))
+        .collect();
+    let out = world
+        .ec2()
+        .describe_instances()
+        .set_instance_ids(Some(ids))
+        .send()
+        .await
+        .unwrap();
+    let canary: Vec<String> = out
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter(|i| i.image_id() == Some(good.as_str()))
+        .filter_map(|i| i.instance_id().map(str::to_string))
+        .collect();
+    assert_eq!(canary.len(), 1, "one canary: {canary:?}");
+    world_kill(world, &canary[0]);
+
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    let events = parse_events(&reader.join().unwrap().join("\n"));
+    assert_eq!(
+        status.code(),
+        Some(6),
+        "exit 6 means rolled back: {events:?}"
+    );
+    let rb = events
+        .iter()
+        .find(|e| e["event"] == "rollback_started")
+        .expect("rollback_started");
+    let reason = rb["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("the canary turned unhealthy during its bake")
+            && reason.contains(&canary[0]),
+        "{reason}"
+    );
+    let g = fleet.group(world).await;
+    assert_eq!(lt_version(&g), "1", "back on the old version");
+    assert_eq!(sizes(&g), before);
+    assert_eq!(
+        fleet.amis(world).await,
+        vec![world.var("WORLD_STACK_AMI").to_string(); 4],
+        "the canary is gone"
+    );
+    fleet.delete(world).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_no_rollback_a_bad_batch_stops_the_rollout_and_abort_rolls_it_back_later() {
+    let world = world();
+    let (_, bad) = tokio::task::spawn_blocking(|| sample_amis(world).clone())
+        .await
+        .unwrap();
+    let fleet = Fleet::create(world, "abort", 4).await;
+    let before = sizes(&fleet.group(world).await);
+    // The AMI comes from an SSM parameter, as a pipeline's bake step would publish it.
+    let param = format!("/bakery-test/{}/ami", fleet.name);
+    world
+        .ssm()
+        .put_parameter()
+        .name(&param)
+        .value(&bad)
+        .r#type(aws_sdk_ssm::types::ParameterType::String)
+        .send()
+        .await
+        .unwrap();
+
+    let run = rollout(
+        world,
+        "rollout-abort",
+        &[
+            "--asg",
+            &fleet.asg,
+            "--ami-param",
+            &param,
+            "--health-timeout",
+            "8s",
+            "--no-rollback",
+        ],
+    );
+    assert_eq!(run.code, Some(1), "{}", run.describe());
+    assert!(
+        run.error()
+            .contains("--no-rollback: the group stays as it is"),
+        "{}",
+        run.describe()
+    );
+    assert!(run.event("rollback_started").is_none(), "no rollback");
+    let g = fleet.group(world).await;
+    assert_eq!(lt_version(&g), "2", "still on the new version");
+    assert!(
+        tag(&g, "bakery:rollout").is_some(),
+        "the state stays for a rerun or --abort"
+    );
+    assert!(
+        fleet.amis(world).await.contains(&bad),
+        "the bad batch is still there"
+    );
+
+    let run = rollout(world, "rollout-abort", &["--asg", &fleet.asg, "--abort"]);
+    assert_eq!(run.code, Some(6), "rolled back: {}", run.describe());
+    assert_eq!(
+        run.event("rollback_started").unwrap()["reason"],
+        "aborted by the user (--abort)"
+    );
+    let g = fleet.group(world).await;
+    assert_eq!(lt_version(&g), "1", "back on the old version");
+    assert_eq!(sizes(&g), before, "desired/min/max restored");
+    assert_eq!(
+        fleet.amis(world).await,
+        vec![world.var("WORLD_STACK_AMI").to_string(); 4]
+    );
+    assert!(
+        tag(&g, "bakery:rollout").is_none() && tag(&g, "bakery:rollout-lock").is_none(),
+        "state and lock removed"
+    );
+
+    let run = rollout(world, "rollout-abort", &["--asg", &fleet.asg, "--abort"]);
+    assert_eq!(run.code, Some(2), "{}", run.describe());
+    assert!(
+        run.error().contains("has no rollout in progress"),
+        "{}",
+        run.describe()
+    );
+    let _ = world.ssm().delete_parameter().name(&param).send().await;
+    fleet.delete(world).await;
+}

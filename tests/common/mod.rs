@@ -430,6 +430,10 @@ impl World {
     pub fn elb(&self) -> aws_sdk_elasticloadbalancingv2::Client {
         aws_sdk_elasticloadbalancingv2::Client::new(&self.sdk_config())
     }
+
+    pub fn ssm(&self) -> aws_sdk_ssm::Client {
+        aws_sdk_ssm::Client::new(&self.sdk_config())
+    }
 }
 
 /// A group of its own for one test: a target group behind the stack's load balancer (on a
