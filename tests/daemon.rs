@@ -19,6 +19,7 @@ struct Daemon {
     child: Child,
     port: u16,
     log: std::path::PathBuf,
+    config: std::path::PathBuf,
 }
 
 impl Daemon {
@@ -51,7 +52,12 @@ probe = {{ type = "http", port = 8080, path = "/healthz", timeout = "500ms", unh
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let d = Daemon { child, port, log };
+        let d = Daemon {
+            child,
+            port,
+            log,
+            config,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while d.metrics().is_none_or(|m| {
             !m.contains("bakery_loops_total ") || m.contains("bakery_loops_total 0\n")
@@ -403,4 +409,93 @@ fn config_errors_are_clear_and_fatal() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/daemon.toml"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_the_config_and_a_bad_reload_keeps_the_running_one() {
+    let world = world();
+    let fleet = Fleet::create(world, "reload", 2).await;
+    // A second group, empty: watched only after the reload.
+    let other = format!("{}-other", fleet.asg);
+    world
+        .asg()
+        .create_auto_scaling_group()
+        .auto_scaling_group_name(&other)
+        .launch_template(
+            aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
+                .launch_template_id(&fleet.lt_id)
+                .version("1")
+                .build(),
+        )
+        .min_size(0)
+        .max_size(0)
+        .desired_capacity(0)
+        .vpc_zone_identifier(world.var("WORLD_PRIVATE_SUBNETS"))
+        .send()
+        .await
+        .expect("CreateAutoScalingGroup");
+    let d = Daemon::start(world, "reload", &fleet.asg, "", "daemon-reload");
+    let running = std::fs::read_to_string(&d.config).unwrap();
+    let hup = |d: &Daemon| {
+        Command::new("kill")
+            .args(["-HUP", &d.child.id().to_string()])
+            .status()
+            .unwrap();
+    };
+    let wait_log = |d: &Daemon, message: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(e) = d.events(message).pop() {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "no {message:?}: {}", d.logs());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    // A bad reload: the error names the file and line, the daemon keeps its config and loops.
+    std::fs::write(&d.config, format!("{running}\nintervall = \"5s\"\n")).unwrap();
+    hup(&d);
+    let failed = wait_log(&d, "reload failed; keeping the running configuration");
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains("daemon.toml") && error.contains("intervall"),
+        "{error}"
+    );
+    let loops = d.metric("bakery_loops_total").unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        d.metric("bakery_loops_total").unwrap() > loops,
+        "still looping"
+    );
+
+    // A good reload: the second group is watched from the next round.
+    std::fs::write(
+        &d.config,
+        format!("{running}\n[[group]]\nname = \"{other}\"\n"),
+    )
+    .unwrap();
+    hup(&d);
+    let reloaded = wait_log(&d, "configuration reloaded");
+    assert_eq!(reloaded["groups"], 2, "{reloaded}");
+    let series = format!("bakery_group_instances{{group=\"{other}\"}}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.metric(&series).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "{other} never watched: {}",
+            d.metrics().unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (code, _, logs) = d.stop();
+    assert_eq!(code, Some(0), "{logs}");
+    let _ = world
+        .asg()
+        .delete_auto_scaling_group()
+        .auto_scaling_group_name(&other)
+        .force_delete(true)
+        .send()
+        .await;
+    fleet.delete(world).await;
 }
