@@ -588,3 +588,64 @@ inline = [
     let build_id = events[0]["build_id"].as_str().unwrap().to_string();
     assert_clean(&world, &build_id, false).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provisioner_that_drops_the_connection_as_expected_is_followed_after_a_reconnect() {
+    let world = World::get();
+    let dir = scratch("disconnect");
+    let r = write(
+        &dir,
+        "recipe.toml",
+        &recipe(
+            &world,
+            r#"
+[variables]
+greeting = "default"
+tier = "default"
+
+# As a reboot would: the SSH session ends under the provisioner (its sshd is killed).
+[[provisioner]]
+type = "shell"
+expect_disconnect = true
+inline = ["echo before", "kill -KILL $(awk '{print $4}' /proc/$PPID/stat)", "sleep 5"]
+
+[[provisioner]]
+type = "shell"
+env = { GREETING = "{{var.greeting}}", TIER = "{{var.tier}}" }
+inline = ["echo \"after: $GREETING $TIER\""]
+"#,
+            "",
+        ),
+    );
+    let vars = write(
+        &dir,
+        "vars.toml",
+        "greeting = \"from-file\"\ntier = \"from-file\"\n",
+    );
+    let run = build(
+        &world,
+        &r,
+        &[
+            "--var-file",
+            vars.to_str().unwrap(),
+            "--var",
+            "tier=from-flag",
+        ],
+    );
+    assert_eq!(run.code, Some(0), "{}", run.describe());
+    assert!(
+        run.stdout.contains("as expected") && run.stdout.contains("reconnecting"),
+        "{}",
+        run.describe()
+    );
+    // The later --var wins over the file, the file over the recipe's default.
+    assert!(
+        run.output_lines()
+            .iter()
+            .any(|l| l.contains("after: from-file from-flag")),
+        "{}",
+        run.describe()
+    );
+    let build_id = run.build_id();
+    assert!(leftovers(&world, &build_id, false).await.is_empty());
+}

@@ -1152,6 +1152,13 @@ impl Bake<'_> {
                     return self.reconnect(&session, connect_timeout).await;
                 }
                 Ok(o) if s.expect_disconnect && o.signal.is_some() => {
+                    self.info(
+                        label,
+                        format!(
+                            "session ended as expected ({}); reconnecting",
+                            status_text(&o)
+                        ),
+                    );
                     return self.reconnect(&session, connect_timeout).await;
                 }
                 Ok(o) if attempt <= s.retries as usize => {
