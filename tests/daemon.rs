@@ -499,3 +499,142 @@ async fn sighup_reloads_the_config_and_a_bad_reload_keeps_the_running_one() {
         .await;
     fleet.delete(world).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn through_an_api_outage_the_daemon_keeps_looping_and_heals_once_it_is_back() {
+    let world = world();
+    let fleet = Fleet::create(world, "outage", 2).await;
+    let key = format!("daemon-outage-{}", std::process::id());
+    let d = Daemon::start(world, "outage", &fleet.asg, "", &key);
+    // Every call of this daemon's is dropped, as when the endpoint is unreachable.
+    let spec = format!(
+        r#"{{"seed": 12, "rules": [{{"action": "*", "drop": 1, "access_key": "{key}"}}]}}"#
+    );
+    let (status, body) = world_control(world, "POST", "/_world/faults", &spec);
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d.metric("bakery_loop_errors_total").unwrap_or(0.0) < 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "rounds did not fail under the outage: {}",
+            d.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (code, _) = http_get("127.0.0.1", d.port, "/healthz", Duration::from_secs(1)).unwrap();
+    assert_eq!(code, 200, "a short outage is not a dead daemon");
+    assert!(!d.events("round failed; the daemon keeps going").is_empty());
+    // An endpoint that accepts and never answers in time: the round gives up within its budget.
+    let spec = format!(
+        r#"{{"seed": 13, "rules": [{{"action": "*", "latency_ms": 8000, "access_key": "{key}"}}]}}"#
+    );
+    let (status, body) = world_control(world, "POST", "/_world/faults", &spec);
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !d
+        .events("round failed; the daemon keeps going")
+        .iter()
+        .any(|e| {
+            e["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("did not answer within 5s")
+        })
+    {
+        assert!(
+            Instant::now() < deadline,
+            "a hanging API stalled the loop: {}",
+            d.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    world_control(world, "DELETE", "/_world/faults", "");
+
+    // Back: the next rounds succeed and a crashed app is replaced as usual.
+    let victim = instance_ids(world, &fleet).await[0].clone();
+    world_kill(world, &victim);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !d
+        .events("marked unhealthy: the group replaces it")
+        .iter()
+        .any(|e| e["instance"] == victim.as_str())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not replaced after the outage: {}",
+            d.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (code, _, logs) = d.stop();
+    assert_eq!(code, Some(0), "{logs}");
+    fleet.wait_healthy(world, 2, Duration::from_secs(30)).await;
+    fleet.delete(world).await;
+}
+
+#[test]
+fn under_systemd_it_notifies_ready_and_feeds_the_watchdog_between_long_rounds() {
+    use std::os::unix::net::UnixDatagram;
+    let world = world();
+    let dir = scratch("daemon-watchdog");
+    let socket = dir.join("notify.sock");
+    let listener = UnixDatagram::bind(&socket).unwrap();
+    listener
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let config = dir.join("daemon.toml");
+    // An interval (6 s) longer than the watchdog's (2 s, as WatchdogSec=2s would ask).
+    std::fs::write(
+        &config,
+        format!(
+            "interval = \"6s\"\nlisten = \"127.0.0.1:{}\"\n[[group]]\nname = \"no-such-group\"\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    // systemd names the main process in WATCHDOG_PID: the shell execs into bakery, same pid.
+    let cmd = world.bakery();
+    let mut child = Command::new("sh")
+        .args(["-c", "WATCHDOG_PID=$$ exec \"$0\" daemon --config \"$1\""])
+        .arg(cmd.get_program())
+        .arg(&config)
+        .envs(
+            cmd.get_envs()
+                .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned()))),
+        )
+        .env("NOTIFY_SOCKET", &socket)
+        .env("WATCHDOG_USEC", "2000000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let mut got: Vec<(f64, String)> = Vec::new();
+    let mut buf = [0u8; 512];
+    while started.elapsed() < Duration::from_secs(8) {
+        if let Ok(n) = listener.recv(&mut buf) {
+            got.push((
+                started.elapsed().as_secs_f64(),
+                String::from_utf8_lossy(&buf[..n]).trim().to_string(),
+            ));
+        }
+    }
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(got.iter().any(|(_, m)| m == "READY=1"), "{got:?}");
+    let pings: Vec<f64> = got
+        .iter()
+        .filter(|(_, m)| m == "WATCHDOG=1")
+        .map(|(t, _)| *t)
+        .collect();
+    // Between the first round (t ~ 0) and the second (t ~ 6 s), at least every second.
+    assert!(
+        pings.len() >= 6 && pings.windows(2).all(|w| w[1] - w[0] < 1.5),
+        "{got:?}"
+    );
+    assert_eq!(status.code(), Some(0));
+}

@@ -10,11 +10,13 @@ pub mod launch_template;
 pub mod references;
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_smithy_types::retry::RetryConfig;
+use aws_smithy_types::timeout::TimeoutConfig;
 use backon::{ExponentialBuilder, Retryable};
 
 /// How the user pointed bakery at AWS (global CLI options).
@@ -49,10 +51,18 @@ pub enum ConfigError {
 impl Aws {
     /// Loads the shared configuration: environment, profile (`--profile`), SSO, assume-role and
     /// IMDS, as every AWS tool does. The SDK's own retries are turned off so that [`call`] is the
-    /// only retry policy (one budget, one place that logs a retry).
+    /// only retry policy (one budget, one place that logs a retry). An attempt that gets no
+    /// answer within [`ATTEMPT_TIMEOUT`] (an endpoint that accepts and never answers) fails
+    /// and is retried like any transient error, instead of waiting forever.
     pub async fn connect(target: &Target) -> Result<Self, ConfigError> {
-        let mut loader =
-            aws_config::defaults(BehaviorVersion::latest()).retry_config(RetryConfig::disabled());
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+                    .build(),
+            );
         if let Some(region) = &target.region {
             loader = loader.region(Region::new(region.clone()));
         }
@@ -160,15 +170,30 @@ impl HttpStatus for aws_smithy_runtime_api::http::Response {
     }
 }
 
+/// How long one attempt of a call may go unanswered (CreateImage, the slowest call, answers in
+/// seconds).
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Milliseconds of sleeping one call's retries may add up to; see [`set_retry_budget`].
+static RETRY_BUDGET_MS: AtomicU64 = AtomicU64::new(30_000);
+
+/// Caps the sleeping between one call's retries (default 30 s). The daemon keeps it within its
+/// interval: its next round asks again anyway, and a round must not outlast the watchdog.
+pub fn set_retry_budget(budget: Duration) {
+    RETRY_BUDGET_MS.store(budget.as_millis() as u64, Ordering::Relaxed);
+}
+
 /// The retry policy: jittered exponential backoff from 200 ms, at most 5 s apart, for at most
 /// 9 attempts and about 30 s of sleeping. Long enough to ride out a throttling burst, short enough
 /// that a real outage surfaces while the user is still watching.
-pub fn backoff() -> ExponentialBuilder {
+fn backoff() -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
         .with_max_delay(Duration::from_secs(5))
         .with_max_times(8)
-        .with_total_delay(Some(Duration::from_secs(30)))
+        .with_total_delay(Some(Duration::from_millis(
+            RETRY_BUDGET_MS.load(Ordering::Relaxed),
+        )))
         .with_jitter()
 }
 

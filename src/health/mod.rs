@@ -100,6 +100,8 @@ struct Observation {
 pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
     let config_path = config.path.clone();
     budget::set_global(config.api_rate, config.api_burst);
+    crate::aws::set_retry_budget(retry_budget(config.interval));
+    let watchdog = watchdog_period();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| DaemonError::Listen {
@@ -147,7 +149,7 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
         let read = match facts.take() {
             Some(f) => Ok(f),
             None => tokio::select! {
-                f = d.fetch() => f,
+                f = d.fetch_within() => f,
                 sig = stop.next() => break 'outer sig,
             },
         };
@@ -160,7 +162,7 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
                 // Acting is short and never cut in half.
                 d.act(obs).await;
                 let next = tokio::select! {
-                    f = d.fetch() => f,
+                    f = d.fetch_within() => f,
                     sig = stop.next() => break 'outer sig,
                 };
                 match next {
@@ -194,11 +196,22 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
             ready = true;
         }
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
-        let pause = d.config.interval.saturating_sub(started.elapsed());
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            sig = stop.next() => break sig,
-            _ = recv_hup(&mut hup) => d.reload(),
+        // The pause until the next round; the watchdog hears from us through it too (an
+        // interval may be longer than WatchdogSec).
+        let wake =
+            tokio::time::Instant::now() + d.config.interval.saturating_sub(started.elapsed());
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => break,
+                _ = watchdog_tick(watchdog) => {
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                }
+                sig = stop.next() => break 'outer sig,
+                _ = recv_hup(&mut hup) => {
+                    d.reload();
+                    break;
+                }
+            }
         }
     };
     tracing::info!(
@@ -209,6 +222,31 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
     d.release_all().await;
     server.abort();
     Ok(())
+}
+
+/// Half the watchdog interval systemd asked for (`WATCHDOG_USEC`), if it asked.
+fn watchdog_period() -> Option<Duration> {
+    let mut usec = 0;
+    sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2))
+}
+
+async fn watchdog_tick(period: Option<Duration>) {
+    match period {
+        Some(p) => tokio::time::sleep(p).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How long one call's retries may sleep: within the interval (the next round asks again) and
+/// never long enough to hold a round past the watchdog.
+fn retry_budget(interval: Duration) -> Duration {
+    interval.clamp(Duration::from_secs(1), Duration::from_secs(10))
+}
+
+/// How long a round's API reads may take before the round counts as failed: an endpoint that
+/// hangs or a region that is down must not stall the loop (or trip the watchdog).
+fn read_budget(interval: Duration) -> Duration {
+    (interval * 2).clamp(Duration::from_secs(5), Duration::from_secs(20))
 }
 
 async fn recv_hup(s: &mut Option<tokio::signal::unix::Signal>) {
@@ -228,6 +266,7 @@ impl Daemon {
                     tracing::warn!(old = %self.config.listen, new = %c.listen, "`listen` changes take effect at the next start");
                 }
                 budget::set_global(c.api_rate, c.api_burst);
+                crate::aws::set_retry_budget(retry_budget(c.interval));
                 self.metrics
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -370,6 +409,18 @@ impl Daemon {
                     tracing::error!(group = %group, "resuming HealthCheck timed out; the next daemon start or `bakery gc` will")
                 }
             }
+        }
+    }
+
+    /// [`Daemon::fetch`] within the round's read budget.
+    async fn fetch_within(&mut self) -> Result<Facts, String> {
+        let budget = read_budget(self.config.interval);
+        match tokio::time::timeout(budget, self.fetch()).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "the API did not answer within {}s; the next round asks again",
+                budget.as_secs()
+            )),
         }
     }
 
