@@ -811,3 +811,59 @@ async fn with_no_rollback_a_bad_batch_stops_the_rollout_and_abort_rolls_it_back_
     let _ = world.ssm().delete_parameter().name(&param).send().await;
     fleet.delete(world).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_rollout_is_replaced_by_another_ami_only_with_force() {
+    let world = world();
+    let (good, bad) = tokio::task::spawn_blocking(|| sample_amis(world).clone())
+        .await
+        .unwrap();
+    let fleet = Fleet::create(world, "force", 4).await;
+    let before = sizes(&fleet.group(world).await);
+    let run = rollout(
+        world,
+        "rollout-force",
+        &[
+            "--asg",
+            &fleet.asg,
+            "--ami",
+            &bad,
+            "--health-timeout",
+            "8s",
+            "--no-rollback",
+        ],
+    );
+    assert_eq!(run.code, Some(1), "{}", run.describe());
+
+    // Another AMI while that rollout is in progress: refused, saying what to do.
+    let args = ["--asg", fleet.asg.as_str(), "--ami", good.as_str()];
+    let run = rollout(world, "rollout-force", &args);
+    assert_eq!(run.code, Some(7), "{}", run.describe());
+    let error = run.error();
+    assert!(
+        error.contains(&bad) && error.contains("--abort") && error.contains("--force"),
+        "{error}"
+    );
+    assert_eq!(
+        lt_version(&fleet.group(world).await),
+        "2",
+        "nothing changed"
+    );
+
+    // --force: a new rollout from the same starting point, to the good AMI.
+    let run = rollout(
+        world,
+        "rollout-force",
+        &[&args[..], &["--force", "--health-timeout", "60s"]].concat(),
+    );
+    assert_eq!(run.code, Some(0), "{}", run.describe());
+    let g = fleet.group(world).await;
+    assert_eq!(sizes(&g), before, "desired/min/max restored");
+    assert_eq!(fleet.amis(world).await, vec![good.clone(); 4]);
+    assert!(
+        tag(&g, "bakery:rollout").is_none(),
+        "state removed: {:?}",
+        g.tags()
+    );
+    fleet.delete(world).await;
+}
