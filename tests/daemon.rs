@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// The world's fault spec is one for the whole world: the tests that set it take turns.
+static FAULTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn world() -> &'static World {
     static W: std::sync::OnceLock<World> = std::sync::OnceLock::new();
     W.get_or_init(World::get)
@@ -112,6 +115,16 @@ probe = {{ type = "http", port = 8080, path = "/healthz", timeout = "500ms", unh
             .unwrap();
         let status = self.child.wait().unwrap();
         (status.code(), started.elapsed(), self.logs())
+    }
+}
+
+/// A test that fails must not leave its daemon running.
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -306,6 +319,7 @@ async fn under_30_percent_throttling_the_daemon_keeps_looping_and_still_heals() 
     let spec = format!(
         r#"{{"seed": 11, "rules": [{{"action": "*", "throttle": 0.3, "access_key": "{key}"}}]}}"#
     );
+    let faults = FAULTS.lock().await;
     let (status, body) = world_control(world, "POST", "/_world/faults", &spec);
     assert_eq!(status, 200, "{body}");
     let d = Daemon::start(world, "throttle", &fleet.asg, "", &key);
@@ -334,6 +348,7 @@ async fn under_30_percent_throttling_the_daemon_keeps_looping_and_still_heals() 
         .sum();
     let loops_after = d.metric("bakery_loops_total").unwrap();
     world_control(world, "DELETE", "/_world/faults", "");
+    drop(faults);
     assert!(
         throttles > 0.0,
         "the world throttled the daemon: {}",
@@ -507,6 +522,7 @@ async fn through_an_api_outage_the_daemon_keeps_looping_and_heals_once_it_is_bac
     let key = format!("daemon-outage-{}", std::process::id());
     let d = Daemon::start(world, "outage", &fleet.asg, "", &key);
     // Every call of this daemon's is dropped, as when the endpoint is unreachable.
+    let faults = FAULTS.lock().await;
     let spec = format!(
         r#"{{"seed": 12, "rules": [{{"action": "*", "drop": 1, "access_key": "{key}"}}]}}"#
     );
@@ -549,6 +565,7 @@ async fn through_an_api_outage_the_daemon_keeps_looping_and_heals_once_it_is_bac
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     world_control(world, "DELETE", "/_world/faults", "");
+    drop(faults);
 
     // Back: the next rounds succeed and a crashed app is replaced as usual.
     let victim = instance_ids(world, &fleet).await[0].clone();

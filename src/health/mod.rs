@@ -144,42 +144,27 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
     let mut facts: Option<Facts> = None;
     let reason = 'outer: loop {
         let started = Instant::now();
-        // A signal may cut reading and probing short: neither decides anything, and a takeover
-        // is recorded before it is made (see `take_over`).
-        let read = match facts.take() {
-            Some(f) => Ok(f),
-            None => tokio::select! {
-                f = d.fetch_within() => f,
-                sig = stop.next() => break 'outer sig,
-            },
-        };
-        let ok = match read {
-            Ok(f) => {
-                let obs = tokio::select! {
-                    o = d.judge(f) => o,
-                    sig = stop.next() => break 'outer sig,
-                };
-                // Acting is short and never cut in half.
-                d.act(obs).await;
-                let next = tokio::select! {
-                    f = d.fetch_within() => f,
-                    sig = stop.next() => break 'outer sig,
-                };
-                match next {
-                    Ok(f) => {
-                        facts = Some(f);
-                        true
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "round failed; the daemon keeps going");
-                        false
+        // A slow round (an API in trouble, every call timing out) is not a stuck one: the
+        // watchdog hears from us through it, up to the stuck limit. Past that, systemd restarts
+        // the daemon.
+        let stuck_at = started + stuck_limit(d.config.interval);
+        let end = {
+            let round = d.round(&mut facts, &mut stop);
+            tokio::pin!(round);
+            loop {
+                tokio::select! {
+                    e = &mut round => break e,
+                    _ = watchdog_tick(watchdog) => {
+                        if Instant::now() < stuck_at {
+                            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                        }
                     }
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "round failed; the daemon keeps going");
-                false
-            }
+        };
+        let ok = match end {
+            RoundEnd::Stop(sig) => break 'outer sig,
+            RoundEnd::Done(ok) => ok,
         };
         let took = started.elapsed();
         if took > d.config.interval {
@@ -209,6 +194,8 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
                 sig = stop.next() => break 'outer sig,
                 _ = recv_hup(&mut hup) => {
                     d.reload();
+                    // Facts read for the old configuration's groups are not judged by the new.
+                    facts = None;
                     break;
                 }
             }
@@ -224,6 +211,48 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// Why a replacement decided on older facts must not happen now, if it must not: the group
+/// (read again just before acting) is gone, a rollout holds it, or the instance is no longer an
+/// in-service, healthy member.
+fn still_replaceable(
+    fresh: Option<&BTreeMap<String, autoscaling::Group>>,
+    group: &str,
+    id: &str,
+) -> Option<String> {
+    let Some(fresh) = fresh else {
+        return Some("the group could not be read again".into());
+    };
+    let Some(g) = fresh.get(group) else {
+        return Some("the group is gone".into());
+    };
+    if let Some(l) = g.tags.get(LOCK_TAG).and_then(|l| Lock::decode(l)) {
+        if l.expires > now() {
+            return Some(format!("a rollout by {} holds the group", l.owner));
+        }
+    }
+    match g.instances.iter().find(|i| i.id == id) {
+        None => Some("no longer in the group".into()),
+        Some(i) if i.lifecycle != "InService" => Some(format!("now {}", i.lifecycle)),
+        Some(i) if i.health == "Unhealthy" => Some("already marked Unhealthy".into()),
+        Some(_) => None,
+    }
+}
+
+/// How a round ended.
+enum RoundEnd {
+    /// The round ran; whether its API reads succeeded.
+    Done(bool),
+    /// A stop signal arrived (reading and probing may be cut short; acting never is).
+    Stop(&'static str),
+}
+
+/// How long a round may take before the daemon counts as stuck (and stops feeding the
+/// watchdog): its reads are bounded by [`read_budget`], its probes by their timeouts and its
+/// replacements by the calls' attempt timeout and retry budget; this is well past all of them.
+fn stuck_limit(interval: Duration) -> Duration {
+    Duration::from_secs(120) + interval
+}
+
 /// Half the watchdog interval systemd asked for (`WATCHDOG_USEC`), if it asked.
 fn watchdog_period() -> Option<Duration> {
     let mut usec = 0;
@@ -237,14 +266,14 @@ async fn watchdog_tick(period: Option<Duration>) {
     }
 }
 
-/// How long one call's retries may sleep: within the interval (the next round asks again) and
-/// never long enough to hold a round past the watchdog.
+/// How long one call's retries may sleep: within the interval (the next round asks again
+/// anyway).
 fn retry_budget(interval: Duration) -> Duration {
     interval.clamp(Duration::from_secs(1), Duration::from_secs(10))
 }
 
-/// How long a round's API reads may take before the round counts as failed: an endpoint that
-/// hangs or a region that is down must not stall the loop (or trip the watchdog).
+/// How long a round's API reads (both of them, in the first round) may take before the round
+/// counts as failed: an endpoint that hangs or a region that is down must not stall the loop.
 fn read_budget(interval: Duration) -> Duration {
     (interval * 2).clamp(Duration::from_secs(5), Duration::from_secs(20))
 }
@@ -412,10 +441,57 @@ impl Daemon {
         }
     }
 
-    /// [`Daemon::fetch`] within the round's read budget.
-    async fn fetch_within(&mut self) -> Result<Facts, String> {
+    /// One round: probes judged with the facts read at the end of the last round (read now if
+    /// there are none), the replacements, and the reads for the next round; all reads within
+    /// the round's [`read_budget`].
+    async fn round(
+        &mut self,
+        facts: &mut Option<Facts>,
+        stop: &mut crate::signals::Signals,
+    ) -> RoundEnd {
         let budget = read_budget(self.config.interval);
-        match tokio::time::timeout(budget, self.fetch()).await {
+        let deadline = tokio::time::Instant::now() + budget;
+        let read = match facts.take() {
+            Some(f) => Ok(f),
+            None => tokio::select! {
+                f = self.fetch_until(deadline, budget) => f,
+                sig = stop.next() => return RoundEnd::Stop(sig),
+            },
+        };
+        let read = match read {
+            Ok(f) => {
+                let obs = tokio::select! {
+                    o = self.judge(f) => o,
+                    sig = stop.next() => return RoundEnd::Stop(sig),
+                };
+                // Acting is short and never cut in half.
+                self.act(obs).await;
+                tokio::select! {
+                    f = self.fetch_until(deadline, budget) => f,
+                    sig = stop.next() => return RoundEnd::Stop(sig),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match read {
+            Ok(f) => {
+                *facts = Some(f);
+                RoundEnd::Done(true)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "round failed; the daemon keeps going");
+                RoundEnd::Done(false)
+            }
+        }
+    }
+
+    /// [`Daemon::fetch`], given up at `deadline`.
+    async fn fetch_until(
+        &mut self,
+        deadline: tokio::time::Instant,
+        budget: Duration,
+    ) -> Result<Facts, String> {
+        match tokio::time::timeout_at(deadline, self.fetch()).await {
             Ok(r) => r.map_err(|e| e.to_string()),
             Err(_) => Err(format!(
                 "the API did not answer within {}s; the next round asks again",
@@ -565,7 +641,10 @@ impl Daemon {
             let mut instances = Vec::new();
             for i in &g.instances {
                 let st = self.instances.entry(i.id.clone()).or_default();
+                // An instance already marked Unhealthy is the group's to replace: judging it
+                // again would count it twice (against the breaker and the window).
                 let judged = i.lifecycle == "InService"
+                    && i.health != "Unhealthy"
                     && st.launched > 0
                     && now.saturating_sub(st.launched) >= g.health_check_grace_period.max(0) as u64;
                 let mut failing = Vec::new();
@@ -646,6 +725,25 @@ impl Daemon {
             freeze_above_all: self.config.freeze_above_all,
         };
         let verdicts = decide::decide(&obs.views, &breaker);
+        // The facts are up to an interval old: before marking anything, the groups concerned are
+        // read again (one call), so that a rollout that took its lock since, or an instance
+        // already leaving, is left alone.
+        let pending: Vec<String> = verdicts
+            .iter()
+            .filter(|v| !v.replace.is_empty())
+            .map(|v| v.group.clone())
+            .collect();
+        let fresh: Option<BTreeMap<String, autoscaling::Group>> = if pending.is_empty() {
+            Some(BTreeMap::new())
+        } else {
+            match autoscaling::describe_many(&self.aws.autoscaling, &pending, &[]).await {
+                Ok(gs) => Some(gs.into_iter().map(|g| (g.name.clone(), g)).collect()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read the groups again before replacing; nothing replaced this round");
+                    None
+                }
+            }
+        };
         let mut snapshot_groups = BTreeMap::new();
         for v in &verdicts {
             match (&v.frozen, self.frozen.contains(&v.group)) {
@@ -665,6 +763,10 @@ impl Daemon {
             }
             for (id, reason) in &v.replace {
                 let evidence = obs.evidence.get(id).cloned().unwrap_or_default().join("; ");
+                if let Some(why) = still_replaceable(fresh.as_ref(), &v.group, id) {
+                    tracing::info!(group = %v.group, instance = %id, reason = %why, "replacement held back");
+                    continue;
+                }
                 match autoscaling::set_unhealthy(&self.aws.autoscaling, id).await {
                     Ok(()) => {
                         tracing::warn!(group = %v.group, instance = %id, reason = %reason, evidence = %evidence, "marked unhealthy: the group replaces it");
@@ -715,5 +817,82 @@ impl Daemon {
         } else {
             m.loop_errors += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(tags: &[(&str, String)], instances: &[(&str, &str, &str)]) -> autoscaling::Group {
+        autoscaling::Group {
+            name: "web".into(),
+            desired: 2,
+            min: 2,
+            max: 4,
+            launch_template: None,
+            uses_mixed_instances_policy: false,
+            uses_launch_configuration: None,
+            target_group_arns: Vec::new(),
+            subnets: Vec::new(),
+            health_check_type: "ELB".into(),
+            health_check_grace_period: 0,
+            instances: instances
+                .iter()
+                .map(|(id, lifecycle, health)| autoscaling::GroupInstance {
+                    id: id.to_string(),
+                    lifecycle: lifecycle.to_string(),
+                    health: health.to_string(),
+                    launch_template_version: None,
+                    availability_zone: "a".into(),
+                })
+                .collect(),
+            tags: tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            suspended: Vec::new(),
+        }
+    }
+
+    fn fresh(g: autoscaling::Group) -> BTreeMap<String, autoscaling::Group> {
+        BTreeMap::from([(g.name.clone(), g)])
+    }
+
+    #[test]
+    fn a_replacement_decided_on_older_facts_is_held_when_things_changed() {
+        let members = [
+            ("i-1", "InService", "Healthy"),
+            ("i-2", "Terminating", "Healthy"),
+            ("i-3", "InService", "Unhealthy"),
+        ];
+        let plain = fresh(group(&[], &members));
+        assert_eq!(still_replaceable(Some(&plain), "web", "i-1"), None);
+        assert!(still_replaceable(Some(&plain), "web", "i-2")
+            .unwrap()
+            .contains("Terminating"));
+        assert!(still_replaceable(Some(&plain), "web", "i-3")
+            .unwrap()
+            .contains("already marked"));
+        assert!(still_replaceable(Some(&plain), "web", "i-9")
+            .unwrap()
+            .contains("no longer"));
+        assert!(still_replaceable(Some(&plain), "api", "i-1")
+            .unwrap()
+            .contains("gone"));
+        assert!(still_replaceable(None, "web", "i-1").is_some());
+
+        let lock = |expires: u64| Lock {
+            owner: "ci:42".into(),
+            token: "t".into(),
+            since: now(),
+            expires,
+        };
+        let locked = fresh(group(&[(LOCK_TAG, lock(now() + 60).encode())], &members));
+        assert!(still_replaceable(Some(&locked), "web", "i-1")
+            .unwrap()
+            .contains("rollout by ci:42"));
+        let expired = fresh(group(&[(LOCK_TAG, lock(now() - 1).encode())], &members));
+        assert_eq!(still_replaceable(Some(&expired), "web", "i-1"), None);
     }
 }
