@@ -164,3 +164,69 @@ fn ssm_without_an_instance_profile_is_a_recipe_error() {
     );
     assert!(stderr.contains("AmazonSSMManagedInstanceCore"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_send_command_whose_answer_is_lost_is_not_run_twice() {
+    let world = World::get();
+    let dir = scratch("ssm-lost");
+    std::fs::create_dir_all(dir.join("files")).unwrap();
+    // Five upload chunks, each appended by one command: a command run twice corrupts the file.
+    let payload: Vec<u8> = (0..110_000u32).map(|i| (i * 13 % 253) as u8).collect();
+    std::fs::write(dir.join("files/payload.bin"), &payload).unwrap();
+    let digest = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&payload)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let r = write(
+        &dir,
+        "recipe.toml",
+        &ssm_recipe(
+            &world,
+            r#"
+[[provisioner]]
+type = "file"
+source = "files"
+destination = "/opt/lost"
+
+[[provisioner]]
+type = "shell"
+inline = ["echo once >> /opt/lost/runs", "sha256sum /opt/lost/payload.bin", "wc -l < /opt/lost/runs"]
+"#,
+        ),
+    );
+    let key = format!("ssm-lost-{}", std::process::id());
+    // Half of this run's SendCommand answers are lost after SSM took the command.
+    let spec = format!(
+        r#"{{"seed": 7, "rules": [{{"action": "ssm:SendCommand", "lose": 0.5, "access_key": "{key}"}}]}}"#
+    );
+    let (status, body) = world_control(&world, "POST", "/_world/faults", &spec);
+    assert_eq!(status, 200, "{body}");
+    let out = world
+        .bakery()
+        .env("AWS_ACCESS_KEY_ID", &key)
+        .args(["--output", "json", "build"])
+        .arg(&r)
+        .arg("--manifest")
+        .arg(dir.join("m.json"))
+        .output()
+        .unwrap();
+    world_control(&world, "DELETE", "/_world/faults", "");
+    let run = Run::from_output(out);
+    assert_eq!(run.code, Some(0), "{}", run.describe());
+    let lost = world_calls(&world, &key)["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["action"] == "SendCommand" && c["fault"] == "lose")
+        .count();
+    assert!(lost >= 2, "answers were lost: {lost}");
+    assert_eq!(
+        run.output_lines(),
+        vec![format!("{digest}  /opt/lost/payload.bin"), "1".to_string()],
+        "every command ran once"
+    );
+    assert!(leftovers(&world, &run.build_id(), false).await.is_empty());
+}

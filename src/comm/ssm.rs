@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -179,18 +179,33 @@ impl SsmSession {
         }
     }
 
+    /// Sends one command. SendCommand has no idempotency token, and a retried send whose first
+    /// answer was lost would run the script twice (an upload chunk appended twice): each send
+    /// carries a unique comment, and a retry first looks for a command with that comment.
     async fn send(&self, commands: Vec<String>, timeout: Duration) -> Result<String, CommError> {
         let timeout_s = timeout.as_secs().max(1).to_string();
-        let out = call("ssm:SendCommand", &self.instance_id, || {
+        let comment = format!("bakery provisioner {}", uuid::Uuid::new_v4().simple());
+        let attempts = AtomicU32::new(0);
+        let out = call("ssm:SendCommand", &self.instance_id, || async {
+            if attempts.fetch_add(1, Ordering::Relaxed) > 0 {
+                if let Some(id) = self.command_commented(&comment).await {
+                    tracing::debug!(command = %id, "an earlier SendCommand attempt had reached SSM");
+                    let found = aws_sdk_ssm::types::Command::builder().command_id(id).build();
+                    return Ok(aws_sdk_ssm::operation::send_command::SendCommandOutput::builder()
+                        .command(found)
+                        .build());
+                }
+            }
             self.ssm
                 .send_command()
                 .document_name("AWS-RunShellScript")
                 .instance_ids(&self.instance_id)
                 .parameters("commands", commands.clone())
                 .parameters("executionTimeout", vec![timeout_s.clone()])
-                .comment("bakery provisioner")
+                .comment(&comment)
                 .timeout_seconds(600)
                 .send()
+                .await
         })
         .await
         .map_err(|e| CommError::Protocol(e.to_string()))?;
@@ -198,6 +213,25 @@ impl SsmSession {
             .and_then(|c| c.command_id())
             .map(str::to_string)
             .ok_or_else(|| CommError::Protocol("SendCommand returned no command id".into()))
+    }
+
+    /// The id of this instance's command with `comment`, if SSM lists one.
+    async fn command_commented(&self, comment: &str) -> Option<String> {
+        let listed = self
+            .ssm
+            .list_commands()
+            .instance_id(&self.instance_id)
+            .into_paginator()
+            .items()
+            .send()
+            .collect::<Result<Vec<_>, _>>()
+            .await
+            .ok()?;
+        listed
+            .iter()
+            .find(|c| c.comment() == Some(comment))
+            .and_then(|c| c.command_id())
+            .map(str::to_string)
     }
 
     /// Uploads a file, or a folder recursively, in base64 chunks through commands.
