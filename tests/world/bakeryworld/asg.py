@@ -147,7 +147,12 @@ def _patch_moto() -> None:
     ) -> None:
         if self.mixed_instances_policy:
             return original(self, count_needed, propagated_tags)
-        _launch_from_group(self, count_needed, propagated_tags)
+        try:
+            _launch_from_group(self, count_needed, propagated_tags)
+        except Exception as e:  # noqa: BLE001
+            # AWS accepts the capacity change and fails the launch as a scaling activity (a
+            # deleted launch-template version, say); the call that asked for capacity succeeds.
+            log.warning("%s: launching %d instance(s) failed: %r", self.name, count_needed, e)
 
     FakeAutoScalingGroup.replace_autoscaling_group_instances = replace_autoscaling_group_instances  # type: ignore[method-assign]
 
@@ -217,11 +222,14 @@ class AsgProcesses:
         backend = self.world.backend("autoscaling")
         now = time.monotonic()
         for group in list(backend.autoscaling_groups.values()):
-            suspended = {p["ProcessName"] for p in group.suspended_processes}
-            if "HealthCheck" not in suspended:
-                self._health_check(group, now)
-            if "ReplaceUnhealthy" not in suspended and "Terminate" not in suspended:
-                self._replace_unhealthy(backend, group, launch="Launch" not in suspended)
+            try:
+                suspended = {p["ProcessName"] for p in group.suspended_processes}
+                if "HealthCheck" not in suspended:
+                    self._health_check(group, now)
+                if "ReplaceUnhealthy" not in suspended and "Terminate" not in suspended:
+                    self._replace_unhealthy(backend, group, launch="Launch" not in suspended)
+            except Exception:  # one group's trouble does not stop the others'
+                log.exception("asg tick: group %s", group.name)
         live = {
             st.instance.id for g in backend.autoscaling_groups.values() for st in g.instance_states
         }

@@ -279,8 +279,14 @@ def install(world) -> None:
 
     orig_describe_versions = lt_models.LaunchTemplateBackend.describe_launch_template_versions
 
-    def describe_launch_template_versions(self, *args, **kwargs):
-        return [(t, v) for t, v in orig_describe_versions(self, *args, **kwargs) if not getattr(v, "deleted", False)]
+    def describe_launch_template_versions(self, template_name=None, template_id=None, versions=None,
+                                          min_version=None, max_version=None, max_results=15):
+        # moto slices to max_results before the tombstones come out: ask for all, then slice.
+        found = orig_describe_versions(
+            self, template_name=template_name, template_id=template_id, versions=versions,
+            min_version=min_version, max_version=max_version, max_results=10**9,
+        )
+        return [(t, v) for t, v in found if not getattr(v, "deleted", False)][:max_results]
 
     lt_models.LaunchTemplateBackend.describe_launch_template_versions = describe_launch_template_versions  # type: ignore[method-assign]
 
