@@ -552,8 +552,9 @@ async fn a_rollout_prunes_old_versions_but_never_one_another_group_uses() {
         .await
         .unwrap();
     let fleet = Fleet::create(world, "prune", 2).await;
-    // Versions 2..=4 of the same template; a second group (staging, say) runs version 2.
-    for _ in 0..3 {
+    // Versions 2..=5 of the same template; a second group (staging, say) runs version 2, and a
+    // third, with a mixed instances policy, version 3.
+    for _ in 0..4 {
         world
             .ec2()
             .create_launch_template_version()
@@ -586,7 +587,33 @@ async fn a_rollout_prunes_old_versions_but_never_one_another_group_uses() {
         .send()
         .await
         .expect("CreateAutoScalingGroup");
-    assert_eq!(versions(world, &fleet.lt_id).await, vec![1, 2, 3, 4]);
+    let mixed = format!("{}-mixed", fleet.asg);
+    world
+        .asg()
+        .create_auto_scaling_group()
+        .auto_scaling_group_name(&mixed)
+        .mixed_instances_policy(
+            aws_sdk_autoscaling::types::MixedInstancesPolicy::builder()
+                .launch_template(
+                    aws_sdk_autoscaling::types::LaunchTemplate::builder()
+                        .launch_template_specification(
+                            aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
+                                .launch_template_id(&fleet.lt_id)
+                                .version("3")
+                                .build(),
+                        )
+                        .build(),
+                )
+                .build(),
+        )
+        .min_size(0)
+        .max_size(0)
+        .desired_capacity(0)
+        .vpc_zone_identifier(world.var("WORLD_PRIVATE_SUBNETS"))
+        .send()
+        .await
+        .expect("CreateAutoScalingGroup (mixed instances policy)");
+    assert_eq!(versions(world, &fleet.lt_id).await, vec![1, 2, 3, 4, 5]);
 
     let run = rollout(
         world,
@@ -604,18 +631,18 @@ async fn a_rollout_prunes_old_versions_but_never_one_another_group_uses() {
     );
     assert_eq!(run.code, Some(0), "{}", run.describe());
     let g = fleet.group(world).await;
-    assert_eq!(lt_version(&g), "5", "the rollout's own version");
+    assert_eq!(lt_version(&g), "6", "the rollout's own version");
     assert_eq!(
         versions(world, &fleet.lt_id).await,
-        vec![1, 2, 5],
-        "3 and 4 pruned; the default (1), the other group's (2) and the new one (5) kept"
+        vec![1, 2, 3, 6],
+        "4 and 5 pruned; the default (1), the other groups' (2, 3) and the new one (6) kept"
     );
-    // Numbers are never reused: the next version is 6.
+    // Numbers are never reused: the next version is 7.
     let next = world
         .ec2()
         .create_launch_template_version()
         .launch_template_id(&fleet.lt_id)
-        .source_version("5")
+        .source_version("6")
         .launch_template_data(
             aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
                 .image_id(&good)
@@ -627,15 +654,17 @@ async fn a_rollout_prunes_old_versions_but_never_one_another_group_uses() {
     assert_eq!(
         next.launch_template_version()
             .and_then(|v| v.version_number()),
-        Some(6)
+        Some(7)
     );
-    let _ = world
-        .asg()
-        .delete_auto_scaling_group()
-        .auto_scaling_group_name(&other)
-        .force_delete(true)
-        .send()
-        .await;
+    for g in [&other, &mixed] {
+        let _ = world
+            .asg()
+            .delete_auto_scaling_group()
+            .auto_scaling_group_name(g)
+            .force_delete(true)
+            .send()
+            .await;
+    }
     fleet.delete(world).await;
 }
 

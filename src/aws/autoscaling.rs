@@ -33,6 +33,8 @@ pub struct Group {
     pub max: u32,
     pub launch_template: Option<LaunchTemplateRef>,
     pub uses_mixed_instances_policy: bool,
+    /// The templates a mixed instances policy launches from (its own and its overrides').
+    pub mixed_launch_templates: Vec<LaunchTemplateRef>,
     pub uses_launch_configuration: Option<String>,
     pub target_group_arns: Vec<String>,
     /// The subnets the group launches into.
@@ -141,6 +143,25 @@ fn group_of(g: &aws_sdk_autoscaling::types::AutoScalingGroup) -> Group {
             version: lt.version().map(str::to_string),
         }),
         uses_mixed_instances_policy: g.mixed_instances_policy().is_some(),
+        mixed_launch_templates: g
+            .mixed_instances_policy()
+            .and_then(|p| p.launch_template())
+            .map(|t| {
+                t.launch_template_specification()
+                    .into_iter()
+                    .chain(
+                        t.overrides()
+                            .iter()
+                            .filter_map(|o| o.launch_template_specification()),
+                    )
+                    .map(|s| LaunchTemplateRef {
+                        id: s.launch_template_id().map(str::to_string),
+                        name: s.launch_template_name().map(str::to_string),
+                        version: s.version().map(str::to_string),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
         uses_launch_configuration: g.launch_configuration_name().map(str::to_string),
         target_group_arns: g.target_group_arns().to_vec(),
         subnets: g

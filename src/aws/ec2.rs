@@ -43,6 +43,22 @@ fn carries(found: &[Tag], asked: &Tags) -> bool {
         })
 }
 
+/// Looks for the resource a create call's lost answer made: at once, then a few times over
+/// about 1.5 s, since a describe right after a create may not show it yet.
+async fn find_own<T, F, Fut>(mut look: F) -> Result<Option<T>, AwsError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>, AwsError>>,
+{
+    for delay_ms in [0u64, 100, 200, 400, 800] {
+        tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+        if let Some(found) = look().await? {
+            return Ok(Some(found));
+        }
+    }
+    Ok(None)
+}
+
 fn tag_filter(key: &str, value: &str) -> Filter {
     Filter::builder()
         .name(format!("tag:{key}"))
@@ -155,19 +171,23 @@ pub async fn import_key_pair(
         Ok(_) => Ok(()),
         // A retry after a lost answer: the key pair is ours if it carries our tags.
         Err(e) if e.code() == Some("InvalidKeyPair.Duplicate") => {
-            let out = call("ec2:DescribeKeyPairs", name, || {
-                ec2.describe_key_pairs().key_names(name).send()
+            let ours = find_own(|| async {
+                match call("ec2:DescribeKeyPairs", name, || {
+                    ec2.describe_key_pairs().key_names(name).send()
+                })
+                .await
+                {
+                    Ok(out) => Ok(out
+                        .key_pairs()
+                        .iter()
+                        .any(|k| k.key_name() == Some(name) && carries(k.tags(), tags))
+                        .then_some(())),
+                    Err(d) if d.is_not_found() => Ok(None),
+                    Err(d) => Err(d),
+                }
             })
             .await?;
-            let ours = out
-                .key_pairs()
-                .iter()
-                .any(|k| k.key_name() == Some(name) && carries(k.tags(), tags));
-            if ours {
-                Ok(())
-            } else {
-                Err(e)
-            }
+            ours.ok_or(e)
         }
         Err(e) => Err(e),
     }
@@ -252,19 +272,23 @@ pub async fn create_security_group(
         Ok(out) => Ok(out.group_id().unwrap_or_default().to_string()),
         // A retry after a lost answer: the group is ours if it carries our tags.
         Err(e) if e.code() == Some("InvalidGroup.Duplicate") => {
-            let out = call("ec2:DescribeSecurityGroups", name, || {
-                ec2.describe_security_groups()
-                    .filters(Filter::builder().name("group-name").values(name).build())
-                    .filters(Filter::builder().name("vpc-id").values(vpc_id).build())
-                    .send()
+            let ours = find_own(|| async {
+                let out = call("ec2:DescribeSecurityGroups", name, || {
+                    ec2.describe_security_groups()
+                        .filters(Filter::builder().name("group-name").values(name).build())
+                        .filters(Filter::builder().name("vpc-id").values(vpc_id).build())
+                        .send()
+                })
+                .await?;
+                Ok(out
+                    .security_groups()
+                    .iter()
+                    .find(|g| g.group_name() == Some(name) && carries(g.tags(), tags))
+                    .and_then(|g| g.group_id())
+                    .map(str::to_string))
             })
             .await?;
-            out.security_groups()
-                .iter()
-                .find(|g| g.group_name() == Some(name) && carries(g.tags(), tags))
-                .and_then(|g| g.group_id())
-                .map(str::to_string)
-                .ok_or(e)
+            ours.ok_or(e)
         }
         Err(e) => Err(e),
     }
@@ -604,19 +628,23 @@ pub async fn create_image(
         Ok(out) => Ok(out.image_id().unwrap_or_default().to_string()),
         // A retry after a lost answer: the image of that name is ours if it carries our tags.
         Err(e) if e.code() == Some("InvalidAMIName.Duplicate") => {
-            let out = call("ec2:DescribeImages", name, || {
-                ec2.describe_images()
-                    .owners("self")
-                    .filters(Filter::builder().name("name").values(name).build())
-                    .send()
+            let ours = find_own(|| async {
+                let out = call("ec2:DescribeImages", name, || {
+                    ec2.describe_images()
+                        .owners("self")
+                        .filters(Filter::builder().name("name").values(name).build())
+                        .send()
+                })
+                .await?;
+                Ok(out
+                    .images()
+                    .iter()
+                    .find(|i| i.name() == Some(name) && carries(i.tags(), tags))
+                    .and_then(|i| i.image_id())
+                    .map(str::to_string))
             })
             .await?;
-            out.images()
-                .iter()
-                .find(|i| i.name() == Some(name) && carries(i.tags(), tags))
-                .and_then(|i| i.image_id())
-                .map(str::to_string)
-                .ok_or(e)
+            ours.ok_or(e)
         }
         Err(e) => Err(e),
     }

@@ -22,6 +22,7 @@ use super::{call, AwsError};
 #[derive(Debug, Clone)]
 pub struct Version {
     pub template_id: String,
+    pub template_name: Option<String>,
     pub number: i64,
     pub is_default: bool,
     pub image_id: Option<String>,
@@ -33,6 +34,7 @@ fn version_of(v: &aws_sdk_ec2::types::LaunchTemplateVersion) -> Version {
     let data = v.launch_template_data().cloned();
     Version {
         template_id: v.launch_template_id().unwrap_or_default().to_string(),
+        template_name: v.launch_template_name().map(str::to_string),
         number: v.version_number().unwrap_or_default(),
         is_default: v.default_version().unwrap_or(false),
         image_id: data.as_ref().and_then(|d| d.image_id()).map(str::to_string),
@@ -264,7 +266,7 @@ pub async fn create_with_image(
 }
 
 /// Deletes versions (at most 200 a call, as the API takes); returns those EC2 refused, with
-/// its reason.
+/// its reason (a version that does not exist any more counts as deleted).
 pub async fn delete_versions(
     ec2: &Client,
     template_id: &str,
@@ -282,6 +284,13 @@ pub async fn delete_versions(
         refused.extend(
             out.unsuccessfully_deleted_launch_template_versions()
                 .iter()
+                // Gone already (a retry after a lost answer meets its own deletion): deleted.
+                .filter(|f| {
+                    f.response_error()
+                        .and_then(|e| e.code())
+                        .map(|c| c.as_str())
+                        != Some("launchTemplateVersionDoesNotExist")
+                })
                 .map(|f| {
                     let why = f.response_error().map(|e| {
                         format!(
@@ -319,6 +328,7 @@ mod tests {
     fn v(n: i64, default: bool) -> Version {
         Version {
             template_id: "lt-1".into(),
+            template_name: None,
             number: n,
             is_default: default,
             image_id: None,

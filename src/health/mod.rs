@@ -832,6 +832,7 @@ mod tests {
             max: 4,
             launch_template: None,
             uses_mixed_instances_policy: false,
+            mixed_launch_templates: Vec::new(),
             uses_launch_configuration: None,
             target_group_arns: Vec::new(),
             subnets: Vec::new(),

@@ -910,14 +910,26 @@ impl<'a> Driver<'a> {
         // one of its instances, runs (one template often serves staging and production).
         let mut in_use: BTreeSet<i64> = self.st.to.parse().ok().into_iter().collect();
         in_use.extend(versions.iter().map(|v| v.number).max());
+        let template_name = versions.first().and_then(|v| v.template_name.clone());
         for g in autoscaling::all(&self.aws.autoscaling).await? {
-            let Some(t) = &g.launch_template else {
-                continue;
-            };
-            if t.id.as_deref() != Some(self.st.lt.as_str()) {
+            // A group names the template by id or by name, directly or in a mixed instances
+            // policy (its own and its overrides').
+            let refs: Vec<&autoscaling::LaunchTemplateRef> = g
+                .launch_template
+                .iter()
+                .chain(g.mixed_launch_templates.iter())
+                .filter(|t| {
+                    t.id.as_deref() == Some(self.st.lt.as_str())
+                        || (t.name.is_some() && t.name == template_name)
+                })
+                .collect();
+            if refs.is_empty() {
                 continue;
             }
-            in_use.extend(t.version.as_deref().and_then(|v| v.parse::<i64>().ok()));
+            in_use.extend(
+                refs.iter()
+                    .filter_map(|t| t.version.as_deref().and_then(|v| v.parse::<i64>().ok())),
+            );
             in_use.extend(g.instances.iter().filter_map(|i| {
                 i.launch_template_version
                     .as_deref()
