@@ -116,15 +116,9 @@ impl Gc<'_> {
         let out = call("ec2:DescribeInstances", "bakery temporaries", || {
             ec2c.describe_instances()
                 .set_filters(Some(self.ours(TEMPORARY_TAG, "true")))
-                .filters(
-                    Filter::builder()
-                        .name("instance-state-name")
-                        .values("pending")
-                        .values("running")
-                        .values("stopping")
-                        .values("stopped")
-                        .build(),
-                )
+                .filters(ec2::in_states(&[
+                    "pending", "running", "stopping", "stopped",
+                ]))
                 .into_paginator()
                 .items()
                 .send()

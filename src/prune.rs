@@ -4,7 +4,6 @@
 
 use std::collections::BTreeSet;
 
-use aws_sdk_ec2::types::Filter;
 use serde::Serialize;
 
 use crate::aws::{call, ec2, launch_template as lt, Aws, AwsError};
@@ -77,16 +76,13 @@ pub(crate) async fn images_in_use(aws: &Aws) -> Result<BTreeSet<String>, AwsErro
     );
     let instances = call("ec2:DescribeInstances", "not terminated", || {
         ec2c.describe_instances()
-            .filters(
-                Filter::builder()
-                    .name("instance-state-name")
-                    .values("pending")
-                    .values("running")
-                    .values("stopping")
-                    .values("stopped")
-                    .values("shutting-down")
-                    .build(),
-            )
+            .filters(ec2::in_states(&[
+                "pending",
+                "running",
+                "stopping",
+                "stopped",
+                "shutting-down",
+            ]))
             .into_paginator()
             .items()
             .send()

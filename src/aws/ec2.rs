@@ -43,20 +43,38 @@ fn carries(found: &[Tag], asked: &Tags) -> bool {
         })
 }
 
-/// Looks for the resource a create call's lost answer made: at once, then a few times over
-/// about 1.5 s, since a describe right after a create may not show it yet.
-async fn find_own<T, F, Fut>(mut look: F) -> Result<Option<T>, AwsError>
+/// A create call's result, `made`, unless it failed with `duplicate`: then the call was a
+/// retry after a lost answer meeting its own resource (see [`carries`]), and the result is
+/// what `look` finds, looked for at once and then a few times over about 1.5 s, since a
+/// describe right after a create may not show it yet. Found nothing, the error stands.
+async fn or_own<T, F, Fut>(
+    made: Result<T, AwsError>,
+    duplicate: &str,
+    mut look: F,
+) -> Result<T, AwsError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Option<T>, AwsError>>,
 {
+    let error = match made {
+        Err(e) if e.code() == Some(duplicate) => e,
+        other => return other,
+    };
     for delay_ms in [0u64, 100, 200, 400, 800] {
         tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
         if let Some(found) = look().await? {
-            return Ok(Some(found));
+            return Ok(found);
         }
     }
-    Ok(None)
+    Err(error)
+}
+
+/// Instances in any of these states (`instance-state-name`).
+pub fn in_states(states: &[&str]) -> Filter {
+    Filter::builder()
+        .name("instance-state-name")
+        .set_values(Some(states.iter().map(|s| s.to_string()).collect()))
+        .build()
 }
 
 fn tag_filter(key: &str, value: &str) -> Filter {
@@ -167,30 +185,22 @@ pub async fn import_key_pair(
             .send()
     })
     .await;
-    match made {
-        Ok(_) => Ok(()),
-        // A retry after a lost answer: the key pair is ours if it carries our tags.
-        Err(e) if e.code() == Some("InvalidKeyPair.Duplicate") => {
-            let ours = find_own(|| async {
-                match call("ec2:DescribeKeyPairs", name, || {
-                    ec2.describe_key_pairs().key_names(name).send()
-                })
-                .await
-                {
-                    Ok(out) => Ok(out
-                        .key_pairs()
-                        .iter()
-                        .any(|k| k.key_name() == Some(name) && carries(k.tags(), tags))
-                        .then_some(())),
-                    Err(d) if d.is_not_found() => Ok(None),
-                    Err(d) => Err(d),
-                }
-            })
-            .await?;
-            ours.ok_or(e)
+    or_own(made.map(|_| ()), "InvalidKeyPair.Duplicate", || async {
+        match call("ec2:DescribeKeyPairs", name, || {
+            ec2.describe_key_pairs().key_names(name).send()
+        })
+        .await
+        {
+            Ok(out) => Ok(out
+                .key_pairs()
+                .iter()
+                .any(|k| k.key_name() == Some(name) && carries(k.tags(), tags))
+                .then_some(())),
+            Err(d) if d.is_not_found() => Ok(None),
+            Err(d) => Err(d),
         }
-        Err(e) => Err(e),
-    }
+    })
+    .await
 }
 
 /// Deletes a key pair; one that is already gone is not an error.
@@ -268,30 +278,23 @@ pub async fn create_security_group(
             .send()
     })
     .await;
-    match made {
-        Ok(out) => Ok(out.group_id().unwrap_or_default().to_string()),
-        // A retry after a lost answer: the group is ours if it carries our tags.
-        Err(e) if e.code() == Some("InvalidGroup.Duplicate") => {
-            let ours = find_own(|| async {
-                let out = call("ec2:DescribeSecurityGroups", name, || {
-                    ec2.describe_security_groups()
-                        .filters(Filter::builder().name("group-name").values(name).build())
-                        .filters(Filter::builder().name("vpc-id").values(vpc_id).build())
-                        .send()
-                })
-                .await?;
-                Ok(out
-                    .security_groups()
-                    .iter()
-                    .find(|g| g.group_name() == Some(name) && carries(g.tags(), tags))
-                    .and_then(|g| g.group_id())
-                    .map(str::to_string))
-            })
-            .await?;
-            ours.ok_or(e)
-        }
-        Err(e) => Err(e),
-    }
+    let made = made.map(|out| out.group_id().unwrap_or_default().to_string());
+    or_own(made, "InvalidGroup.Duplicate", || async {
+        let out = call("ec2:DescribeSecurityGroups", name, || {
+            ec2.describe_security_groups()
+                .filters(Filter::builder().name("group-name").values(name).build())
+                .filters(Filter::builder().name("vpc-id").values(vpc_id).build())
+                .send()
+        })
+        .await?;
+        Ok(out
+            .security_groups()
+            .iter()
+            .find(|g| g.group_name() == Some(name) && carries(g.tags(), tags))
+            .and_then(|g| g.group_id())
+            .map(str::to_string))
+    })
+    .await
 }
 
 /// Security groups named `name` in `vpc_id` (at most one; names are unique per VPC).
@@ -624,30 +627,23 @@ pub async fn create_image(
             .send()
     })
     .await;
-    match made {
-        Ok(out) => Ok(out.image_id().unwrap_or_default().to_string()),
-        // A retry after a lost answer: the image of that name is ours if it carries our tags.
-        Err(e) if e.code() == Some("InvalidAMIName.Duplicate") => {
-            let ours = find_own(|| async {
-                let out = call("ec2:DescribeImages", name, || {
-                    ec2.describe_images()
-                        .owners("self")
-                        .filters(Filter::builder().name("name").values(name).build())
-                        .send()
-                })
-                .await?;
-                Ok(out
-                    .images()
-                    .iter()
-                    .find(|i| i.name() == Some(name) && carries(i.tags(), tags))
-                    .and_then(|i| i.image_id())
-                    .map(str::to_string))
-            })
-            .await?;
-            ours.ok_or(e)
-        }
-        Err(e) => Err(e),
-    }
+    let made = made.map(|out| out.image_id().unwrap_or_default().to_string());
+    or_own(made, "InvalidAMIName.Duplicate", || async {
+        let out = call("ec2:DescribeImages", name, || {
+            ec2.describe_images()
+                .owners("self")
+                .filters(Filter::builder().name("name").values(name).build())
+                .send()
+        })
+        .await?;
+        Ok(out
+            .images()
+            .iter()
+            .find(|i| i.name() == Some(name) && carries(i.tags(), tags))
+            .and_then(|i| i.image_id())
+            .map(str::to_string))
+    })
+    .await
 }
 
 pub async fn create_tags(ec2: &Client, resources: &[String], tags: &Tags) -> Result<(), AwsError> {

@@ -196,17 +196,7 @@ impl SshSession {
             f.write_all(&data)
                 .map_err(|e| CommError::Transfer(format!("writing {remote}: {e}")))?;
             drop(f);
-            // open_mode applies the umask; set the mode asked for.
-            let stat = ssh2::FileStat {
-                size: None,
-                uid: None,
-                gid: None,
-                perm: Some(mode),
-                atime: None,
-                mtime: None,
-            };
-            sftp.setstat(Path::new(&remote), stat)
-                .map_err(|e| CommError::Transfer(format!("chmod {remote}: {e}")))
+            set_mode(&sftp, Path::new(&remote), mode)
         })
         .await
         .map_err(|e| CommError::Protocol(format!("SSH worker failed: {e}")))?
@@ -297,17 +287,7 @@ fn upload_path(
         total += n as u64;
     }
     drop(dst);
-    // open_mode applies the umask; set the mode the user asked for explicitly.
-    let stat = ssh2::FileStat {
-        size: None,
-        uid: None,
-        gid: None,
-        perm: Some(mode),
-        atime: None,
-        mtime: None,
-    };
-    sftp.setstat(remote, stat)
-        .map_err(|e| CommError::Transfer(format!("chmod {}: {e}", remote.display())))?;
+    set_mode(sftp, remote, mode)?;
     Ok(total)
 }
 
@@ -484,4 +464,19 @@ pub fn shell_command(remote: &str, env: &BTreeMap<String, String>, sudo: bool) -
 
 pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// Sets a remote file's mode: SFTP's open applies the server's umask, so the mode asked for is
+/// set explicitly afterwards.
+fn set_mode(sftp: &ssh2::Sftp, remote: &Path, mode: u32) -> Result<(), CommError> {
+    let stat = ssh2::FileStat {
+        size: None,
+        uid: None,
+        gid: None,
+        perm: Some(mode),
+        atime: None,
+        mtime: None,
+    };
+    sftp.setstat(remote, stat)
+        .map_err(|e| CommError::Transfer(format!("chmod {}: {e}", remote.display())))
 }
