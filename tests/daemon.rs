@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// The daemon's log message for a replacement.
+const MARKED: &str = "marked unhealthy: the group replaces it";
+
 /// The world's fault spec is one for the whole world: the tests that set it take turns.
 static FAULTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -98,6 +101,46 @@ probe = {{ type = "http", port = 8080, path = "/healthz", timeout = "500ms", unh
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The first log line with `message` that `pred` accepts, waiting up to `within` for it;
+    /// fails the test with `what` and the log otherwise.
+    async fn wait_event(
+        &self,
+        message: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+        within: Duration,
+        what: &str,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(e) = self.events(message).into_iter().find(|e| pred(e)) {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "{what}: {}", self.logs());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits up to `within` until `pred` accepts the metric `series` (`None`: not exported);
+    /// fails the test with `what`, the metrics and the log otherwise.
+    async fn wait_metric(
+        &self,
+        series: &str,
+        pred: impl Fn(Option<f64>) -> bool,
+        within: Duration,
+        what: &str,
+    ) {
+        let deadline = Instant::now() + within;
+        while !pred(self.metric(series)) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}:\n{}\n{}",
+                self.metrics().unwrap_or_default(),
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Log lines (JSON) whose message is `message`.
     fn events(&self, message: &str) -> Vec<serde_json::Value> {
         self.logs()
@@ -179,18 +222,14 @@ async fn a_crashed_app_is_replaced_within_interval_times_threshold_and_the_group
     let victim = instance_ids(world, &fleet).await[0].clone();
     let killed_at = unix_now();
     world_kill(world, &victim);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let marked = loop {
-        if let Some(e) = d
-            .events("marked unhealthy: the group replaces it")
-            .into_iter()
-            .find(|e| e["instance"] == victim.as_str())
-        {
-            break e;
-        }
-        assert!(Instant::now() < deadline, "not marked: {}", d.logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let marked = d
+        .wait_event(
+            MARKED,
+            |e| e["instance"] == victim.as_str(),
+            Duration::from_secs(10),
+            "not marked",
+        )
+        .await;
     let latency = parse_ts(marked["timestamp"].as_str().unwrap()) - killed_at;
     assert!(
         latency <= 1.0 * 2.0 + 2.0,
@@ -241,11 +280,13 @@ async fn a_shared_outage_freezes_the_group_and_the_freeze_lifts_when_apps_return
         world_kill(world, id);
     }
     let frozen = format!("bakery_group_frozen{{group=\"{}\"}}", fleet.asg);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while d.metric(&frozen) != Some(1.0) {
-        assert!(Instant::now() < deadline, "never froze: {}", d.logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    d.wait_metric(
+        &frozen,
+        |v| v == Some(1.0),
+        Duration::from_secs(10),
+        "never froze",
+    )
+    .await;
     // Well past interval x threshold: still nothing replaced.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
@@ -253,12 +294,7 @@ async fn a_shared_outage_freezes_the_group_and_the_freeze_lifts_when_apps_return
         before,
         "nothing was terminated"
     );
-    assert!(
-        d.events("marked unhealthy: the group replaces it")
-            .is_empty(),
-        "{}",
-        d.logs()
-    );
+    assert!(d.events(MARKED).is_empty(), "{}", d.logs());
     let unhealthy = format!("bakery_group_unhealthy{{group=\"{}\"}}", fleet.asg);
     assert_eq!(d.metric(&unhealthy), Some(3.0));
     assert_eq!(d.metric("bakery_fleet_frozen"), Some(1.0));
@@ -271,15 +307,13 @@ async fn a_shared_outage_freezes_the_group_and_the_freeze_lifts_when_apps_return
         .send()
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while d.metric(&frozen) != Some(0.0) {
-        assert!(
-            Instant::now() < deadline,
-            "the freeze never lifted: {}",
-            d.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    d.wait_metric(
+        &frozen,
+        |v| v == Some(0.0),
+        Duration::from_secs(20),
+        "the freeze never lifted",
+    )
+    .await;
     assert_eq!(
         instance_ids(world, &fleet).await,
         before,
@@ -303,9 +337,7 @@ async fn an_instance_inside_its_grace_period_is_not_replaced() {
         ids,
         "nothing replaced inside the grace period"
     );
-    assert!(d
-        .events("marked unhealthy: the group replaces it")
-        .is_empty());
+    assert!(d.events(MARKED).is_empty());
     d.stop();
     fleet.delete(world).await;
 }
@@ -326,19 +358,13 @@ async fn under_30_percent_throttling_the_daemon_keeps_looping_and_still_heals() 
     let loops_before = d.metric("bakery_loops_total").unwrap();
     let victim = instance_ids(world, &fleet).await[1].clone();
     world_kill(world, &victim);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !d
-        .events("marked unhealthy: the group replaces it")
-        .iter()
-        .any(|e| e["instance"] == victim.as_str())
-    {
-        assert!(
-            Instant::now() < deadline,
-            "not replaced under throttling: {}",
-            d.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    d.wait_event(
+        MARKED,
+        |e| e["instance"] == victim.as_str(),
+        Duration::from_secs(20),
+        "not replaced under throttling",
+    )
+    .await;
     let throttles: f64 = d
         .metrics()
         .unwrap()
@@ -431,24 +457,7 @@ async fn sighup_reloads_the_config_and_a_bad_reload_keeps_the_running_one() {
     let world = world();
     let fleet = Fleet::create(world, "reload", 2).await;
     // A second group, empty: watched only after the reload.
-    let other = format!("{}-other", fleet.asg);
-    world
-        .asg()
-        .create_auto_scaling_group()
-        .auto_scaling_group_name(&other)
-        .launch_template(
-            aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
-                .launch_template_id(&fleet.lt_id)
-                .version("1")
-                .build(),
-        )
-        .min_size(0)
-        .max_size(0)
-        .desired_capacity(0)
-        .vpc_zone_identifier(world.var("WORLD_PRIVATE_SUBNETS"))
-        .send()
-        .await
-        .expect("CreateAutoScalingGroup");
+    let other = fleet.empty_sibling(world, "other", "1", false).await;
     let d = Daemon::start(world, "reload", &fleet.asg, "", "daemon-reload");
     let running = std::fs::read_to_string(&d.config).unwrap();
     let hup = |d: &Daemon| {
@@ -457,21 +466,18 @@ async fn sighup_reloads_the_config_and_a_bad_reload_keeps_the_running_one() {
             .status()
             .unwrap();
     };
-    let wait_log = |d: &Daemon, message: &str| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(e) = d.events(message).pop() {
-                return e;
-            }
-            assert!(Instant::now() < deadline, "no {message:?}: {}", d.logs());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
 
     // A bad reload: the error names the file and line, the daemon keeps its config and loops.
     std::fs::write(&d.config, format!("{running}\nintervall = \"5s\"\n")).unwrap();
     hup(&d);
-    let failed = wait_log(&d, "reload failed; keeping the running configuration");
+    let failed = d
+        .wait_event(
+            "reload failed; keeping the running configuration",
+            |_| true,
+            Duration::from_secs(10),
+            "no failed reload",
+        )
+        .await;
     let error = failed["error"].as_str().unwrap();
     assert!(
         error.contains("daemon.toml") && error.contains("intervall"),
@@ -491,27 +497,26 @@ async fn sighup_reloads_the_config_and_a_bad_reload_keeps_the_running_one() {
     )
     .unwrap();
     hup(&d);
-    let reloaded = wait_log(&d, "configuration reloaded");
+    let reloaded = d
+        .wait_event(
+            "configuration reloaded",
+            |_| true,
+            Duration::from_secs(10),
+            "no reload",
+        )
+        .await;
     assert_eq!(reloaded["groups"], 2, "{reloaded}");
     let series = format!("bakery_group_instances{{group=\"{other}\"}}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while d.metric(&series).is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "{other} never watched: {}",
-            d.metrics().unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    d.wait_metric(
+        &series,
+        |v| v.is_some(),
+        Duration::from_secs(10),
+        &format!("{other} never watched"),
+    )
+    .await;
     let (code, _, logs) = d.stop();
     assert_eq!(code, Some(0), "{logs}");
-    let _ = world
-        .asg()
-        .delete_auto_scaling_group()
-        .auto_scaling_group_name(&other)
-        .force_delete(true)
-        .send()
-        .await;
+    delete_group(world, &other).await;
     fleet.delete(world).await;
 }
 
@@ -528,15 +533,13 @@ async fn through_an_api_outage_the_daemon_keeps_looping_and_heals_once_it_is_bac
     );
     let (status, body) = world_control(world, "POST", "/_world/faults", &spec);
     assert_eq!(status, 200, "{body}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while d.metric("bakery_loop_errors_total").unwrap_or(0.0) < 2.0 {
-        assert!(
-            Instant::now() < deadline,
-            "rounds did not fail under the outage: {}",
-            d.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    d.wait_metric(
+        "bakery_loop_errors_total",
+        |v| v.unwrap_or(0.0) >= 2.0,
+        Duration::from_secs(30),
+        "rounds did not fail under the outage",
+    )
+    .await;
     let (code, _) = http_get("127.0.0.1", d.port, "/healthz", Duration::from_secs(1)).unwrap();
     assert_eq!(code, 200, "a short outage is not a dead daemon");
     assert!(!d.events("round failed; the daemon keeps going").is_empty());
@@ -546,43 +549,31 @@ async fn through_an_api_outage_the_daemon_keeps_looping_and_heals_once_it_is_bac
     );
     let (status, body) = world_control(world, "POST", "/_world/faults", &spec);
     assert_eq!(status, 200, "{body}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !d
-        .events("round failed; the daemon keeps going")
-        .iter()
-        .any(|e| {
+    d.wait_event(
+        "round failed; the daemon keeps going",
+        |e| {
             e["error"]
                 .as_str()
                 .unwrap_or("")
                 .contains("did not answer within 5s")
-        })
-    {
-        assert!(
-            Instant::now() < deadline,
-            "a hanging API stalled the loop: {}",
-            d.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        },
+        Duration::from_secs(30),
+        "a hanging API stalled the loop",
+    )
+    .await;
     world_control(world, "DELETE", "/_world/faults", "");
     drop(faults);
 
     // Back: the next rounds succeed and a crashed app is replaced as usual.
     let victim = instance_ids(world, &fleet).await[0].clone();
     world_kill(world, &victim);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !d
-        .events("marked unhealthy: the group replaces it")
-        .iter()
-        .any(|e| e["instance"] == victim.as_str())
-    {
-        assert!(
-            Instant::now() < deadline,
-            "not replaced after the outage: {}",
-            d.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    d.wait_event(
+        MARKED,
+        |e| e["instance"] == victim.as_str(),
+        Duration::from_secs(20),
+        "not replaced after the outage",
+    )
+    .await;
     let (code, _, logs) = d.stop();
     assert_eq!(code, Some(0), "{logs}");
     fleet.wait_healthy(world, 2, Duration::from_secs(30)).await;

@@ -513,12 +513,7 @@ async fn bad_input_is_refused_clearly_without_changing_the_group() {
         .await
         .unwrap();
     let run = rollout(world, "bad-input", &["--asg", &lc_group, "--ami", &good]);
-    let _ = asg
-        .delete_auto_scaling_group()
-        .auto_scaling_group_name(&lc_group)
-        .force_delete(true)
-        .send()
-        .await;
+    delete_group(world, &lc_group).await;
     assert_eq!(run.code, Some(2), "{}", run.describe());
     let error = run.error();
     assert!(
@@ -555,64 +550,12 @@ async fn a_rollout_prunes_old_versions_but_never_one_another_group_uses() {
     // Versions 2..=5 of the same template; a second group (staging, say) runs version 2, and a
     // third, with a mixed instances policy, version 3.
     for _ in 0..4 {
-        world
-            .ec2()
-            .create_launch_template_version()
-            .launch_template_id(&fleet.lt_id)
-            .source_version("1")
-            .launch_template_data(
-                aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
-                    .image_id(world.var("WORLD_STACK_AMI"))
-                    .build(),
-            )
-            .send()
-            .await
-            .expect("CreateLaunchTemplateVersion");
+        fleet
+            .add_version(world, "1", world.var("WORLD_STACK_AMI"))
+            .await;
     }
-    let other = format!("{}-other", fleet.asg);
-    world
-        .asg()
-        .create_auto_scaling_group()
-        .auto_scaling_group_name(&other)
-        .launch_template(
-            aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
-                .launch_template_id(&fleet.lt_id)
-                .version("2")
-                .build(),
-        )
-        .min_size(0)
-        .max_size(0)
-        .desired_capacity(0)
-        .vpc_zone_identifier(world.var("WORLD_PRIVATE_SUBNETS"))
-        .send()
-        .await
-        .expect("CreateAutoScalingGroup");
-    let mixed = format!("{}-mixed", fleet.asg);
-    world
-        .asg()
-        .create_auto_scaling_group()
-        .auto_scaling_group_name(&mixed)
-        .mixed_instances_policy(
-            aws_sdk_autoscaling::types::MixedInstancesPolicy::builder()
-                .launch_template(
-                    aws_sdk_autoscaling::types::LaunchTemplate::builder()
-                        .launch_template_specification(
-                            aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
-                                .launch_template_id(&fleet.lt_id)
-                                .version("3")
-                                .build(),
-                        )
-                        .build(),
-                )
-                .build(),
-        )
-        .min_size(0)
-        .max_size(0)
-        .desired_capacity(0)
-        .vpc_zone_identifier(world.var("WORLD_PRIVATE_SUBNETS"))
-        .send()
-        .await
-        .expect("CreateAutoScalingGroup (mixed instances policy)");
+    let other = fleet.empty_sibling(world, "other", "2", false).await;
+    let mixed = fleet.empty_sibling(world, "mixed", "3", true).await;
     assert_eq!(versions(world, &fleet.lt_id).await, vec![1, 2, 3, 4, 5]);
 
     let run = rollout(
@@ -638,33 +581,9 @@ async fn a_rollout_prunes_old_versions_but_never_one_another_group_uses() {
         "4 and 5 pruned; the default (1), the other groups' (2, 3) and the new one (6) kept"
     );
     // Numbers are never reused: the next version is 7.
-    let next = world
-        .ec2()
-        .create_launch_template_version()
-        .launch_template_id(&fleet.lt_id)
-        .source_version("6")
-        .launch_template_data(
-            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
-                .image_id(&good)
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        next.launch_template_version()
-            .and_then(|v| v.version_number()),
-        Some(7)
-    );
-    for g in [&other, &mixed] {
-        let _ = world
-            .asg()
-            .delete_auto_scaling_group()
-            .auto_scaling_group_name(g)
-            .force_delete(true)
-            .send()
-            .await;
-    }
+    assert_eq!(fleet.add_version(world, "6", &good).await, 7);
+    delete_group(world, &other).await;
+    delete_group(world, &mixed).await;
     fleet.delete(world).await;
 }
 
@@ -707,25 +626,12 @@ async fn a_canary_that_turns_unhealthy_during_its_bake_rolls_back() {
         .await
         .unwrap()
         .expect("the canary's bake began");
-    let g = fleet.group(world).await;
-    let ids: Vec<String> = g
-        .instances()
-        .iter()
-        .filter_map(|i| i.instance_id().map(str::to_string))
-        .collect();
-    let out = world
-        .ec2()
-        .describe_instances()
-        .set_instance_ids(Some(ids))
-        .send()
+    let canary: Vec<String> = fleet
+        .live_instances(world)
         .await
-        .unwrap();
-    let canary: Vec<String> = out
-        .reservations()
-        .iter()
-        .flat_map(|r| r.instances())
-        .filter(|i| i.image_id() == Some(good.as_str()))
-        .filter_map(|i| i.instance_id().map(str::to_string))
+        .into_iter()
+        .filter(|(_, ami)| *ami == good)
+        .map(|(id, _)| id)
         .collect();
     assert_eq!(canary.len(), 1, "one canary: {canary:?}");
     world_kill(world, &canary[0]);

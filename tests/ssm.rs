@@ -31,20 +31,24 @@ name = "ssm-{{{{build_id}}}}"
     )
 }
 
+/// Writes `len` bytes of a fixed pattern (byte i is i * step mod modulus) to `path`; their
+/// SHA-256 as `sha256sum` prints it.
+fn write_payload(path: &std::path::Path, len: u32, step: u32, modulus: u32) -> String {
+    use sha2::Digest;
+    let payload: Vec<u8> = (0..len).map(|i| (i * step % modulus) as u8).collect();
+    std::fs::write(path, &payload).unwrap();
+    sha2::Sha256::digest(&payload)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bake_over_ssm_runs_in_the_instance_with_no_inbound_rule_and_no_key() {
     let world = World::get();
     let dir = scratch("ssm-bake");
     std::fs::create_dir_all(dir.join("files")).unwrap();
-    let payload: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
-    std::fs::write(dir.join("files/payload.bin"), &payload).unwrap();
-    let digest = {
-        use sha2::Digest;
-        sha2::Sha256::digest(&payload)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
+    let digest = write_payload(&dir.join("files/payload.bin"), 100_000, 7, 251);
     let r = write(
         &dir,
         "recipe.toml",
@@ -171,15 +175,7 @@ async fn a_send_command_whose_answer_is_lost_is_not_run_twice() {
     let dir = scratch("ssm-lost");
     std::fs::create_dir_all(dir.join("files")).unwrap();
     // Five upload chunks, each appended by one command: a command run twice corrupts the file.
-    let payload: Vec<u8> = (0..110_000u32).map(|i| (i * 13 % 253) as u8).collect();
-    std::fs::write(dir.join("files/payload.bin"), &payload).unwrap();
-    let digest = {
-        use sha2::Digest;
-        sha2::Sha256::digest(&payload)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
+    let digest = write_payload(&dir.join("files/payload.bin"), 110_000, 13, 253);
     let r = write(
         &dir,
         "recipe.toml",

@@ -618,8 +618,8 @@ impl Fleet {
             .clone()
     }
 
-    /// The AMI of every live (not terminating) instance of the group.
-    pub async fn amis(&self, world: &World) -> Vec<String> {
+    /// Every live (not terminating) instance of the group, with its AMI.
+    pub async fn live_instances(&self, world: &World) -> Vec<(String, String)> {
         let g = self.group(world).await;
         let ids: Vec<String> = g
             .instances()
@@ -645,18 +645,87 @@ impl Fleet {
         out.reservations()
             .iter()
             .flat_map(|r| r.instances())
-            .map(|i| i.image_id().unwrap_or_default().to_string())
+            .map(|i| {
+                (
+                    i.instance_id().unwrap_or_default().to_string(),
+                    i.image_id().unwrap_or_default().to_string(),
+                )
+            })
             .collect()
     }
 
-    pub async fn delete(self, world: &World) {
-        let _ = world
+    /// The AMI of every live (not terminating) instance of the group.
+    pub async fn amis(&self, world: &World) -> Vec<String> {
+        self.live_instances(world)
+            .await
+            .into_iter()
+            .map(|(_, ami)| ami)
+            .collect()
+    }
+
+    /// An empty group (capacity 0) named `<fleet>-<suffix>` on the fleet's launch template at
+    /// `version`, named directly or, with `mixed`, through a mixed instances policy: another
+    /// user of the same template. Delete it with [`delete_group`].
+    pub async fn empty_sibling(
+        &self,
+        world: &World,
+        suffix: &str,
+        version: &str,
+        mixed: bool,
+    ) -> String {
+        use aws_sdk_autoscaling::types as asgt;
+        let name = format!("{}-{suffix}", self.asg);
+        let spec = asgt::LaunchTemplateSpecification::builder()
+            .launch_template_id(&self.lt_id)
+            .version(version)
+            .build();
+        let create = world
             .asg()
-            .delete_auto_scaling_group()
-            .auto_scaling_group_name(&self.asg)
-            .force_delete(true)
+            .create_auto_scaling_group()
+            .auto_scaling_group_name(&name)
+            .min_size(0)
+            .max_size(0)
+            .desired_capacity(0)
+            .vpc_zone_identifier(world.var("WORLD_PRIVATE_SUBNETS"));
+        let create = if mixed {
+            create.mixed_instances_policy(
+                asgt::MixedInstancesPolicy::builder()
+                    .launch_template(
+                        asgt::LaunchTemplate::builder()
+                            .launch_template_specification(spec)
+                            .build(),
+                    )
+                    .build(),
+            )
+        } else {
+            create.launch_template(spec)
+        };
+        create.send().await.expect("CreateAutoScalingGroup");
+        name
+    }
+
+    /// A new version of the fleet's launch template from `source` with `image`; its number.
+    pub async fn add_version(&self, world: &World, source: &str, image: &str) -> i64 {
+        world
+            .ec2()
+            .create_launch_template_version()
+            .launch_template_id(&self.lt_id)
+            .source_version(source)
+            .launch_template_data(
+                aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
+                    .image_id(image)
+                    .build(),
+            )
             .send()
-            .await;
+            .await
+            .expect("CreateLaunchTemplateVersion")
+            .launch_template_version()
+            .and_then(|v| v.version_number())
+            .expect("a version number")
+    }
+
+    pub async fn delete(self, world: &World) {
+        delete_group(world, &self.asg).await;
         let _ = world
             .elb()
             .delete_listener()
@@ -676,6 +745,17 @@ impl Fleet {
             .send()
             .await;
     }
+}
+
+/// Deletes an Auto Scaling group and its instances (ForceDelete); best effort.
+pub async fn delete_group(world: &World, name: &str) {
+    let _ = world
+        .asg()
+        .delete_auto_scaling_group()
+        .auto_scaling_group_name(name)
+        .force_delete(true)
+        .send()
+        .await;
 }
 
 /// The two images the rollout tests roll out, baked once per test process from the sample
