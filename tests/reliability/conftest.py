@@ -28,6 +28,7 @@ import time
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -415,6 +416,25 @@ def bakery_ok(world: World, access_key: str, *args: str, timeout: float = 180, c
     return r
 
 
+@contextmanager
+def fleet_with_web_ami(world: World, name: str, capacity: int, access_key: str, tmp_path: Path):
+    """A fleet of its own and the sample web service's AMI, baked while the fleet comes up:
+    `(fleet, ami)`. Afterwards the fleet goes, then its AMI."""
+    fleet = Fleet(world, name, capacity)
+    try:
+        ami = bake_web_while(world, fleet, access_key, tmp_path)
+        try:
+            yield fleet, ami
+        finally:
+            fleet.delete()  # before its AMI goes
+            try:
+                world.delete_image(ami)
+            except Exception:
+                pass
+    finally:
+        fleet.delete()
+
+
 def bake_web_while(world: World, fleet: "Fleet", access_key: str, tmp_path: Path) -> str:
     """Bakes the sample web service (examples/web) while `fleet` comes up healthy; its AMI."""
     def bake():
@@ -568,4 +588,4 @@ class HealthSampler:
         return False
 
 
-__all__ = ["World", "Run", "Fleet", "HealthSampler", "bake_web_while", "bakery", "bakery_ok", "gc", "report"]
+__all__ = ["World", "Run", "Fleet", "HealthSampler", "fleet_with_web_ami", "bakery", "bakery_ok", "gc", "report"]

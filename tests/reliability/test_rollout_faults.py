@@ -12,9 +12,7 @@ import random
 import time
 import uuid
 
-import pytest
-
-from .conftest import Fleet, HealthSampler, World, bake_web_while, bakery, report
+from .conftest import Fleet, HealthSampler, World, bakery, fleet_with_web_ami, report
 
 CAPACITY = 4
 LOST_VERSION = "ec2:CreateLaunchTemplateVersion"
@@ -29,24 +27,10 @@ def seed_losing_first_answer_only(action: str, p: float) -> int:
     raise AssertionError("no seed found")
 
 
-@pytest.fixture
-def fleet(world: World):
-    f = Fleet(world, "faults", CAPACITY)
-    yield f
-    f.delete()
-
-
-def test_a_rollout_under_throttling_500s_and_lost_answers_converges(world: World, fleet: Fleet, faults, tmp_path):
+def test_a_rollout_under_throttling_500s_and_lost_answers_converges(world: World, faults, tmp_path):
     key = f"rel-rofault-{uuid.uuid4().hex[:6]}"
-    ami = bake_web_while(world, fleet, key + "-bake", tmp_path)
-    try:
+    with fleet_with_web_ami(world, "faults", CAPACITY, key + "-bake", tmp_path) as (fleet, ami):
         _roll(world, fleet, faults, key, ami)
-    finally:
-        fleet.delete()  # before its AMI goes
-        try:
-            world.delete_image(ami)
-        except Exception:
-            pass
 
 
 def _roll(world: World, fleet: Fleet, faults, key: str, ami: str):

@@ -11,9 +11,7 @@ import subprocess
 import time
 import uuid
 
-import pytest
-
-from .conftest import Fleet, HealthSampler, World, bake_web_while, bakery, report
+from .conftest import Fleet, HealthSampler, World, bakery, fleet_with_web_ami, report
 
 CAPACITY = 4
 KILL_SEEDS = [501, 502, 503, 504, 505]
@@ -26,24 +24,10 @@ MIN_RUN = 0.3  # a rerun lives at least this long before its kill
 MAX_FINAL_RUNS = 3
 
 
-@pytest.fixture
-def fleet(world: World):
-    f = Fleet(world, "kill", CAPACITY)
-    yield f
-    f.delete()
-
-
-def test_a_rollout_killed_five_times_converges_without_losing_capacity(world: World, fleet: Fleet, tmp_path):
+def test_a_rollout_killed_five_times_converges_without_losing_capacity(world: World, tmp_path):
     key = f"rel-rollout-{uuid.uuid4().hex[:6]}"
-    ami = bake_web_while(world, fleet, key + "-bake", tmp_path)
-    try:
+    with fleet_with_web_ami(world, "kill", CAPACITY, key + "-bake", tmp_path) as (fleet, ami):
         _converge(world, fleet, ami, key)
-    finally:
-        fleet.delete()  # before its AMI goes
-        try:
-            world.delete_image(ami)
-        except Exception:
-            pass
 
 
 def _tags(g: dict) -> dict:

@@ -216,6 +216,24 @@ def body_pids(world_dir: Path, instance_id: str) -> list[int]:
     return out
 
 
+@pytest.fixture
+def faults(world):
+    """Sets the world's fault spec; cleared when the test ends, also on failure."""
+    yield lambda spec: world.control("POST", "/_world/faults", spec)
+    world.control("DELETE", "/_world/faults")
+
+
+def err_of(fn):
+    """The AWS error code and HTTP status `fn()` fails with, or None if it succeeds."""
+    from botocore.exceptions import ClientError
+
+    try:
+        fn()
+    except ClientError as e:
+        return e.response["Error"]["Code"], e.response["ResponseMetadata"]["HTTPStatusCode"]
+    return None
+
+
 def wait_for(pred, timeout: float = 20, interval: float = 0.1, what: str = "condition"):
     deadline = time.time() + timeout
     while time.time() < deadline:

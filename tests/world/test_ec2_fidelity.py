@@ -7,21 +7,9 @@ import time
 import uuid
 
 import pytest
-from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError
+from botocore.exceptions import ConnectionClosedError, EndpointConnectionError
 
-
-@pytest.fixture
-def faults(world):
-    yield lambda spec: world.control("POST", "/_world/faults", spec)
-    world.control("DELETE", "/_world/faults")
-
-
-def err_of(fn):
-    try:
-        fn()
-    except ClientError as e:
-        return e.response["Error"]["Code"], e.response["ResponseMetadata"]["HTTPStatusCode"]
-    return None
+from conftest import err_of
 
 
 def test_run_instances_honours_its_client_token_after_a_lost_answer(world, faults):
@@ -86,48 +74,47 @@ def test_a_security_group_in_use_is_kept_until_its_instance_is_terminated(world)
     assert err_of(lambda: ec2.describe_security_groups(GroupIds=[sg]))[0] == "InvalidGroup.NotFound"
 
 
-def test_launch_template_versions_can_be_deleted_but_not_the_default_and_numbers_are_not_reused(world):
+@pytest.fixture
+def template(world):
+    """A launch template of its own (version 1 on the base image), deleted afterwards."""
     ec2 = world.client("ec2", retries=0)
-    ami = world.env["WORLD_BASE_AMI"]
     lt = ec2.create_launch_template(
-        LaunchTemplateName=f"versions-{uuid.uuid4().hex[:8]}", LaunchTemplateData={"ImageId": ami}
+        LaunchTemplateName=f"lt-{uuid.uuid4().hex[:8]}", LaunchTemplateData={"ImageId": world.env["WORLD_BASE_AMI"]}
     )["LaunchTemplate"]["LaunchTemplateId"]
-    try:
-        for _ in range(3):
-            ec2.create_launch_template_version(LaunchTemplateId=lt, LaunchTemplateData={"ImageId": ami})
-        out = ec2.delete_launch_template_versions(LaunchTemplateId=lt, Versions=["1", "3", "4", "9"])
-        assert [v["VersionNumber"] for v in out["SuccessfullyDeletedLaunchTemplateVersions"]] == [3, 4]
-        refused = {v["VersionNumber"]: v["ResponseError"]["Code"] for v in out["UnsuccessfullyDeletedLaunchTemplateVersions"]}
-        assert refused == {1: "launchTemplateVersionIsDefaultVersion", 9: "launchTemplateVersionDoesNotExist"}
-        listed = ec2.describe_launch_template_versions(LaunchTemplateId=lt)["LaunchTemplateVersions"]
-        assert sorted(v["VersionNumber"] for v in listed) == [1, 2]
-        code = err_of(lambda: ec2.describe_launch_template_versions(LaunchTemplateId=lt, Versions=["3"]))
-        assert code and code[0] == "InvalidLaunchTemplateId.VersionNotFound", code
-        latest = ec2.describe_launch_template_versions(LaunchTemplateId=lt, Versions=["$Latest"])
-        assert latest["LaunchTemplateVersions"][0]["VersionNumber"] == 2
-        made = ec2.create_launch_template_version(LaunchTemplateId=lt, LaunchTemplateData={"ImageId": ami})
-        assert made["LaunchTemplateVersion"]["VersionNumber"] == 5, "a deleted number is never reused"
-    finally:
-        ec2.delete_launch_template(LaunchTemplateId=lt)
+    yield lt
+    ec2.delete_launch_template(LaunchTemplateId=lt)
 
 
-def test_create_launch_template_version_honours_its_client_token(world, faults):
+def test_launch_template_versions_can_be_deleted_but_not_the_default_and_numbers_are_not_reused(world, template):
     ec2 = world.client("ec2", retries=0)
-    ami = world.env["WORLD_BASE_AMI"]
-    lt = ec2.create_launch_template(
-        LaunchTemplateName=f"token-{uuid.uuid4().hex[:8]}", LaunchTemplateData={"ImageId": ami}
-    )["LaunchTemplate"]["LaunchTemplateId"]
-    try:
-        token = uuid.uuid4().hex
-        faults({"seed": 6, "rules": [{"action": "ec2:CreateLaunchTemplateVersion", "lose": 1}]})
-        with pytest.raises((ConnectionClosedError, EndpointConnectionError)):
-            ec2.create_launch_template_version(LaunchTemplateId=lt, LaunchTemplateData={"ImageId": ami}, ClientToken=token)
-        world.control("DELETE", "/_world/faults")
-        again = ec2.create_launch_template_version(LaunchTemplateId=lt, LaunchTemplateData={"ImageId": ami}, ClientToken=token)
-        assert again["LaunchTemplateVersion"]["VersionNumber"] == 2, "the version the lost call made"
-        listed = ec2.describe_launch_template_versions(LaunchTemplateId=lt)["LaunchTemplateVersions"]
-        assert sorted(v["VersionNumber"] for v in listed) == [1, 2]
-        other = ec2.create_launch_template_version(LaunchTemplateId=lt, LaunchTemplateData={"ImageId": ami})
-        assert other["LaunchTemplateVersion"]["VersionNumber"] == 3
-    finally:
-        ec2.delete_launch_template(LaunchTemplateId=lt)
+    ami, lt = world.env["WORLD_BASE_AMI"], template
+    for _ in range(3):
+        ec2.create_launch_template_version(LaunchTemplateId=lt, LaunchTemplateData={"ImageId": ami})
+    out = ec2.delete_launch_template_versions(LaunchTemplateId=lt, Versions=["1", "3", "4", "9"])
+    assert [v["VersionNumber"] for v in out["SuccessfullyDeletedLaunchTemplateVersions"]] == [3, 4]
+    refused = {v["VersionNumber"]: v["ResponseError"]["Code"] for v in out["UnsuccessfullyDeletedLaunchTemplateVersions"]}
+    assert refused == {1: "launchTemplateVersionIsDefaultVersion", 9: "launchTemplateVersionDoesNotExist"}
+    listed = ec2.describe_launch_template_versions(LaunchTemplateId=lt)["LaunchTemplateVersions"]
+    assert sorted(v["VersionNumber"] for v in listed) == [1, 2]
+    code = err_of(lambda: ec2.describe_launch_template_versions(LaunchTemplateId=lt, Versions=["3"]))
+    assert code and code[0] == "InvalidLaunchTemplateId.VersionNotFound", code
+    latest = ec2.describe_launch_template_versions(LaunchTemplateId=lt, Versions=["$Latest"])
+    assert latest["LaunchTemplateVersions"][0]["VersionNumber"] == 2
+    made = ec2.create_launch_template_version(LaunchTemplateId=lt, LaunchTemplateData={"ImageId": ami})
+    assert made["LaunchTemplateVersion"]["VersionNumber"] == 5, "a deleted number is never reused"
+
+
+def test_create_launch_template_version_honours_its_client_token(world, faults, template):
+    ec2 = world.client("ec2", retries=0)
+    ami, lt = world.env["WORLD_BASE_AMI"], template
+    token = uuid.uuid4().hex
+    faults({"seed": 6, "rules": [{"action": "ec2:CreateLaunchTemplateVersion", "lose": 1}]})
+    with pytest.raises((ConnectionClosedError, EndpointConnectionError)):
+        ec2.create_launch_template_version(LaunchTemplateId=lt, LaunchTemplateData={"ImageId": ami}, ClientToken=token)
+    world.control("DELETE", "/_world/faults")
+    again = ec2.create_launch_template_version(LaunchTemplateId=lt, LaunchTemplateData={"ImageId": ami}, ClientToken=token)
+    assert again["LaunchTemplateVersion"]["VersionNumber"] == 2, "the version the lost call made"
+    listed = ec2.describe_launch_template_versions(LaunchTemplateId=lt)["LaunchTemplateVersions"]
+    assert sorted(v["VersionNumber"] for v in listed) == [1, 2]
+    other = ec2.create_launch_template_version(LaunchTemplateId=lt, LaunchTemplateData={"ImageId": ami})
+    assert other["LaunchTemplateVersion"]["VersionNumber"] == 3

@@ -8,19 +8,7 @@ import uuid
 import pytest
 from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError
 
-
-@pytest.fixture
-def faults(world):
-    yield lambda spec: world.control("POST", "/_world/faults", spec)
-    world.control("DELETE", "/_world/faults")
-
-
-def err_of(fn):
-    try:
-        fn()
-    except ClientError as e:
-        return e.response["Error"]["Code"], e.response["ResponseMetadata"]["HTTPStatusCode"]
-    return None
+from conftest import err_of
 
 
 def test_throttling_uses_each_protocols_real_code(world, faults):
