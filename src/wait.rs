@@ -3,6 +3,11 @@
 //! The interval adapts to how long we have already waited: the next probe comes after a fixed
 //! share of the time spent so far (clamped between a floor and a ceiling), so a wait overshoots
 //! its condition by at most that share, while a long wait on AWS still makes few calls.
+//!
+//! A probe whose AWS call ran out of retries for want of an answer (throttled, 5xx, no
+//! connection) does not end the wait: the thing waited for may be fine, and a throttling storm
+//! that outlasts one call's retries is not a reason to throw a bake away. Such failures are ridden
+//! out for up to [`OUTAGE_LIMIT`] in a row, within the wait's own deadline.
 
 use std::future::Future;
 use std::time::Duration;
@@ -40,6 +45,48 @@ impl Poll {
     }
 }
 
+/// How long a wait keeps going while every probe fails transiently: long enough for a throttling
+/// storm, short enough that a real outage surfaces while the user is still watching.
+pub const OUTAGE_LIMIT: Duration = Duration::from_secs(120);
+
+/// Errors that may mean only that the API did not answer usefully (see [`crate::aws::AwsError`]).
+pub trait Outage {
+    fn is_outage(&self) -> bool;
+}
+
+impl Outage for std::io::Error {
+    fn is_outage(&self) -> bool {
+        false
+    }
+}
+
+/// Tracks a run of transient failures for a polling loop: [`Tolerance::ride_out`] says whether
+/// to keep polling after one, [`Tolerance::clear`] ends the run after an answer.
+#[derive(Debug)]
+pub struct Tolerance {
+    limit: Duration,
+    since: Option<Instant>,
+}
+
+impl Tolerance {
+    pub fn new(limit: Duration) -> Self {
+        Self { limit, since: None }
+    }
+
+    /// True while `e` is an outage and the run of them has lasted less than the limit.
+    pub fn ride_out(&mut self, e: &impl Outage) -> bool {
+        if !e.is_outage() {
+            return false;
+        }
+        let since = *self.since.get_or_insert_with(Instant::now);
+        since.elapsed() < self.limit
+    }
+
+    pub fn clear(&mut self) {
+        self.since = None;
+    }
+}
+
 /// What a probe saw.
 pub enum Probe<T> {
     Ready(T),
@@ -60,22 +107,46 @@ pub enum WaitError<E> {
 }
 
 /// Probes until ready, failed, or `timeout`; every `.await` inside is a cancellation point.
+/// Outages are ridden out for up to [`OUTAGE_LIMIT`] in a row.
 pub async fn until<T, E, F, Fut>(
     what: impl Into<String>,
     timeout: Duration,
     poll: Poll,
+    probe: F,
+) -> Result<T, WaitError<E>>
+where
+    E: Outage + std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Probe<T>, E>>,
+{
+    until_tolerating(what, timeout, poll, OUTAGE_LIMIT, probe).await
+}
+
+/// [`until`] with the outage limit given.
+pub async fn until_tolerating<T, E, F, Fut>(
+    what: impl Into<String>,
+    timeout: Duration,
+    poll: Poll,
+    outage_limit: Duration,
     mut probe: F,
 ) -> Result<T, WaitError<E>>
 where
+    E: Outage + std::fmt::Display,
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Probe<T>, E>>,
 {
     let start = Instant::now();
     let deadline = start + timeout;
+    let mut outage = Tolerance::new(outage_limit);
     loop {
-        let last = match probe().await.map_err(WaitError::Failed)? {
-            Probe::Ready(v) => return Ok(v),
-            Probe::Pending(seen) => seen,
+        let last = match probe().await {
+            Ok(Probe::Ready(v)) => return Ok(v),
+            Ok(Probe::Pending(seen)) => {
+                outage.clear();
+                seen
+            }
+            Err(e) if outage.ride_out(&e) => format!("the API failed: {e}"),
+            Err(e) => return Err(WaitError::Failed(e)),
         };
         let now = Instant::now();
         if now >= deadline {
@@ -141,5 +212,96 @@ mod tests {
             text.contains("image ami-1") && text.contains("state pending"),
             "{text}"
         );
+    }
+
+    #[derive(Debug)]
+    struct ApiError {
+        outage: bool,
+    }
+
+    impl std::fmt::Display for ApiError {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(if self.outage {
+                "throttled"
+            } else {
+                "access denied"
+            })
+        }
+    }
+
+    impl Outage for ApiError {
+        fn is_outage(&self) -> bool {
+            self.outage
+        }
+    }
+
+    #[tokio::test]
+    async fn outages_are_ridden_out_and_other_errors_end_the_wait() {
+        // Three probes fail for want of an answer, the fourth sees the thing ready.
+        let mut n = 0;
+        let v = until("image ami-1", Duration::from_secs(10), Poll::API, || {
+            n += 1;
+            let k = n;
+            async move {
+                if k <= 3 {
+                    Err(ApiError { outage: true })
+                } else {
+                    Ok(Probe::Ready(k))
+                }
+            }
+        })
+        .await;
+        assert_eq!(v.unwrap(), 4);
+
+        // A refusal is not an outage: the first one ends the wait.
+        let mut n = 0;
+        let err = until::<(), _, _, _>("image ami-1", Duration::from_secs(10), Poll::API, || {
+            n += 1;
+            async { Err(ApiError { outage: false }) }
+        })
+        .await
+        .unwrap_err();
+        assert!(matches!(err, WaitError::Failed(ApiError { outage: false })));
+        assert_eq!(n, 1);
+    }
+
+    #[tokio::test]
+    async fn an_outage_longer_than_the_limit_ends_the_wait_but_answers_reset_it() {
+        let start = Instant::now();
+        let err = until_tolerating::<(), _, _, _>(
+            "image ami-1",
+            Duration::from_secs(10),
+            Poll::API,
+            Duration::from_millis(300),
+            || async { Err(ApiError { outage: true }) },
+        )
+        .await
+        .unwrap_err();
+        let waited = Instant::now() - start;
+        assert!(matches!(err, WaitError::Failed(ApiError { outage: true })));
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(2),
+            "{waited:?}"
+        );
+
+        // Failing runs of 400 ms, each ended by an answer, never reach a 700 ms limit; the wait
+        // ends at its deadline.
+        let start = Instant::now();
+        let err = until_tolerating::<(), _, _, _>(
+            "image ami-1",
+            Duration::from_millis(2500),
+            Poll::API,
+            Duration::from_millis(700),
+            || async move {
+                if (Instant::now() - start).as_millis() % 1000 < 400 {
+                    Err(ApiError { outage: true })
+                } else {
+                    Ok(Probe::Pending("pending".into()))
+                }
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, WaitError::Timeout { .. }), "{err}");
     }
 }

@@ -649,3 +649,75 @@ inline = ["echo \"after: $GREETING $TIER\""]
     let build_id = run.build_id();
     assert!(leftovers(&world, &build_id, false).await.is_empty());
 }
+
+/// Throttling that outlasts one call's retries (about 30 s of backoff) while the bake waits for
+/// its image: the wait asks again instead of throwing the bake away, and the bake finishes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_throttling_storm_longer_than_one_calls_retries_during_the_image_wait_is_ridden_out() {
+    let world = World::get();
+    let dir = scratch("throttle-storm");
+    let r = write(
+        &dir,
+        "recipe.toml",
+        &recipe(
+            &world,
+            "[[provisioner]]\ntype = \"shell\"\ninline = [\"echo storm\"]\n",
+            "",
+        ),
+    );
+    let key = format!("build-storm-{}", std::process::id());
+    let (mut child, lines) = spawn_build_as(&world, &r, &key);
+    let mut events: Vec<serde_json::Value> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    // Once the instance is stopping, every DescribeImages of this bake is throttled for 40 s.
+    while !events
+        .iter()
+        .any(|e| e["event"] == "step_started" && e["step"] == "stop")
+    {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("the bake never stopped its instance: {events:?}"));
+        events.push(serde_json::from_str(&line).unwrap());
+    }
+    let spec = format!(
+        r#"{{"seed": 3, "rules": [{{"action": "ec2:DescribeImages", "throttle": 1.0, "access_key": "{key}"}}]}}"#
+    );
+    let (status, body) = world_control(&world, "POST", "/_world/faults", &spec);
+    assert_eq!(status, 200, "{body}");
+    std::thread::sleep(Duration::from_secs(40));
+    world_control(&world, "DELETE", "/_world/faults", "");
+    let status = child.wait().unwrap();
+    events.extend(
+        lines
+            .try_iter()
+            .filter_map(|l| serde_json::from_str(&l).ok()),
+    );
+    assert_eq!(status.code(), Some(0), "{events:?}");
+    let throttled = world_calls(&world, &key)["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["action"] == "DescribeImages" && c["fault"] == "throttle")
+        .count();
+    // One call makes at most 9 attempts: more throttled answers than that means the wait went
+    // on after a call had given up.
+    assert!(throttled > 9, "DescribeImages throttled {throttled} times");
+    let finished = events
+        .iter()
+        .find(|e| e["event"] == "build_finished")
+        .expect("build_finished event");
+    let ami = finished["manifest"]["ami_id"].as_str().unwrap();
+    let image = world
+        .ec2()
+        .describe_images()
+        .image_ids(ami)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        image.images()[0].state().map(|s| s.as_str()),
+        Some("available")
+    );
+    let build_id = events[0]["build_id"].as_str().unwrap().to_string();
+    assert_clean(&world, &build_id, false).await;
+}

@@ -803,3 +803,90 @@ async fn a_stopped_rollout_is_replaced_by_another_ami_only_with_force() {
     );
     fleet.delete(world).await;
 }
+
+/// Throttling of the group's reads that outlasts one call's retries, in the middle of a batch:
+/// the rollout keeps asking, says why it waits, and finishes with the group at full strength.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_throttling_storm_longer_than_one_calls_retries_does_not_end_the_rollout() {
+    let world = world();
+    let (good, _) = tokio::task::spawn_blocking(|| sample_amis(world).clone())
+        .await
+        .unwrap();
+    let fleet = Fleet::create(world, "storm", 2).await;
+    let before = sizes(&fleet.group(world).await);
+    let key = format!("rollout-storm-{}", std::process::id());
+    let (stop, sampler) = sample_health(world, &fleet);
+    let mut child = world
+        .bakery()
+        .env("AWS_ACCESS_KEY_ID", &key)
+        .args([
+            "--output", "json", "rollout", "--asg", &fleet.asg, "--ami", &good,
+        ])
+        .args(["--health-timeout", "120s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    // Once the canary batch starts, every DescribeAutoScalingGroups of this rollout is
+    // throttled for 40 s.
+    let key2 = key.clone();
+    let events = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut events = Vec::new();
+        let mut stormed = false;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let e: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if !stormed && e["event"] == "batch_started" {
+                stormed = true;
+                let spec = format!(
+                    r#"{{"seed": 5, "rules": [{{"action": "autoscaling:DescribeAutoScalingGroups", "throttle": 1.0, "access_key": "{key2}"}}]}}"#
+                );
+                let (status, body) = world_control(world, "POST", "/_world/faults", &spec);
+                assert_eq!(status, 200, "{body}");
+                let world_ref = world;
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_secs(40));
+                    world_control(world_ref, "DELETE", "/_world/faults", "");
+                });
+            }
+            events.push(e);
+        }
+        events
+    })
+    .await
+    .unwrap();
+    let status = child.wait().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let samples = sampler.await.unwrap();
+    assert_eq!(status.code(), Some(0), "{events:?}");
+    let waited = events.iter().any(|e| {
+        e["event"] == "waiting"
+            && e["why"]
+                .as_str()
+                .is_some_and(|w| w.contains("AWS did not answer") && w.contains("Throttling"))
+    });
+    assert!(waited, "the rollout said why it waited: {events:?}");
+    let throttled = world_calls(world, &key)["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["action"] == "DescribeAutoScalingGroups" && c["fault"] == "throttle")
+        .count();
+    assert!(
+        throttled > 9,
+        "DescribeAutoScalingGroups throttled {throttled} times"
+    );
+    let g = fleet.group(world).await;
+    assert_eq!(sizes(&g), before, "desired/min/max restored");
+    assert_eq!(fleet.amis(world).await, vec![good.clone(); 2]);
+    let min = samples.iter().copied().min().unwrap();
+    assert!(
+        min >= 2,
+        "healthy targets fell to {min} (samples {samples:?})"
+    );
+    fleet.delete(world).await;
+}

@@ -483,6 +483,7 @@ pub async fn run_instance(ec2: &Client, spec: &LaunchSpec) -> Result<String, Aws
             resource: spec.image_id.clone(),
             code: None,
             message: "the response named no instance".into(),
+            transient: false,
         })
 }
 

@@ -99,6 +99,9 @@ pub struct AwsError {
     /// The AWS error code (`InvalidAMIID.NotFound`, ...), when the service answered with one.
     pub code: Option<String>,
     pub message: String,
+    /// The call failed for want of a useful answer (throttled, 5xx, timeout, no connection)
+    /// and ran out of retries: the thing asked about may be fine, and asking again later may work.
+    pub transient: bool,
 }
 
 impl AwsError {
@@ -109,6 +112,12 @@ impl AwsError {
     /// True when AWS says the thing does not exist (any `*.NotFound` / `*NotFound*` code).
     pub fn is_not_found(&self) -> bool {
         self.code().is_some_and(|c| c.contains("NotFound"))
+    }
+}
+
+impl crate::wait::Outage for AwsError {
+    fn is_outage(&self) -> bool {
+        self.transient
     }
 }
 
@@ -244,5 +253,6 @@ where
                 Some(m) => format!("{}: {m}", err.code().unwrap_or("error")),
                 None => DisplayErrorContext(&err).to_string(),
             },
+            transient: is_retryable(&err),
         })
 }

@@ -134,6 +134,12 @@ pub enum BakeError {
     Template(String),
 }
 
+impl wait::Outage for BakeError {
+    fn is_outage(&self) -> bool {
+        matches!(self, BakeError::Aws(e) if e.transient)
+    }
+}
+
 impl BakeError {
     /// The process exit code for this failure (see the README's table).
     pub fn exit_code(&self) -> i32 {
@@ -392,6 +398,7 @@ impl Bake<'_> {
                 resource: "create call".into(),
                 code: None,
                 message: "the create task ended without an answer".into(),
+                transient: false,
             })
         })
     }

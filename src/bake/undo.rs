@@ -209,6 +209,7 @@ async fn wait_terminated(client: &aws_sdk_ec2::Client, id: &str) -> Result<(), A
             resource: id.to_string(),
             code: None,
             message: timeout.to_string(),
+            transient: false,
         },
     })
 }
@@ -238,6 +239,7 @@ async fn delete_group_when_free(client: &aws_sdk_ec2::Client, id: &str) -> Resul
             resource: id.to_string(),
             code: Some("DependencyViolation".into()),
             message: timeout.to_string(),
+            transient: false,
         },
     })
 }

@@ -62,6 +62,15 @@ pub enum CommError {
     Transfer(String),
     #[error("cancelled")]
     Cancelled,
+    /// An AWS call of the SSM communicator failed.
+    #[error(transparent)]
+    Aws(#[from] crate::aws::AwsError),
+}
+
+impl crate::wait::Outage for CommError {
+    fn is_outage(&self) -> bool {
+        matches!(self, CommError::Aws(e) if e.transient)
+    }
 }
 
 impl CommError {

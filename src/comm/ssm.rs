@@ -18,7 +18,7 @@ use aws_sdk_ssm::Client;
 use super::{CommError, ExecOutcome, LineSink};
 use crate::aws::call;
 use crate::output::Stream;
-use crate::wait::Poll;
+use crate::wait::{Poll, Tolerance, OUTAGE_LIMIT};
 
 /// SSM keeps this many characters of each output stream inline.
 pub const INLINE_OUTPUT_LIMIT: usize = 24_000;
@@ -59,8 +59,7 @@ impl SsmSession {
                 )
                 .send()
         })
-        .await
-        .map_err(|e| CommError::Protocol(e.to_string()))?;
+        .await?;
         Ok(out.instance_information_list().iter().any(|i| {
             i.instance_id() == Some(self.instance_id.as_str())
                 && i.ping_status().map(|p| p.as_str()) == Some("Online")
@@ -86,6 +85,9 @@ impl SsmSession {
         let mut shown = [0usize; 2];
         let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
         let mut pending = [String::new(), String::new()];
+        // The script runs on the instance whether or not SSM answers us: a throttling storm
+        // longer than one call's retries is ridden out, a longer outage ends the run.
+        let mut outage = Tolerance::new(OUTAGE_LIMIT);
         loop {
             if cancel.load(Ordering::Relaxed) {
                 let _ = self
@@ -107,10 +109,14 @@ impl SsmSession {
             })
             .await
             {
-                Ok(inv) => inv,
+                Ok(inv) => {
+                    outage.clear();
+                    inv
+                }
                 // Just sent: the invocation may not be visible yet.
                 Err(e) if e.code() == Some("InvocationDoesNotExist") => continue,
-                Err(e) => return Err(CommError::Protocol(e.to_string())),
+                Err(e) if outage.ride_out(&e) => continue,
+                Err(e) => return Err(e.into()),
             };
             let status = inv
                 .status()
@@ -207,8 +213,7 @@ impl SsmSession {
                 .send()
                 .await
         })
-        .await
-        .map_err(|e| CommError::Protocol(e.to_string()))?;
+        .await?;
         out.command()
             .and_then(|c| c.command_id())
             .map(str::to_string)

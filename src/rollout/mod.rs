@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use crate::aws::{autoscaling, ec2, elbv2, launch_template as lt, Aws, AwsError};
 use crate::output::{Event, Reporter};
 use crate::signals::Signals;
+use crate::wait::{Tolerance, OUTAGE_LIMIT};
 use plan::{Amount, Decision, Observed, Progress, Settings, TargetHealth};
 use state::{Lock, Phase, ProgressTag, RolloutState, LOCK_TAG, PROGRESS_TAG, STATE_TAG};
 
@@ -98,6 +99,12 @@ pub enum RolloutError {
     Aws(#[from] AwsError),
     #[error("interrupted by {0}; the rollout is paused: rerun the same command to resume it, or add --abort to roll back")]
     Interrupted(&'static str),
+}
+
+impl crate::wait::Outage for RolloutError {
+    fn is_outage(&self) -> bool {
+        matches!(self, RolloutError::Aws(e) if e.transient)
+    }
 }
 
 impl RolloutError {
@@ -661,11 +668,31 @@ impl<'a> Driver<'a> {
             .and_then(|v| v.image_id)
             .unwrap_or_default();
         let mut changed_at = Instant::now();
+        // Reads that AWS does not answer (throttled, 5xx) for longer than one call's retries
+        // are asked again, for up to OUTAGE_LIMIT in a row: the group keeps serving meanwhile.
+        let mut outage = Tolerance::new(OUTAGE_LIMIT);
         loop {
             if self.last_renew.elapsed() >= LOCK_TTL / 3 {
                 self.write_lock().await?;
             }
-            let (group, observed) = self.observe().await?;
+            let (group, observed) = match self.observe().await {
+                Ok(o) => {
+                    outage.clear();
+                    o
+                }
+                Err(e) if outage.ride_out(&e) => {
+                    self.reporter.emit(Event::Waiting {
+                        why: format!("AWS did not answer ({e}); asking again"),
+                    });
+                    self.last_wait.clear();
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        sig = signals.next() => return Err(RolloutError::Interrupted(sig)),
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let target = self
                 .target_ami_for_phase()
                 .unwrap_or(&rollback_ami)

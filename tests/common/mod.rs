@@ -233,8 +233,18 @@ pub fn build(world: &World, recipe: &Path, args: &[&str]) -> Run {
 
 /// Starts a JSON build and returns the child with its stdout lines, for interrupt tests.
 pub fn spawn_build(world: &World, recipe: &Path) -> (Child, std::sync::mpsc::Receiver<String>) {
+    spawn_build_as(world, recipe, world.var("AWS_ACCESS_KEY_ID"))
+}
+
+/// [`spawn_build`] signing its calls with access key `key`, for a test's own world faults.
+pub fn spawn_build_as(
+    world: &World,
+    recipe: &Path,
+    key: &str,
+) -> (Child, std::sync::mpsc::Receiver<String>) {
     let mut child = world
         .bakery()
+        .env("AWS_ACCESS_KEY_ID", key)
         .args(["--output", "json", "build"])
         .arg(recipe)
         .arg("--manifest")
