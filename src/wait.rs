@@ -87,6 +87,27 @@ impl Tolerance {
     }
 }
 
+/// Runs an idempotent call again while it fails for want of an answer, for up to
+/// [`OUTAGE_LIMIT`] in a row (a second apart, on top of the call's own retries). For the calls
+/// that would otherwise throw finished work away, such as creating the image after provisioning.
+pub async fn persist<T, E, F, Fut>(mut call: F) -> Result<T, E>
+where
+    E: Outage + std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut outage = Tolerance::new(OUTAGE_LIMIT);
+    loop {
+        match call().await {
+            Err(e) if outage.ride_out(&e) => {
+                tracing::warn!(error = %e, "AWS did not answer; asking again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// What a probe saw.
 pub enum Probe<T> {
     Ready(T),
@@ -303,5 +324,33 @@ mod tests {
         .await
         .unwrap_err();
         assert!(matches!(err, WaitError::Timeout { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn persist_asks_again_through_an_outage_but_not_after_a_refusal() {
+        let mut n = 0;
+        let v = persist(|| {
+            n += 1;
+            let k = n;
+            async move {
+                if k <= 2 {
+                    Err(ApiError { outage: true })
+                } else {
+                    Ok(k)
+                }
+            }
+        })
+        .await;
+        assert_eq!(v.unwrap(), 3);
+
+        let mut n = 0;
+        let err = persist::<(), _, _, _>(|| {
+            n += 1;
+            async { Err(ApiError { outage: false }) }
+        })
+        .await
+        .unwrap_err();
+        assert!(!err.outage);
+        assert_eq!(n, 1);
     }
 }

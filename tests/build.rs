@@ -650,10 +650,11 @@ inline = ["echo \"after: $GREETING $TIER\""]
     assert!(leftovers(&world, &build_id, false).await.is_empty());
 }
 
-/// Throttling that outlasts one call's retries (about 30 s of backoff) while the bake waits for
-/// its image: the wait asks again instead of throwing the bake away, and the bake finishes.
+/// Throttling that outlasts one call's retries (about 30 s of backoff) after provisioning: first
+/// every CreateImage, then every DescribeImages of the wait for the image, each for 35 s. The
+/// bake asks again instead of throwing its work away, and makes one image.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_throttling_storm_longer_than_one_calls_retries_during_the_image_wait_is_ridden_out() {
+async fn throttling_storms_longer_than_one_calls_retries_after_provisioning_are_ridden_out() {
     let world = World::get();
     let dir = scratch("throttle-storm");
     let r = write(
@@ -669,7 +670,6 @@ async fn a_throttling_storm_longer_than_one_calls_retries_during_the_image_wait_
     let (mut child, lines) = spawn_build_as(&world, &r, &key);
     let mut events: Vec<serde_json::Value> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(90);
-    // Once the instance is stopping, every DescribeImages of this bake is throttled for 40 s.
     while !events
         .iter()
         .any(|e| e["event"] == "step_started" && e["step"] == "stop")
@@ -679,12 +679,14 @@ async fn a_throttling_storm_longer_than_one_calls_retries_during_the_image_wait_
             .unwrap_or_else(|_| panic!("the bake never stopped its instance: {events:?}"));
         events.push(serde_json::from_str(&line).unwrap());
     }
-    let spec = format!(
-        r#"{{"seed": 3, "rules": [{{"action": "ec2:DescribeImages", "throttle": 1.0, "access_key": "{key}"}}]}}"#
-    );
-    let (status, body) = world_control(&world, "POST", "/_world/faults", &spec);
-    assert_eq!(status, 200, "{body}");
-    std::thread::sleep(Duration::from_secs(40));
+    for action in ["ec2:CreateImage", "ec2:DescribeImages"] {
+        let spec = format!(
+            r#"{{"seed": 3, "rules": [{{"action": "{action}", "throttle": 1.0, "access_key": "{key}"}}]}}"#
+        );
+        let (status, body) = world_control(&world, "POST", "/_world/faults", &spec);
+        assert_eq!(status, 200, "{body}");
+        std::thread::sleep(Duration::from_secs(35));
+    }
     world_control(&world, "DELETE", "/_world/faults", "");
     let status = child.wait().unwrap();
     events.extend(
@@ -693,31 +695,47 @@ async fn a_throttling_storm_longer_than_one_calls_retries_during_the_image_wait_
             .filter_map(|l| serde_json::from_str(&l).ok()),
     );
     assert_eq!(status.code(), Some(0), "{events:?}");
-    let throttled = world_calls(&world, &key)["calls"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["action"] == "DescribeImages" && c["fault"] == "throttle")
-        .count();
-    // One call makes at most 9 attempts: more throttled answers than that means the wait went
-    // on after a call had given up.
-    assert!(throttled > 9, "DescribeImages throttled {throttled} times");
+    let calls = world_calls(&world, &key);
+    // One call makes at most 9 attempts: more throttled answers than that means the bake asked
+    // again after a call had given up.
+    for action in ["CreateImage", "DescribeImages"] {
+        let throttled = calls["calls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["action"] == action && c["fault"] == "throttle")
+            .count();
+        assert!(throttled > 9, "{action} throttled {throttled} times");
+    }
     let finished = events
         .iter()
         .find(|e| e["event"] == "build_finished")
         .expect("build_finished event");
     let ami = finished["manifest"]["ami_id"].as_str().unwrap();
-    let image = world
+    let build_id = events[0]["build_id"].as_str().unwrap().to_string();
+    let images = world
         .ec2()
         .describe_images()
-        .image_ids(ami)
+        .owners("self")
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("tag:bakery:build-id")
+                .values(&build_id)
+                .build(),
+        )
         .send()
         .await
         .unwrap();
-    assert_eq!(
-        image.images()[0].state().map(|s| s.as_str()),
-        Some("available")
-    );
-    let build_id = events[0]["build_id"].as_str().unwrap().to_string();
+    let found: Vec<(&str, &str)> = images
+        .images()
+        .iter()
+        .map(|i| {
+            (
+                i.image_id().unwrap_or_default(),
+                i.state().map(|s| s.as_str()).unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(found, vec![(ami, "available")], "one image, available");
     assert_clean(&world, &build_id, false).await;
 }

@@ -588,7 +588,7 @@ impl Bake<'_> {
 
         if !recipe.image.no_reboot {
             self.step("stop", async {
-                ec2::stop_instance(ec2c, &instance_id).await?;
+                wait::persist(|| ec2::stop_instance(ec2c, &instance_id)).await?;
                 self.wait_state(&instance_id, "stopped", STOP_TIMEOUT).await
             })
             .await?;
@@ -603,11 +603,12 @@ impl Bake<'_> {
                 tags.insert(BUILD_ID_TAG.into(), self.build_id.clone());
                 tags.insert("bakery:source-ami".into(), source.id.clone());
                 tags.insert("bakery:recipe-sha256".into(), recipe.sha256.clone());
-                let (client, instance, name) =
-                    (ec2c.clone(), instance_id.clone(), image_name.clone());
-                let description = recipe.image.description.clone();
-                let id = self
-                    .shielded(async move {
+                // Asked again after an outage: a repeat meets its own image (`or_own`).
+                let id = wait::persist(|| {
+                    let (client, instance, name) =
+                        (ec2c.clone(), instance_id.clone(), image_name.clone());
+                    let (description, tags) = (recipe.image.description.clone(), tags.clone());
+                    self.shielded(async move {
                         // Already stopped unless the recipe asked not to reboot.
                         ec2::create_image(
                             &client,
@@ -619,24 +620,22 @@ impl Bake<'_> {
                         )
                         .await
                     })
-                    .await?;
+                })
+                .await?;
                 self.created("image", &id);
                 let image = self.wait_image(&id, recipe.image.timeout).await?;
                 let mut snap_tags = recipe.image.snapshot_tags.clone();
                 snap_tags.insert(BUILD_ID_TAG.into(), self.build_id.clone());
                 snap_tags.insert("bakery:image".into(), id.clone());
-                ec2::create_tags(ec2c, &image.snapshot_ids, &snap_tags).await?;
+                wait::persist(|| ec2::create_tags(ec2c, &image.snapshot_ids, &snap_tags)).await?;
                 Ok(image)
             })
             .await?;
 
         // Only now is the image a product: `bakery gc` collects build images without this tag.
-        ec2::create_tags(
-            ec2c,
-            std::slice::from_ref(&image.id),
-            &BTreeMap::from([(COMPLETE_TAG.to_string(), "true".to_string())]),
-        )
-        .await?;
+        let complete = BTreeMap::from([(COMPLETE_TAG.to_string(), "true".to_string())]);
+        wait::persist(|| ec2::create_tags(ec2c, std::slice::from_ref(&image.id), &complete))
+            .await?;
 
         // Release the temporaries now, as a timed step; `run` releases whatever is left.
         self.step("cleanup_temporaries", async {
