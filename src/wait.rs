@@ -54,12 +54,6 @@ pub trait Outage {
     fn is_outage(&self) -> bool;
 }
 
-impl Outage for std::io::Error {
-    fn is_outage(&self) -> bool {
-        false
-    }
-}
-
 /// Tracks a run of transient failures for a polling loop: [`Tolerance::ride_out`] says whether
 /// to keep polling after one, [`Tolerance::clear`] ends the run after an answer.
 #[derive(Debug)]
@@ -233,6 +227,12 @@ mod tests {
             text.contains("image ami-1") && text.contains("state pending"),
             "{text}"
         );
+    }
+
+    impl Outage for std::io::Error {
+        fn is_outage(&self) -> bool {
+            false
+        }
     }
 
     #[derive(Debug)]
