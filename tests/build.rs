@@ -263,26 +263,20 @@ async fn interrupt_during(step: &str, signal: &str) {
     );
     let (mut child, lines) = spawn_build(&world, &r);
     let mut events = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(90);
     // For the provisioner, wait until it has really started (its first output line).
-    let wanted = |e: &serde_json::Value| {
-        if step == "provision: shell 1" {
-            e["event"] == "output" && e["line"] == "started"
-        } else {
-            e["event"] == "step_started" && e["step"] == step
-        }
-    };
-    loop {
-        let line = lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("step {step} never started; events so far: {events:?}"));
-        let e: serde_json::Value = serde_json::from_str(&line).unwrap();
-        let hit = wanted(&e);
-        events.push(e);
-        if hit {
-            break;
-        }
-    }
+    events_until(
+        &lines,
+        &mut events,
+        Duration::from_secs(90),
+        &format!("step {step} never started"),
+        |e| {
+            if step == "provision: shell 1" {
+                e["event"] == "output" && e["line"] == "started"
+            } else {
+                e["event"] == "step_started" && e["step"] == step
+            }
+        },
+    );
     Command::new("kill")
         .args([signal, &child.id().to_string()])
         .status()
@@ -362,30 +356,22 @@ async fn interrupt_during_after_provisioning(step: &str) {
     );
     let (mut child, lines) = spawn_build(&world, &r);
     let mut events = Vec::new();
-    loop {
-        let line = lines
-            .recv_timeout(Duration::from_secs(90))
-            .unwrap_or_else(|_| panic!("step {step} never started: {events:?}"));
-        let e: serde_json::Value = serde_json::from_str(&line).unwrap();
-        let hit = e["event"] == "step_started" && e["step"] == step;
-        events.push(e);
-        if hit {
-            break;
-        }
-    }
+    events_until(
+        &lines,
+        &mut events,
+        Duration::from_secs(90),
+        &format!("step {step} never started"),
+        |e| e["event"] == "step_started" && e["step"] == step,
+    );
     if step == "create_image" {
         // Let CreateImage land, so there is an unfinished image to remove.
-        loop {
-            let line = lines
-                .recv_timeout(Duration::from_secs(30))
-                .expect("image created");
-            let e: serde_json::Value = serde_json::from_str(&line).unwrap();
-            let hit = e["event"] == "resource_created" && e["kind"] == "image";
-            events.push(e);
-            if hit {
-                break;
-            }
-        }
+        events_until(
+            &lines,
+            &mut events,
+            Duration::from_secs(30),
+            "no image was created",
+            |e| e["event"] == "resource_created" && e["kind"] == "image",
+        );
     }
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])
@@ -668,17 +654,14 @@ async fn throttling_storms_longer_than_one_calls_retries_after_provisioning_are_
     );
     let key = format!("build-storm-{}", std::process::id());
     let (mut child, lines) = spawn_build_as(&world, &r, &key);
-    let mut events: Vec<serde_json::Value> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !events
-        .iter()
-        .any(|e| e["event"] == "step_started" && e["step"] == "stop")
-    {
-        let line = lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("the bake never stopped its instance: {events:?}"));
-        events.push(serde_json::from_str(&line).unwrap());
-    }
+    let mut events = Vec::new();
+    events_until(
+        &lines,
+        &mut events,
+        Duration::from_secs(90),
+        "the bake never stopped its instance",
+        |e| e["event"] == "step_started" && e["step"] == "stop",
+    );
     for action in ["ec2:CreateImage", "ec2:DescribeImages"] {
         let spec = format!(
             r#"{{"seed": 3, "rules": [{{"action": "{action}", "throttle": 1.0, "access_key": "{key}"}}]}}"#

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aws_sdk_ec2::config::{Credentials, Region};
 
@@ -263,6 +263,29 @@ pub fn spawn_build_as(
         }
     });
     (child, rx)
+}
+
+/// Reads JSON events from a spawned run's `lines` into `events` until one satisfies `done`;
+/// panics with `what` and the events so far when none does within `timeout`.
+pub fn events_until(
+    lines: &std::sync::mpsc::Receiver<String>,
+    events: &mut Vec<serde_json::Value>,
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("{what}; events so far: {events:?}"));
+        let e: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let hit = done(&e);
+        events.push(e);
+        if hit {
+            return;
+        }
+    }
 }
 
 /// Everything a bake with this id left behind: instances not terminated, key pairs, security
