@@ -161,6 +161,15 @@ pub async fn images_tagged(
 
 /// The AMI this account owns with exactly this name, if any.
 pub async fn image_named(ec2: &Client, name: &str) -> Result<Option<ImageInfo>, AwsError> {
+    let images = own_images_named(ec2, name).await?;
+    Ok(images.iter().map(image_info).find(|i| i.name == name))
+}
+
+/// The images this account owns that the `name` filter matches, as EC2 describes them.
+async fn own_images_named(
+    ec2: &Client,
+    name: &str,
+) -> Result<Vec<aws_sdk_ec2::types::Image>, AwsError> {
     let out = call("ec2:DescribeImages", name, || {
         ec2.describe_images()
             .owners("self")
@@ -168,7 +177,7 @@ pub async fn image_named(ec2: &Client, name: &str) -> Result<Option<ImageInfo>, 
             .send()
     })
     .await?;
-    Ok(out.images().iter().map(image_info).find(|i| i.name == name))
+    Ok(out.images.unwrap_or_default())
 }
 
 pub async fn import_key_pair(
@@ -280,15 +289,8 @@ pub async fn create_security_group(
     .await;
     let made = made.map(|out| out.group_id().unwrap_or_default().to_string());
     or_own(made, "InvalidGroup.Duplicate", || async {
-        let out = call("ec2:DescribeSecurityGroups", name, || {
-            ec2.describe_security_groups()
-                .filters(Filter::builder().name("group-name").values(name).build())
-                .filters(Filter::builder().name("vpc-id").values(vpc_id).build())
-                .send()
-        })
-        .await?;
-        Ok(out
-            .security_groups()
+        Ok(groups_named(ec2, name, vpc_id)
+            .await?
             .iter()
             .find(|g| g.group_name() == Some(name) && carries(g.tags(), tags))
             .and_then(|g| g.group_id())
@@ -297,12 +299,26 @@ pub async fn create_security_group(
     .await
 }
 
-/// Security groups named `name` in `vpc_id` (at most one; names are unique per VPC).
+/// The id of the security group named `name` in `vpc_id`, if any.
 pub async fn security_group_named(
     ec2: &Client,
     name: &str,
     vpc_id: &str,
 ) -> Result<Option<String>, AwsError> {
+    Ok(groups_named(ec2, name, vpc_id)
+        .await?
+        .first()
+        .and_then(|g| g.group_id())
+        .map(str::to_string))
+}
+
+/// Security groups named `name` in `vpc_id` (at most one; names are unique per VPC), as EC2
+/// describes them.
+async fn groups_named(
+    ec2: &Client,
+    name: &str,
+    vpc_id: &str,
+) -> Result<Vec<aws_sdk_ec2::types::SecurityGroup>, AwsError> {
     let out = call("ec2:DescribeSecurityGroups", name, || {
         ec2.describe_security_groups()
             .filters(Filter::builder().name("group-name").values(name).build())
@@ -310,11 +326,7 @@ pub async fn security_group_named(
             .send()
     })
     .await?;
-    Ok(out
-        .security_groups()
-        .first()
-        .and_then(|g| g.group_id())
-        .map(str::to_string))
+    Ok(out.security_groups.unwrap_or_default())
 }
 
 /// Inbound rules of a security group, as `(protocol, from, to, cidrs)`.
@@ -630,15 +642,8 @@ pub async fn create_image(
     .await;
     let made = made.map(|out| out.image_id().unwrap_or_default().to_string());
     or_own(made, "InvalidAMIName.Duplicate", || async {
-        let out = call("ec2:DescribeImages", name, || {
-            ec2.describe_images()
-                .owners("self")
-                .filters(Filter::builder().name("name").values(name).build())
-                .send()
-        })
-        .await?;
-        Ok(out
-            .images()
+        Ok(own_images_named(ec2, name)
+            .await?
             .iter()
             .find(|i| i.name() == Some(name) && carries(i.tags(), tags))
             .and_then(|i| i.image_id())
