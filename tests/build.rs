@@ -663,14 +663,10 @@ async fn throttling_storms_longer_than_one_calls_retries_after_provisioning_are_
         |e| e["event"] == "step_started" && e["step"] == "stop",
     );
     for action in ["ec2:CreateImage", "ec2:DescribeImages"] {
-        let spec = format!(
-            r#"{{"seed": 3, "rules": [{{"action": "{action}", "throttle": 1.0, "access_key": "{key}"}}]}}"#
-        );
-        let (status, body) = world_control(&world, "POST", "/_world/faults", &spec);
-        assert_eq!(status, 200, "{body}");
+        world_fault(&world, 3, &key, action, "throttle", 1.0);
         std::thread::sleep(Duration::from_secs(35));
     }
-    world_control(&world, "DELETE", "/_world/faults", "");
+    clear_world_faults(&world);
     let status = child.wait().unwrap();
     events.extend(
         lines

@@ -348,12 +348,8 @@ async fn under_30_percent_throttling_the_daemon_keeps_looping_and_still_heals() 
     let fleet = Fleet::create(world, "throttle", 4).await;
     let key = format!("daemon-throttle-{}", std::process::id());
     // Only this daemon's calls are throttled: other tests keep running untouched.
-    let spec = format!(
-        r#"{{"seed": 11, "rules": [{{"action": "*", "throttle": 0.3, "access_key": "{key}"}}]}}"#
-    );
     let faults = FAULTS.lock().await;
-    let (status, body) = world_control(world, "POST", "/_world/faults", &spec);
-    assert_eq!(status, 200, "{body}");
+    world_fault(world, 11, &key, "*", "throttle", 0.3);
     let d = Daemon::start(world, "throttle", &fleet.asg, "", &key);
     let loops_before = d.metric("bakery_loops_total").unwrap();
     let victim = instance_ids(world, &fleet).await[1].clone();
@@ -373,7 +369,7 @@ async fn under_30_percent_throttling_the_daemon_keeps_looping_and_still_heals() 
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     let loops_after = d.metric("bakery_loops_total").unwrap();
-    world_control(world, "DELETE", "/_world/faults", "");
+    clear_world_faults(world);
     drop(faults);
     assert!(
         throttles > 0.0,
@@ -528,11 +524,7 @@ async fn through_an_api_outage_the_daemon_keeps_looping_and_heals_once_it_is_bac
     let d = Daemon::start(world, "outage", &fleet.asg, "", &key);
     // Every call of this daemon's is dropped, as when the endpoint is unreachable.
     let faults = FAULTS.lock().await;
-    let spec = format!(
-        r#"{{"seed": 12, "rules": [{{"action": "*", "drop": 1, "access_key": "{key}"}}]}}"#
-    );
-    let (status, body) = world_control(world, "POST", "/_world/faults", &spec);
-    assert_eq!(status, 200, "{body}");
+    world_fault(world, 12, &key, "*", "drop", 1.0);
     d.wait_metric(
         "bakery_loop_errors_total",
         |v| v.unwrap_or(0.0) >= 2.0,
@@ -544,11 +536,7 @@ async fn through_an_api_outage_the_daemon_keeps_looping_and_heals_once_it_is_bac
     assert_eq!(code, 200, "a short outage is not a dead daemon");
     assert!(!d.events("round failed; the daemon keeps going").is_empty());
     // An endpoint that accepts and never answers in time: the round gives up within its budget.
-    let spec = format!(
-        r#"{{"seed": 13, "rules": [{{"action": "*", "latency_ms": 8000, "access_key": "{key}"}}]}}"#
-    );
-    let (status, body) = world_control(world, "POST", "/_world/faults", &spec);
-    assert_eq!(status, 200, "{body}");
+    world_fault(world, 13, &key, "*", "latency_ms", 8000.0);
     d.wait_event(
         "round failed; the daemon keeps going",
         |e| {
@@ -561,7 +549,7 @@ async fn through_an_api_outage_the_daemon_keeps_looping_and_heals_once_it_is_bac
         "a hanging API stalled the loop",
     )
     .await;
-    world_control(world, "DELETE", "/_world/faults", "");
+    clear_world_faults(world);
     drop(faults);
 
     // Back: the next rounds succeed and a crashed app is replaced as usual.

@@ -79,6 +79,13 @@ async fn rollout_sampled(
     (run, sampler.await.unwrap())
 }
 
+/// The good and the bad web AMI, baked once per test binary (off the async runtime).
+async fn web_amis(world: &'static World) -> (String, String) {
+    tokio::task::spawn_blocking(move || sample_amis(world).clone())
+        .await
+        .unwrap()
+}
+
 fn world() -> &'static World {
     static W: std::sync::OnceLock<World> = std::sync::OnceLock::new();
     W.get_or_init(World::get)
@@ -110,9 +117,7 @@ fn tag(g: &aws_sdk_autoscaling::types::AutoScalingGroup, key: &str) -> Option<St
 #[tokio::test(flavor = "multi_thread")]
 async fn a_good_ami_rolls_the_whole_group_without_dropping_below_capacity() {
     let world = world();
-    let (good, _) = tokio::task::spawn_blocking(|| sample_amis(world).clone())
-        .await
-        .unwrap();
+    let (good, _) = web_amis(world).await;
     let fleet = Fleet::create(world, "good", 4).await;
     let before = sizes(&fleet.group(world).await);
     let (run, samples) = rollout_sampled(
@@ -196,9 +201,7 @@ async fn a_good_ami_rolls_the_whole_group_without_dropping_below_capacity() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bad_ami_is_rolled_back_by_itself() {
     let world = world();
-    let (_, bad) = tokio::task::spawn_blocking(|| sample_amis(world).clone())
-        .await
-        .unwrap();
+    let (_, bad) = web_amis(world).await;
     let fleet = Fleet::create(world, "bad", 4).await;
     let before = sizes(&fleet.group(world).await);
     let (run, samples) = rollout_sampled(
@@ -255,9 +258,7 @@ async fn a_bad_ami_is_rolled_back_by_itself() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rollout_killed_midway_resumes_and_converges() {
     let world = world();
-    let (good, _) = tokio::task::spawn_blocking(|| sample_amis(world).clone())
-        .await
-        .unwrap();
+    let (good, _) = web_amis(world).await;
     let fleet = Fleet::create(world, "kill", 4).await;
     let before = sizes(&fleet.group(world).await);
     let args = [
@@ -318,9 +319,7 @@ async fn a_rollout_killed_midway_resumes_and_converges() {
 #[tokio::test(flavor = "multi_thread")]
 async fn dry_run_prints_the_plan_and_changes_nothing() {
     let world = world();
-    let (good, _) = tokio::task::spawn_blocking(|| sample_amis(world).clone())
-        .await
-        .unwrap();
+    let (good, _) = web_amis(world).await;
     let fleet = Fleet::create(world, "dry", 4).await;
     let before = fleet.group(world).await;
     let key = format!("dryrun-{}", &fleet.name);
@@ -395,9 +394,7 @@ async fn dry_run_prints_the_plan_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_is_refused_clearly_without_changing_the_group() {
     let world = world();
-    let (good, _) = tokio::task::spawn_blocking(|| sample_amis(world).clone())
-        .await
-        .unwrap();
+    let (good, _) = web_amis(world).await;
 
     let run = rollout(
         world,
@@ -543,9 +540,7 @@ async fn versions(world: &World, lt_id: &str) -> Vec<i64> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rollout_prunes_old_versions_but_never_one_another_group_uses() {
     let world = world();
-    let (good, _) = tokio::task::spawn_blocking(|| sample_amis(world).clone())
-        .await
-        .unwrap();
+    let (good, _) = web_amis(world).await;
     let fleet = Fleet::create(world, "prune", 2).await;
     // Versions 2..=5 of the same template; a second group (staging, say) runs version 2, and a
     // third, with a mixed instances policy, version 3.
@@ -590,9 +585,7 @@ async fn a_rollout_prunes_old_versions_but_never_one_another_group_uses() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_canary_that_turns_unhealthy_during_its_bake_rolls_back() {
     let world = world();
-    let (good, _) = tokio::task::spawn_blocking(|| sample_amis(world).clone())
-        .await
-        .unwrap();
+    let (good, _) = web_amis(world).await;
     let fleet = Fleet::create(world, "canary", 4).await;
     let before = sizes(&fleet.group(world).await);
     let mut child = world
@@ -670,9 +663,7 @@ async fn a_canary_that_turns_unhealthy_during_its_bake_rolls_back() {
 #[tokio::test(flavor = "multi_thread")]
 async fn with_no_rollback_a_bad_batch_stops_the_rollout_and_abort_rolls_it_back_later() {
     let world = world();
-    let (_, bad) = tokio::task::spawn_blocking(|| sample_amis(world).clone())
-        .await
-        .unwrap();
+    let (_, bad) = web_amis(world).await;
     let fleet = Fleet::create(world, "abort", 4).await;
     let before = sizes(&fleet.group(world).await);
     // The AMI comes from an SSM parameter, as a pipeline's bake step would publish it.
@@ -751,9 +742,7 @@ async fn with_no_rollback_a_bad_batch_stops_the_rollout_and_abort_rolls_it_back_
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stopped_rollout_is_replaced_by_another_ami_only_with_force() {
     let world = world();
-    let (good, bad) = tokio::task::spawn_blocking(|| sample_amis(world).clone())
-        .await
-        .unwrap();
+    let (good, bad) = web_amis(world).await;
     let fleet = Fleet::create(world, "force", 4).await;
     let before = sizes(&fleet.group(world).await);
     let run = rollout(
@@ -809,9 +798,7 @@ async fn a_stopped_rollout_is_replaced_by_another_ami_only_with_force() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_throttling_storm_longer_than_one_calls_retries_does_not_end_the_rollout() {
     let world = world();
-    let (good, _) = tokio::task::spawn_blocking(|| sample_amis(world).clone())
-        .await
-        .unwrap();
+    let (good, _) = web_amis(world).await;
     let fleet = Fleet::create(world, "storm", 2).await;
     let before = sizes(&fleet.group(world).await);
     let key = format!("rollout-storm-{}", std::process::id());
@@ -842,15 +829,18 @@ async fn a_throttling_storm_longer_than_one_calls_retries_does_not_end_the_rollo
             let e: serde_json::Value = serde_json::from_str(&line).unwrap();
             if !stormed && e["event"] == "batch_started" {
                 stormed = true;
-                let spec = format!(
-                    r#"{{"seed": 5, "rules": [{{"action": "autoscaling:DescribeAutoScalingGroups", "throttle": 1.0, "access_key": "{key2}"}}]}}"#
+                world_fault(
+                    world,
+                    5,
+                    &key2,
+                    "autoscaling:DescribeAutoScalingGroups",
+                    "throttle",
+                    1.0,
                 );
-                let (status, body) = world_control(world, "POST", "/_world/faults", &spec);
-                assert_eq!(status, 200, "{body}");
                 let world_ref = world;
                 std::thread::spawn(move || {
                     std::thread::sleep(Duration::from_secs(40));
-                    world_control(world_ref, "DELETE", "/_world/faults", "");
+                    clear_world_faults(world_ref);
                 });
             }
             events.push(e);

@@ -195,11 +195,7 @@ inline = ["echo once >> /opt/lost/runs", "sha256sum /opt/lost/payload.bin", "wc 
     );
     let key = format!("ssm-lost-{}", std::process::id());
     // Half of this run's SendCommand answers are lost after SSM took the command.
-    let spec = format!(
-        r#"{{"seed": 7, "rules": [{{"action": "ssm:SendCommand", "lose": 0.5, "access_key": "{key}"}}]}}"#
-    );
-    let (status, body) = world_control(&world, "POST", "/_world/faults", &spec);
-    assert_eq!(status, 200, "{body}");
+    world_fault(&world, 7, &key, "ssm:SendCommand", "lose", 0.5);
     let out = world
         .bakery()
         .env("AWS_ACCESS_KEY_ID", &key)
@@ -209,7 +205,7 @@ inline = ["echo once >> /opt/lost/runs", "sha256sum /opt/lost/payload.bin", "wc 
         .arg(dir.join("m.json"))
         .output()
         .unwrap();
-    world_control(&world, "DELETE", "/_world/faults", "");
+    clear_world_faults(&world);
     let run = Run::from_output(out);
     assert_eq!(run.code, Some(0), "{}", run.describe());
     let lost = world_calls(&world, &key)["calls"]

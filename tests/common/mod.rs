@@ -892,6 +892,23 @@ pub fn world_calls(world: &World, key: &str) -> serde_json::Value {
     serde_json::from_str(&body).unwrap()
 }
 
+/// Replaces the world's fault spec with one rule: `field` (`throttle`, `drop`, `lose`,
+/// `latency_ms`, ...) set to `value` for `action` (`service:Action` or `*`), on calls signed
+/// with access key `key` only. Panics if the world refuses the spec.
+pub fn world_fault(world: &World, seed: u64, key: &str, action: &str, field: &str, value: f64) {
+    let spec = serde_json::json!({
+        "seed": seed,
+        "rules": [{"action": action, field: value, "access_key": key}],
+    });
+    let (status, body) = world_control(world, "POST", "/_world/faults", &spec.to_string());
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Removes every fault rule from the world.
+pub fn clear_world_faults(world: &World) {
+    world_control(world, "DELETE", "/_world/faults", "");
+}
+
 /// Sends a request with a JSON body to the world's control API; returns (status, body).
 pub fn world_control(world: &World, method: &str, path: &str, body: &str) -> (u16, String) {
     let endpoint = world
