@@ -463,37 +463,35 @@ impl Daemon {
     ) -> RoundEnd {
         let budget = read_budget(self.config.interval);
         let deadline = tokio::time::Instant::now() + budget;
-        let read = match facts.take() {
-            Some(f) => Ok(f),
-            None => tokio::select! {
+        let failed = |e: String| {
+            tracing::warn!(error = %e, "round failed; the daemon keeps going");
+            RoundEnd::Done(false)
+        };
+        let current = match facts.take() {
+            Some(f) => f,
+            None => match tokio::select! {
                 f = self.fetch_until(deadline, budget) => f,
                 sig = stop.next() => return RoundEnd::Stop(sig),
+            } {
+                Ok(f) => f,
+                Err(e) => return failed(e),
             },
         };
-        let read = match read {
-            Ok(f) => {
-                let obs = tokio::select! {
-                    o = self.judge(f) => o,
-                    sig = stop.next() => return RoundEnd::Stop(sig),
-                };
-                // Acting is short and never cut in half.
-                self.act(obs).await;
-                tokio::select! {
-                    f = self.fetch_until(deadline, budget) => f,
-                    sig = stop.next() => return RoundEnd::Stop(sig),
-                }
-            }
-            Err(e) => Err(e),
+        let obs = tokio::select! {
+            o = self.judge(current) => o,
+            sig = stop.next() => return RoundEnd::Stop(sig),
         };
-        match read {
+        // Acting is short and never cut in half.
+        self.act(obs).await;
+        match tokio::select! {
+            f = self.fetch_until(deadline, budget) => f,
+            sig = stop.next() => return RoundEnd::Stop(sig),
+        } {
             Ok(f) => {
                 *facts = Some(f);
                 RoundEnd::Done(true)
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "round failed; the daemon keeps going");
-                RoundEnd::Done(false)
-            }
+            Err(e) => failed(e),
         }
     }
 
