@@ -150,6 +150,7 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Probe<T>, E>>,
 {
+    let what = what.into();
     let start = Instant::now();
     let deadline = start + timeout;
     let mut outage = Tolerance::new(outage_limit);
@@ -160,13 +161,16 @@ where
                 outage.clear();
                 seen
             }
-            Err(e) if outage.ride_out(&e) => format!("the API failed: {e}"),
+            Err(e) if outage.ride_out(&e) => {
+                tracing::warn!(waiting_for = %what, error = %e, "AWS did not answer; still waiting");
+                format!("the API failed: {e}")
+            }
             Err(e) => return Err(WaitError::Failed(e)),
         };
         let now = Instant::now();
         if now >= deadline {
             return Err(WaitError::Timeout {
-                what: what.into(),
+                what,
                 waited: now - start,
                 last,
             });
