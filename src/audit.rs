@@ -3,30 +3,19 @@
 //! ones, the app port open only to the load balancer's group, the database open only to the
 //! instances' group and not public, IMDSv2 required, EBS encrypted, and the instance role able
 //! to read the secret it needs. Any high finding fails the command (exit 8), for pipelines.
+//!
+//! This module gathers [`Facts`] from AWS; the checks themselves are pure functions in
+//! `bakery_core::audit`, unit-tested check by check.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use aws_sdk_ec2::types::Filter;
-use serde::Serialize;
 
 use crate::aws::{autoscaling, call, ec2, launch_template as lt, Aws, AwsError};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Severity {
-    Info,
-    Low,
-    Medium,
-    High,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Finding {
-    pub check: &'static str,
-    pub severity: Severity,
-    pub passed: bool,
-    pub detail: String,
-}
+pub use bakery_core::audit::{
+    evaluate, policies_allow, wildcard, DatabaseFact, Facts, Finding, LoadBalancerFact, Rule,
+    SecretFact, Severity, SubnetFact, TemplateFact,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -36,111 +25,280 @@ pub enum AuditError {
     Aws(#[from] AwsError),
 }
 
-/// One ingress rule, flattened.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rule {
-    pub from: i32,
-    pub to: i32,
-    pub cidrs: Vec<String>,
-    pub groups: Vec<String>,
+/// Reads the facts and evaluates every check.
+pub async fn run(
+    aws: &Aws,
+    group_name: &str,
+    db_instance: Option<&str>,
+    secret: Option<&str>,
+) -> Result<Vec<Finding>, AuditError> {
+    Ok(evaluate(
+        &gather(aws, group_name, db_instance, secret).await?,
+    ))
 }
 
-impl Rule {
-    fn covers(&self, port: i32) -> bool {
-        (self.from == -1 && self.to == -1) || (self.from <= port && port <= self.to)
-    }
-}
-
-/// Whether the rules admit `port` only from `allowed` groups (and from no CIDR at all).
-pub fn only_from_groups(
-    rules: &[Rule],
-    port: i32,
-    allowed: &BTreeSet<String>,
-) -> Result<(), String> {
-    let mut problems = Vec::new();
-    for r in rules.iter().filter(|r| r.covers(port)) {
-        for c in &r.cidrs {
-            problems.push(format!("port {port} is open to {c}"));
-        }
-        for g in &r.groups {
-            if !allowed.contains(g) {
-                problems.push(format!("port {port} is open to group {g}"));
+/// What the checks need to know, read from AWS.
+pub async fn gather(
+    aws: &Aws,
+    group_name: &str,
+    db_instance: Option<&str>,
+    secret: Option<&str>,
+) -> Result<Facts, AuditError> {
+    let g = autoscaling::describe(&aws.autoscaling, group_name)
+        .await?
+        .ok_or_else(|| AuditError::GroupNotFound(group_name.to_string()))?;
+    let mut vpc = String::new();
+    let mut subnets = Vec::new();
+    for s in &g.subnets {
+        if let Some(info) = ec2::subnet(&aws.ec2, s).await? {
+            subnets.push(subnet_fact(aws, &info.id, &info.vpc_id).await?);
+            if vpc.is_empty() {
+                vpc = info.vpc_id;
             }
         }
     }
-    if !rules
-        .iter()
-        .any(|r| r.covers(port) && r.groups.iter().any(|g| allowed.contains(g)))
-    {
-        problems.push(format!(
-            "port {port} is not open to {} at all",
-            allowed.iter().cloned().collect::<Vec<_>>().join(", ")
-        ));
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems.join("; "))
-    }
-}
-
-/// IAM's wildcard match (`*` and `?`), case-sensitive as for resources.
-pub fn wildcard(pattern: &str, value: &str) -> bool {
-    fn go(p: &[u8], v: &[u8]) -> bool {
-        match (p.first(), v.first()) {
-            (None, None) => true,
-            (Some(b'*'), _) => go(&p[1..], v) || (!v.is_empty() && go(p, &v[1..])),
-            (Some(b'?'), Some(_)) => go(&p[1..], &v[1..]),
-            (Some(a), Some(b)) if a == b => go(&p[1..], &v[1..]),
-            _ => false,
+    let instances: Vec<String> = g.instances.iter().map(|i| i.id.clone()).collect();
+    let mut instances_with_public_ip = Vec::new();
+    for id in &instances {
+        if let Some(i) = ec2::describe_instance(&aws.ec2, id).await? {
+            if i.public_ip.is_some() {
+                instances_with_public_ip.push(id.clone());
+            }
         }
     }
-    go(pattern.as_bytes(), value.as_bytes())
+    let template = template_fact(aws, &g).await?;
+    let app_groups = template
+        .as_ref()
+        .map(|t| t.security_groups.clone())
+        .unwrap_or_default();
+    let (load_balancers, app_port) = load_balancers(aws, &g, &vpc).await?;
+    let secret = match secret {
+        None => None,
+        Some(s) => Some(secret_fact(aws, s, template.as_ref()).await?),
+    };
+    Ok(Facts {
+        group: g.name.clone(),
+        subnets,
+        instances_with_public_ip,
+        app_rules: rules_of(aws, &app_groups).await?,
+        databases: databases(aws, db_instance, &vpc).await?,
+        unencrypted_volumes: unencrypted_volumes(aws, group_name, &instances).await?,
+        instances,
+        template,
+        load_balancers,
+        app_port,
+        secret,
+    })
 }
 
-fn strings(v: Option<&serde_json::Value>) -> Vec<String> {
-    match v {
-        Some(serde_json::Value::String(s)) => vec![s.clone()],
-        Some(serde_json::Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_str().map(str::to_string))
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-/// Whether policy documents allow `action` on `resource` (Allow without a matching Deny;
-/// conditions are not evaluated).
-pub fn policies_allow(documents: &[serde_json::Value], action: &str, resource: &str) -> bool {
-    let mut allowed = false;
-    for doc in documents {
-        let statements = match doc.get("Statement") {
-            Some(serde_json::Value::Array(a)) => a.clone(),
-            Some(s @ serde_json::Value::Object(_)) => vec![s.clone()],
-            _ => Vec::new(),
-        };
-        for st in statements {
-            let acts = strings(st.get("Action"));
-            let res = strings(st.get("Resource"));
-            let matches = acts
+/// The launch-template version the group launches, if it uses one.
+async fn template_fact(
+    aws: &Aws,
+    g: &autoscaling::Group,
+) -> Result<Option<TemplateFact>, AwsError> {
+    let Some(l) = &g.launch_template else {
+        return Ok(None);
+    };
+    let id = match (&l.id, &l.name) {
+        (Some(id), _) => Some(id.clone()),
+        (None, Some(name)) => lt::id_for_name(&aws.ec2, name).await?,
+        _ => None,
+    };
+    let Some(id) = id else { return Ok(None) };
+    let Some(v) = lt::describe(&aws.ec2, &id, l.version.as_deref().unwrap_or("$Default")).await?
+    else {
+        return Ok(None);
+    };
+    let data = v.data.as_ref();
+    let mut security_groups: Vec<String> = data
+        .map(|d| d.security_group_ids().to_vec())
+        .unwrap_or_default();
+    if let Some(d) = data {
+        security_groups.extend(
+            d.network_interfaces()
                 .iter()
-                .any(|a| wildcard(&a.to_ascii_lowercase(), &action.to_ascii_lowercase()))
-                && res.iter().any(|r| wildcard(r, resource));
-            if matches {
-                match st.get("Effect").and_then(|e| e.as_str()) {
-                    Some("Deny") => return false,
-                    Some("Allow") => allowed = true,
-                    _ => {}
-                }
-            }
-        }
+                .flat_map(|n| n.groups().iter().cloned()),
+        );
     }
-    allowed
+    Ok(Some(TemplateFact {
+        id: v.template_id.clone(),
+        version: v.number,
+        imdsv2_required: v.imdsv2_required,
+        security_groups,
+        encrypts_all_volumes: data.is_some_and(|d| {
+            !d.block_device_mappings().is_empty()
+                && d.block_device_mappings()
+                    .iter()
+                    .all(|b| b.ebs().and_then(|e| e.encrypted()).unwrap_or(false))
+        }),
+        instance_profile: data.and_then(|d| d.iam_instance_profile()).and_then(|p| {
+            p.name().map(str::to_string).or_else(|| {
+                p.arn()
+                    .and_then(|a| a.rsplit('/').next())
+                    .map(str::to_string)
+            })
+        }),
+    }))
 }
 
-async fn rules_of(aws: &Aws, ids: &[String]) -> Result<BTreeMap<String, Vec<Rule>>, AwsError> {
+/// The group's load balancers (`None`: behind none) and the app's port (the first target
+/// group's, else 80).
+async fn load_balancers(
+    aws: &Aws,
+    g: &autoscaling::Group,
+    vpc: &str,
+) -> Result<(Option<Vec<LoadBalancerFact>>, i32), AwsError> {
+    if g.target_group_arns.is_empty() {
+        return Ok((None, 80));
+    }
+    let elb = &aws.elb;
+    let tgs = call("elasticloadbalancing:DescribeTargetGroups", &g.name, || {
+        elb.describe_target_groups()
+            .set_target_group_arns(Some(g.target_group_arns.clone()))
+            .send()
+    })
+    .await?;
+    let lb_arns: BTreeSet<String> = tgs
+        .target_groups()
+        .iter()
+        .flat_map(|t| t.load_balancer_arns().iter().cloned())
+        .collect();
+    let app_port = tgs
+        .target_groups()
+        .iter()
+        .find_map(|t| t.port())
+        .unwrap_or(80);
+    if lb_arns.is_empty() {
+        return Ok((None, app_port));
+    }
+    let lbs = call(
+        "elasticloadbalancing:DescribeLoadBalancers",
+        &g.name,
+        || {
+            elb.describe_load_balancers()
+                .set_load_balancer_arns(Some(lb_arns.iter().cloned().collect()))
+                .send()
+        },
+    )
+    .await?;
+    let mut out = Vec::new();
+    for lb in lbs.load_balancers() {
+        let mut subnets = Vec::new();
+        for s in lb
+            .availability_zones()
+            .iter()
+            .filter_map(|az| az.subnet_id())
+        {
+            subnets.push(subnet_fact(aws, s, lb.vpc_id().unwrap_or(vpc)).await?);
+        }
+        out.push(LoadBalancerFact {
+            name: lb.load_balancer_name().unwrap_or_default().to_string(),
+            internet_facing: lb.scheme().map(|s| s.as_str()) == Some("internet-facing"),
+            subnets,
+            security_groups: lb.security_groups().to_vec(),
+        });
+    }
+    Ok((Some(out), app_port))
+}
+
+/// The database named, or every one in the group's VPC.
+async fn databases(
+    aws: &Aws,
+    db_instance: Option<&str>,
+    vpc: &str,
+) -> Result<Vec<DatabaseFact>, AwsError> {
+    let rds = &aws.rds;
+    let dbs = call(
+        "rds:DescribeDBInstances",
+        db_instance.unwrap_or("all"),
+        || {
+            rds.describe_db_instances()
+                .set_db_instance_identifier(db_instance.map(str::to_string))
+                .into_paginator()
+                .items()
+                .send()
+                .collect::<Result<Vec<_>, _>>()
+        },
+    )
+    .await?;
+    let mut out = Vec::new();
+    for db in &dbs {
+        let in_vpc = db.db_subnet_group().and_then(|s| s.vpc_id()) == Some(vpc);
+        if db_instance.is_none() && !in_vpc {
+            continue;
+        }
+        let sgs: Vec<String> = db
+            .vpc_security_groups()
+            .iter()
+            .filter_map(|s| s.vpc_security_group_id().map(str::to_string))
+            .collect();
+        out.push(DatabaseFact {
+            name: db.db_instance_identifier().unwrap_or_default().to_string(),
+            publicly_accessible: db.publicly_accessible().unwrap_or(false),
+            port: db
+                .endpoint()
+                .and_then(|e| e.port())
+                .or(db.db_instance_port())
+                .unwrap_or(5432),
+            rules: rules_of(aws, &sgs).await?,
+        });
+    }
+    Ok(out)
+}
+
+/// The instances' volumes that are not encrypted.
+async fn unencrypted_volumes(
+    aws: &Aws,
+    group_name: &str,
+    ids: &[String],
+) -> Result<Vec<String>, AwsError> {
     if ids.is_empty() {
-        return Ok(BTreeMap::new());
+        return Ok(Vec::new());
+    }
+    let ec2c = &aws.ec2;
+    let vols = call("ec2:DescribeVolumes", group_name, || {
+        ec2c.describe_volumes()
+            .filters(
+                Filter::builder()
+                    .name("attachment.instance-id")
+                    .set_values(Some(ids.to_vec()))
+                    .build(),
+            )
+            .send()
+    })
+    .await?;
+    Ok(vols
+        .volumes()
+        .iter()
+        .filter(|v| !v.encrypted().unwrap_or(false))
+        .map(|v| v.volume_id().unwrap_or_default().to_string())
+        .collect())
+}
+
+async fn secret_fact(
+    aws: &Aws,
+    secret: &str,
+    template: Option<&TemplateFact>,
+) -> Result<SecretFact, AwsError> {
+    let arn = secret_arn(aws, secret)
+        .await
+        .unwrap_or_else(|| secret.to_string());
+    let profile = template.and_then(|t| t.instance_profile.clone());
+    let policies = match &profile {
+        Some(p) => role_policies(aws, p).await?,
+        None => Vec::new(),
+    };
+    Ok(SecretFact {
+        arn,
+        profile,
+        policies,
+    })
+}
+
+/// The ingress rules of security groups, flattened.
+async fn rules_of(aws: &Aws, ids: &[String]) -> Result<Vec<Rule>, AwsError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
     }
     let ec2c = &aws.ec2;
     let out = call("ec2:DescribeSecurityGroups", ids.join(","), || {
@@ -152,38 +310,35 @@ async fn rules_of(aws: &Aws, ids: &[String]) -> Result<BTreeMap<String, Vec<Rule
     Ok(out
         .security_groups()
         .iter()
-        .map(|g| {
-            (
-                g.group_id().unwrap_or_default().to_string(),
-                g.ip_permissions()
+        .flat_map(|g| {
+            let group = g.group_id().unwrap_or_default().to_string();
+            g.ip_permissions().iter().map(move |p| Rule {
+                group: group.clone(),
+                from: p.from_port().unwrap_or(-1),
+                to: p.to_port().unwrap_or(-1),
+                cidrs: p
+                    .ip_ranges()
                     .iter()
-                    .map(|p| Rule {
-                        from: p.from_port().unwrap_or(-1),
-                        to: p.to_port().unwrap_or(-1),
-                        cidrs: p
-                            .ip_ranges()
+                    .filter_map(|r| r.cidr_ip().map(str::to_string))
+                    .chain(
+                        p.ipv6_ranges()
                             .iter()
-                            .filter_map(|r| r.cidr_ip().map(str::to_string))
-                            .chain(
-                                p.ipv6_ranges()
-                                    .iter()
-                                    .filter_map(|r| r.cidr_ipv6().map(str::to_string)),
-                            )
-                            .collect(),
-                        groups: p
-                            .user_id_group_pairs()
-                            .iter()
-                            .filter_map(|u| u.group_id().map(str::to_string))
-                            .collect(),
-                    })
+                            .filter_map(|r| r.cidr_ipv6().map(str::to_string)),
+                    )
                     .collect(),
-            )
+                groups: p
+                    .user_id_group_pairs()
+                    .iter()
+                    .filter_map(|u| u.group_id().map(str::to_string))
+                    .collect(),
+            })
         })
         .collect())
 }
 
-/// Public = its route table sends 0.0.0.0/0 to an internet gateway.
-async fn subnet_is_public(aws: &Aws, subnet: &str, vpc: &str) -> Result<bool, AwsError> {
+/// Public = its route table (its own, else the VPC's main one) sends 0.0.0.0/0 to an internet
+/// gateway.
+async fn subnet_fact(aws: &Aws, subnet: &str, vpc: &str) -> Result<SubnetFact, AwsError> {
     let ec2c = &aws.ec2;
     let out = call("ec2:DescribeRouteTables", subnet, || {
         ec2c.describe_route_tables()
@@ -212,390 +367,18 @@ async fn subnet_is_public(aws: &Aws, subnet: &str, vpc: &str) -> Result<bool, Aw
         .await?;
         tables = main.route_tables().to_vec();
     }
-    Ok(tables.iter().flat_map(|t| t.routes()).any(|r| {
+    let public = tables.iter().flat_map(|t| t.routes()).any(|r| {
         r.destination_cidr_block() == Some("0.0.0.0/0")
             && r.gateway_id().is_some_and(|g| g.starts_with("igw-"))
-    }))
-}
-
-pub async fn run(
-    aws: &Aws,
-    group_name: &str,
-    db_instance: Option<&str>,
-    secret: Option<&str>,
-) -> Result<Vec<Finding>, AuditError> {
-    let mut f = Vec::new();
-    let mut add = |check, severity, passed, detail: String| {
-        f.push(Finding {
-            check,
-            severity,
-            passed,
-            detail,
-        })
-    };
-    let g = autoscaling::describe(&aws.autoscaling, group_name)
-        .await?
-        .ok_or_else(|| AuditError::GroupNotFound(group_name.to_string()))?;
-    let subnets: Vec<ec2::SubnetInfo> = {
-        let mut v = Vec::new();
-        for s in &g.subnets {
-            v.extend(ec2::subnet(&aws.ec2, s).await?);
-        }
-        v
-    };
-    let vpc = subnets
-        .first()
-        .map(|s| s.vpc_id.clone())
-        .unwrap_or_default();
-
-    // 1. Instances in private subnets, without public addresses.
-    let mut public = Vec::new();
-    for s in &subnets {
-        if subnet_is_public(aws, &s.id, &s.vpc_id).await? {
-            public.push(s.id.clone());
-        }
-    }
-    let ids: Vec<String> = g.instances.iter().map(|i| i.id.clone()).collect();
-    let mut with_public_ip = Vec::new();
-    for id in &ids {
-        if let Some(i) = ec2::describe_instance(&aws.ec2, id).await? {
-            if i.public_ip.is_some() {
-                with_public_ip.push(id.clone());
-            }
-        }
-    }
-    add(
-        "instances in private subnets",
-        Severity::High,
-        public.is_empty() && with_public_ip.is_empty(),
-        match (public.is_empty(), with_public_ip.is_empty()) {
-            (true, true) => format!(
-                "{} subnet(s), none routed to an internet gateway; no instance has a public IP",
-                subnets.len()
-            ),
-            _ => format!(
-                "public subnets in the group: {}; instances with a public IP: {}",
-                if public.is_empty() {
-                    "none".into()
-                } else {
-                    public.join(", ")
-                },
-                if with_public_ip.is_empty() {
-                    "none".into()
-                } else {
-                    with_public_ip.join(", ")
-                }
-            ),
-        },
-    );
-
-    // The launch template version the group uses.
-    let template = match &g.launch_template {
-        Some(l) => match (&l.id, &l.name) {
-            (Some(id), _) => Some(id.clone()),
-            (None, Some(name)) => lt::id_for_name(&aws.ec2, name).await?,
-            _ => None,
-        },
-        None => None,
-    };
-    let version = match &template {
-        Some(id) => {
-            lt::describe(
-                &aws.ec2,
-                id,
-                g.launch_template
-                    .as_ref()
-                    .and_then(|l| l.version.as_deref())
-                    .unwrap_or("$Default"),
-            )
-            .await?
-        }
-        None => None,
-    };
-    let data = version.as_ref().and_then(|v| v.data.clone());
-    let mut app_groups: Vec<String> = data
-        .as_ref()
-        .map(|d| d.security_group_ids().to_vec())
-        .unwrap_or_default();
-    if let Some(d) = &data {
-        app_groups.extend(
-            d.network_interfaces()
-                .iter()
-                .flat_map(|n| n.groups().iter().cloned()),
-        );
-    }
-
-    // 2. The load balancer in public subnets; 3. the app port only from its group.
-    let elb = &aws.elb;
-    let tgs = if g.target_group_arns.is_empty() {
-        None
-    } else {
-        Some(
-            call(
-                "elasticloadbalancing:DescribeTargetGroups",
-                group_name,
-                || {
-                    elb.describe_target_groups()
-                        .set_target_group_arns(Some(g.target_group_arns.clone()))
-                        .send()
-                },
-            )
-            .await?,
-        )
-    };
-    let lb_arns: BTreeSet<String> = tgs
-        .iter()
-        .flat_map(|o| o.target_groups())
-        .flat_map(|t| t.load_balancer_arns().iter().cloned())
-        .collect();
-    let app_port = tgs
-        .iter()
-        .flat_map(|o| o.target_groups())
-        .find_map(|t| t.port())
-        .unwrap_or(80);
-    let mut lb_groups = BTreeSet::new();
-    if lb_arns.is_empty() {
-        add(
-            "load balancer in public subnets",
-            Severity::Info,
-            true,
-            "the group is behind no load balancer".into(),
-        );
-    } else {
-        let lbs = call(
-            "elasticloadbalancing:DescribeLoadBalancers",
-            group_name,
-            || {
-                elb.describe_load_balancers()
-                    .set_load_balancer_arns(Some(lb_arns.iter().cloned().collect()))
-                    .send()
-            },
-        )
-        .await?;
-        let mut private = Vec::new();
-        for lb in lbs.load_balancers() {
-            lb_groups.extend(lb.security_groups().iter().cloned());
-            let internet = lb.scheme().map(|s| s.as_str()) == Some("internet-facing");
-            for az in lb.availability_zones() {
-                if let Some(s) = az.subnet_id() {
-                    if internet && !subnet_is_public(aws, s, lb.vpc_id().unwrap_or(&vpc)).await? {
-                        private.push(format!(
-                            "{} in {s}",
-                            lb.load_balancer_name().unwrap_or_default()
-                        ));
-                    }
-                }
-            }
-        }
-        add(
-            "load balancer in public subnets",
-            Severity::Medium,
-            private.is_empty(),
-            if private.is_empty() {
-                format!(
-                    "{} internet-facing load balancer(s), all in public subnets",
-                    lbs.load_balancers().len()
-                )
-            } else {
-                format!(
-                    "internet-facing but in a private subnet: {}",
-                    private.join(", ")
-                )
-            },
-        );
-    }
-    let app_rules = rules_of(aws, &app_groups).await?;
-    let all_rules: Vec<Rule> = app_rules.values().flatten().cloned().collect();
-    match only_from_groups(&all_rules, app_port, &lb_groups) {
-        Ok(()) => add(
-            "app port only from the load balancer",
-            Severity::High,
-            true,
-            format!(
-                "port {app_port} of {} admits only {}",
-                app_groups.join(", "),
-                lb_groups.iter().cloned().collect::<Vec<_>>().join(", ")
-            ),
-        ),
-        Err(why) => add(
-            "app port only from the load balancer",
-            Severity::High,
-            false,
-            why,
-        ),
-    }
-
-    // 4. The database: only from the instances' groups, not publicly accessible.
-    let rds = &aws.rds;
-    let dbs = call(
-        "rds:DescribeDBInstances",
-        db_instance.unwrap_or("all"),
-        || {
-            rds.describe_db_instances()
-                .set_db_instance_identifier(db_instance.map(str::to_string))
-                .into_paginator()
-                .items()
-                .send()
-                .collect::<Result<Vec<_>, _>>()
-        },
-    )
-    .await?;
-    let app_set: BTreeSet<String> = app_groups.iter().cloned().collect();
-    let mut checked_db = false;
-    for db in &dbs {
-        let in_vpc = db.db_subnet_group().and_then(|s| s.vpc_id()) == Some(vpc.as_str());
-        if db_instance.is_none() && !in_vpc {
-            continue;
-        }
-        checked_db = true;
-        let name = db.db_instance_identifier().unwrap_or_default();
-        add(
-            "database not publicly accessible",
-            Severity::High,
-            !db.publicly_accessible().unwrap_or(false),
-            format!(
-                "{name}: PubliclyAccessible = {}",
-                db.publicly_accessible().unwrap_or(false)
-            ),
-        );
-        let port = db
-            .endpoint()
-            .and_then(|e| e.port())
-            .or(db.db_instance_port())
-            .unwrap_or(5432);
-        let sgs: Vec<String> = db
-            .vpc_security_groups()
-            .iter()
-            .filter_map(|s| s.vpc_security_group_id().map(str::to_string))
-            .collect();
-        let rules: Vec<Rule> = rules_of(aws, &sgs).await?.into_values().flatten().collect();
-        match only_from_groups(&rules, port, &app_set) {
-            Ok(()) => add(
-                "database only from the instances",
-                Severity::High,
-                true,
-                format!("{name}: port {port} admits only the instances' group"),
-            ),
-            Err(why) => add(
-                "database only from the instances",
-                Severity::High,
-                false,
-                format!("{name}: {why}"),
-            ),
-        }
-    }
-    if !checked_db {
-        add(
-            "database only from the instances",
-            Severity::Info,
-            true,
-            "no RDS instance in the group's VPC".into(),
-        );
-    }
-
-    // 5. IMDSv2 required.
-    let imds = version.as_ref().map(|v| v.imdsv2_required).unwrap_or(false);
-    add(
-        "IMDSv2 required",
-        Severity::High,
-        imds,
-        match &version {
-            Some(v) => format!(
-                "launch template {} version {}: HttpTokens {}",
-                v.template_id,
-                v.number,
-                if imds { "required" } else { "optional" }
-            ),
-            None => "the group has no launch template to check".into(),
-        },
-    );
-
-    // 6. EBS volumes encrypted (the instances' actual volumes).
-    let ec2c = &aws.ec2;
-    let mut unencrypted = Vec::new();
-    if !ids.is_empty() {
-        let vols = call("ec2:DescribeVolumes", group_name, || {
-            ec2c.describe_volumes()
-                .filters(
-                    Filter::builder()
-                        .name("attachment.instance-id")
-                        .set_values(Some(ids.clone()))
-                        .build(),
-                )
-                .send()
-        })
-        .await?;
-        for v in vols.volumes() {
-            if !v.encrypted().unwrap_or(false) {
-                unencrypted.push(v.volume_id().unwrap_or_default().to_string());
-            }
-        }
-    }
-    let template_encrypts = data.as_ref().is_some_and(|d| {
-        !d.block_device_mappings().is_empty()
-            && d.block_device_mappings()
-                .iter()
-                .all(|b| b.ebs().and_then(|e| e.encrypted()).unwrap_or(false))
     });
-    add(
-        "EBS volumes encrypted",
-        Severity::Medium,
-        template_encrypts || (!ids.is_empty() && unencrypted.is_empty()),
-        if template_encrypts {
-            "the launch template encrypts every volume".into()
-        } else if !unencrypted.is_empty() {
-            format!(
-                "unencrypted volumes: {} (and the launch template does not ask for encryption)",
-                unencrypted.join(", ")
-            )
-        } else if ids.is_empty() {
-            "no instances, and the launch template does not ask for encryption".into()
-        } else {
-            format!("every volume of the {} instance(s) is encrypted", ids.len())
-        },
-    );
-
-    // 7. The instance role can read the secret.
-    match (secret, data.as_ref().and_then(|d| d.iam_instance_profile())) {
-        (None, _) => add(
-            "instance role reads the secret",
-            Severity::Info,
-            true,
-            "not checked: pass --secret NAME_OR_ARN".into(),
-        ),
-        (Some(s), None) => add(
-            "instance role reads the secret",
-            Severity::High,
-            false,
-            format!("the launch template has no instance profile, so instances cannot read {s}"),
-        ),
-        (Some(s), Some(profile)) => {
-            let name = profile
-                .name()
-                .map(str::to_string)
-                .or_else(|| {
-                    profile
-                        .arn()
-                        .and_then(|a| a.rsplit('/').next())
-                        .map(str::to_string)
-                })
-                .unwrap_or_default();
-            let arn = secret_arn(aws, s).await.unwrap_or_else(|| s.to_string());
-            let docs = role_policies(aws, &name).await?;
-            let ok = policies_allow(&docs, "secretsmanager:GetSecretValue", &arn);
-            add(
-                "instance role reads the secret",
-                Severity::High,
-                ok,
-                if ok {
-                    format!("instance profile {name} allows secretsmanager:GetSecretValue on {arn}")
-                } else {
-                    format!("instance profile {name} has no policy allowing secretsmanager:GetSecretValue on {arn}")
-                },
-            );
-        }
-    }
-    Ok(f)
+    Ok(SubnetFact {
+        id: subnet.to_string(),
+        public,
+        route_table: tables
+            .first()
+            .and_then(|t| t.route_table_id())
+            .map(str::to_string),
+    })
 }
 
 async fn secret_arn(aws: &Aws, id: &str) -> Option<String> {
@@ -618,8 +401,9 @@ async fn role_policies(aws: &Aws, profile: &str) -> Result<Vec<serde_json::Value
     })
     .await?;
     let mut docs = Vec::new();
+    // IAM returns policy documents URL-encoded.
     let decode = |d: &str| -> Option<serde_json::Value> {
-        let text = percent_decode(d);
+        let text = percent_encoding::percent_decode_str(d).decode_utf8_lossy();
         serde_json::from_str(&text).ok()
     };
     for role in p.instance_profile().map(|i| i.roles()).unwrap_or_default() {
@@ -668,25 +452,6 @@ async fn role_policies(aws: &Aws, profile: &str) -> Result<Vec<serde_json::Value
     Ok(docs)
 }
 
-/// IAM returns policy documents URL-encoded.
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 pub fn render(findings: &[Finding]) -> String {
     let mut rows = vec![["CHECK", "SEVERITY", "RESULT", "DETAIL"]
         .map(String::from)
@@ -700,91 +465,11 @@ pub fn render(findings: &[Finding]) -> String {
             } else {
                 "FAIL".into()
             },
-            f.detail.clone(),
+            match &f.fix {
+                Some(fix) => format!("{}; fix: {fix}", f.detail),
+                None => f.detail.clone(),
+            },
         ]
     }));
     crate::output::table(&rows)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rule(port: i32, cidrs: &[&str], groups: &[&str]) -> Rule {
-        Rule {
-            from: port,
-            to: port,
-            cidrs: cidrs.iter().map(|s| s.to_string()).collect(),
-            groups: groups.iter().map(|s| s.to_string()).collect(),
-        }
-    }
-
-    #[test]
-    fn a_port_must_be_open_to_the_allowed_group_and_nothing_else() {
-        let allowed = BTreeSet::from(["sg-alb".to_string()]);
-        assert!(only_from_groups(&[rule(8080, &[], &["sg-alb"])], 8080, &allowed).is_ok());
-        let err = only_from_groups(
-            &[
-                rule(8080, &[], &["sg-alb"]),
-                rule(8080, &["0.0.0.0/0"], &[]),
-            ],
-            8080,
-            &allowed,
-        )
-        .unwrap_err();
-        assert!(err.contains("open to 0.0.0.0/0"));
-        assert!(
-            only_from_groups(&[rule(22, &["0.0.0.0/0"], &[])], 8080, &allowed)
-                .unwrap_err()
-                .contains("not open to sg-alb at all")
-        );
-        let all_ports = Rule {
-            from: -1,
-            to: -1,
-            cidrs: vec!["10.0.0.0/8".into()],
-            groups: vec![],
-        };
-        assert!(
-            only_from_groups(&[rule(8080, &[], &["sg-alb"]), all_ports], 8080, &allowed).is_err()
-        );
-    }
-
-    #[test]
-    fn policies_are_matched_with_wildcards_and_denies_win() {
-        let arn = "arn:aws:secretsmanager:us-east-1:123:secret:world/db-AbC";
-        let allow = serde_json::json!({"Statement": [{"Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"], "Resource": "arn:aws:secretsmanager:*:*:secret:world/db-*"}]});
-        let star = serde_json::json!({"Statement": {"Effect": "Allow", "Action": "secretsmanager:*", "Resource": "*"}});
-        let deny = serde_json::json!({"Statement": [{"Effect": "Deny", "Action": "secretsmanager:Get*", "Resource": "*"}]});
-        let other = serde_json::json!({"Statement": [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}]});
-        assert!(policies_allow(
-            std::slice::from_ref(&allow),
-            "secretsmanager:GetSecretValue",
-            arn
-        ));
-        assert!(policies_allow(
-            std::slice::from_ref(&star),
-            "secretsmanager:GetSecretValue",
-            arn
-        ));
-        assert!(!policies_allow(
-            &[star, deny],
-            "secretsmanager:GetSecretValue",
-            arn
-        ));
-        assert!(!policies_allow(
-            &[other],
-            "secretsmanager:GetSecretValue",
-            arn
-        ));
-        assert!(!policies_allow(
-            &[allow],
-            "secretsmanager:GetSecretValue",
-            "arn:aws:secretsmanager:us-east-1:123:secret:prod/db-x"
-        ));
-    }
-
-    #[test]
-    fn percent_decoding_of_policy_documents() {
-        assert_eq!(percent_decode("%7B%22a%22%3A1%7D"), "{\"a\":1}");
-    }
 }

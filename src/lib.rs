@@ -15,7 +15,7 @@ pub mod health;
 pub mod host;
 pub mod output;
 pub mod prune;
-pub mod recipe;
+pub use bakery_core::recipe;
 pub mod rollout;
 pub mod secret;
 pub mod signals;

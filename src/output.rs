@@ -241,10 +241,7 @@ fn human_line(event: &Event, quiet: bool) -> Option<String> {
         Event::RollbackStarted { reason, .. } => {
             return Some(format!("!!  rolling back: {reason}"))
         }
-        Event::RolloutPlan { plan } => format!(
-            "==> plan (dry run: nothing was changed)\n{}",
-            serde_json::to_string_pretty(plan).unwrap_or_default()
-        ),
+        Event::RolloutPlan { plan } => render_plan(plan),
         Event::RolloutFinished {
             result,
             group,
@@ -256,6 +253,56 @@ fn human_line(event: &Event, quiet: bool) -> Option<String> {
         Event::BuildFailed { error, .. } => return Some(format!("!!  build failed: {error}")),
     };
     (!quiet).then_some(line)
+}
+
+/// A rollout's `--dry-run` plan for people: what changes, then one row per batch.
+fn render_plan(plan: &serde_json::Value) -> String {
+    let text = |k: &str| match &plan[k] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        v => v.to_string(),
+    };
+    let mut out = String::from("==> plan (dry run: nothing was changed)\n");
+    if let Some(p) = plan.get("in_progress") {
+        let f = |k: &str| p[k].to_string().trim_matches('"').to_string();
+        out.push_str(&format!(
+            "    {}: rollout {} of {} in progress ({} batch {}, version {} -> {}, since {})\n    a real run would {}\n",
+            text("group"), f("rollout_id"), f("ami"), f("phase"), f("batch"),
+            f("from_version"), f("to_version"), f("started"), text("would")
+        ));
+        return out.trim_end().to_string();
+    }
+    out.push_str(&format!(
+        "    {}: {} version {} ({}) -> a new version with {}\n    capacity {}, {} instance(s) to replace; surge {}, max unavailable {}, canary {} (bake {}s); max size needed {}\n\n",
+        text("group"), text("launch_template"), text("from_version"), text("from_ami"),
+        text("to_ami"), text("capacity"), text("instances_to_replace"), text("max_surge"),
+        text("max_unavailable"), text("canary"), text("canary_bake_s"), text("max_size_needed"),
+    ));
+    let mut rows = vec![[
+        "BATCH",
+        "LAUNCHED",
+        "RETIRED",
+        "DESIRED",
+        "LEAST IN SERVICE",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for b in plan["batches"].as_array().into_iter().flatten() {
+        rows.push(
+            [
+                "batch",
+                "launched",
+                "retired",
+                "desired",
+                "least_in_service",
+            ]
+            .iter()
+            .map(|k| b[*k].to_string())
+            .collect(),
+        );
+    }
+    out.push_str(&table(&rows));
+    out.trim_end().to_string()
 }
 
 /// An aligned text table: the first row is the header; the last column is not padded.

@@ -1,6 +1,9 @@
 //! `bakery audit` against the world's reference stack: it passes as built, and each deliberately
 //! broken rule is reported as a high finding with exit code 8.
 
+// Tests unwrap: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::*;

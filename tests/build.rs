@@ -2,6 +2,9 @@
 //! into instance bodies. Each test proves one behaviour a user relies on, and checks that the
 //! bake left nothing behind.
 
+// Tests unwrap: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::process::Command;

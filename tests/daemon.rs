@@ -2,6 +2,9 @@
 //! balancer; app crashes made with `scripts/world kill`. Each test runs its own daemon on its
 //! own fleet and port.
 
+// Tests unwrap: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::Write as _;

@@ -1,6 +1,9 @@
 //! `bakery gc` and `bakery prune` against the world: what a SIGKILLed bake leaves is found by its
 //! tags and removed; old AMIs are pruned, never one in use.
 
+// Tests unwrap: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::process::Command;

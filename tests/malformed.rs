@@ -3,6 +3,9 @@
 //! and by `bakery validate` (exit 2). New crashes or bad messages found by fuzzing
 //! (`scripts/fuzz-recipe`) are added here.
 
+// Tests unwrap: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::PathBuf;

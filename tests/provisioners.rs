@@ -1,6 +1,9 @@
 //! The provisioner scripts that ship with bakery (`provisioners/`): valid shell, and doing what
 //! their header says when run against a scratch root.
 
+// Tests unwrap: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::process::Command;

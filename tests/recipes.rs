@@ -2,6 +2,9 @@
 //! message naming the file, line and column and what to write instead, exit code 2, and no AWS
 //! call (these run with an endpoint where nothing listens).
 
+// Tests unwrap: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::process::Command;

@@ -1,6 +1,9 @@
 //! `bakery rollout` and `bakery status` end to end against the world: a group of live instances
 //! behind a load balancer whose health checks really run. Each test gets a fleet of its own.
 
+// Tests unwrap: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::process::{Command, Stdio};
@@ -342,13 +345,22 @@ async fn dry_run_prints_the_plan_and_changes_nothing() {
     assert_eq!(plan["instances_to_replace"], 4);
     assert_eq!(plan["from_version"], 1);
     assert_eq!(plan["to_ami"], good);
-    let batches: Vec<u64> = plan["batches"]
+    let batches: Vec<(u64, u64)> = plan["batches"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|b| b["replace"].as_u64().unwrap())
+        .map(|b| {
+            (
+                b["retired"].as_u64().unwrap(),
+                b["desired"].as_u64().unwrap(),
+            )
+        })
         .collect();
-    assert_eq!(batches, vec![1, 2, 1], "canary of 1, then 2 at a time");
+    assert_eq!(
+        batches,
+        vec![(1, 5), (2, 6), (1, 5)],
+        "canary of 1, then 2 at a time"
+    );
 
     let after = fleet.group(world).await;
     assert_eq!(lt_version(&after), lt_version(&before));

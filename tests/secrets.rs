@@ -1,6 +1,9 @@
 //! Secrets from Secrets Manager reach provisioners and never anything a user or a log sees:
 //! stdout, stderr (with debug logging on), the NDJSON events, the manifest, error messages.
 
+// Tests unwrap: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use base64::Engine;

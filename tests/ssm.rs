@@ -1,6 +1,9 @@
 //! Baking over SSM Run Command against the world, which executes commands for real in the
 //! instance's body: no key pair, no inbound rule, output streamed, failures mapped.
 
+// Tests unwrap: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::*;

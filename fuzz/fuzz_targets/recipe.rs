@@ -2,9 +2,7 @@
 //! a panic, and every error's line and column must point inside the text.
 #![no_main]
 
-#[path = "../../src/recipe/mod.rs"]
-#[allow(dead_code)]
-mod recipe;
+use bakery_core::recipe;
 
 use std::path::Path;
 

@@ -33,12 +33,7 @@ use crate::wait::{self, Poll, Probe};
 use manifest::{Manifest, Step};
 use undo::{Temp, UndoStack, BUILD_ID_TAG};
 
-/// Temporary resources carry this tag so `bakery gc` and people can tell them apart.
-pub const TEMPORARY_TAG: &str = "bakery:temporary";
-/// When a temporary resource may be collected even if its bake still looks alive.
-pub const EXPIRES_TAG: &str = "bakery:expires-at";
-/// Set on an AMI once its bake finished; build images without it are leftovers of a failed bake.
-pub const COMPLETE_TAG: &str = "bakery:complete";
+pub use bakery_core::marks::{COMPLETE_TAG, EXPIRES_TAG, TEMPORARY_TAG};
 /// Lifetime written in the expiry tag: longer than any sane bake.
 pub const TEMPORARY_TTL: Duration = Duration::from_secs(6 * 3600);
 /// How long to wait for a launched instance to be `running` with an address.
@@ -368,11 +363,14 @@ impl Bake<'_> {
                 duration_s,
             });
         }
-        self.steps.lock().unwrap().push(Step {
-            name: name.into(),
-            started_at,
-            duration_s,
-        });
+        self.steps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Step {
+                name: name.into(),
+                started_at,
+                duration_s,
+            });
         r
     }
 
@@ -601,8 +599,11 @@ impl Bake<'_> {
                 });
                 let mut tags = recipe.image.tags.clone();
                 tags.insert(BUILD_ID_TAG.into(), self.build_id.clone());
-                tags.insert("bakery:source-ami".into(), source.id.clone());
-                tags.insert("bakery:recipe-sha256".into(), recipe.sha256.clone());
+                tags.insert(bakery_core::marks::SOURCE_AMI_TAG.into(), source.id.clone());
+                tags.insert(
+                    bakery_core::marks::RECIPE_SHA_TAG.into(),
+                    recipe.sha256.clone(),
+                );
                 // Asked again after an outage: a repeat meets its own image (`or_own`).
                 let id = wait::persist(|| {
                     let (client, instance, name) =
@@ -626,7 +627,7 @@ impl Bake<'_> {
                 let image = self.wait_image(&id, recipe.image.timeout).await?;
                 let mut snap_tags = recipe.image.snapshot_tags.clone();
                 snap_tags.insert(BUILD_ID_TAG.into(), self.build_id.clone());
-                snap_tags.insert("bakery:image".into(), id.clone());
+                snap_tags.insert(bakery_core::marks::IMAGE_TAG.into(), id.clone());
                 wait::persist(|| ec2::create_tags(ec2c, &image.snapshot_ids, &snap_tags)).await?;
                 Ok(image)
             })
@@ -669,7 +670,7 @@ impl Bake<'_> {
             started_at: rfc3339(self.started),
             finished_at: rfc3339(finished),
             duration_s: self.clock.elapsed().as_secs_f64(),
-            steps: self.steps.lock().unwrap().clone(),
+            steps: self.steps.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         };
         if let Some(path) = &self.opts.manifest_path {
             manifest.write(path).map_err(|source| BakeError::Manifest {

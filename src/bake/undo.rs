@@ -9,7 +9,7 @@ use crate::aws::{ec2, AwsError};
 use crate::output::{Event, Reporter};
 use crate::wait::{self, Poll, Probe};
 
-pub const BUILD_ID_TAG: &str = "bakery:build-id";
+pub use bakery_core::marks::BUILD_ID_TAG;
 
 /// How long cleanup waits for an instance to terminate before deleting its security group.
 const TERMINATE_TIMEOUT: Duration = Duration::from_secs(10 * 60);

@@ -15,8 +15,8 @@
 //! process (ELB health alone no longer kills instances, so the fleet breaker means something) and
 //! records the takeover in a tag with owner and expiry; it resumes `HealthCheck` when it stops.
 
-pub mod config;
-pub mod decide;
+pub use bakery_core::daemon_config as config;
+pub use bakery_core::judge as decide;
 pub mod metrics;
 pub mod probe;
 
@@ -28,20 +28,20 @@ use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::aws::{autoscaling, budget, ec2, elbv2, Aws, AwsError};
-use crate::recipe::RecipeError;
 use crate::rollout::state::{Lock, LOCK_TAG};
+use bakery_core::diag::FileError;
 use config::{Config, Selector};
 use decide::{Breaker, GroupView, InstanceView};
 use probe::ProbeState;
 
 /// The tag recording which daemon owns a group's health decisions.
-pub const TAKEOVER_TAG: &str = "bakery:daemon";
+pub use bakery_core::marks::TAKEOVER_TAG;
 const HEALTH_CHECK: &str = "HealthCheck";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error(transparent)]
-    Config(#[from] RecipeError),
+    Config(#[from] FileError),
     #[error(
         "cannot listen on {addr}: {source} (is another daemon running? set `listen` in the config)"
     )]
@@ -244,7 +244,9 @@ fn still_replaceable(
 /// busiest round's peak for ever; trimming costs well under a millisecond once a round.
 fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // The project's one unsafe block: glibc has no safe binding for malloc_trim.
     // SAFETY: malloc_trim only returns free memory of glibc's own arenas to the kernel.
+    #[allow(unsafe_code)]
     unsafe {
         libc::malloc_trim(0);
     }

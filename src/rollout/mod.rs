@@ -6,8 +6,8 @@
 //! progress on the group ([`state`]) and repeats. Every action is safe to repeat, so a driver
 //! that dies between acting and recording is resumed correctly by the next one.
 
-pub mod plan;
-pub mod state;
+pub use bakery_core::marks as state;
+pub use bakery_core::plan;
 pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -17,11 +17,11 @@ use crate::aws::{autoscaling, ec2, elbv2, launch_template as lt, Aws, AwsError};
 use crate::output::{Event, Reporter};
 use crate::signals::Signals;
 use crate::wait::{Tolerance, OUTAGE_LIMIT};
-use plan::{Amount, Decision, Observed, Progress, Settings, TargetHealth};
+use plan::{Amount, Decision, Observed, Progress, Settings, Start, TargetHealth};
 use state::{Lock, Phase, ProgressTag, RolloutState, LOCK_TAG, PROGRESS_TAG, STATE_TAG};
 
 /// The rollout's failure reason, kept for a driver that resumes a rollback.
-pub const REASON_TAG: &str = "bakery:rollout-reason";
+pub use bakery_core::marks::REASON_TAG;
 /// A lock not renewed for this long may be taken over by another driver.
 const LOCK_TTL: Duration = Duration::from_secs(60);
 /// The ASG process a rollout suspends: it would move instances between zones mid-rollout.
@@ -168,139 +168,94 @@ pub async fn run(aws: &Aws, req: &Request, reporter: &Reporter) -> Result<Summar
         .ok_or_else(|| RolloutError::GroupNotFound(req.group.clone()))?;
     let template_id = template_of(aws, &group).await?;
     let existing: Option<RolloutState> = group.tags.get(STATE_TAG).and_then(|s| state::decode(s));
+    let progress: ProgressTag = group
+        .tags
+        .get(PROGRESS_TAG)
+        .and_then(|s| state::decode(s))
+        .unwrap_or(ProgressTag::new(Phase::Rolling, &Progress::START));
+    // Observe what the start decision needs, then decide, then act.
+    let source = match &existing {
+        Some(_) => None,
+        None if req.abort => None,
+        None => Some(source_version(aws, &group, &template_id).await?),
+    };
+    let already_everywhere = match (&source, &ami) {
+        (Some(src), Some(ami)) if src.image_id.as_deref() == Some(ami.as_str()) => {
+            all_on(aws, &group, ami).await?
+        }
+        _ => false,
+    };
+    let start = plan::decide_start(
+        plan::Asked {
+            ami: ami.as_deref(),
+            abort: req.abort,
+            force: req.force,
+            dry_run: req.dry_run,
+        },
+        plan::Found {
+            in_progress: existing.as_ref().map(|st| st.ami.as_str()),
+            already_everywhere,
+        },
+    );
+    let unchanged = |ami: String, version: String| Summary {
+        group: group.name.clone(),
+        ami,
+        version,
+        changed: false,
+    };
     let me = Lock {
         owner: crate::host::owner(),
         token: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
         since: now(),
         expires: now() + LOCK_TTL.as_secs(),
     };
-
-    let mut driver = match existing {
-        Some(st) => {
-            let progress: ProgressTag = group
-                .tags
-                .get(PROGRESS_TAG)
-                .and_then(|s| state::decode(s))
-                .unwrap_or(ProgressTag::new(Phase::Rolling, &Progress::START));
-            let same = ami.as_deref() == Some(st.ami.as_str());
-            if req.dry_run {
-                let plan = serde_json::json!({
-                    "group": group.name,
-                    "in_progress": {
-                        "rollout_id": st.id, "ami": st.ami, "phase": progress.ph,
-                        "batch": progress.b, "from_version": st.from, "to_version": st.to,
-                        "started": rfc3339(st.t),
-                    },
-                    "would": if req.abort { "roll back" } else if same { "resume" } else if req.force { "replace it" } else { "refuse" },
-                });
-                reporter.emit(Event::RolloutPlan { plan });
-                return Ok(Summary {
-                    group: group.name,
-                    ami: st.ami,
-                    version: st.to,
-                    changed: false,
-                });
-            }
-            if !req.abort && !same && !req.force {
-                return Err(RolloutError::OtherRollout {
-                    group: group.name.clone(),
-                    ami: st.ami.clone(),
-                    since: rfc3339(st.t),
-                    batch: progress.b,
-                    requested: ami.clone().unwrap_or_default(),
-                });
-            }
-            let mut d = Driver::new(aws, req, reporter, group.name.clone(), st, progress, me);
-            d.lock(&group).await?;
-            if req.abort && d.progress.ph == Phase::Rolling {
-                d.start_rollback("aborted by the user (--abort)".into(), Vec::new())
-                    .await?;
-            } else if !req.abort && !same {
-                // --force: a new rollout from the same starting point.
-                let new_ami = ami.clone().unwrap_or_default();
-                let source = lt::describe(&aws.ec2, &template_id, &d.st.from)
-                    .await?
-                    .ok_or_else(|| {
-                        RolloutError::Failed(format!(
-                            "launch template {template_id} version {} is gone",
-                            d.st.from
-                        ))
-                    })?;
-                d.st.ami = new_ami;
-                d.st.t = now();
-                d.progress = ProgressTag::new(Phase::Rolling, &Progress::START);
-                d.point_at_new_version(&source).await?;
-            } else if d.progress.bt.is_some() {
-                // A batch was in flight when the last driver died: give it a fresh health timeout.
-                d.progress.bt = Some(now());
-                d.save_progress().await?;
-            }
-            if d.progress.ph == Phase::RollingBack && d.rollback_reason.is_none() {
-                let reason = group
-                    .tags
-                    .get(REASON_TAG)
-                    .cloned()
-                    .unwrap_or_else(|| "the rollout was rolled back".into());
-                d.rollback_reason = Some((reason, Vec::new()));
-            }
-            d.resumed = true;
-            d
+    let mut driver = match (start, existing, source) {
+        (Start::NothingToAbort, ..) => {
+            return Err(RolloutError::NothingToAbort(group.name.clone()))
         }
-        None => {
-            if req.abort {
-                return Err(RolloutError::NothingToAbort(group.name.clone()));
-            }
+        (Start::Refuse, Some(st), _) => {
+            return Err(RolloutError::OtherRollout {
+                group: group.name.clone(),
+                ami: st.ami.clone(),
+                since: rfc3339(st.t),
+                batch: progress.b,
+                requested: ami.clone().unwrap_or_default(),
+            })
+        }
+        (Start::PlanInProgress { would }, Some(st), _) => {
+            let plan = serde_json::json!({
+                "group": group.name,
+                "in_progress": {
+                    "rollout_id": st.id, "ami": st.ami, "phase": progress.ph,
+                    "batch": progress.b, "from_version": st.from, "to_version": st.to,
+                    "started": rfc3339(st.t),
+                },
+                "would": would,
+            });
+            reporter.emit(Event::RolloutPlan { plan });
+            return Ok(unchanged(st.ami, st.to));
+        }
+        (Start::PlanNew, None, Some(source)) => {
             let ami = ami.unwrap_or_default();
-            let version_name = group
-                .launch_template
-                .as_ref()
-                .and_then(|l| l.version.clone())
-                .unwrap_or_else(|| "$Default".into());
-            let source = lt::describe(&aws.ec2, &template_id, &version_name)
-                .await?
-                .ok_or_else(|| RolloutError::Unsupported {
-                    group: group.name.clone(),
-                    detail: format!(
-                        "its launch template {template_id} has no version {version_name}"
-                    ),
-                })?;
             let plan = initial_plan(req, &group, &source, &ami, aws).await?;
-            if req.dry_run {
-                reporter.emit(Event::RolloutPlan { plan });
-                return Ok(Summary {
-                    group: group.name,
-                    ami,
-                    version: source.number.to_string(),
-                    changed: false,
-                });
-            }
-            let old: Vec<&autoscaling::GroupInstance> = group.instances.iter().collect();
-            let images = ec2::images_of(
-                &aws.ec2,
-                &old.iter().map(|i| i.id.clone()).collect::<Vec<_>>(),
-            )
-            .await?;
-            let all_new =
-                images.values().all(|(a, _)| *a == ami) && images.len() as u32 >= group.desired;
-            if source.image_id.as_deref() == Some(ami.as_str()) && all_new {
-                reporter.emit(Event::RolloutFinished {
-                    result: "already running".into(),
-                    group: group.name.clone(),
-                    ami: ami.clone(),
-                    version: source.number.to_string(),
-                    duration_s: started.elapsed().as_secs_f64(),
-                });
-                return Ok(Summary {
-                    group: group.name,
-                    ami,
-                    version: source.number.to_string(),
-                    changed: false,
-                });
-            }
-            let id = format!("r-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-            let st = RolloutState {
-                id,
+            reporter.emit(Event::RolloutPlan { plan });
+            return Ok(unchanged(ami, source.number.to_string()));
+        }
+        (Start::AlreadyRunning, None, Some(source)) => {
+            let ami = ami.unwrap_or_default();
+            reporter.emit(Event::RolloutFinished {
+                result: "already running".into(),
+                group: group.name.clone(),
                 ami: ami.clone(),
+                version: source.number.to_string(),
+                duration_s: started.elapsed().as_secs_f64(),
+            });
+            return Ok(unchanged(ami, source.number.to_string()));
+        }
+        (Start::New, None, Some(source)) => {
+            let st = RolloutState {
+                id: format!("r-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+                ami: ami.unwrap_or_default(),
                 lt: template_id.clone(),
                 from: source.number.to_string(),
                 to: String::new(),
@@ -316,10 +271,49 @@ pub async fn run(aws: &Aws, req: &Request, reporter: &Reporter) -> Result<Summar
             d.point_at_new_version(&source).await?;
             d
         }
+        (start @ (Start::Resume | Start::Abort | Start::Replace), Some(st), _) => {
+            let mut d = Driver::new(aws, req, reporter, group.name.clone(), st, progress, me);
+            d.lock(&group).await?;
+            d.resume(start, &group, &template_id, ami.unwrap_or_default())
+                .await?;
+            d
+        }
+        (start, ..) => {
+            return Err(RolloutError::Failed(format!(
+                "internal: start decision {start:?} does not fit what was observed of {}",
+                group.name
+            )))
+        }
     };
     driver.suspend_rebalance(&group.suspended).await?;
     let result = driver.drive().await;
     driver.finish(result, started).await
+}
+
+/// The launch-template version the group launches now.
+async fn source_version(
+    aws: &Aws,
+    group: &autoscaling::Group,
+    template_id: &str,
+) -> Result<lt::Version, RolloutError> {
+    let version_name = group
+        .launch_template
+        .as_ref()
+        .and_then(|l| l.version.clone())
+        .unwrap_or_else(|| "$Default".into());
+    lt::describe(&aws.ec2, template_id, &version_name)
+        .await?
+        .ok_or_else(|| RolloutError::Unsupported {
+            group: group.name.clone(),
+            detail: format!("its launch template {template_id} has no version {version_name}"),
+        })
+}
+
+/// Whether every instance of the group (at least its desired capacity) runs `ami`.
+async fn all_on(aws: &Aws, group: &autoscaling::Group, ami: &str) -> Result<bool, RolloutError> {
+    let ids: Vec<String> = group.instances.iter().map(|i| i.id.clone()).collect();
+    let images = ec2::images_of(&aws.ec2, &ids).await?;
+    Ok(images.values().all(|(a, _)| a == ami) && images.len() as u32 >= group.desired)
 }
 
 async fn resolve_ami(aws: &Aws, src: &AmiSource) -> Result<String, RolloutError> {
@@ -417,18 +411,25 @@ async fn initial_plan(
     let s = settings(req, group.desired);
     let ids: Vec<String> = group.instances.iter().map(|i| i.id.clone()).collect();
     let images = ec2::images_of(&aws.ec2, &ids).await?;
-    let old = images.values().filter(|(a, _)| a != ami).count() as u32;
-    let mut steps = Vec::new();
-    for (i, size) in plan::batches(&s, old).iter().enumerate() {
-        let surge = (*size).min(s.surge.max(if i == 0 { s.canary } else { s.surge }));
-        steps.push(serde_json::json!({
-            "batch": i + 1,
-            "replace": size,
-            "desired_during": s.capacity + surge,
-            "min_in_service": s.capacity.saturating_sub(s.max_unavailable),
-            "max_needed": (s.capacity + surge).max(group.max),
-        }));
-    }
+    let instances: Vec<plan::Instance> = group
+        .instances
+        .iter()
+        .map(|i| {
+            let (ami, launched) = images.get(&i.id).cloned().unwrap_or_default();
+            plan::Instance {
+                id: i.id.clone(),
+                ami,
+                lifecycle: i.lifecycle.clone(),
+                asg_healthy: true,
+                target: TargetHealth::Healthy,
+                launched,
+            }
+        })
+        .collect();
+    let old = instances.iter().filter(|i| i.ami != ami).count() as u32;
+    // The same `decide` the rollout runs, on a simulated group where every launch is healthy.
+    let steps = plan::simulate(&s, ami, &instances, now());
+    let max_needed = steps.iter().map(|b| b.desired).max().unwrap_or(s.capacity);
     Ok(serde_json::json!({
         "group": group.name,
         "launch_template": source.template_id,
@@ -444,6 +445,7 @@ async fn initial_plan(
         "canary_bake_s": s.canary_bake.as_secs(),
         "health_timeout_s": s.health_timeout.as_secs(),
         "batches": steps,
+        "max_size_needed": max_needed.max(group.max),
         "changes": "none (dry run)",
     }))
 }
@@ -488,6 +490,53 @@ impl<'a> Driver<'a> {
             rollback_reason: None,
             last_wait: String::new(),
         }
+    }
+
+    /// Picks up the rollout in progress: `--abort` rolls it back, `--force` (another AMI)
+    /// restarts it from the same starting point, otherwise it continues where it stopped.
+    async fn resume(
+        &mut self,
+        start: Start,
+        group: &autoscaling::Group,
+        template_id: &str,
+        ami: String,
+    ) -> Result<(), RolloutError> {
+        match start {
+            Start::Abort if self.progress.ph == Phase::Rolling => {
+                self.start_rollback("aborted by the user (--abort)".into(), Vec::new())
+                    .await?;
+            }
+            Start::Replace => {
+                let source = lt::describe(&self.aws.ec2, template_id, &self.st.from)
+                    .await?
+                    .ok_or_else(|| {
+                        RolloutError::Failed(format!(
+                            "launch template {template_id} version {} is gone",
+                            self.st.from
+                        ))
+                    })?;
+                self.st.ami = ami;
+                self.st.t = now();
+                self.progress = ProgressTag::new(Phase::Rolling, &Progress::START);
+                self.point_at_new_version(&source).await?;
+            }
+            _ if self.progress.bt.is_some() => {
+                // A batch was in flight when the last driver died: give it a fresh health timeout.
+                self.progress.bt = Some(now());
+                self.save_progress().await?;
+            }
+            _ => {}
+        }
+        if self.progress.ph == Phase::RollingBack && self.rollback_reason.is_none() {
+            let reason = group
+                .tags
+                .get(REASON_TAG)
+                .cloned()
+                .unwrap_or_else(|| "the rollout was rolled back".into());
+            self.rollback_reason = Some((reason, Vec::new()));
+        }
+        self.resumed = true;
+        Ok(())
     }
 
     /// Takes the group's lock: refused while another live driver holds it.

@@ -285,11 +285,16 @@ pub fn decide(s: &Settings, p: &Progress, target_ami: &str, o: &Observed) -> Dec
         };
     }
 
-    let size = if p.batch == 0 { s.canary } else { s.surge }.max(1);
+    let canary_batch = p.batch == 0;
+    let size = if canary_batch { s.canary } else { s.surge }.max(1);
     let size = size.min(old.len() as u32);
-    let unavailable = s
-        .max_unavailable
-        .min(old.len() as u32 - size.min(old.len() as u32));
+    // The canary proves the new image before anything else changes: no old instance is retired
+    // early while it runs. Later batches may retire up to `max_unavailable` at their start.
+    let unavailable = if canary_batch {
+        0
+    } else {
+        s.max_unavailable.min(old.len() as u32 - size)
+    };
     let retire = old
         .iter()
         .skip(size as usize)
@@ -303,17 +308,183 @@ pub fn decide(s: &Settings, p: &Progress, target_ami: &str, o: &Observed) -> Dec
     }
 }
 
-/// Batches the plan will take for `old` instances (for `--dry-run`).
-pub fn batches(s: &Settings, old: u32) -> Vec<u32> {
-    let mut left = old;
-    let mut out = Vec::new();
-    while left > 0 {
-        let size = if out.is_empty() { s.canary } else { s.surge }.max(1);
-        let take = (size + s.max_unavailable).min(left).max(1);
-        out.push(take);
-        left -= take;
+/// One batch of a planned rollout.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PlannedBatch {
+    pub batch: u32,
+    /// New instances the group launches for it.
+    pub launched: u32,
+    /// Old instances retired in it (at its start and once it is healthy).
+    pub retired: u32,
+    /// The desired capacity while it runs.
+    pub desired: u32,
+    /// The fewest instances in service while it runs (before its new ones are healthy).
+    pub least_in_service: u32,
+}
+
+/// The plan of a rollout (`--dry-run`): runs [`decide`] itself on a simulated group in which
+/// every instance it launches is healthy at once, so the plan is what the rollout will do when
+/// nothing fails. `instances` are the group's live instances as observed.
+pub fn simulate(
+    s: &Settings,
+    target_ami: &str,
+    instances: &[Instance],
+    now: u64,
+) -> Vec<PlannedBatch> {
+    let ready = |mut i: Instance, now: u64| {
+        i.lifecycle = "InService".into();
+        i.asg_healthy = true;
+        i.target = TargetHealth::Healthy;
+        i.launched = i.launched.min(now.saturating_sub(s.warmup.as_secs()));
+        i
+    };
+    let mut o = Observed {
+        desired: s.capacity,
+        instances: instances
+            .iter()
+            .filter(|i| i.live())
+            .map(|i| ready(i.clone(), now))
+            .collect(),
+        now,
+    };
+    let mut p = Progress::START;
+    let mut out: Vec<PlannedBatch> = Vec::new();
+    let mut launched_so_far = 0u32;
+    // Each step changes the group; the bound only guards against a planner bug looping forever.
+    for _ in 0..100_000 {
+        match decide(s, &p, target_ami, &o) {
+            Decision::StartBatch {
+                batch,
+                desired,
+                retire,
+            } => {
+                o.instances.retain(|i| !retire.contains(&i.id));
+                let live = o.instances.len() as u32;
+                let launched = desired.saturating_sub(live);
+                for _ in 0..launched {
+                    launched_so_far += 1;
+                    o.instances.push(ready(
+                        Instance {
+                            id: format!("new-{launched_so_far}"),
+                            ami: target_ami.to_string(),
+                            lifecycle: String::new(),
+                            asg_healthy: true,
+                            target: TargetHealth::Healthy,
+                            launched: o.now,
+                        },
+                        o.now,
+                    ));
+                }
+                o.desired = desired;
+                p.batch = batch;
+                p.batch_started = Some(o.now);
+                out.push(PlannedBatch {
+                    batch,
+                    launched,
+                    retired: retire.len() as u32,
+                    desired,
+                    least_in_service: live,
+                });
+            }
+            Decision::Retire { ids } => {
+                o.instances.retain(|i| !ids.contains(&i.id));
+                o.desired = if ids.is_empty() {
+                    s.capacity
+                } else {
+                    o.desired.saturating_sub(ids.len() as u32)
+                };
+                if let Some(b) = out.last_mut() {
+                    b.retired += ids.len() as u32;
+                }
+                p.batch_started = None;
+            }
+            Decision::StartCanaryBake => {
+                p.canary_healthy_at = Some(o.now);
+                o.now += s.canary_bake.as_secs();
+            }
+            Decision::CanaryBaked => p.canary_done = true,
+            Decision::Wait { .. } => o.now += s.canary_bake.as_secs().max(1),
+            Decision::Done | Decision::Fail { .. } => break,
+        }
     }
     out
+}
+
+/// What a rollout run should do first, given what the group's tags say and what was asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// No rollout in progress: start one.
+    New,
+    /// No rollout in progress, and the group already runs the AMI everywhere.
+    AlreadyRunning,
+    /// `--dry-run` with no rollout in progress: print the plan.
+    PlanNew,
+    /// `--dry-run` with a rollout in progress: say what a real run would do.
+    PlanInProgress { would: &'static str },
+    /// Continue the rollout in progress (same AMI), or its rollback.
+    Resume,
+    /// `--abort`: roll back the rollout in progress (or continue its rollback).
+    Abort,
+    /// `--force` with another AMI: a new rollout from the same starting point.
+    Replace,
+    /// Another AMI is being rolled out: refuse (without `--force`).
+    Refuse,
+    /// `--abort` with nothing in progress.
+    NothingToAbort,
+}
+
+/// What was asked of a rollout run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Asked<'a> {
+    /// The AMI to roll out (`None` only with `--abort`).
+    pub ami: Option<&'a str>,
+    pub abort: bool,
+    pub force: bool,
+    pub dry_run: bool,
+}
+
+/// What was observed of the group before the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Found<'a> {
+    /// The AMI of the rollout in progress, from its state tag.
+    pub in_progress: Option<&'a str>,
+    /// The launch-template version the group launches already names the AMI asked for, and
+    /// every live instance (at least desired capacity of them) runs it.
+    pub already_everywhere: bool,
+}
+
+/// The start decision of `bakery rollout`.
+pub fn decide_start(asked: Asked, found: Found) -> Start {
+    match found.in_progress {
+        Some(current) => {
+            let same = asked.ami == Some(current);
+            let would = if asked.abort {
+                Start::Abort
+            } else if same {
+                Start::Resume
+            } else if asked.force {
+                Start::Replace
+            } else {
+                Start::Refuse
+            };
+            if asked.dry_run {
+                Start::PlanInProgress {
+                    would: match would {
+                        Start::Abort => "roll back",
+                        Start::Resume => "resume",
+                        Start::Replace => "replace it",
+                        _ => "refuse",
+                    },
+                }
+            } else {
+                would
+            }
+        }
+        None if asked.abort => Start::NothingToAbort,
+        None if asked.dry_run => Start::PlanNew,
+        None if found.already_everywhere => Start::AlreadyRunning,
+        None => Start::New,
+    }
 }
 
 #[cfg(test)]
@@ -630,23 +801,154 @@ mod tests {
     }
 
     #[test]
-    fn batches_cover_every_old_instance() {
+    fn the_canary_batch_retires_nothing_early_even_at_full_unavailability() {
         let s = Settings {
-            capacity: 12,
-            surge: 3,
-            canary: 1,
+            surge: 4,
+            max_unavailable: 4,
             ..settings()
         };
-        assert_eq!(batches(&s, 12), vec![1, 3, 3, 3, 2]);
+        let o = Observed {
+            desired: 4,
+            instances: fleet(4, 0),
+            now: 1000,
+        };
         assert_eq!(
-            batches(
-                &Settings {
-                    canary: 3,
-                    ..s.clone()
-                },
-                12
-            ),
-            vec![3, 3, 3, 3]
+            decide(&s, &idle(0), "ami-new", &o),
+            Decision::StartBatch {
+                batch: 1,
+                desired: 5,
+                retire: vec![]
+            }
         );
+    }
+
+    fn plan(s: &Settings, old: usize) -> Vec<PlannedBatch> {
+        simulate(s, "ami-new", &fleet(old, 0), 1000)
+    }
+
+    #[test]
+    fn the_plan_of_issue_finding_15_is_what_decide_does() {
+        // capacity 4, --max-surge 2 --max-unavailable 1 --canary 1
+        let s = Settings {
+            surge: 2,
+            max_unavailable: 1,
+            ..settings()
+        };
+        let p = plan(&s, 4);
+        let shape: Vec<(u32, u32, u32, u32)> = p
+            .iter()
+            .map(|b| (b.launched, b.retired, b.desired, b.least_in_service))
+            .collect();
+        assert_eq!(shape, vec![(1, 1, 5, 4), (3, 3, 6, 3)], "{p:#?}");
+        // --max-surge 100% --max-unavailable 100%: a canary of 1, then the rest at once.
+        let s = Settings {
+            surge: 4,
+            max_unavailable: 4,
+            ..settings()
+        };
+        let shape: Vec<(u32, u32, u32)> = plan(&s, 4)
+            .iter()
+            .map(|b| (b.launched, b.retired, b.desired))
+            .collect();
+        assert_eq!(shape, vec![(1, 1, 5), (3, 3, 7)]);
+    }
+
+    #[test]
+    fn plans_cover_every_old_instance_and_keep_the_floor_for_thousands_of_settings() {
+        // A small deterministic generator: thousands of cases, replayable.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n) as u32
+        };
+        for case in 0..5000 {
+            let capacity = 1 + next(30);
+            let s = Settings {
+                capacity,
+                surge: 1 + next(capacity as u64 + 2),
+                max_unavailable: next(capacity as u64 + 1),
+                canary: 1 + next(3),
+                canary_bake: Duration::from_secs(next(3) as u64 * 60),
+                ..settings()
+            };
+            let old = next(capacity as u64 + 1) as usize;
+            let fleet = fleet(old, capacity as usize - old);
+            let p = simulate(&s, "ami-new", &fleet, 1000);
+            let ctx = || format!("case {case}: {s:?}, {old} old: {p:#?}");
+            assert_eq!(
+                p.iter().map(|b| b.retired).sum::<u32>(),
+                old as u32,
+                "{}",
+                ctx()
+            );
+            assert_eq!(p.is_empty(), old == 0, "{}", ctx());
+            for (i, b) in p.iter().enumerate() {
+                assert_eq!(b.batch, i as u32 + 1, "{}", ctx());
+                let floor = if i == 0 {
+                    capacity
+                } else {
+                    capacity - s.max_unavailable.min(capacity)
+                };
+                assert!(b.least_in_service >= floor, "{}", ctx());
+                let size = if i == 0 { s.canary } else { s.surge };
+                assert!(b.desired <= capacity + size, "{}", ctx());
+                assert!(b.launched >= 1, "{}", ctx());
+            }
+        }
+    }
+
+    #[test]
+    fn the_start_decision_case_by_case() {
+        let asked = |ami: Option<&'static str>, abort, force, dry_run| Asked {
+            ami,
+            abort,
+            force,
+            dry_run,
+        };
+        let busy = |ami| Found {
+            in_progress: Some(ami),
+            already_everywhere: false,
+        };
+        let idle = Found::default();
+        let a = Some("ami-a");
+        let cases = [
+            (asked(a, false, false, false), idle, Start::New),
+            (
+                asked(a, false, false, false),
+                Found {
+                    already_everywhere: true,
+                    ..idle
+                },
+                Start::AlreadyRunning,
+            ),
+            (asked(a, false, false, true), idle, Start::PlanNew),
+            (asked(None, true, false, false), idle, Start::NothingToAbort),
+            (asked(a, false, false, false), busy("ami-a"), Start::Resume),
+            (asked(a, false, false, false), busy("ami-b"), Start::Refuse),
+            (asked(a, false, true, false), busy("ami-b"), Start::Replace),
+            (asked(a, false, true, false), busy("ami-a"), Start::Resume),
+            (asked(None, true, false, false), busy("ami-b"), Start::Abort),
+            (asked(a, true, true, false), busy("ami-b"), Start::Abort),
+            (
+                asked(a, false, false, true),
+                busy("ami-b"),
+                Start::PlanInProgress { would: "refuse" },
+            ),
+            (
+                asked(a, false, false, true),
+                busy("ami-a"),
+                Start::PlanInProgress { would: "resume" },
+            ),
+            (
+                asked(None, true, false, true),
+                busy("ami-a"),
+                Start::PlanInProgress { would: "roll back" },
+            ),
+        ];
+        for (asked, found, want) in cases {
+            assert_eq!(decide_start(asked, found), want, "{asked:?} {found:?}");
+        }
     }
 }

@@ -1,3 +1,11 @@
+//! The vocabulary of bakery's marks on AWS: every `bakery:*` tag and its encoding. Tags are
+//! records, not locks: they say what bakery made and what it is doing, so that `gc`, `status`,
+//! a resumed run and another machine can read them.
+//!
+//! A bake's resources carry [`BUILD_ID_TAG`]; its temporary ones also [`TEMPORARY_TAG`] and
+//! [`EXPIRES_TAG`] (when `gc` may take them if the bake's process is gone); its image
+//! [`COMPLETE_TAG`] once the manifest is written.
+//!
 //! A rollout's durable state, kept on the Auto Scaling group's own tags so that any machine can
 //! resume it after the process that began it died: what is being rolled out and from where
 //! (`bakery:rollout`), how far it got (`bakery:rollout-progress`), and who drives it now
@@ -6,7 +14,25 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::plan::Progress;
+use crate::plan::Progress;
+
+/// On every resource a bake creates: the build it belongs to.
+pub const BUILD_ID_TAG: &str = "bakery:build-id";
+/// On the bake's temporary instance, key pair and security group.
+pub const TEMPORARY_TAG: &str = "bakery:temporary";
+/// When a temporary resource may be collected by `gc` (RFC 3339), if its bake is gone.
+pub const EXPIRES_TAG: &str = "bakery:expires-at";
+/// On an image once its bake finished and its manifest was written.
+pub const COMPLETE_TAG: &str = "bakery:complete";
+/// On an image: the AMI it was baked from, and the recipe's hash.
+pub const SOURCE_AMI_TAG: &str = "bakery:source-ami";
+pub const RECIPE_SHA_TAG: &str = "bakery:recipe-sha256";
+/// On an image's snapshots: the image they belong to.
+pub const IMAGE_TAG: &str = "bakery:image";
+/// On a group a rollout stopped: why.
+pub const REASON_TAG: &str = "bakery:rollout-reason";
+/// On a group whose `HealthCheck` process a daemon suspended: the daemon (a [`Lock`]).
+pub const TAKEOVER_TAG: &str = "bakery:daemon";
 
 pub const STATE_TAG: &str = "bakery:rollout";
 pub const PROGRESS_TAG: &str = "bakery:rollout-progress";

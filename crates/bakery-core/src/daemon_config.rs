@@ -9,8 +9,13 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::recipe::{locate, toml_message_in, Diagnostic, RecipeError};
-use crate::rollout::plan::Amount;
+use std::net::{IpAddr, Ipv4Addr};
+
+/// Where `/metrics` and `/healthz` listen by default: loopback only.
+const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9464);
+
+use crate::diag::{locate, toml_message_in, Diagnostic, FileError};
+use crate::plan::Amount;
 
 /// Which groups to watch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,18 +191,18 @@ impl Checker<'_> {
     }
 }
 
-pub fn load(path: &Path) -> Result<Config, RecipeError> {
-    let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Read {
+pub fn load(path: &Path) -> Result<Config, FileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| FileError::Read {
         path: path.to_path_buf(),
         source,
     })?;
     parse(path, &text)
 }
 
-pub fn parse(path: &Path, text: &str) -> Result<Config, RecipeError> {
+pub fn parse(path: &Path, text: &str) -> Result<Config, FileError> {
     let raw: Raw = toml::from_str(text).map_err(|e| {
         let (line, column) = e.span().map(|s| locate(text, s.start)).unwrap_or((1, 1));
-        RecipeError::Invalid(vec![Diagnostic {
+        FileError::Invalid(vec![Diagnostic {
             file: path.to_path_buf(),
             line,
             column,
@@ -213,7 +218,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, RecipeError> {
     let interval = c.duration(&raw.interval, "interval", Duration::from_secs(10));
     let unhealthy_threshold = c.count(&raw.unhealthy_threshold, "unhealthy_threshold", 1..=100, 3);
     let listen = match &raw.listen {
-        None => "127.0.0.1:9464".parse().unwrap(),
+        None => DEFAULT_LISTEN,
         Some(l) => match l.get_ref().parse::<SocketAddr>() {
             Ok(a) => a,
             Err(_) => {
@@ -222,7 +227,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, RecipeError> {
                     format!("`listen` = {:?} is not an address:port", l.get_ref()),
                     "e.g. \"127.0.0.1:9464\"",
                 );
-                "127.0.0.1:9464".parse().unwrap()
+                DEFAULT_LISTEN
             }
         },
     };
@@ -360,7 +365,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, RecipeError> {
         );
     }
     if !c.diags.is_empty() {
-        return Err(RecipeError::Invalid(c.diags));
+        return Err(FileError::Invalid(c.diags));
     }
     Ok(Config {
         path: path.to_path_buf(),
@@ -384,7 +389,7 @@ mod tests {
 
     fn errors(text: &str) -> Vec<Diagnostic> {
         match parse(Path::new("d.toml"), text) {
-            Err(RecipeError::Invalid(d)) => d,
+            Err(FileError::Invalid(d)) => d,
             other => panic!("expected errors, got {other:?}"),
         }
     }

@@ -8,7 +8,6 @@
 pub mod template;
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -16,34 +15,10 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
+pub use crate::diag::Diagnostic;
+use crate::diag::{locate, render_diagnostics, toml_message, toml_message_in};
+
 type S = Spanned<String>;
-
-/// One problem found in a recipe (or a variable file), located in its source.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Diagnostic {
-    pub file: PathBuf,
-    pub line: usize,
-    pub column: usize,
-    pub message: String,
-    pub hint: Option<String>,
-}
-
-impl fmt::Display for Diagnostic {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}",
-            self.file.display(),
-            self.line,
-            self.column,
-            self.message
-        )?;
-        if let Some(hint) = &self.hint {
-            write!(f, "\n  hint: {hint}")?;
-        }
-        Ok(())
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
@@ -56,20 +31,6 @@ pub enum RecipeError {
     Invalid(Vec<Diagnostic>),
     #[error("--var {arg:?}: {message}")]
     BadVarArg { arg: String, message: String },
-}
-
-fn render_diagnostics(d: &[Diagnostic]) -> String {
-    let n = d.len();
-    let file = d
-        .first()
-        .map(|f| f.file.display().to_string())
-        .unwrap_or_default();
-    let mut s = format!("{file} has {n} error{}:", if n == 1 { "" } else { "s" });
-    for diag in d {
-        s.push('\n');
-        s.push_str(&diag.to_string());
-    }
-    s
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -297,40 +258,6 @@ pub fn parse(path: &Path, text: &str, vars: &VarSources) -> Result<Recipe, Recip
     }
 }
 
-/// A TOML error's message without the location header and source snippet that its `Display`
-/// adds (bakery prints its own `file:line:column`). Some syntax errors carry an empty
-/// `message()` (found by fuzzing): the description is then in the `Display` form only.
-pub(crate) fn toml_message(e: &toml::de::Error) -> String {
-    toml_message_in(e, None)
-}
-
-/// [`toml_message`], naming the offending character when the parser gave no description.
-pub(crate) fn toml_message_in(e: &toml::de::Error, text: Option<&str>) -> String {
-    let m = e.message().trim();
-    if !m.is_empty() {
-        return m.to_string();
-    }
-    if let (Some(text), Some(span)) = (text, e.span()) {
-        if let Some(c) = text.get(span.start..).and_then(|t| t.chars().next()) {
-            if c.is_control() && c != '\n' && c != '\t' {
-                return format!("control character U+{:04X} is not allowed here", c as u32);
-            }
-            return format!("unexpected {c:?} here: this is not valid TOML");
-        }
-    }
-    let text = e.to_string();
-    let described: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with("TOML parse error") && !l.contains('|'))
-        .collect();
-    if described.is_empty() {
-        "this is not valid TOML".into()
-    } else {
-        described.join("; ")
-    }
-}
-
 fn hint_for_parse_error(message: &str) -> Option<String> {
     if message.contains("unknown field") {
         Some(
@@ -356,15 +283,6 @@ pub(crate) fn hex_sha256(bytes: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-/// 1-based line and column (in characters) of a byte offset.
-pub(crate) fn locate(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = &text[..offset];
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
-    (line, before[line_start..].chars().count() + 1)
 }
 
 // ---------------------------------------------------------------------------------------------
