@@ -362,6 +362,7 @@ def launch_server(sd: Path, port: int, args) -> int:
         sys.executable, "-m", "bakeryworld.server", "--state-dir", str(sd), "--port", str(port),
         "--boot-delay", str(args.boot_delay), "--snapshot-delay", str(args.snapshot_delay),
         "--seed", str(args.seed),
+        "--interrupt-factor", str(args.interrupt_factor), "--table-delay", str(args.table_delay),
     ]
     p = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -433,6 +434,13 @@ def cmd_up(args) -> int:
         "WORLD_BOOT_DELAY": str(boot_delay),
         "WORLD_SNAPSHOT_DELAY": str(snapshot_delay),
     }
+    # Scale-out world (events.py, patches_dynamodb.py): the EC2 events queue and its rule.
+    from . import events as _events
+
+    env.update(_events.ensure_route(env["AWS_ENDPOINT_URL"], REGION))
+    ist = info["status"].get("interrupts", {}) if warm else {}
+    env["WORLD_INTERRUPT_FACTOR"] = str(ist.get("interrupt_factor", args.interrupt_factor))
+    env["WORLD_TABLE_DELAY"] = str(info["status"].get("table_delay", args.table_delay) if warm else args.table_delay)
     for k, v in old.items():  # keep what --stack added earlier
         env.setdefault(k, v)
     if args.stack and "WORLD_ASG" not in env:
@@ -569,6 +577,10 @@ def cmd_calls(args) -> int:
         params["access_key"] = args.access_key
     if args.mutating:
         params["mutating"] = "true"
+    if args.since is not None:
+        params["since"] = args.since
+    if args.served is not None:
+        params["served"] = args.served
     code, res = control(port, "GET", f"/_world/calls?{urlencode(params)}")
     if code != 200:
         raise WorldError(f"calls: {res.get('error', res) if isinstance(res, dict) else res}", 2)
@@ -594,6 +606,51 @@ def cmd_calls(args) -> int:
     return 0
 
 
+def cmd_interrupt(args) -> int:
+    sd = state_dir()
+    if not INSTANCE_ID.match(args.instance_id):
+        raise WorldError(f"{args.instance_id!r} is not an instance id (expected i-0123456789abcdef0)", 2)
+    info = require_running(sd)
+    body = {"kind": args.kind, "repeat": args.repeat}
+    for k in ("notice", "queue", "action", "code"):
+        if getattr(args, k) is not None:
+            body[k] = getattr(args, k)
+    code, res = control(info["port"], "POST", f"/_world/instances/{args.instance_id}/interrupt", body)
+    if code != 200:
+        raise WorldError(res.get("error", str(res)) if isinstance(res, dict) else str(res), 2)
+    if args.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    n = sum(len(d["message_ids"]) for d in res["delivered_to"])
+    where = ", ".join(d["queue"] for d in res["delivered_to"]) or "no queue (no rule matched)"
+    print(f"{args.instance_id}: {res['kind']} event {res['event_id']} -> {n} message(s) on {where}")
+    if res.get("ends_at"):
+        when = time.strftime("%H:%M:%S", time.localtime(res["ends_at"]))
+        print(f"  {res['end_action']} at {when} (in {res['notice_s']:.1f}s)")
+    return 0
+
+
+def cmd_partition(args) -> int:
+    sd = state_dir()
+    info = require_running(sd)
+    port = info["port"]
+    if args.clear:
+        path = f"/_world/partitions/{args.access_key}" if args.access_key else "/_world/partitions"
+        code, res = control(port, "DELETE", path)
+    elif args.access_key:
+        code, res = control(port, "POST", "/_world/partitions", {"access_key": args.access_key})
+    else:
+        code, res = control(port, "GET", "/_world/partitions")
+    if code != 200:
+        raise WorldError(res.get("error", str(res)) if isinstance(res, dict) else str(res), 2)
+    parts = res.get("partitions", {})
+    if not parts:
+        print("no caller is partitioned")
+    for k, since in parts.items():
+        print(f"{k}: cut off since {time.strftime('%H:%M:%S', time.localtime(since))} (every call dropped)")
+    return 0
+
+
 def cmd_env(args) -> int:
     p = state_dir() / "env"
     if not p.exists():
@@ -611,6 +668,10 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--snapshot-delay", type=float, default=None)
     up.add_argument("--port", type=int, default=None)
     up.add_argument("--seed", type=int, default=0, help="default fault-injection seed")
+    up.add_argument("--interrupt-factor", type=float, default=1.0,
+                    help="scale interruption notices (spot 120 s) by this factor")
+    up.add_argument("--table-delay", type=float, default=1.0,
+                    help="seconds a new DynamoDB table stays CREATING")
     sub.add_parser("down", help="end every process and mount of the world")
     stp = sub.add_parser("status")
     stp.add_argument("--json", action="store_true")
@@ -628,6 +689,22 @@ def main(argv: list[str] | None = None) -> int:
     cp.add_argument("--access-key", metavar="AKID", help="only calls signed with this access key id")
     cp.add_argument("--mutating", action="store_true", help="list the mutating calls (with --json: only those)")
     cp.add_argument("--limit", type=int, default=None, help="log entries to list (default: 1000 with --json or --mutating, else 0)")
+    cp.add_argument("--since", type=float, default=None, metavar="T", help="list only calls that arrived at Unix time T or later")
+    cp.add_argument("--served", choices=["true", "false"], default=None,
+                    help="list only calls that reached moto (true) or were faulted/dropped (false)")
+    ip = sub.add_parser("interrupt", help="put an EC2 interruption event on the events queue, then end the instance")
+    ip.add_argument("instance_id")
+    ip.add_argument("--kind", choices=["spot", "rebalance", "scheduled"], default="spot")
+    ip.add_argument("--notice", type=float, default=None, metavar="S",
+                    help="seconds until the instance ends (default: spot 120 s, scheduled 14 days, times the interrupt factor; rebalance: never)")
+    ip.add_argument("--queue", default=None, metavar="URL|NAME", help="send to this queue only (default: the EventBridge rules' targets)")
+    ip.add_argument("--repeat", type=int, default=1, metavar="N", help="deliver the same event N times (duplicates)")
+    ip.add_argument("--action", choices=["terminate", "stop", "hibernate"], default=None, help="spot: the instance-action")
+    ip.add_argument("--code", default=None, help="scheduled: the AWS Health eventTypeCode")
+    ip.add_argument("--json", action="store_true")
+    pp = sub.add_parser("partition", help="cut one access key off (every call dropped); --clear heals")
+    pp.add_argument("access_key", nargs="?", metavar="AKID")
+    pp.add_argument("--clear", action="store_true", help="heal AKID (every partition without AKID)")
     sub.add_parser("env", help="print the env file")
     args = ap.parse_args(argv)
     if args.cmd == "up":
@@ -645,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     handlers = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "kill": cmd_instance,
                 "crash": cmd_instance, "reboot": cmd_instance, "faults": cmd_faults, "calls": cmd_calls,
-                "env": cmd_env}
+                "env": cmd_env, "interrupt": cmd_interrupt, "partition": cmd_partition}
     try:
         return handlers[args.cmd](args)
     except WorldError as e:

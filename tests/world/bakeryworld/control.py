@@ -47,7 +47,10 @@ def handle_control(fd, environ, start_response):
     try:
         for m, prefix, fn in list(fd.control_routes):
             if m == method and path.startswith(prefix):
-                status, obj = fn(environ, raw)
+                res = fn(environ, raw)
+                if res is None:  # not this route's path after all
+                    continue
+                status, obj = res
                 return _reply(start_response, status, obj)
 
         if path in ("/_world", "/_world/status") and method == "GET":
@@ -67,7 +70,20 @@ def handle_control(fd, environ, start_response):
                 if mut.lower() not in _BOOLS:
                     raise SpecError("mutating must be true or false")
                 mutating = _BOOLS[mut.lower()]
-            return _reply(start_response, 200, fd.calls_report(limit, access_key or None, mutating))
+            since = None
+            if qs.get("since"):
+                try:
+                    since = float(qs["since"][0])
+                except ValueError:
+                    raise SpecError("since must be a Unix time in seconds (the log entries' `t`)")
+            srv = qs.get("served", [None])[0]
+            served = None
+            if srv is not None:
+                if srv.lower() not in _BOOLS:
+                    raise SpecError("served must be true or false")
+                served = _BOOLS[srv.lower()]
+            return _reply(start_response, 200,
+                          fd.calls_report(limit, access_key or None, mutating, since, served))
 
         if path == "/_world/calls/reset" and method == "POST":
             fd.reset_calls()
@@ -84,6 +100,19 @@ def handle_control(fd, environ, start_response):
             if method == "DELETE":
                 return _reply(start_response, 200, fd.set_faults({"seed": fd.spec.get("seed", 0), "rules": []}))
             return _reply(start_response, 405, {"error": f"{method} not allowed on /_world/faults"})
+
+        if path == "/_world/partitions" or path.startswith("/_world/partitions/"):
+            # Cut callers off by access key id: every call they sign is dropped.
+            key = path[len("/_world/partitions/"):] if path.startswith("/_world/partitions/") else None
+            if method == "GET" and key is None:
+                return _reply(start_response, 200, fd.partitions_report())
+            if method in ("POST", "PUT"):
+                body = body_json() or {}
+                key = key or (body.get("access_key") if isinstance(body, dict) else None)
+                return _reply(start_response, 200, fd.partition(key))
+            if method == "DELETE":
+                return _reply(start_response, 200, fd.heal(key))
+            return _reply(start_response, 405, {"error": f"{method} not allowed on {path}"})
 
         m = INSTANCE_RE.match(path)
         if m:

@@ -188,6 +188,9 @@ class FrontDoor:
         self.spec = {"seed": world.settings.seed, "rules": []}
         self.fault_counters: dict[str, int] = {}
         self.control_routes = []  # plug-ins may add (method, path-prefix, fn(environ, body) -> (status, obj))
+        # Partitioned callers: access key id -> since when. Every call signed with such a key is
+        # dropped (connection closed, no answer), for every service, whatever the fault rules.
+        self.partitions: dict[str, float] = {}
 
     # -------------------------------------------------------------- accessors
     def total_calls(self) -> int:
@@ -213,10 +216,11 @@ class FrontDoor:
             self.by_key = {}
 
     def calls_report(self, limit: int = 1000, access_key: str | None = None,
-                     mutating: bool | None = None) -> dict:
+                     mutating: bool | None = None, since: float | None = None,
+                     served: bool | None = None) -> dict:
         """The `GET /_world/calls` answer: counts since the last reset (all calls, or
         `access_key`'s only) and the last `limit` log entries matching the filters
-        (`mutating` filters the list only)."""
+        (`mutating`, `since` (entries with `t >= since`) and `served` filter the list only)."""
         with self.lock:
             if access_key is None:
                 out = self.tally.as_dict()
@@ -231,12 +235,38 @@ class FrontDoor:
                         continue
                     if mutating is not None and c["mutating"] != mutating:
                         continue
+                    if since is not None and c["t"] < since:
+                        continue  # (entries are logged when answered, so not sorted by `t`)
+                    if served is not None and c.get("served") != served:
+                        continue
                     calls.append(c)
                     if len(calls) >= limit:
                         break
                 calls.reverse()
             out["calls"] = calls
         return out
+
+    # -------------------------------------------------------------- partitions
+    def partition(self, access_key: str) -> dict:
+        """Cut one caller off: every call signed with `access_key` is dropped from now on."""
+        if not isinstance(access_key, str) or not access_key or "/" in access_key:
+            raise SpecError(f"access_key must be an access key id, got {access_key!r}")
+        with self.lock:
+            self.partitions.setdefault(access_key, round(time.time(), 3))
+        return self.partitions_report()
+
+    def heal(self, access_key: str | None = None) -> dict:
+        """End the partition of `access_key` (of every key when None)."""
+        with self.lock:
+            if access_key is None:
+                self.partitions.clear()
+            else:
+                self.partitions.pop(access_key, None)
+        return self.partitions_report()
+
+    def partitions_report(self) -> dict:
+        with self.lock:
+            return {"partitions": dict(sorted(self.partitions.items()))}
 
     def faults_spec(self) -> dict:
         with self.lock:
@@ -382,7 +412,12 @@ class FrontDoor:
         # An EC2 DryRun request only checks permissions (it fails with DryRunOperation).
         mutating = is_mutating(service, action) and not dry_run
         t0 = time.time()
-        fault, latency = self._decide(key, service, access_key)
+        if access_key is not None and access_key in self.partitions:
+            # A partitioned caller: dropped before any rule is looked at (and without advancing
+            # the rules' counters, so the other callers' faults replay as before).
+            fault, latency = "partition", 0
+        else:
+            fault, latency = self._decide(key, service, access_key)
         if latency:
             time.sleep(latency / 1000.0)
 
@@ -405,6 +440,9 @@ class FrontDoor:
                         "access_key": access_key,
                         "mutating": mutating,
                         "dry_run": dry_run,
+                        # whether the call reached moto (took effect): not when dropped,
+                        # throttled or failed by a fault; yes when only its answer was lost
+                        "served": fault in (None, "lose"),
                     }
                 )
 
@@ -419,9 +457,9 @@ class FrontDoor:
                     pass
             raise DropConnection(f"world: {what} by fault injection")
 
-        if fault == "drop":
+        if fault in ("drop", "partition"):
             record("dropped")
-            drop_connection("connection dropped")
+            drop_connection("connection dropped" if fault == "drop" else "caller partitioned")
         if fault == "lose":
             # Serve the call for real (its effects happen), then lose the answer: the caller
             # sees a broken connection and cannot tell whether the call took effect.

@@ -24,7 +24,7 @@ from pathlib import Path
 from .netutil import port_in_use
 from .world import Settings, World
 
-PLUGINS = ("health", "asg", "ssm")
+PLUGINS = ("health", "asg", "ssm", "patches_dynamodb", "patches_sqs", "events")
 NS_MARK = "BAKERY_WORLD_NS"
 
 
@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--snapshot-delay", type=float, default=3.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--region", default="us-east-1")
+    ap.add_argument("--interrupt-factor", type=float, default=1.0)
+    ap.add_argument("--table-delay", type=float, default=1.0)
     args = ap.parse_args(argv)
 
     if os.environ.get(NS_MARK) != "1":
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         state_dir=Path(args.state_dir), port=args.port, boot_delay=args.boot_delay,
         snapshot_delay=args.snapshot_delay, seed=args.seed, region=args.region,
     )
+    settings.interrupt_factor = args.interrupt_factor  # events.py: notices scaled by it
+    settings.table_delay = args.table_delay  # patches_dynamodb.py: CREATING for this long
     msg = port_in_use(settings.host, settings.port)
     if msg:
         print(f"world: {msg}", file=sys.stderr, flush=True)
@@ -137,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     app = DomainDispatcherApplication(create_backend_app)
     fd = FrontDoor(app, world)
     world.frontdoor = fd
+    for mod in world.plugins.values():  # plug-ins' control routes (events.py)
+        fd.control_routes.extend(getattr(mod, "ROUTES", ()))
 
     class Handler(MotoRequestHandler):
         def log_request(self, *a, **k):  # the call log replaces the access log
