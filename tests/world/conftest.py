@@ -91,7 +91,7 @@ def world():
     sd = Path(tempfile.mkdtemp(prefix="bakery-world-test-"))
     port = free_port()
     env = {"WORLD_DIR": str(sd), "WORLD_PORT": str(port)}
-    p = world_cmd(env, "up", "--boot-delay", "1", "--snapshot-delay", "2")
+    p = world_cmd(env, "up", "--boot-delay", "1", "--snapshot-delay", "2", "--metric-period", "1")
     assert p.returncode == 0, f"world up failed:\n{p.stdout}\n{p.stderr}"
     h = WorldHandle(read_env(sd / "env"), managed=True)
     try:

@@ -14,7 +14,7 @@ from conftest import read_env, wait_for
 KEYS = (
     "WORLD_ASG", "WORLD_TARGET_GROUP_ARN", "WORLD_ALB_ARN", "WORLD_LISTENER_ARN",
     "WORLD_LAUNCH_TEMPLATE_ID", "WORLD_STACK_AMI", "WORLD_DB_INSTANCE", "WORLD_DB_SECRET",
-    "WORLD_ALB_SG", "WORLD_APP_SG", "WORLD_DB_SG", "WORLD_INSTANCE_PROFILE",
+    "WORLD_ALB_SG", "WORLD_APP_SG", "WORLD_DB_SG", "WORLD_INSTANCE_PROFILE", "WORLD_STACK_GROUPS",
 )
 
 
@@ -133,3 +133,38 @@ def test_fleet_heals_after_an_app_crash(world, stack):
     assert world.cli("kill", victim).returncode == 0
     after = wait_for(lambda: (m := healthy_members()) and victim not in m and m, timeout=60, what="fleet healed")
     assert len(after - before) == 1
+
+
+def test_up_stack_groups_puts_n_groups_behind_the_load_balancer(world, stack):
+    """`up --stack --groups 2` on the running stack adds `world-web-2` (idempotent)."""
+    region = world.env["AWS_REGION"]
+    assert stack["WORLD_STACK_GROUPS"] == f"{region}/world-web"
+    p = world.cli("up", "--stack", "--groups", "2", timeout=300)
+    assert p.returncode == 0, f"up --stack --groups 2 failed:\n{p.stdout}\n{p.stderr}"
+    env = read_env(Path(world.env["WORLD_DIR"]) / "env")
+    assert env["WORLD_STACK_GROUPS"] == f"{region}/world-web,{region}/world-web-2"
+    tgs = env["WORLD_STACK_TARGET_GROUPS"].split(",")
+    lts = env["WORLD_STACK_LAUNCH_TEMPLATES"].split(",")
+    assert tgs[0] == stack["WORLD_TARGET_GROUP_ARN"] and lts[0] == stack["WORLD_LAUNCH_TEMPLATE_ID"]
+    assert len(set(tgs)) == 2 and len(set(lts)) == 2
+    assert env["WORLD_ASG"] == stack["WORLD_ASG"]  # the first group is the one it was
+    elb, asg = world.client("elbv2"), world.client("autoscaling")
+    try:
+        g = asg.describe_auto_scaling_groups(AutoScalingGroupNames=["world-web-2"])["AutoScalingGroups"][0]
+        assert (g["MinSize"], g["MaxSize"], g["DesiredCapacity"], g["HealthCheckType"]) == (2, 8, 4, "ELB")
+        assert g["TargetGroupARNs"] == [tgs[1]] and g["LaunchTemplate"]["LaunchTemplateId"] == lts[1]
+        ids = {i["InstanceId"] for i in g["Instances"] if i["LifecycleState"] == "InService"}
+        th = elb.describe_target_health(TargetGroupArn=tgs[1])["TargetHealthDescriptions"]
+        assert len(ids) == 4 and {d["Target"]["Id"] for d in th if d["TargetHealth"]["State"] == "healthy"} >= ids
+        # Behind the stack's load balancer: a listener rule routes its host name to it.
+        tg = elb.describe_target_groups(TargetGroupArns=[tgs[1]])["TargetGroups"][0]
+        assert tg["LoadBalancerArns"] == [stack["WORLD_ALB_ARN"]]
+        rules = elb.describe_rules(ListenerArn=stack["WORLD_LISTENER_ARN"])["Rules"]
+        (rule,) = [r for r in rules if any(a.get("TargetGroupArn") == tgs[1] for a in r["Actions"])]
+        assert rule["Conditions"][0]["HostHeaderConfig"]["Values"] == ["world-web-2.world.internal"]
+        # Again: nothing new.
+        again = world.cli("up", "--stack", "--groups", "2", timeout=120)
+        assert again.returncode == 0 and read_env(Path(world.env["WORLD_DIR"]) / "env")["WORLD_STACK_GROUPS"] == env["WORLD_STACK_GROUPS"]
+    finally:
+        # Keep the session world light for the modules after this one.
+        asg.delete_auto_scaling_group(AutoScalingGroupName="world-web-2", ForceDelete=True)

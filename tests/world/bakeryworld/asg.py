@@ -28,6 +28,9 @@ TerminateInstanceInAutoScalingGroup for an instance no group manages (already te
 by the first attempt of a retried call) answers `ValidationError: Instance Id not found - No
 managed instance found for instance ID: …` as AWS does; moto failed with a 500.
 
+The instance lifecycle itself (lifecycle hooks, capacity and scale-in protection, standby) is
+lifecycle.py's, warm pools are warmpool.py's; this loop drives them for every group.
+
 The loop runs every `LOOP_SECONDS` under the world's moto lock.
 """
 
@@ -38,7 +41,7 @@ import threading
 import time
 from typing import Any
 
-from . import health
+from . import health, lifecycle, warmpool
 
 log = logging.getLogger("bakeryworld.asg")
 
@@ -48,8 +51,12 @@ LOOP_SECONDS = 0.5
 _LAUNCHED: dict[str, float] = {}
 
 
-def _launch_from_group(group: Any, count_needed: int, propagated_tags: dict[str, str]) -> None:
-    """`FakeAutoScalingGroup.replace_autoscaling_group_instances`, with AWS's behaviour."""
+def _launch_from_group(
+    group: Any, count_needed: int, propagated_tags: dict[str, str], into_pool: bool = False
+) -> None:
+    """`FakeAutoScalingGroup.replace_autoscaling_group_instances`, with AWS's behaviour. Each
+    instance then enters the lifecycle (lifecycle.on_launch): `InService`, or `Pending:Wait`
+    under a launching hook; with `into_pool`, it goes to the group's warm pool instead."""
     from moto.autoscaling.models import ASG_NAME_TAG, InstanceState
 
     propagated_tags[ASG_NAME_TAG] = group.name
@@ -125,13 +132,18 @@ def _launch_from_group(group: Any, count_needed: int, propagated_tags: dict[str,
                         instance.id,
                         exc_info=True,
                     )
-            group.instance_states.append(
-                InstanceState(
-                    instance,
-                    protected_from_scale_in=group.new_instances_protected_from_scale_in,
-                )
+            st = InstanceState(
+                instance,
+                protected_from_scale_in=group.new_instances_protected_from_scale_in,
             )
-            _LAUNCHED[instance.id] = time.monotonic()
+            backend = group.autoscaling_backend
+            if into_pool:
+                st.protected_from_scale_in = False
+                warmpool.pool(group).append(st)
+                lifecycle.on_launch(backend, group, st, warm=True)
+            else:
+                group.instance_states.append(st)
+                lifecycle.on_launch(backend, group, st)
 
 
 def _patch_moto() -> None:
@@ -148,7 +160,7 @@ def _patch_moto() -> None:
         if self.mixed_instances_policy:
             return original(self, count_needed, propagated_tags)
         try:
-            _launch_from_group(self, count_needed, propagated_tags)
+            lifecycle.launch(self, count_needed, propagated_tags)  # the warm pool first
         except Exception as e:  # noqa: BLE001
             # AWS accepts the capacity change and fails the launch as a scaling activity (a
             # deleted launch-template version, say); the call that asked for capacity succeeds.
@@ -176,12 +188,23 @@ def _patch_moto() -> None:
     orig_terminate = AutoScalingBackend.terminate_instance
 
     def terminate_instance(self: Any, instance_id: str, should_decrement: bool) -> Any:
-        managed = any(
-            st.instance.id == instance_id for g in self.autoscaling_groups.values() for st in g.instance_states
-        )
-        if not managed:
+        from moto.autoscaling.models import TerminateInstanceActivity
+
+        group, st = lifecycle.find(self, instance_id)
+        if st is None:
             raise ValidationError(f"Instance Id not found - No managed instance found for instance ID: {instance_id}")
-        return orig_terminate(self, instance_id, should_decrement)
+        if group.mixed_instances_policy:
+            return orig_terminate(self, instance_id, should_decrement)
+        original_size = group.desired_capacity
+        if st.lifecycle_state.startswith("Terminating"):
+            return TerminateInstanceActivity(st.instance, original_size)  # already on its way
+        if should_decrement:
+            group.desired_capacity = max(0, original_size - 1)
+        # Deregistered, then Terminating:Wait under a terminating hook, else terminated now;
+        # the group replaces it unless the desired capacity was decremented.
+        lifecycle.begin_termination(self, group, st)
+        lifecycle.reconcile(group)
+        return TerminateInstanceActivity(st.instance, original_size)
 
     AutoScalingBackend.terminate_instance = terminate_instance  # type: ignore[method-assign]
 
@@ -219,22 +242,34 @@ class AsgProcesses:
 
     # The decisions, one group at a time. Called with the moto lock held.
     def tick(self) -> None:
-        backend = self.world.backend("autoscaling")
+        from moto.autoscaling.models import autoscaling_backends
+
         now = time.monotonic()
+        live: set[str] = set()
+        # Every region's groups (only backends that exist: none is created here).
+        for _account, by_region in list(dict.items(autoscaling_backends)):
+            for _region, backend in list(dict.items(by_region)):
+                live |= self._tick_backend(backend, now)
+        for iid in [i for i in _LAUNCHED if i not in live]:
+            del _LAUNCHED[iid]
+
+    def _tick_backend(self, backend: Any, now: float) -> set[str]:
         for group in list(backend.autoscaling_groups.values()):
             try:
                 suspended = {p["ProcessName"] for p in group.suspended_processes}
+                lifecycle.advance(backend, group)  # hook timeouts, Proceed states
                 if "HealthCheck" not in suspended:
                     self._health_check(group, now)
                 if "ReplaceUnhealthy" not in suspended and "Terminate" not in suspended:
                     self._replace_unhealthy(backend, group, launch="Launch" not in suspended)
+                if not group.mixed_instances_policy:
+                    warmpool.tick(backend, group)
+                    lifecycle.reconcile(group, retry=True)  # desired capacity, protection, standby
             except Exception:  # one group's trouble does not stop the others'
                 log.exception("asg tick: group %s", group.name)
-        live = {
+        return {
             st.instance.id for g in backend.autoscaling_groups.values() for st in g.instance_states
         }
-        for iid in [i for i in _LAUNCHED if i not in live]:
-            del _LAUNCHED[iid]
 
     def _health_check(self, group: Any, now: float) -> None:
         grace = float(group.health_check_grace_period or 0)
@@ -272,6 +307,14 @@ class AsgProcesses:
             return
         ids = [st.instance.id for st in doomed]
         log.info("asg %s: replacing unhealthy %s", group.name, ids)
+        if not group.mixed_instances_policy:
+            # Terminating (deregistered; Terminating:Wait under a terminating hook), whether or
+            # not it is protected from scale in; the replacement launches at once.
+            for st in doomed:
+                lifecycle.begin_termination(backend, group, st)
+            if launch:
+                lifecycle.reconcile(group)
+            return
         group.instance_states = [st for st in group.instance_states if st.instance.id not in ids]
         running = [st.instance.id for st in doomed if st.instance.state not in ("terminated",)]
         if running:
@@ -292,6 +335,8 @@ def install(world: Any) -> AsgProcesses:
     global PROCESSES
     health.moto_lock(world)
     _patch_moto()
+    lifecycle.install(world)
+    warmpool.install(world)
     if PROCESSES is None:
         PROCESSES = AsgProcesses(world)
         PROCESSES.start()

@@ -364,6 +364,7 @@ def launch_server(sd: Path, port: int, args) -> int:
         "--seed", str(args.seed),
         "--interrupt-factor", str(args.interrupt_factor), "--table-delay", str(args.table_delay),
     ]
+    cmd += ["--metric-period", str(getattr(args, "metric_period", 10.0))]  # cloudwatch.py
     p = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
         start_new_session=True, close_fds=True, cwd=str(sd),
@@ -441,9 +442,13 @@ def cmd_up(args) -> int:
     ist = info["status"].get("interrupts", {}) if warm else {}
     env["WORLD_INTERRUPT_FACTOR"] = str(ist.get("interrupt_factor", args.interrupt_factor))
     env["WORLD_TABLE_DELAY"] = str(info["status"].get("table_delay", args.table_delay) if warm else args.table_delay)
+    cw = info["status"].get("cloudwatch", {}) if warm else {}
+    env["WORLD_METRIC_PERIOD"] = str(cw.get("metric_period", args.metric_period))
     for k, v in old.items():  # keep what --stack added earlier
         env.setdefault(k, v)
-    if args.stack and "WORLD_ASG" not in env:
+    # --groups N: a warm stack with fewer groups gets the missing ones (stack.py is idempotent).
+    have_groups = len([g for g in env.get("WORLD_STACK_GROUPS", "").split(",") if g]) or (1 if "WORLD_ASG" in env else 0)
+    if args.stack and ("WORLD_ASG" not in env or have_groups < args.groups):
         write_env(sd / "env", env)
         try:
             from . import stack  # noqa: F401  (written by part 2)
@@ -451,7 +456,7 @@ def cmd_up(args) -> int:
             if e.name == "bakeryworld.stack":
                 raise WorldError("up --stack needs tests/world/bakeryworld/stack.py, which is not present")
             raise
-        extra = stack.create(dict(env), sd) or {}
+        extra = stack.create(dict(env), sd, groups=args.groups) or {}
         env.update({k: str(v) for k, v in extra.items()})
     text = write_env(sd / "env", env)
     sys.stdout.write(text)
@@ -651,6 +656,37 @@ def cmd_partition(args) -> int:
     return 0
 
 
+def cmd_alarm(args) -> int:
+    """Force a CloudWatch alarm's state (cloudwatch.py): it holds until --clear."""
+    from urllib.parse import quote
+
+    sd = state_dir()
+    info = require_running(sd)
+    port = info["port"]
+    body = {"region": args.region} if args.region else {}
+    if not args.name:
+        code, res = control(port, "GET", "/_world/alarms")
+        for f in res.get("forced", []):
+            print(f"{f['region']}/{f['alarm']}: forced {f['state']}")
+        if not res.get("forced"):
+            print("no alarm is forced")
+        return 0
+    path = f"/_world/alarms/{quote(args.name, safe='')}"
+    if args.clear:
+        code, res = control(port, "DELETE", path, body)
+    elif args.state:
+        code, res = control(port, "POST", path, {**body, "state": args.state})
+    else:
+        raise WorldError("alarm NAME needs a state (ALARM, OK, INSUFFICIENT_DATA) or --clear", 2)
+    if code != 200:
+        raise WorldError(res.get("error", str(res)) if isinstance(res, dict) else str(res), 2 if code != 404 else 1)
+    if args.clear:
+        print(f"{args.name}: {'no longer forced' if res.get('cleared') else 'was not forced'}; evaluated again")
+    else:
+        print(f"{args.name}: forced {args.state} until `scripts/world alarm {args.name} --clear`")
+    return 0
+
+
 def cmd_env(args) -> int:
     p = state_dir() / "env"
     if not p.exists():
@@ -672,6 +708,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="scale interruption notices (spot 120 s) by this factor")
     up.add_argument("--table-delay", type=float, default=1.0,
                     help="seconds a new DynamoDB table stays CREATING")
+    up.add_argument("--metric-period", type=float, default=10.0,
+                    help="seconds between the load balancer metrics the world publishes (CloudWatch)")
+    up.add_argument("--groups", type=int, default=1,
+                    help="with --stack: N Auto Scaling groups behind the stack's load balancer")
     sub.add_parser("down", help="end every process and mount of the world")
     stp = sub.add_parser("status")
     stp.add_argument("--json", action="store_true")
@@ -705,6 +745,11 @@ def main(argv: list[str] | None = None) -> int:
     pp = sub.add_parser("partition", help="cut one access key off (every call dropped); --clear heals")
     pp.add_argument("access_key", nargs="?", metavar="AKID")
     pp.add_argument("--clear", action="store_true", help="heal AKID (every partition without AKID)")
+    ap_alarm = sub.add_parser("alarm", help="force a CloudWatch alarm's state until --clear (SetAlarmState lasts one evaluation)")
+    ap_alarm.add_argument("name", nargs="?", help="alarm name (without it: list the forced alarms)")
+    ap_alarm.add_argument("state", nargs="?", choices=["ALARM", "OK", "INSUFFICIENT_DATA"])
+    ap_alarm.add_argument("--clear", action="store_true", help="stop forcing; the alarm is evaluated again")
+    ap_alarm.add_argument("--region", default=None, help="the alarm's region (default: the world's)")
     sub.add_parser("env", help="print the env file")
     args = ap.parse_args(argv)
     if args.cmd == "up":
@@ -717,12 +762,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.boot_delay < 0 or args.snapshot_delay < 0:
             err("delays must be >= 0")
             return 2
+        if args.metric_period <= 0 or args.groups < 1:
+            err("--metric-period must be > 0 and --groups >= 1")
+            return 2
     if os.geteuid() != 0:
         err("the world needs root (overlay mounts, chroot, sshd)")
         return 1
     handlers = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "kill": cmd_instance,
                 "crash": cmd_instance, "reboot": cmd_instance, "faults": cmd_faults, "calls": cmd_calls,
-                "env": cmd_env, "interrupt": cmd_interrupt, "partition": cmd_partition}
+                "env": cmd_env, "interrupt": cmd_interrupt, "partition": cmd_partition,
+                "alarm": cmd_alarm}
     try:
         return handlers[args.cmd](args)
     except WorldError as e:

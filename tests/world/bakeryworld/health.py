@@ -47,6 +47,9 @@ TICK_SECONDS = 0.2
 # Concurrent health checks in flight; a check lasts at most its timeout, so this bounds how
 # many slow targets can delay the others.
 CHECK_WORKERS = 16
+# Callables (tg_arn, target_id, http_status or None) told of every health check's outcome; the
+# CloudWatch plug-in counts 5xx answers from them (HTTPCode_Target_5XX_Count).
+PROBE_LISTENERS: list = []
 
 # --------------------------------------------------------------------------------------------
 # The shared moto lock
@@ -264,8 +267,10 @@ def run_check(
     path: str | None,
     timeout: float,
     matcher: dict[str, Any] | None,
+    codes: list[int] | None = None,
 ) -> tuple[bool, tuple[str, str] | None]:
-    """One health check. Returns (passed, (reason, description) when it failed)."""
+    """One health check. Returns (passed, (reason, description) when it failed); the HTTP
+    status answered, if any, is appended to `codes`."""
     if not in_loopback(ip):
         # No body can live there and the world never sends a packet outside 127/8.
         return False, ("Target.Timeout", "Request timed out")
@@ -291,6 +296,8 @@ def run_check(
             )
             resp = conn.getresponse()
             code = resp.status
+            if codes is not None:
+                codes.append(code)
             resp.read(65536)
         finally:
             conn.close()
@@ -573,11 +580,17 @@ class HealthChecker:
             self.pool.submit(self._check, job)
 
     def _check(self, job: _Job) -> None:
+        codes: list[int] = []
         try:
-            ok, failure = run_check(job.ip, job.port, job.protocol, job.path, job.timeout, job.matcher)
+            ok, failure = run_check(job.ip, job.port, job.protocol, job.path, job.timeout, job.matcher, codes)
         except Exception:
             log.exception("health check crashed")
             ok, failure = False, ("Target.FailedHealthChecks", "Health checks failed")
+        for listener in list(PROBE_LISTENERS):
+            try:
+                listener(job.tg_arn, job.target_id, codes[0] if codes else None)
+            except Exception:
+                log.exception("health probe listener failed")
         STORE.record(
             job.tg_arn, job.target_id, ok, failure, job.healthy_threshold, job.unhealthy_threshold
         )

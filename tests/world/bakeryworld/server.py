@@ -24,7 +24,7 @@ from pathlib import Path
 from .netutil import port_in_use
 from .world import Settings, World
 
-PLUGINS = ("health", "asg", "ssm", "patches_dynamodb", "patches_sqs", "events")
+PLUGINS = ("health", "asg", "ssm", "patches_dynamodb", "patches_sqs", "events", "cloudwatch")
 NS_MARK = "BAKERY_WORLD_NS"
 
 
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--region", default="us-east-1")
     ap.add_argument("--interrupt-factor", type=float, default=1.0)
     ap.add_argument("--table-delay", type=float, default=1.0)
+    ap.add_argument("--metric-period", type=float, default=10.0)  # cloudwatch.py
     args = ap.parse_args(argv)
 
     if os.environ.get(NS_MARK) != "1":
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     settings.interrupt_factor = args.interrupt_factor  # events.py: notices scaled by it
     settings.table_delay = args.table_delay  # patches_dynamodb.py: CREATING for this long
+    settings.metric_period = args.metric_period  # cloudwatch.py: ELB metrics every this many s
     msg = port_in_use(settings.host, settings.port)
     if msg:
         print(f"world: {msg}", file=sys.stderr, flush=True)

@@ -23,6 +23,12 @@ would on AWS, so the stack also exercises the world itself:
 Every step looks its resource up by name first, so a second `up --stack` reuses the stack.
 `create` returns once all 4 instances are healthy in the target group.
 
+`up --stack --groups N` adds groups `world-web-2` ... `world-web-N` behind the same load balancer,
+each like `world-web` (its own launch template and target group, reached by a listener rule on
+the host header `world-web-<i>.world.internal`), listed in `WORLD_STACK_GROUPS` as
+`region/group`, with `WORLD_STACK_TARGET_GROUPS` and `WORLD_STACK_LAUNCH_TEMPLATES` in the same
+order. The stack is built in the env's region.
+
 The interval of 1 s is below AWS's minimum (5 s, and the timeout must be below the interval): the
 world allows it, the API call is made with boto3's client-side validation turned off for ELBv2.
 """
@@ -364,14 +370,14 @@ class Stack:
             Tags=[STACK_TAG],
         )["LoadBalancers"][0]["LoadBalancerArn"]
 
-    def target_group(self) -> str:
+    def target_group(self, name: str = NAME) -> str:
         try:
-            tg = self.elbv2.describe_target_groups(Names=[NAME])["TargetGroups"][0]["TargetGroupArn"]
+            tg = self.elbv2.describe_target_groups(Names=[name])["TargetGroups"][0]["TargetGroupArn"]
         except ClientError as e:
             if _code(e) not in ("TargetGroupNotFound", "TargetGroupNotFoundException"):
                 raise
             tg = self.elbv2.create_target_group(
-                Name=NAME,
+                Name=name,
                 Protocol="HTTP",
                 Port=APP_PORT,
                 VpcId=self.vpc,
@@ -403,10 +409,34 @@ class Stack:
             DefaultActions=[{"Type": "forward", "TargetGroupArn": tg}],
         )["Listeners"][0]["ListenerArn"]
 
+    def listener_rule(self, listener: str, tg: str, name: str, priority: int) -> None:
+        """Another group behind the same load balancer: host-based routing to its target group."""
+        for rule in self.elbv2.describe_rules(ListenerArn=listener)["Rules"]:
+            for action in rule.get("Actions", []):
+                if action.get("TargetGroupArn") == tg:
+                    return
+        self.elbv2.create_rule(
+            ListenerArn=listener,
+            Priority=priority,
+            Conditions=[{"Field": "host-header", "HostHeaderConfig": {"Values": [f"{name}.world.internal"]}}],
+            Actions=[{"Type": "forward", "TargetGroupArn": tg}],
+        )
+
     # ---------------------------------------------------------------- fleet
-    def launch_template(self, image_id: str, app_sg: str) -> str:
+    def fleet(self, index: int, image_id: str, app_sg: str, listener: str) -> tuple[str, str, str]:
+        """Group `index` of the stack (0: `world-web`, the listener's default action; 1..: `world-web-2`,
+        ... each with its own target group, reached by a host-header rule, and launch template).
+        Returns (group name, target group ARN, launch template id)."""
+        name = NAME if index == 0 else f"{NAME}-{index + 1}"
+        tg = self.target_group(name)
+        if index:
+            self.listener_rule(listener, tg, name, priority=index)
+        lt = self.launch_template(image_id, app_sg, name)
+        return self.auto_scaling_group(lt, tg, name), tg, lt
+
+    def launch_template(self, image_id: str, app_sg: str, name: str = NAME) -> str:
         try:
-            lts = self.ec2.describe_launch_templates(LaunchTemplateNames=[NAME])["LaunchTemplates"]
+            lts = self.ec2.describe_launch_templates(LaunchTemplateNames=[name])["LaunchTemplates"]
         except ClientError as e:
             if _code(e) not in ("InvalidLaunchTemplateName.NotFoundException", "InvalidLaunchTemplateName.NotFound"):
                 raise
@@ -414,7 +444,7 @@ class Stack:
         if lts:
             return lts[0]["LaunchTemplateId"]
         return self.ec2.create_launch_template(
-            LaunchTemplateName=NAME,
+            LaunchTemplateName=name,
             VersionDescription="world reference stack",
             LaunchTemplateData={
                 "ImageId": image_id,
@@ -426,18 +456,18 @@ class Stack:
                     {"DeviceName": "/dev/xvda", "Ebs": {"VolumeSize": 8, "VolumeType": "gp3", "Encrypted": True}}
                 ],
                 "TagSpecifications": [
-                    {"ResourceType": "instance", "Tags": [{"Key": "Name", "Value": NAME}, STACK_TAG]}
+                    {"ResourceType": "instance", "Tags": [{"Key": "Name", "Value": name}, STACK_TAG]}
                 ],
             },
             TagSpecifications=[{"ResourceType": "launch-template", "Tags": [STACK_TAG]}],
         )["LaunchTemplate"]["LaunchTemplateId"]
 
-    def auto_scaling_group(self, lt_id: str, tg: str) -> str:
-        found = self.asg.describe_auto_scaling_groups(AutoScalingGroupNames=[NAME])["AutoScalingGroups"]
+    def auto_scaling_group(self, lt_id: str, tg: str, name: str = NAME) -> str:
+        found = self.asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"]
         if found:
-            return NAME
+            return name
         self.asg.create_auto_scaling_group(
-            AutoScalingGroupName=NAME,
+            AutoScalingGroupName=name,
             LaunchTemplate={"LaunchTemplateId": lt_id, "Version": "$Latest"},
             MinSize=MIN,
             MaxSize=MAX,
@@ -447,19 +477,19 @@ class Stack:
             HealthCheckType="ELB",
             # Boot delay + service start + 2 passing checks, with room to spare.
             HealthCheckGracePeriod=int(5 + 2 * self.boot_delay),
-            Tags=[{**STACK_TAG, "PropagateAtLaunch": True, "ResourceId": NAME, "ResourceType": "auto-scaling-group"}],
+            Tags=[{**STACK_TAG, "PropagateAtLaunch": True, "ResourceId": name, "ResourceType": "auto-scaling-group"}],
         )
-        return NAME
+        return name
 
-    def wait_fleet_healthy(self, tg: str) -> None:
+    def wait_fleet_healthy(self, tg: str, name: str = NAME) -> None:
         def healthy() -> bool:
-            group = self.asg.describe_auto_scaling_groups(AutoScalingGroupNames=[NAME])["AutoScalingGroups"][0]
+            group = self.asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]
             ids = {i["InstanceId"] for i in group["Instances"] if i["LifecycleState"] == "InService"}
             th = self.elbv2.describe_target_health(TargetGroupArn=tg)["TargetHealthDescriptions"]
             ok = {d["Target"]["Id"] for d in th if d["TargetHealth"]["State"] == "healthy"}
             return len(ids & ok) >= group["DesiredCapacity"]
 
-        _wait(f"{DESIRED} healthy targets in {NAME}", 90 + 4 * self.boot_delay, healthy)
+        _wait(f"{DESIRED} healthy targets in {name}", 90 + 4 * self.boot_delay, healthy)
 
     # ---------------------------------------------------------------- database
     def database(self, db_sg: str) -> tuple[str, str]:
@@ -535,7 +565,7 @@ class Stack:
             return None
 
     # ---------------------------------------------------------------- all of it
-    def create(self) -> dict[str, str]:
+    def create(self, groups: int = 1) -> dict[str, str]:
         alb_sg = self.security_group(ALB_SG, "world reference stack: load balancer")
         app_sg = self.security_group(APP_SG, "world reference stack: instances")
         db_sg = self.security_group(DB_SG, "world reference stack: database")
@@ -549,11 +579,18 @@ class Stack:
         alb = self.load_balancer(alb_sg)
         tg = self.target_group()
         listener = self.listener(alb, tg)
-        lt = self.launch_template(image_id, app_sg)
-        asg = self.auto_scaling_group(lt, tg)
-        _log(f"waiting for {DESIRED} healthy targets")
-        self.wait_fleet_healthy(tg)
+        # `groups` fleets behind the load balancer, in this (the env's) region. A caller covering
+        # several regions runs a Stack per region and joins their WORLD_STACK_* lists.
+        fleets = [self.fleet(i, image_id, app_sg, listener) for i in range(max(1, groups))]
+        asg, tg, lt = fleets[0]
+        for name, group_tg, _ in fleets:
+            _log(f"waiting for {DESIRED} healthy targets in {name}")
+            self.wait_fleet_healthy(group_tg, name)
+        region = self.session.region_name
         return {
+            "WORLD_STACK_GROUPS": ",".join(f"{region}/{name}" for name, _, _ in fleets),
+            "WORLD_STACK_TARGET_GROUPS": ",".join(group_tg for _, group_tg, _ in fleets),
+            "WORLD_STACK_LAUNCH_TEMPLATES": ",".join(group_lt for _, _, group_lt in fleets),
             "WORLD_ASG": asg,
             "WORLD_TARGET_GROUP_ARN": tg,
             "WORLD_ALB_ARN": alb,
@@ -569,6 +606,7 @@ class Stack:
         }
 
 
-def create(env: dict[str, str], world_dir: Path | None = None) -> dict[str, str]:
-    """Create (or find) the reference stack; returns the env vars naming its resources."""
-    return Stack(env).create()
+def create(env: dict[str, str], world_dir: Path | None = None, groups: int = 1) -> dict[str, str]:
+    """Create (or find) the reference stack with `groups` Auto Scaling groups behind its load
+    balancer; returns the env vars naming its resources."""
+    return Stack(env).create(groups)
