@@ -868,15 +868,17 @@ class BodyManager:
             known = set(self._bodies)
         snapshot: list[tuple[str, str, InstanceFacts | None]] = []
         with self.world.lock:
-            ec2 = self.world.ec2()
-            for inst in list(ec2.all_instances()):
-                if not is_loopback(inst.private_ip):
-                    continue
-                state = inst.state
-                facts = None
-                if inst.id not in known and state == "running":
-                    facts = InstanceFacts.of(ec2, inst)
-                snapshot.append((inst.id, state, facts))
+            # Every account and region moto has a backend for (regions.py): world VPCs of
+            # other regions and of the second account have their own 127.N ranges.
+            for ec2 in self.world.ec2_backends():
+                for inst in list(ec2.all_instances()):
+                    if not is_loopback(inst.private_ip):
+                        continue
+                    state = inst.state
+                    facts = None
+                    if inst.id not in known and state == "running":
+                        facts = InstanceFacts.of(ec2, inst)
+                    snapshot.append((inst.id, state, facts))
         # 2. Bodies follow, outside the lock (their workers boot, halt and copy on their own).
         seen = set()
         for iid, state, facts in snapshot:

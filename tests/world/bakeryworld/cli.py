@@ -199,17 +199,17 @@ def cleanup(sd: Path, quiet: bool = False) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- network
-def boto_client(service: str, port: int):
+def boto_client(service: str, port: int, region: str = REGION, credentials: dict | None = None):
     import boto3
     from botocore.config import Config
 
+    creds = credentials or {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
     return boto3.client(
         service,
         endpoint_url=f"http://127.0.0.1:{port}",
-        region_name=REGION,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
+        region_name=region,
         config=Config(retries={"mode": "standard", "max_attempts": 10}),
+        **creds,
     )
 
 
@@ -235,11 +235,13 @@ def _loopback_listener_octets() -> set[int]:
     return out
 
 
-def choose_octet(sd: Path) -> int:
+def choose_octet(sd: Path, exclude: set[int] = frozenset(), preferred: int | None = None) -> int:
     """Second octet N of this world's VPC 127.N.0.0/16, unique among the worlds running on
-    this machine (bodies of two worlds must never share an address)."""
+    this machine (bodies of two worlds must never share an address). regions.py asks for more
+    ranges (other regions, the second account): `exclude` those this world holds already,
+    starting from `preferred`."""
     base = base_dir_for(sd)
-    taken = {0} | _loopback_listener_octets()
+    taken = {0} | _loopback_listener_octets() | set(exclude)
     root = base.parent
     if root.is_dir():
         for d in root.iterdir():
@@ -251,7 +253,9 @@ def choose_octet(sd: Path) -> int:
                 continue
             if server_pid(Path(claim["state_dir"])) is not None:
                 taken.add(int(claim["octet"]))
-    preferred = 10 if sd == (REPO / ".world").resolve() else 16 + int(base.name, 16) % 200
+                taken.update(int(o) for o in claim.get("octets", []))  # other regions (regions.py)
+    if preferred is None:
+        preferred = 10 if sd == (REPO / ".world").resolve() else 16 + int(base.name, 16) % 200
     for i in range(240):
         n = 10 + (preferred - 10 + i) % 240
         if n not in taken:
@@ -259,17 +263,22 @@ def choose_octet(sd: Path) -> int:
     raise WorldError("no free 127.N.0.0/16 range for another world's VPC")
 
 
-def ensure_network(port: int, sd: Path) -> dict:
-    ec2 = boto_client("ec2", port)
+def ensure_network(port: int, sd: Path, region: str = REGION, ec2=None, new_octet=None) -> dict:
+    """The base network of one region (default: the home region, whose range is claimed here).
+    regions.py passes another region's client and `new_octet()`, which claims a free range."""
+    ec2 = ec2 or boto_client("ec2", port)
     vpcs = ec2.describe_vpcs(Filters=[{"Name": f"tag:{TAG}", "Values": ["base"]}])["Vpcs"]
     if vpcs:
         vpc_id = vpcs[0]["VpcId"]
         octet = int(vpcs[0]["CidrBlock"].split(".")[1])
     else:
-        octet = choose_octet(sd)
-        base = base_dir_for(sd)
-        base.mkdir(parents=True, exist_ok=True)
-        (base / "world.json").write_text(json.dumps({"state_dir": str(sd), "octet": octet, "port": port}))
+        if new_octet is not None:
+            octet = new_octet()
+        else:
+            octet = choose_octet(sd)
+            base = base_dir_for(sd)
+            base.mkdir(parents=True, exist_ok=True)
+            (base / "world.json").write_text(json.dumps({"state_dir": str(sd), "octet": octet, "port": port}))
         vpc_id = ec2.create_vpc(
             CidrBlock=f"127.{octet}.0.0/16",
             TagSpecifications=[{"ResourceType": "vpc", "Tags": _tags("bakery-world", "base")}],
@@ -279,6 +288,7 @@ def ensure_network(port: int, sd: Path) -> dict:
     by_cidr = {s["CidrBlock"]: s["SubnetId"] for s in subnets}
     ids: dict[str, list[str]] = {"public": [], "private": []}
     for role, third, az in SUBNETS:
+        az = region + az[-1]  # the same zone letters in every region
         cidr = f"127.{octet}.{third}.0/24"
         sid = by_cidr.get(cidr)
         if sid is None:
@@ -365,6 +375,7 @@ def launch_server(sd: Path, port: int, args) -> int:
         "--interrupt-factor", str(args.interrupt_factor), "--table-delay", str(args.table_delay),
     ]
     cmd += ["--metric-period", str(getattr(args, "metric_period", 10.0))]  # cloudwatch.py
+    cmd += ["--copy-delay", str(getattr(args, "copy_delay", 0.2))]  # amis.py: CopyImage s/GiB
     p = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
         start_new_session=True, close_fds=True, cwd=str(sd),
@@ -391,6 +402,12 @@ def launch_server(sd: Path, port: int, args) -> int:
 
 def cmd_up(args) -> int:
     t0 = time.time()
+    from . import regions as _regions
+
+    try:
+        regions = _regions.parse_regions(getattr(args, "regions", None))
+    except ValueError as e:
+        raise WorldError(str(e), 2)
     sd = state_dir()
     sd.mkdir(parents=True, exist_ok=True)
     info = running(sd)
@@ -444,6 +461,12 @@ def cmd_up(args) -> int:
     env["WORLD_TABLE_DELAY"] = str(info["status"].get("table_delay", args.table_delay) if warm else args.table_delay)
     cw = info["status"].get("cloudwatch", {}) if warm else {}
     env["WORLD_METRIC_PERIOD"] = str(cw.get("metric_period", args.metric_period))
+    # Regions and the second account (regions.py): WORLD_REGIONS, each Region's ids, KMS keys.
+    env.update(_regions.ensure(sys.modules[__name__], port, sd, regions))
+    copy_delay = info["status"]["settings"].get("copy_delay", args.copy_delay) if warm else args.copy_delay
+    if warm and args.copy_delay_given and float(args.copy_delay) != float(copy_delay):
+        err(f"note: running world has copy_delay={copy_delay}; run down first to change it")
+    env["WORLD_COPY_DELAY"] = str(copy_delay)
     for k, v in old.items():  # keep what --stack added earlier
         env.setdefault(k, v)
     # --groups N: a warm stack with fewer groups gets the missing ones (stack.py is idempotent).
@@ -505,7 +528,8 @@ def cmd_status(args) -> int:
     s = st["settings"]
     print(f"world running: pid {st['pid']}, {st['endpoint']}, up {st['uptime']}s")
     print(f"  state dir {s['state_dir']}  bodies under {s['base_dir']}")
-    print(f"  boot delay {s['boot_delay']}s, snapshot delay {s['snapshot_delay']}s, plug-ins: {', '.join(st['plugins']) or 'none'}")
+    print(f"  boot delay {s['boot_delay']}s, snapshot delay {s['snapshot_delay']}s, copy delay {s.get('copy_delay')}s/GiB, "
+          f"plug-ins: {', '.join(st['plugins']) or 'none'}")
     print(f"  API calls: {st.get('calls_total', 0)}; fault rules: {len(st.get('faults', {}).get('rules', []))}")
     bodies = st["bodies"]
     print(f"  bodies: {len(bodies)}")
@@ -704,6 +728,11 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--snapshot-delay", type=float, default=None)
     up.add_argument("--port", type=int, default=None)
     up.add_argument("--seed", type=int, default=0, help="default fault-injection seed")
+    up.add_argument("--regions", default=None, metavar="R1,R2,...",
+                    help="Regions with a world VPC and bodies, the home Region us-east-1 first "
+                         "(default: us-east-1,eu-west-1,ap-northeast-2)")
+    up.add_argument("--copy-delay", type=float, default=None, metavar="S",
+                    help="CopyImage: seconds pending per GiB of the source's snapshots (default 0.2)")
     up.add_argument("--interrupt-factor", type=float, default=1.0,
                     help="scale interruption notices (spot 120 s) by this factor")
     up.add_argument("--table-delay", type=float, default=1.0,
@@ -759,6 +788,12 @@ def main(argv: list[str] | None = None) -> int:
             args.boot_delay = 2.0
         if args.snapshot_delay is None:
             args.snapshot_delay = 3.0
+        args.copy_delay_given = args.copy_delay is not None
+        if args.copy_delay is None:
+            args.copy_delay = 0.2
+        if args.copy_delay < 0:
+            err("--copy-delay must be >= 0")
+            return 2
         if args.boot_delay < 0 or args.snapshot_delay < 0:
             err("delays must be >= 0")
             return 2

@@ -118,10 +118,7 @@ def handle_control(fd, environ, start_response):
         if m:
             iid, verb = m.group(1), m.group(2)
             with world.lock:  # moto's models are read under the moto lock only
-                try:
-                    inst = world.ec2().get_instance(iid)
-                except Exception:
-                    inst = None
+                inst = world.find_instance(iid)  # any account and region
                 inst_state = inst.state if inst is not None else None
                 inst_ip = inst.private_ip if inst is not None else None
             if inst is None:

@@ -11,6 +11,7 @@ does moto's in-memory state that names the AMIs.
 from __future__ import annotations
 
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -69,19 +70,60 @@ class ImageStore:
         self.world.log(f"{ami.id}: captured from {instance_id} ({len(layers)} layer(s)), pending")
         self._later(ami, self.world.settings.snapshot_delay)
 
-    def on_copy_image(self, new_ami, source_ami_id: str) -> None:
+    def on_copy_image(self, new_ami, source_ami_id: str, delay: float | None = None, fail: bool = False,
+                      on_done=None) -> None:
+        """Called from the patched CopyImage with the moto lock held. The copy is `pending` for
+        `delay` (amis.py: copy delay x the source's GiB; default the snapshot delay); meanwhile
+        the source's layers are copied (hard links: layers are never written once made) into
+        <images>/<new id>/<n>/, outside the lock, so the copy keeps its content whatever happens
+        to the source. Until that copy is done the new image names the source's layers (same
+        content). `fail`: the copy ends `failed` (amis.py: a KMS key the destination Region
+        lacks) and gets no layers. `on_done(ami, state)` runs under the moto lock at the end."""
+        source_layers = self.layers_for(source_ami_id)
         with self._lock:
-            self._layers[new_ami.id] = self.layers_for(source_ami_id)
+            self._layers[new_ami.id] = [] if fail else source_layers
             self._meta[new_ami.id] = {"copied_from": source_ami_id, "state": "pending"}
         new_ami.state = "pending"
-        self._later(new_ami, self.world.settings.snapshot_delay)
+        delay = self.world.settings.snapshot_delay if delay is None else delay
+        copied = threading.Event()
 
-    def _later(self, ami, delay: float) -> None:
+        def copy_layers():
+            try:
+                dest = self.dir / new_ami.id
+                made = []
+                for n, layer in enumerate(source_layers):
+                    d = dest / str(n)
+                    d.mkdir(parents=True, exist_ok=True)
+                    p = subprocess.run(["cp", "-a", "--link", f"{layer}/.", f"{d}/"], stdin=subprocess.DEVNULL,
+                                       capture_output=True, timeout=600)
+                    if p.returncode != 0:
+                        raise RuntimeError(p.stderr.decode(errors="replace").strip())
+                    made.append(str(d))
+                with self._lock:
+                    self._layers[new_ami.id] = made
+                    self._meta[new_ami.id]["layers_copied"] = len(made)
+            except Exception as e:  # the image keeps naming the source's layers
+                self.world.log(f"{new_ami.id}: layer copy failed ({e}); sharing the source's layers")
+            finally:
+                copied.set()
+
+        if fail or not source_layers:
+            copied.set()
+        else:
+            threading.Thread(target=copy_layers, name=f"copy-{new_ami.id}", daemon=True).start()
+        self._later(new_ami, delay, end_state="failed" if fail else "available", ready=copied, on_done=on_done)
+
+    def _later(self, ami, delay: float, end_state: str = "available", ready: threading.Event | None = None,
+               on_done=None) -> None:
         def done():
+            if ready is not None:
+                ready.wait(600)  # the layer copy (outside the moto lock)
             # A timer thread: moto's image object is touched under the moto lock only.
             with self.world.lock:
                 if ami.state == "pending":
-                    ami.state = "available"
+                    ami.state = end_state
+                    if on_done is not None:
+                        on_done(ami, end_state)
                 state = ami.state
             with self._lock:
                 if ami.id in self._meta:

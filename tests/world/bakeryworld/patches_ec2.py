@@ -7,7 +7,9 @@
 - CreateImage: captures the body's upper layer; the image is `pending` for the snapshot
   delay, then `available`; without NoReboot the instance is shut down around the capture
   and boots again (AWS: "Amazon EC2 reboots the instance" unless NoReboot).
-- CopyImage: the copy shares the source's layers and is `pending` for the snapshot delay.
+- CopyImage: the copy gets copies of the source's layers and is `pending` for a time
+  proportional to its size (amis.py: tags, encryption, idempotency, sharing, deprecation,
+  deregistration protection; regions.py: opt-in regions).
 - CreateImage/CopyImage: a name already used by an AMI of the account is refused with
   `InvalidAMIName.Duplicate` (moto makes a second image of the same name).
 - Public IPs: instances in world VPCs (CIDR in 127.0.0.0/8) get no public IP; elsewhere an
@@ -153,12 +155,13 @@ def install(world) -> None:
 
     orig_copy_image = amis_models.AmiBackend.copy_image
 
-    def copy_image(self, source_image_id, source_region, name=None, description=None):
+    def copy_image(self, source_image_id, source_region, name=None, description=None, **copy):
+        # copy: delay / fail / on_done from amis.py's CopyImage (size, KMS key); none: the defaults
         if name:
             refuse_duplicate_name(self, name)
         ami = orig_copy_image(self, source_image_id, source_region, name, description)
         if _W is not None:
-            _W.images.on_copy_image(ami, source_image_id)
+            _W.images.on_copy_image(ami, source_image_id, **copy)
         return ami
 
     amis_models.AmiBackend.copy_image = copy_image
@@ -378,3 +381,9 @@ def install(world) -> None:
         return orig_resp_run_instances(self)
 
     InstanceResponse.run_instances = resp_run_instances  # type: ignore[method-assign]
+
+    # --- regions, accounts, CopyImage, deprecation, protection, sharing (amis.py, regions.py) ---
+    from . import amis, regions
+
+    amis.install(world)
+    regions.install(world)

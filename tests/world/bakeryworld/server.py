@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--snapshot-delay", type=float, default=3.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--region", default="us-east-1")
+    ap.add_argument("--copy-delay", type=float, default=0.2)  # CopyImage: seconds per GiB
     ap.add_argument("--interrupt-factor", type=float, default=1.0)
     ap.add_argument("--table-delay", type=float, default=1.0)
     ap.add_argument("--metric-period", type=float, default=10.0)  # cloudwatch.py
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     settings.interrupt_factor = args.interrupt_factor  # events.py: notices scaled by it
     settings.table_delay = args.table_delay  # patches_dynamodb.py: CREATING for this long
+    settings.copy_delay = args.copy_delay  # amis.py: a copy is pending this long per GiB
     settings.metric_period = args.metric_period  # cloudwatch.py: ELB metrics every this many s
     msg = port_in_use(settings.host, settings.port)
     if msg:

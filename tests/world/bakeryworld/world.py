@@ -54,6 +54,8 @@ class Settings:
     port: int = 5599
     boot_delay: float = 2.0
     snapshot_delay: float = 3.0
+    # CopyImage: seconds per GiB of the source image's snapshots (regions.py, amis.py)
+    copy_delay: float = 0.2
     seed: int = 0
     region: str = "us-east-1"
     host: str = "127.0.0.1"
@@ -72,6 +74,7 @@ class Settings:
             "port": self.port,
             "boot_delay": self.boot_delay,
             "snapshot_delay": self.snapshot_delay,
+            "copy_delay": self.copy_delay,
             "seed": self.seed,
             "region": self.region,
         }
@@ -138,6 +141,26 @@ class World:
 
         return ec2_backends[self.settings.account][region or self.settings.region]
 
+    def ec2_backends(self) -> list:
+        """Every EC2 backend moto has made so far: one per (account, region) used. Call with
+        `self.lock` held. Only backends that exist are listed (none is created here)."""
+        from moto.ec2.models import ec2_backends
+
+        out = []
+        for _account, by_region in list(dict.items(ec2_backends)):
+            out.extend(backend for _region, backend in list(dict.items(by_region)))
+        return out
+
+    def find_instance(self, instance_id: str):
+        """The moto instance of that id in any account and region, or None. Call with
+        `self.lock` held."""
+        for backend in self.ec2_backends():
+            for reservation in list(backend.reservations.values()):
+                for inst in reservation.instances:
+                    if inst.id == instance_id:
+                        return inst
+        return None
+
     def backend(self, service: str, region: str | None = None):
         from moto.backends import get_backend
 
@@ -147,11 +170,14 @@ class World:
     def is_world_vpc(self, vpc_id: str | None, region: str | None = None) -> bool:
         if not vpc_id:
             return False
-        try:
-            vpc = self.ec2(region).get_vpc(vpc_id)
-        except Exception:
-            return False
-        return cidr_is_loopback(getattr(vpc, "cidr_block", None))
+        # without a region: the VPC wherever it is (world VPCs exist in every region, regions.py)
+        for backend in [self.ec2(region)] if region else self.ec2_backends():
+            try:
+                vpc = backend.get_vpc(vpc_id)
+            except Exception:
+                continue
+            return cidr_is_loopback(getattr(vpc, "cidr_block", None))
+        return False
 
     def log(self, msg: str) -> None:
         ts = time.strftime("%H:%M:%S")
