@@ -42,7 +42,8 @@ pub struct Global {
     /// Only errors and the result.
     #[arg(short, long, global = true)]
     pub quiet: bool,
-    /// Never draw progress (it is also off when stderr is not a terminal).
+    /// No progress lines (steps, waits, resources made and removed) on stderr; provisioner
+    /// output, warnings, errors and the result still show.
     #[arg(long, global = true)]
     pub no_progress: bool,
 }
@@ -83,7 +84,7 @@ pub struct AuditArgs {
 #[derive(Debug, Args)]
 pub struct GcArgs {
     /// Leave alone anything younger than this (a bake may be running).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+    #[arg(long, value_parser = parse_age, default_value = "1h")]
     pub older_than: std::time::Duration,
     /// List what would be removed, remove nothing.
     #[arg(long)]
@@ -167,6 +168,10 @@ pub struct RolloutArgs {
     /// Launch-template versions to keep after a successful rollout (never one in use).
     #[arg(long, default_value_t = 10)]
     pub keep_versions: usize,
+    /// How long the group's lock outlives this run if it stops renewing it (paused, cut off,
+    /// killed on another machine), 10s to 10m; another driver may take the group after that.
+    #[arg(long, value_parser = parse_lock_ttl, default_value = "60s")]
+    pub lock_ttl: std::time::Duration,
 }
 
 #[derive(Debug, Args)]
@@ -201,4 +206,25 @@ pub struct BuildArgs {
     /// Where to write the manifest.
     #[arg(long, default_value = "bakery-manifest.json")]
     pub manifest: PathBuf,
+}
+
+/// An age such as `30m`, `1h` or `0s` (humantime units); a clear word for the usual mistakes.
+fn parse_age(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    if t.starts_with('-') {
+        return Err(format!(
+            "{s:?} is negative: an age is how long ago, e.g. 30m or 2h (0s: everything whose bake is over)"
+        ));
+    }
+    humantime::parse_duration(t)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); e.g. 30m, 2h, 1d"))
+}
+
+fn parse_lock_ttl(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration ({e}); e.g. 60s"))?;
+    if d < std::time::Duration::from_secs(10) || d > std::time::Duration::from_secs(600) {
+        return Err(format!("{s:?} is out of range: 10s to 10m"));
+    }
+    Ok(d)
 }

@@ -17,6 +17,7 @@ use crate::bake::undo::BUILD_ID_TAG;
 use crate::bake::{COMPLETE_TAG, EXPIRES_TAG, TEMPORARY_TAG, TEMPORARY_TTL};
 use crate::health::TAKEOVER_TAG;
 use crate::rollout::state::{Lock, LOCK_TAG};
+use bakery_core::marks;
 
 /// One thing gc found.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -25,8 +26,66 @@ pub struct Finding {
     pub id: String,
     pub age_s: u64,
     pub why: String,
-    /// `removed`, `would remove` (dry run), `kept (too young)` or `failed: ...`.
-    pub action: String,
+    pub action: Action,
+}
+
+/// What gc did with a finding. Printed (and serialized) as a short phrase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Removed,
+    WouldRemove,
+    KeptTooYoung,
+    KeptInUse,
+    /// Its bake may still be running: why.
+    KeptRunning(String),
+    Failed(String),
+}
+
+impl Action {
+    pub fn failed(&self) -> bool {
+        matches!(self, Action::Failed(_))
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Removed => f.write_str("removed"),
+            Action::WouldRemove => f.write_str("would remove"),
+            Action::KeptTooYoung => f.write_str("kept (too young)"),
+            Action::KeptInUse => f.write_str("kept (in use)"),
+            Action::KeptRunning(why) => write!(f, "kept ({why})"),
+            Action::Failed(e) => write!(f, "failed: {e}"),
+        }
+    }
+}
+
+impl Serialize for Action {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Whether the bake that made a resource may still run (see [`marks::bake_liveness`]); images
+/// carry no expiry tag, so theirs is their creation plus the temporary lifetime.
+fn liveness(tags: &BTreeMap<String, String>, created: Option<i64>) -> marks::BakeLiveness {
+    let expires = tags
+        .get(EXPIRES_TAG)
+        .and_then(|e| OffsetDateTime::parse(e, &Rfc3339).ok())
+        .map(|t| t.unix_timestamp())
+        .or_else(|| {
+            tags.get(marks::OWNER_TAG)
+                .and(created)
+                .map(|c| c + TEMPORARY_TTL.as_secs() as i64)
+        })
+        .map(|e| e.max(0) as u64);
+    marks::bake_liveness(
+        tags.get(marks::OWNER_TAG).map(String::as_str),
+        expires,
+        now().max(0) as u64,
+        &crate::host::hostname(),
+        crate::host::pid_alive,
+    )
 }
 
 fn now() -> i64 {
@@ -78,12 +137,13 @@ impl Gc<'_> {
         f
     }
 
-    /// Records a finding and, when it is old enough and this is no dry run, removes it.
+    /// Records a finding and, when its bake is over, it is old enough and this is no dry run,
+    /// removes it. A resource whose bake may still run is never touched, whatever its age.
     async fn handle<F>(
         &mut self,
         kind: &'static str,
         id: String,
-        created: Option<i64>,
+        (created, live): (Option<i64>, marks::BakeLiveness),
         why: String,
         remove: F,
     ) where
@@ -92,14 +152,16 @@ impl Gc<'_> {
         let age = created
             .map(|c| (now() - c).max(0) as u64)
             .unwrap_or(u64::MAX);
-        let action = if age < self.older_than.as_secs() {
-            "kept (too young)".to_string()
+        let action = if let marks::BakeLiveness::Running(why) = live {
+            Action::KeptRunning(why)
+        } else if age < self.older_than.as_secs() {
+            Action::KeptTooYoung
         } else if self.dry_run {
-            "would remove".to_string()
+            Action::WouldRemove
         } else {
             match remove.await {
-                Ok(()) => "removed".to_string(),
-                Err(e) => format!("failed: {e}"),
+                Ok(()) => Action::Removed,
+                Err(e) => Action::Failed(e.to_string()),
             }
         };
         self.findings.push(Finding {
@@ -125,30 +187,34 @@ impl Gc<'_> {
                 .collect::<Result<Vec<_>, _>>()
         })
         .await?;
-        let found: Vec<(String, i64, String)> = out
+        let found: Vec<(String, i64, BTreeMap<String, String>)> = out
             .iter()
             .flat_map(|r| r.instances())
             .map(|i| {
-                let tags = tag_map(i.tags());
                 (
                     i.instance_id().unwrap_or_default().to_string(),
                     i.launch_time().map(|t| t.secs()).unwrap_or_else(now),
-                    tags.get(BUILD_ID_TAG).cloned().unwrap_or_default(),
+                    tag_map(i.tags()),
                 )
             })
             .collect();
         let mut removed = Vec::new();
-        for (id, launched, build) in found {
+        for (id, launched, tags) in found {
             let ids = vec![id.clone()];
+            let build = tags.get(BUILD_ID_TAG).cloned().unwrap_or_default();
             self.handle(
                 "instance",
                 id.clone(),
-                Some(launched),
+                (Some(launched), liveness(&tags, Some(launched))),
                 format!("temporary instance of bake {build}"),
                 async { ec2::terminate_instances(ec2c, &ids).await },
             )
             .await;
-            if self.findings.last().is_some_and(|f| f.action == "removed") {
+            if self
+                .findings
+                .last()
+                .is_some_and(|f| f.action == Action::Removed)
+            {
                 removed.push(id);
             }
         }
@@ -192,10 +258,11 @@ impl Gc<'_> {
             .collect();
         for (id, tags) in found {
             let build = tags.get(BUILD_ID_TAG).cloned().unwrap_or_default();
+            let created = created_from_tags(&tags);
             self.handle(
                 "security group",
                 id.clone(),
-                created_from_tags(&tags),
+                (created, liveness(&tags, created)),
                 format!("temporary group of bake {build}"),
                 async { ec2::delete_security_group(ec2c, &id).await },
             )
@@ -229,7 +296,7 @@ impl Gc<'_> {
             self.handle(
                 "key pair",
                 name.clone(),
-                created,
+                (created, liveness(&tags, created)),
                 format!("temporary key of bake {build}"),
                 async { ec2::delete_key_pair(ec2c, &name).await },
             )
@@ -285,11 +352,12 @@ impl Gc<'_> {
                         .map(|c| (now() - c).max(0) as u64)
                         .unwrap_or_default(),
                     why,
-                    action: "kept (in use)".into(),
+                    action: Action::KeptInUse,
                 });
                 continue;
             }
-            self.handle("image", image.id.clone(), created, why, async {
+            let live = liveness(&tags, created);
+            self.handle("image", image.id.clone(), (created, live), why, async {
                 ec2::delete_image(ec2c, &image).await
             })
             .await;
@@ -321,7 +389,7 @@ impl Gc<'_> {
                     self.handle(
                         "rollout lock",
                         g.name.clone(),
-                        Some(l.expires as i64),
+                        (Some(l.expires as i64), marks::BakeLiveness::Over),
                         why,
                         async { autoscaling::delete_tags(asg, &name, &[LOCK_TAG]).await },
                     )
@@ -338,7 +406,7 @@ impl Gc<'_> {
                     self.handle(
                         "daemon takeover",
                         g.name.clone(),
-                        Some(l.expires as i64),
+                        (Some(l.expires as i64), marks::BakeLiveness::Over),
                         why,
                         async {
                             autoscaling::resume(asg, &name, &["HealthCheck"]).await?;
@@ -392,7 +460,7 @@ pub fn render(findings: &[Finding]) -> String {
             f.kind.to_string(),
             f.id.clone(),
             humantime::format_duration(Duration::from_secs(f.age_s)).to_string(),
-            f.action.clone(),
+            f.action.to_string(),
             f.why.clone(),
         ]
     }));

@@ -67,17 +67,6 @@ fn init_logging(verbose: u8, quiet: bool, json: bool) {
     }
 }
 
-fn report_error(reporter: &Reporter, message: &str, code: u8) -> ExitCode {
-    match reporter.format() {
-        Format::Json => reporter.emit(Event::BuildFailed {
-            error: message.to_string(),
-            exit_code: code.into(),
-        }),
-        Format::Human => eprintln!("error: {message}"),
-    }
-    ExitCode::from(code)
-}
-
 fn target(g: &bakery::cli::Global) -> aws::Target {
     aws::Target {
         region: g.region.clone(),
@@ -86,235 +75,278 @@ fn target(g: &bakery::cli::Global) -> aws::Target {
     }
 }
 
-async fn run(cli: Cli) -> ExitCode {
-    let reporter = Reporter::new(cli.global.output, cli.global.quiet);
-    let target = target(&cli.global);
-    match cli.command {
-        Command::Validate(args) => {
-            let sources = recipe::VarSources::from_env(args.var_files, args.vars);
-            match recipe::load(&args.recipe, &sources) {
-                Ok(r) => {
-                    if reporter.format() == Format::Json {
-                        println!(
-                            "{}",
-                            serde_json::json!({"event": "valid", "recipe": r.path, "sha256": r.sha256})
-                        );
-                    } else {
-                        println!("{}: valid", args.recipe.display());
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => report_error(&reporter, &e.to_string(), exit::USAGE),
-            }
-        }
-        Command::Build(args) => {
-            let sources = recipe::VarSources::from_env(args.recipe.var_files, args.recipe.vars);
-            let recipe = match recipe::load(&args.recipe.recipe, &sources) {
-                Ok(r) => r,
-                Err(e) => return report_error(&reporter, &e.to_string(), exit::USAGE),
-            };
-            let aws = match aws::Aws::connect(&target).await {
-                Ok(a) => a,
-                Err(e) => return report_error(&reporter, &e.to_string(), exit::USAGE),
-            };
-            let opts = bake::Options {
-                on_error: args.on_error,
-                trust_host_key_on_first_use: args.trust_host_key_on_first_use,
-                manifest_path: Some(args.manifest),
-            };
-            let outcome = bake::run(&aws, &recipe, &opts, &reporter).await;
-            finish_build(&reporter, outcome)
-        }
-        Command::Rollout(args) => {
-            let ami = match (args.ami, args.manifest, args.ami_param) {
-                (Some(id), _, _) => Some(rollout::AmiSource::Id(id)),
-                (_, Some(m), _) => Some(rollout::AmiSource::Manifest(m)),
-                (_, _, Some(p)) => Some(rollout::AmiSource::Param(p)),
-                _ if args.abort => None,
-                _ => {
-                    return report_rollout_error(
-                        &reporter,
-                        "name the AMI to roll out: --ami AMI_ID, --manifest FILE or --ami-param SSM_PATH",
-                        exit::USAGE.into(),
-                    )
-                }
-            };
-            let req = rollout::Request {
-                group: args.asg,
-                ami,
-                max_surge: args.max_surge,
-                max_unavailable: args.max_unavailable,
-                canary: args.canary,
-                canary_bake: args.canary_bake,
-                health_timeout: args.health_timeout,
-                warmup: args.warmup,
-                rollback: !args.no_rollback,
-                dry_run: args.dry_run,
-                abort: args.abort,
-                force: args.force,
-                keep_versions: args.keep_versions,
-            };
-            let aws = match aws::Aws::connect(&target).await {
-                Ok(a) => a,
-                Err(e) => {
-                    return report_rollout_error(&reporter, &e.to_string(), exit::USAGE.into())
-                }
-            };
-            match rollout::run(&aws, &req, &reporter).await {
-                Ok(_) => ExitCode::SUCCESS,
-                Err(e) => report_rollout_error(&reporter, &format!("{e}"), e.exit_code()),
-            }
-        }
-        Command::Daemon(args) => {
-            // The configuration is checked before anything else, AWS included.
-            let config = match bakery::health::config::load(&args.config) {
-                Ok(c) => c,
-                Err(e) => return report_error(&reporter, &e.to_string(), exit::USAGE),
-            };
-            if args.check {
-                println!("{}: valid", args.config.display());
-                return ExitCode::SUCCESS;
-            }
-            let aws = match aws::Aws::connect(&target).await {
-                Ok(a) => a,
-                Err(e) => return report_error(&reporter, &e.to_string(), exit::USAGE),
-            };
-            match bakery::health::run(aws, config).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => report_error(&reporter, &e.to_string(), exit::USAGE),
-            }
-        }
-        Command::Gc(args) => {
-            let aws = match aws::Aws::connect(&target).await {
-                Ok(a) => a,
-                Err(e) => return report_error(&reporter, &e.to_string(), exit::USAGE),
-            };
-            match bakery::gc::run(&aws, args.older_than, args.dry_run, args.build_id).await {
-                Ok(findings) => {
-                    if reporter.format() == Format::Json {
-                        println!(
-                            "{}",
-                            serde_json::json!({"event": "gc", "dry_run": args.dry_run, "findings": findings})
-                        );
-                    } else {
-                        print!("{}", bakery::gc::render(&findings));
-                    }
-                    if findings.iter().any(|f| f.action.starts_with("failed")) {
-                        ExitCode::from(exit::FAILURE)
-                    } else {
-                        ExitCode::SUCCESS
-                    }
-                }
-                Err(e) => report_error(&reporter, &e.to_string(), exit::FAILURE),
-            }
-        }
-        Command::Prune(args) => {
-            if args.name_prefix.trim().len() < 3 {
-                return report_error(&reporter, "--name-prefix must have at least 3 characters, so a typo cannot match every AMI", exit::USAGE);
-            }
-            let aws = match aws::Aws::connect(&target).await {
-                Ok(a) => a,
-                Err(e) => return report_error(&reporter, &e.to_string(), exit::USAGE),
-            };
-            match bakery::prune::run(&aws, &args.name_prefix, args.keep, args.dry_run).await {
-                Ok(rows) => {
-                    if reporter.format() == Format::Json {
-                        println!(
-                            "{}",
-                            serde_json::json!({"event": "prune", "dry_run": args.dry_run, "images": rows})
-                        );
-                    } else if rows.is_empty() {
-                        println!("no AMI named {}*", args.name_prefix);
-                    } else {
-                        for r in &rows {
-                            println!("{}  {}  {}  {}", r.ami_id, r.name, r.created, r.action);
-                        }
-                    }
-                    if rows.iter().any(|r| r.action.starts_with("failed")) {
-                        ExitCode::from(exit::FAILURE)
-                    } else {
-                        ExitCode::SUCCESS
-                    }
-                }
-                Err(e) => report_error(&reporter, &e.to_string(), exit::FAILURE),
-            }
-        }
-        Command::Audit(args) => {
-            let aws = match aws::Aws::connect(&target).await {
-                Ok(a) => a,
-                Err(e) => return report_error(&reporter, &e.to_string(), exit::USAGE),
-            };
-            match bakery::audit::run(
-                &aws,
-                &args.asg,
-                args.db_instance.as_deref(),
-                args.secret.as_deref(),
-            )
-            .await
-            {
-                Ok(findings) => {
-                    let high = findings
-                        .iter()
-                        .filter(|f| !f.passed && f.severity == bakery::audit::Severity::High)
-                        .count();
-                    if reporter.format() == Format::Json {
-                        println!(
-                            "{}",
-                            serde_json::json!({"event": "audit", "group": args.asg, "high_findings": high, "findings": findings})
-                        );
-                    } else {
-                        print!("{}", bakery::audit::render(&findings));
-                    }
-                    if high > 0 {
-                        if reporter.format() == Format::Human {
-                            eprintln!("error: {high} high-severity finding(s)");
-                        }
-                        ExitCode::from(exit::AUDIT_HIGH)
-                    } else {
-                        ExitCode::SUCCESS
-                    }
-                }
-                Err(bakery::audit::AuditError::GroupNotFound(g)) => report_error(
-                    &reporter,
-                    &format!("Auto Scaling group {g:?} not found in this region"),
-                    exit::USAGE,
-                ),
-                Err(e) => report_error(&reporter, &e.to_string(), exit::FAILURE),
-            }
-        }
-        Command::Status(args) => {
-            let aws = match aws::Aws::connect(&target).await {
-                Ok(a) => a,
-                Err(e) => return report_error(&reporter, &e.to_string(), exit::USAGE),
-            };
-            match rollout::status::status(&aws, &args.asg).await {
-                Ok(s) => {
-                    if reporter.format() == Format::Json {
-                        println!("{}", serde_json::to_string(&s).unwrap_or_default());
-                    } else {
-                        print!("{}", rollout::status::render(&s));
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => report_error(
-                    &reporter,
-                    &format!("{e}"),
-                    u8::try_from(e.exit_code()).unwrap_or(exit::FAILURE),
-                ),
-            }
+/// A command that failed: its message (with the whole chain) and exit code.
+struct Failure {
+    message: String,
+    code: u8,
+}
+
+impl Failure {
+    fn new(message: impl std::fmt::Display, code: u8) -> Self {
+        Self {
+            message: message.to_string(),
+            code,
         }
     }
 }
 
-fn report_rollout_error(reporter: &Reporter, message: &str, code: i32) -> ExitCode {
-    match reporter.format() {
-        Format::Json => reporter.emit(Event::RolloutFailed {
+type Done = Result<u8, Failure>;
+
+/// Runs one command: each has its own function; they report through the reporter.
+async fn run(cli: Cli) -> ExitCode {
+    let reporter = if cli.global.no_progress {
+        Reporter::without_progress(cli.global.output, cli.global.quiet)
+    } else {
+        Reporter::new(cli.global.output, cli.global.quiet)
+    };
+    let target = target(&cli.global);
+    let (name, done) = match cli.command {
+        Command::Validate(args) => ("validate", validate(&reporter, args)),
+        Command::Build(args) => return build(&reporter, &target, args).await,
+        Command::Rollout(args) => return rollout_cmd(&reporter, &target, args).await,
+        Command::Daemon(args) => ("daemon", daemon(&reporter, &target, args).await),
+        Command::Gc(args) => ("gc", gc(&reporter, &target, args).await),
+        Command::Prune(args) => ("prune", prune(&reporter, &target, args).await),
+        Command::Audit(args) => ("audit", audit(&reporter, &target, args).await),
+        Command::Status(args) => ("status", status(&reporter, &target, args).await),
+    };
+    match done {
+        Ok(code) => ExitCode::from(code),
+        Err(f) => {
+            reporter.emit(Event::CommandFailed {
+                command: name.into(),
+                error: f.message,
+                exit_code: f.code.into(),
+            });
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+async fn connect(target: &aws::Target) -> Result<aws::Aws, Failure> {
+    aws::Aws::connect(target)
+        .await
+        .map_err(|e| Failure::new(e, exit::USAGE))
+}
+
+fn validate(reporter: &Reporter, args: bakery::cli::RecipeArgs) -> Done {
+    let sources = recipe::VarSources::from_env(args.var_files, args.vars);
+    let r = recipe::load(&args.recipe, &sources).map_err(|e| Failure::new(e, exit::USAGE))?;
+    reporter.result(
+        Event::Valid {
+            file: r.path.display().to_string(),
+            sha256: Some(r.sha256.clone()),
+        },
+        || format!("{}: valid", args.recipe.display()),
+    );
+    Ok(0)
+}
+
+async fn build(
+    reporter: &Reporter,
+    target: &aws::Target,
+    args: bakery::cli::BuildArgs,
+) -> ExitCode {
+    let fail = |e: &dyn std::fmt::Display, code: u8| {
+        reporter.emit(Event::BuildFailed {
+            error: e.to_string(),
+            exit_code: code.into(),
+        });
+        if reporter.format() == Format::Human {
+            eprintln!("error: {e}");
+        }
+        ExitCode::from(code)
+    };
+    let sources = recipe::VarSources::from_env(args.recipe.var_files, args.recipe.vars);
+    let recipe = match recipe::load(&args.recipe.recipe, &sources) {
+        Ok(r) => r,
+        Err(e) => return fail(&e, exit::USAGE),
+    };
+    if let Err(e) = bake::manifest::Manifest::check_writable(&args.manifest) {
+        return fail(&e, exit::USAGE);
+    }
+    let aws = match aws::Aws::connect(target).await {
+        Ok(a) => a,
+        Err(e) => return fail(&e, exit::USAGE),
+    };
+    let opts = bake::Options {
+        on_error: args.on_error,
+        trust_host_key_on_first_use: args.trust_host_key_on_first_use,
+        manifest_path: Some(args.manifest),
+    };
+    let outcome = bake::run(&aws, &recipe, &opts, reporter).await;
+    finish_build(reporter, outcome)
+}
+
+async fn rollout_cmd(
+    reporter: &Reporter,
+    target: &aws::Target,
+    args: bakery::cli::RolloutArgs,
+) -> ExitCode {
+    let fail = |message: &str, code: i32| {
+        reporter.emit(Event::RolloutFailed {
             error: message.to_string(),
             exit_code: code,
-        }),
-        Format::Human => eprintln!("error: {message}"),
+        });
+        if reporter.format() == Format::Human {
+            eprintln!("error: {message}");
+        }
+        ExitCode::from(u8::try_from(code).unwrap_or(exit::FAILURE))
+    };
+    let ami =
+        match (args.ami, args.manifest, args.ami_param) {
+            (Some(id), _, _) => Some(rollout::AmiSource::Id(id)),
+            (_, Some(m), _) => Some(rollout::AmiSource::Manifest(m)),
+            (_, _, Some(p)) => Some(rollout::AmiSource::Param(p)),
+            _ if args.abort => None,
+            _ => return fail(
+                "name the AMI to roll out: --ami AMI_ID, --manifest FILE or --ami-param SSM_PATH",
+                exit::USAGE.into(),
+            ),
+        };
+    let req = rollout::Request {
+        group: args.asg,
+        ami,
+        max_surge: args.max_surge,
+        max_unavailable: args.max_unavailable,
+        canary: args.canary,
+        canary_bake: args.canary_bake,
+        health_timeout: args.health_timeout,
+        warmup: args.warmup,
+        rollback: !args.no_rollback,
+        dry_run: args.dry_run,
+        abort: args.abort,
+        force: args.force,
+        keep_versions: args.keep_versions,
+        lock_ttl: args.lock_ttl,
+    };
+    let aws = match aws::Aws::connect(target).await {
+        Ok(a) => a,
+        Err(e) => return fail(&e.to_string(), exit::USAGE.into()),
+    };
+    match rollout::run(&aws, &req, reporter).await {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => fail(&e.to_string(), e.exit_code()),
     }
-    ExitCode::from(u8::try_from(code).unwrap_or(exit::FAILURE))
+}
+
+async fn daemon(reporter: &Reporter, target: &aws::Target, args: bakery::cli::DaemonArgs) -> Done {
+    // The configuration is checked before anything else, AWS included.
+    let config =
+        bakery::health::config::load(&args.config).map_err(|e| Failure::new(e, exit::USAGE))?;
+    if args.check {
+        reporter.result(
+            Event::Valid {
+                file: args.config.display().to_string(),
+                sha256: None,
+            },
+            || format!("{}: valid", args.config.display()),
+        );
+        return Ok(0);
+    }
+    let aws = connect(target).await?;
+    bakery::health::run(aws, config)
+        .await
+        .map_err(|e| Failure::new(e, exit::USAGE))?;
+    Ok(0)
+}
+
+async fn gc(reporter: &Reporter, target: &aws::Target, args: bakery::cli::GcArgs) -> Done {
+    let aws = connect(target).await?;
+    let findings = bakery::gc::run(&aws, args.older_than, args.dry_run, args.build_id)
+        .await
+        .map_err(|e| Failure::new(e, exit::FAILURE))?;
+    reporter.result(
+        Event::Gc {
+            dry_run: args.dry_run,
+            findings: serde_json::to_value(&findings).unwrap_or_default(),
+        },
+        || bakery::gc::render(&findings),
+    );
+    let failed = findings.iter().filter(|f| f.action.failed()).count();
+    if failed > 0 {
+        return Err(Failure::new(
+            format!("{failed} leftover(s) could not be removed (see the table)"),
+            exit::FAILURE,
+        ));
+    }
+    Ok(0)
+}
+
+async fn prune(reporter: &Reporter, target: &aws::Target, args: bakery::cli::PruneArgs) -> Done {
+    if args.name_prefix.trim().len() < 3 {
+        return Err(Failure::new(
+            "--name-prefix must have at least 3 characters, so a typo cannot match every AMI",
+            exit::USAGE,
+        ));
+    }
+    let aws = connect(target).await?;
+    let rows = bakery::prune::run(&aws, &args.name_prefix, args.keep, args.dry_run)
+        .await
+        .map_err(|e| Failure::new(e, exit::FAILURE))?;
+    reporter.result(
+        Event::Prune {
+            dry_run: args.dry_run,
+            images: serde_json::to_value(&rows).unwrap_or_default(),
+        },
+        || bakery::prune::render(&rows, &args.name_prefix),
+    );
+    let failed = rows.iter().filter(|r| r.action.failed()).count();
+    if failed > 0 {
+        return Err(Failure::new(
+            format!("{failed} image(s) could not be deregistered (see the list)"),
+            exit::FAILURE,
+        ));
+    }
+    Ok(0)
+}
+
+async fn audit(reporter: &Reporter, target: &aws::Target, args: bakery::cli::AuditArgs) -> Done {
+    let aws = connect(target).await?;
+    let findings = bakery::audit::run(
+        &aws,
+        &args.asg,
+        args.db_instance.as_deref(),
+        args.secret.as_deref(),
+    )
+    .await
+    .map_err(|e| match e {
+        bakery::audit::AuditError::GroupNotFound(_) => Failure::new(e, exit::USAGE),
+        e => Failure::new(e, exit::FAILURE),
+    })?;
+    let high = findings
+        .iter()
+        .filter(|f| !f.passed && f.severity == bakery::audit::Severity::High)
+        .count();
+    reporter.result(
+        Event::Audit {
+            group: args.asg.clone(),
+            high_findings: high,
+            findings: serde_json::to_value(&findings).unwrap_or_default(),
+        },
+        || bakery::audit::render(&findings),
+    );
+    if high > 0 {
+        if reporter.format() == Format::Human {
+            eprintln!("error: {high} high-severity finding(s)");
+        }
+        return Ok(exit::AUDIT_HIGH);
+    }
+    Ok(0)
+}
+
+async fn status(reporter: &Reporter, target: &aws::Target, args: bakery::cli::StatusArgs) -> Done {
+    let aws = connect(target).await?;
+    let s = rollout::status::status(&aws, &args.asg)
+        .await
+        .map_err(|e| Failure::new(&e, u8::try_from(e.exit_code()).unwrap_or(exit::FAILURE)))?;
+    reporter.result(
+        Event::Status {
+            status: serde_json::to_value(&s).unwrap_or_default(),
+        },
+        || rollout::status::render(&s),
+    );
+    Ok(0)
 }
 
 fn finish_build(reporter: &Reporter, outcome: bake::Outcome) -> ExitCode {
@@ -322,17 +354,13 @@ fn finish_build(reporter: &Reporter, outcome: bake::Outcome) -> ExitCode {
     let mut code = match &outcome.result {
         Ok(manifest) => {
             let value = serde_json::to_value(manifest).unwrap_or_default();
+            let pretty = serde_json::to_string_pretty(&value).unwrap_or_default();
+            reporter.result(Event::BuildFinished { manifest: value }, || pretty);
             if human {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&value).unwrap_or_default()
-                );
                 eprintln!(
                     "==> {} ({}) ready in {:.1}s",
                     manifest.ami_id, manifest.ami_name, manifest.duration_s
                 );
-            } else {
-                reporter.emit(Event::BuildFinished { manifest: value });
             }
             0
         }

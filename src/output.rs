@@ -117,6 +117,35 @@ pub enum Event {
         error: String,
         exit_code: i32,
     },
+    /// `validate` (a recipe, or `daemon --check`): the file is valid.
+    Valid {
+        file: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sha256: Option<String>,
+    },
+    Gc {
+        dry_run: bool,
+        findings: serde_json::Value,
+    },
+    Prune {
+        dry_run: bool,
+        images: serde_json::Value,
+    },
+    Audit {
+        group: String,
+        high_findings: usize,
+        findings: serde_json::Value,
+    },
+    Status {
+        #[serde(flatten)]
+        status: serde_json::Value,
+    },
+    /// A command other than `build` and `rollout` failed.
+    CommandFailed {
+        command: String,
+        error: String,
+        exit_code: i32,
+    },
 }
 
 /// Sends events to the terminal or the NDJSON stream. Cheap to clone; safe to share with the
@@ -129,6 +158,9 @@ pub struct Reporter {
 struct Inner {
     format: Format,
     quiet: bool,
+    /// `--no-progress`: no step, wait or resource lines; provisioner output, warnings, errors
+    /// and results still show.
+    no_progress: bool,
     lock: Mutex<()>,
 }
 
@@ -138,6 +170,19 @@ impl Reporter {
             inner: Arc::new(Inner {
                 format,
                 quiet,
+                no_progress: false,
+                lock: Mutex::new(()),
+            }),
+        }
+    }
+
+    /// The same reporter without progress lines (`--no-progress`).
+    pub fn without_progress(format: Format, quiet: bool) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                format,
+                quiet,
+                no_progress: true,
                 lock: Mutex::new(()),
             }),
         }
@@ -168,8 +213,41 @@ impl Reporter {
                     if let Some(line) = human_line(&event, false) {
                         let _ = writeln!(std::io::stdout().lock(), "{line}");
                     }
+                } else if self.inner.no_progress && is_progress(&event) {
                 } else if let Some(line) = human_line(&event, self.inner.quiet) {
                     let _ = writeln!(std::io::stderr().lock(), "{line}");
+                }
+            }
+        }
+    }
+}
+
+/// Lines that only show how far a command got.
+fn is_progress(event: &Event) -> bool {
+    matches!(
+        event,
+        Event::StepStarted { .. }
+            | Event::StepFinished { .. }
+            | Event::Info { .. }
+            | Event::ResourceCreated { .. }
+            | Event::ResourceReleased { .. }
+            | Event::Waiting { .. }
+    )
+}
+
+impl Reporter {
+    /// A command's result: the event in JSON, else `human` on stdout (even under `--quiet`:
+    /// it is what the user asked for).
+    pub fn result(&self, event: Event, human: impl FnOnce() -> String) {
+        match self.inner.format {
+            Format::Json => self.emit(event),
+            Format::Human => {
+                let _guard = self.inner.lock.lock().unwrap_or_else(|p| p.into_inner());
+                let text = human();
+                let mut out = std::io::stdout().lock();
+                let _ = write!(out, "{text}");
+                if !text.ends_with('\n') {
+                    let _ = writeln!(out);
                 }
             }
         }
@@ -251,6 +329,12 @@ fn human_line(event: &Event, quiet: bool) -> Option<String> {
         } => format!("==> {group}: {result} on {ami} (version {version}) in {duration_s:.1}s"),
         Event::RolloutFailed { error, .. } => return Some(format!("!!  rollout failed: {error}")),
         Event::BuildFailed { error, .. } => return Some(format!("!!  build failed: {error}")),
+        Event::CommandFailed { error, .. } => return Some(format!("error: {error}")),
+        Event::Valid { .. }
+        | Event::Gc { .. }
+        | Event::Prune { .. }
+        | Event::Audit { .. }
+        | Event::Status { .. } => return None,
     };
     (!quiet).then_some(line)
 }

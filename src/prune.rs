@@ -13,8 +13,42 @@ pub struct Pruned {
     pub ami_id: String,
     pub name: String,
     pub created: String,
-    /// `deregistered`, `would deregister`, `kept (newest N)`, `kept (in use: ...)` or `failed: ...`.
-    pub action: String,
+    pub action: PruneAction,
+}
+
+/// What prune did with an image. Printed (and serialized) as a short phrase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PruneAction {
+    KeptNewest(usize),
+    KeptInUse,
+    WouldDeregister,
+    /// Deregistered, with this many snapshots deleted.
+    Deregistered(usize),
+    Failed(String),
+}
+
+impl PruneAction {
+    pub fn failed(&self) -> bool {
+        matches!(self, PruneAction::Failed(_))
+    }
+}
+
+impl std::fmt::Display for PruneAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PruneAction::KeptNewest(n) => write!(f, "kept (newest {n})"),
+            PruneAction::KeptInUse => f.write_str("kept (in use)"),
+            PruneAction::WouldDeregister => f.write_str("would deregister"),
+            PruneAction::Deregistered(n) => write!(f, "deregistered (and {n} snapshot(s))"),
+            PruneAction::Failed(e) => write!(f, "failed: {e}"),
+        }
+    }
+}
+
+impl Serialize for PruneAction {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 /// Which of `images` (newest first) to delete: beyond the newest `keep`, not in use.
@@ -112,12 +146,12 @@ pub async fn run(
     for (i, what) in choose(&images, keep, &in_use) {
         let img = &images[i];
         let action = match what {
-            "keep-newest" => format!("kept (newest {keep})"),
-            "keep-in-use" => "kept (in use)".to_string(),
-            _ if dry_run => "would deregister".to_string(),
+            "keep-newest" => PruneAction::KeptNewest(keep),
+            "keep-in-use" => PruneAction::KeptInUse,
+            _ if dry_run => PruneAction::WouldDeregister,
             _ => match ec2::delete_image(ec2c, img).await {
-                Ok(()) => format!("deregistered (and {} snapshot(s))", img.snapshot_ids.len()),
-                Err(e) => format!("failed: {e}"),
+                Ok(()) => PruneAction::Deregistered(img.snapshot_ids.len()),
+                Err(e) => PruneAction::Failed(e.to_string()),
             },
         };
         out.push(Pruned {
@@ -128,6 +162,25 @@ pub async fn run(
         });
     }
     Ok(out)
+}
+
+/// The human list.
+pub fn render(rows: &[Pruned], prefix: &str) -> String {
+    if rows.is_empty() {
+        return format!("no AMI named {prefix}*\n");
+    }
+    let mut table = vec![["AMI", "NAME", "CREATED", "ACTION"]
+        .map(String::from)
+        .to_vec()];
+    table.extend(rows.iter().map(|r| {
+        vec![
+            r.ami_id.clone(),
+            r.name.clone(),
+            r.created.clone(),
+            r.action.to_string(),
+        ]
+    }));
+    crate::output::table(&table)
 }
 
 #[cfg(test)]

@@ -152,7 +152,10 @@ where
 {
     let what = what.into();
     let start = Instant::now();
-    let deadline = start + timeout;
+    // A timeout too long for the clock waits "for ever" (a century) instead of panicking.
+    let deadline = start
+        .checked_add(timeout)
+        .unwrap_or_else(|| start + Duration::from_secs(100 * 365 * 24 * 3600));
     let mut outage = Tolerance::new(outage_limit);
     loop {
         let last = match probe().await {

@@ -742,3 +742,91 @@ async fn throttling_storms_longer_than_one_calls_retries_after_provisioning_are_
     assert_eq!(found, vec![(ami, "available")], "one image, available");
     assert_clean(&world, &build_id, false).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manifest_that_cannot_be_written_fails_before_anything_is_made() {
+    // Issue #10 A17: the bake failed at the end and left its AMI, tagged complete.
+    let world = World::get();
+    let dir = scratch("manifest-nowhere");
+    let r = write(
+        &dir,
+        "recipe.toml",
+        &recipe(
+            &world,
+            "[[provisioner]]\ntype = \"shell\"\ninline = [\"true\"]\n",
+            "",
+        ),
+    );
+    let key = format!("nomanifest-{}", std::process::id());
+    let out = world
+        .bakery()
+        .env("AWS_ACCESS_KEY_ID", &key)
+        .args(["--output", "json", "build"])
+        .arg(&r)
+        .args(["--manifest", "/nonexistent/dir/m.json"])
+        .output()
+        .unwrap();
+    let run = Run::from_output(out);
+    assert_eq!(run.code, Some(2), "{}", run.describe());
+    let error = run.error();
+    assert!(
+        error.contains("cannot write the manifest /nonexistent/dir/m.json")
+            && error.contains("--manifest"),
+        "{error}"
+    );
+    let calls = world_calls(&world, &key);
+    assert_eq!(calls["total"], 0, "nothing was asked of AWS: {calls}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_bakes_of_one_image_name_at_once_end_with_one_image_and_a_clear_error() {
+    // Issue #10 A18: one failed at CreateImage (InvalidAMIName.Duplicate) after provisioning.
+    let world = World::get();
+    let dir = scratch("same-name");
+    let name = format!("same-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let text = recipe(
+        &world,
+        "[[provisioner]]\ntype = \"shell\"\ninline = [\"sleep 2\"]\n",
+        "",
+    )
+    .replace(
+        "name = \"test-{{build_id}}\"",
+        &format!("name = \"{name}\""),
+    );
+    let a = write(&dir, "a.toml", &text);
+    let b = write(&dir, "b.toml", &text);
+    let runs: Vec<Run> = std::thread::scope(|s| {
+        let ha = s.spawn(|| build(&World::get(), &a, &[]));
+        let hb = s.spawn(|| build(&World::get(), &b, &[]));
+        vec![ha.join().unwrap(), hb.join().unwrap()]
+    });
+    let (ok, failed): (Vec<&Run>, Vec<&Run>) = runs.iter().partition(|r| r.code == Some(0));
+    assert_eq!(
+        ok.len(),
+        1,
+        "one bake keeps the name: {}",
+        runs.iter()
+            .map(Run::describe)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let loser = failed[0];
+    assert_eq!(loser.code, Some(2), "{}", loser.describe());
+    let error = loser.error();
+    assert!(
+        error.contains(&format!(
+            "making an image named \"{name}\" at the same time"
+        )) && error.contains("{{build_id}}"),
+        "{error}"
+    );
+    // It yielded before provisioning, and left nothing.
+    assert!(
+        !loser
+            .events
+            .iter()
+            .any(|e| e["event"] == "step_started" && e["step"] == "connect"),
+        "{}",
+        loser.describe()
+    );
+    assert_clean(&world, &loser.build_id(), true).await;
+}

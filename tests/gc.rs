@@ -145,6 +145,52 @@ async fn gc_removes_the_unfinished_image_of_a_killed_bake() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn gc_never_touches_a_bake_that_is_still_running() {
+    // Issue #10 A16: `gc --older-than 0s` destroyed a bake in progress.
+    let world = World::get();
+    let dir = scratch("gc-running");
+    let r = write(
+        &dir,
+        "recipe.toml",
+        &recipe(
+            &world,
+            "[[provisioner]]\ntype = \"shell\"\ninline = [\"sleep 8\"]\n",
+            "",
+        ),
+    );
+    let (mut child, lines) = spawn_build(&world, &r);
+    let mut events = Vec::new();
+    events_until(
+        &lines,
+        &mut events,
+        Duration::from_secs(90),
+        "the bake reached its provisioner",
+        |e| e["event"] == "step_started" && e["step"] == "provision: shell 1",
+    );
+    let build_id = events
+        .iter()
+        .find(|e| e["event"] == "build_started")
+        .and_then(|e| e["build_id"].as_str())
+        .unwrap()
+        .to_string();
+    let report = gc(&world, &["--build-id", &build_id, "--older-than", "0s"]);
+    let findings = report["findings"].as_array().unwrap();
+    assert_eq!(findings.len(), 3, "instance, group and key: {report}");
+    for f in findings {
+        let action = f["action"].as_str().unwrap();
+        assert!(
+            action.starts_with("kept (its bake (pid") && action.contains("still running"),
+            "{report}"
+        );
+    }
+    let status = child.wait().unwrap();
+    let rest: Vec<String> = lines.iter().collect();
+    assert_eq!(status.code(), Some(0), "the bake finished: {rest:?}");
+    let left = leftovers(&world, &build_id, false).await;
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn prune_keeps_the_newest_and_any_ami_in_use() {
     let world = World::get();
     let prefix = format!("prune{}-", &uuid::Uuid::new_v4().simple().to_string()[..6]);

@@ -892,3 +892,121 @@ async fn a_throttling_storm_longer_than_one_calls_retries_does_not_end_the_rollo
     );
     fleet.delete(world).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_driver_paused_past_its_lock_stops_without_another_mutating_call() {
+    // Issue #10 C: one driver per group. A run SIGSTOPped past its lock's expiry, whose group
+    // another run took over meanwhile, must not act again after SIGCONT.
+    let world = world();
+    let (good, _) = web_amis(world).await;
+    let fleet = Fleet::create(world, "paused", 2).await;
+    let key_a = format!("paused-a-{}", &fleet.name);
+    let common = [
+        "--asg",
+        fleet.asg.as_str(),
+        "--ami",
+        good.as_str(),
+        "--lock-ttl",
+        "10s",
+        "--health-timeout",
+        "60s",
+    ];
+    let mut a = world
+        .bakery()
+        .env("AWS_ACCESS_KEY_ID", &key_a)
+        .args(["--output", "json", "rollout"])
+        .args(common)
+        .args(["--canary-bake", "20s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = a.stdout.take().unwrap();
+    let pid = a.id().to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut events = Vec::new();
+    events_until(
+        &rx,
+        &mut events,
+        Duration::from_secs(120),
+        "the canary is baking",
+        |e| e["event"] == "canary_baking",
+    );
+    Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    // Wait until A's lock has expired (the condition B needs), read from the group's tag.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let g = fleet.group(world).await;
+        let expires = tag(&g, "bakery:rollout-lock")
+            .and_then(|l| {
+                l.split(';')
+                    .find_map(|p| p.strip_prefix("expires=").map(str::to_string))
+            })
+            .and_then(|e| e.parse::<u64>().ok())
+            .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        if now > expires {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A's lock never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // B takes the group over and finishes the rollout.
+    let b = rollout(world, &format!("paused-b-{}", &fleet.name), &common);
+    assert_eq!(b.code, Some(0), "{}", b.describe());
+    assert_eq!(b.event("rollout_started").unwrap()["resumed"], true);
+
+    let resumed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    let out = a.wait_with_output().unwrap();
+    let rest: Vec<serde_json::Value> = rx
+        .iter()
+        .filter_map(|l| serde_json::from_str(&l).ok())
+        .collect();
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "A stops as locked out: {rest:?}"
+    );
+    let failed = rest
+        .iter()
+        .find(|e| e["event"] == "rollout_failed")
+        .expect("a rollout_failed event");
+    assert!(
+        failed["error"].as_str().unwrap().contains("lost the lock"),
+        "{failed}"
+    );
+    let calls = world_calls(world, &key_a);
+    let after: Vec<&serde_json::Value> = calls["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["t"].as_f64().unwrap() >= resumed_at && c["mutating"] == true)
+        .collect();
+    assert!(
+        after.is_empty(),
+        "A made mutating calls after SIGCONT: {after:?}"
+    );
+    let g = fleet.group(world).await;
+    assert_eq!(fleet.amis(world).await, vec![good.clone(); 2]);
+    assert!(tag(&g, "bakery:rollout").is_none(), "B finished cleanly");
+    fleet.delete(world).await;
+}

@@ -508,6 +508,10 @@ pub struct InstanceInfo {
     pub public_ip: Option<String>,
     pub private_dns: Option<String>,
     pub public_dns: Option<String>,
+    /// Its `bakery:build-id` tag, if any.
+    pub build_id: Option<String>,
+    /// Launch time, seconds since the epoch (0 if unknown).
+    pub launched: i64,
 }
 
 fn nonempty(s: Option<&str>) -> Option<String> {
@@ -516,6 +520,13 @@ fn nonempty(s: Option<&str>) -> Option<String> {
 
 fn instance_info(i: &aws_sdk_ec2::types::Instance) -> InstanceInfo {
     InstanceInfo {
+        launched: i.launch_time().map(|t| t.secs()).unwrap_or_default(),
+        build_id: i
+            .tags()
+            .iter()
+            .find(|t| t.key() == Some(bakery_core::marks::BUILD_ID_TAG))
+            .and_then(|t| t.value())
+            .map(str::to_string),
         id: i.instance_id().unwrap_or_default().to_string(),
         state: i
             .state()

@@ -35,6 +35,21 @@ impl Manifest {
             .map_err(|e| format!("{} is not a bakery manifest: {e}", path.display()))
     }
 
+    /// Checks, before a bake starts, that its manifest can be written where asked (the folder
+    /// exists and is writable), so a bake never fails for it after making an image.
+    pub fn check_writable(path: &std::path::Path) -> Result<(), String> {
+        let tmp = path.with_extension("json.tmp");
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp) {
+            Ok(_) => std::fs::remove_file(&tmp).map_err(|e| format!("{}: {e}", tmp.display())),
+            // Left by a bake that died while writing: writable all the same.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(format!(
+                "cannot write the manifest {}: {e}; pass --manifest with a path in a writable folder",
+                path.display()
+            )),
+        }
+    }
+
     /// Writes the manifest atomically (temp file + rename), so a reader never sees half of it.
     pub fn write(&self, path: &std::path::Path) -> std::io::Result<()> {
         let tmp = path.with_extension("json.tmp");

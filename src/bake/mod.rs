@@ -33,9 +33,12 @@ use crate::wait::{self, Poll, Probe};
 use manifest::{Manifest, Step};
 use undo::{Temp, UndoStack, BUILD_ID_TAG};
 
-pub use bakery_core::marks::{COMPLETE_TAG, EXPIRES_TAG, TEMPORARY_TAG};
+pub use bakery_core::marks::{COMPLETE_TAG, EXPIRES_TAG, OWNER_TAG, TEMPORARY_TAG};
 /// Lifetime written in the expiry tag: longer than any sane bake.
 pub const TEMPORARY_TTL: Duration = Duration::from_secs(6 * 3600);
+/// Two bakes of one image name that launched within this many seconds of each other race for
+/// the name; the later yields (see `marks::yield_name_to`).
+const NAME_RACE_WINDOW_S: i64 = 600;
 /// How long to wait for a launched instance to be `running` with an address.
 const RUNNING_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 /// How long to wait for a stopped instance.
@@ -76,6 +79,8 @@ pub enum BakeError {
     BadSsmParameter(String),
     #[error("an AMI named {name:?} already exists ({id}); change [image] name (add {{{{timestamp}}}}) or deregister it")]
     ImageNameTaken { name: String, id: String },
+    #[error("bake {other} is making an image named {name:?} at the same time, and AMI names are unique; add {{{{build_id}}}} to [image] name, or run the bakes one after the other")]
+    ImageNameContended { name: String, other: String },
     #[error("subnet {0} not found in this region; check [instance] subnet")]
     SubnetNotFound(String),
     #[error(
@@ -122,7 +127,7 @@ pub enum BakeError {
         source: std::io::Error,
     },
     #[error("interrupted by {0}")]
-    Interrupted(&'static str),
+    Interrupted(crate::signals::Signal),
     #[error(transparent)]
     Reference(#[from] crate::aws::references::ReferenceError),
     #[error("template: {0}")]
@@ -141,14 +146,14 @@ impl BakeError {
         match self {
             BakeError::ProvisionerFailed { .. } | BakeError::ProvisionerError { .. } => 3,
             BakeError::HostKey(_) | BakeError::NoFingerprints { .. } => 4,
-            BakeError::Interrupted("SIGINT") => 130,
-            BakeError::Interrupted(_) => 143,
+            BakeError::Interrupted(sig) => sig.exit_code(),
             BakeError::SourceNotFound(_)
             | BakeError::SourceNotAvailable { .. }
             | BakeError::NoSourceMatch { .. }
             | BakeError::AmbiguousSource { .. }
             | BakeError::BadSsmParameter(_)
             | BakeError::ImageNameTaken { .. }
+            | BakeError::ImageNameContended { .. }
             | BakeError::SubnetNotFound(_)
             | BakeError::NoSubnet
             | BakeError::Reference(_)
@@ -422,6 +427,7 @@ impl Bake<'_> {
             (BUILD_ID_TAG.to_string(), self.build_id.clone()),
             (TEMPORARY_TAG.to_string(), "true".to_string()),
             (EXPIRES_TAG.to_string(), rfc3339(expires)),
+            (OWNER_TAG.to_string(), crate::host::owner()),
         ])
     }
 
@@ -523,7 +529,14 @@ impl Bake<'_> {
                     root_device_name: source.root_device_name.clone(),
                     root_volume: recipe.instance.root_volume.clone(),
                     client_token: self.build_id.clone(),
-                    tags: self.temporary_tags(&name),
+                    tags: {
+                        let mut t = self.temporary_tags(&name);
+                        t.insert(
+                            bakery_core::marks::IMAGE_NAME_TAG.into(),
+                            image_name.clone(),
+                        );
+                        t
+                    },
                 };
                 let client = ec2c.clone();
                 let id = self
@@ -537,6 +550,24 @@ impl Bake<'_> {
         let instance = self
             .step("wait_running", self.wait_running(&instance_id))
             .await?;
+        // Another bake of the same image name, launched about now, yields to the earliest one
+        // here, before either provisions. Checked once both instances are running, so two
+        // bakes started together see each other.
+        let others =
+            ec2::instances_tagged(ec2c, bakery_core::marks::IMAGE_NAME_TAG, &image_name).await?;
+        // Only bakes that started about now: an older instance of the name is a bake that would
+        // already have made its image, or a leftover for `gc`.
+        let recent = OffsetDateTime::now_utc().unix_timestamp() - NAME_RACE_WINDOW_S;
+        let ids = others
+            .iter()
+            .filter(|i| i.launched >= recent && i.state != "stopped")
+            .filter_map(|i| i.build_id.as_deref());
+        if let Some(other) = bakery_core::marks::yield_name_to(&self.build_id, ids) {
+            return Err(BakeError::ImageNameContended {
+                name: image_name.clone(),
+                other: other.to_string(),
+            });
+        }
         let mut session = match (ssh, &key) {
             (Some(ssh), Some(key)) => {
                 let host = match &ssh.host {
@@ -600,6 +631,8 @@ impl Bake<'_> {
                 let mut tags = recipe.image.tags.clone();
                 tags.insert(BUILD_ID_TAG.into(), self.build_id.clone());
                 tags.insert(bakery_core::marks::SOURCE_AMI_TAG.into(), source.id.clone());
+                // Until the bake completes, gc knows the image's bake by its process.
+                tags.insert(OWNER_TAG.into(), crate::host::owner());
                 tags.insert(
                     bakery_core::marks::RECIPE_SHA_TAG.into(),
                     recipe.sha256.clone(),
@@ -633,21 +666,13 @@ impl Bake<'_> {
             })
             .await?;
 
-        // Only now is the image a product: `bakery gc` collects build images without this tag.
-        let complete = BTreeMap::from([(COMPLETE_TAG.to_string(), "true".to_string())]);
-        wait::persist(|| ec2::create_tags(ec2c, std::slice::from_ref(&image.id), &complete))
-            .await?;
-
-        // Release the temporaries now, as a timed step; `run` releases whatever is left.
+        // Release the temporaries now, as a timed step; `run` releases whatever is left. The
+        // image stays on the undo stack until the bake is complete.
         self.step("cleanup_temporaries", async {
             loop {
                 // Look, release, then forget: interrupted mid-release, the record is still on
                 // the stack for the final cleanup.
-                let next = {
-                    let mut stack = self.undo.lock().await;
-                    stack.keep_images();
-                    stack.last().cloned()
-                };
+                let next = self.undo.lock().await.last_temporary().cloned();
                 let Some(t) = next else { break };
                 undo::release(ec2c, &t, self.reporter).await?;
                 self.undo.lock().await.forget(&t);
@@ -672,11 +697,24 @@ impl Bake<'_> {
             duration_s: self.clock.elapsed().as_secs_f64(),
             steps: self.steps.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         };
+        // The manifest first, then the mark that makes the image a product: a bake that cannot
+        // write its manifest fails and its image is deregistered with the other temporaries.
         if let Some(path) = &self.opts.manifest_path {
             manifest.write(path).map_err(|source| BakeError::Manifest {
                 path: path.clone(),
                 source,
             })?;
+        }
+        // Only now is the image a product: `bakery gc` collects build images without this tag.
+        let complete = BTreeMap::from([(COMPLETE_TAG.to_string(), "true".to_string())]);
+        if let Err(e) =
+            wait::persist(|| ec2::create_tags(ec2c, std::slice::from_ref(&image.id), &complete))
+                .await
+        {
+            if let Some(path) = &self.opts.manifest_path {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e.into());
         }
         Ok(manifest)
     }

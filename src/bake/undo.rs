@@ -124,6 +124,14 @@ impl UndoStack {
     }
 
     /// The most recent record, left in place.
+    /// The newest temporary that is not an image (images stay until the bake is complete).
+    pub fn last_temporary(&self) -> Option<&Temp> {
+        self.items
+            .iter()
+            .rev()
+            .find(|t| !matches!(t, Temp::Images { .. }))
+    }
+
     pub fn last(&self) -> Option<&Temp> {
         self.items.last()
     }

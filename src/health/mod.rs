@@ -203,7 +203,7 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
         }
     };
     tracing::info!(
-        signal = reason,
+        signal = %reason,
         "stopping: handing health decisions back to the groups"
     );
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -257,7 +257,7 @@ enum RoundEnd {
     /// The round ran; whether its API reads succeeded.
     Done(bool),
     /// A stop signal arrived (reading and probing may be cut short; acting never is).
-    Stop(&'static str),
+    Stop(crate::signals::Signal),
 }
 
 /// How long a round may take before the daemon counts as stuck (and stops feeding the

@@ -22,8 +22,8 @@ use state::{Lock, Phase, ProgressTag, RolloutState, LOCK_TAG, PROGRESS_TAG, STAT
 
 /// The rollout's failure reason, kept for a driver that resumes a rollback.
 pub use bakery_core::marks::REASON_TAG;
-/// A lock not renewed for this long may be taken over by another driver.
-const LOCK_TTL: Duration = Duration::from_secs(60);
+/// A driver whose lock expires within this margin checks it is still its own before acting.
+const LOCK_MARGIN: Duration = Duration::from_secs(5);
 /// The ASG process a rollout suspends: it would move instances between zones mid-rollout.
 const AZ_REBALANCE: &str = "AZRebalance";
 
@@ -51,6 +51,8 @@ pub struct Request {
     pub abort: bool,
     pub force: bool,
     pub keep_versions: usize,
+    /// How long the group's lock outlives a driver that stops renewing it (`--lock-ttl`).
+    pub lock_ttl: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +78,12 @@ pub enum RolloutError {
         expires: String,
     },
     #[error(
+        "this run lost the lock of group {group} to {owner} (it was paused or cut off past its \
+         lock's expiry), and stopped without changing anything more; the rollout's state is on \
+         the group's tags: see `bakery status --asg {group}`"
+    )]
+    LockLost { group: String, owner: String },
+    #[error(
         "group {group} has a rollout of {ami} in progress (started {since}, batch {batch}). Rerun with \
          --ami {ami} to resume it, add --abort to roll it back, or --force to replace it with {requested}"
     )]
@@ -98,7 +106,7 @@ pub enum RolloutError {
     #[error(transparent)]
     Aws(#[from] AwsError),
     #[error("interrupted by {0}; the rollout is paused: rerun the same command to resume it, or add --abort to roll back")]
-    Interrupted(&'static str),
+    Interrupted(crate::signals::Signal),
 }
 
 impl crate::wait::Outage for RolloutError {
@@ -117,9 +125,10 @@ impl RolloutError {
             | RolloutError::BadInput(_)
             | RolloutError::NothingToAbort(_) => 2,
             RolloutError::RolledBack { .. } => 6,
-            RolloutError::Locked { .. } | RolloutError::OtherRollout { .. } => 7,
-            RolloutError::Interrupted("SIGINT") => 130,
-            RolloutError::Interrupted(_) => 143,
+            RolloutError::Locked { .. }
+            | RolloutError::LockLost { .. }
+            | RolloutError::OtherRollout { .. } => 7,
+            RolloutError::Interrupted(sig) => sig.exit_code(),
             RolloutError::Failed(_) | RolloutError::Aws(_) => 1,
         }
     }
@@ -207,7 +216,7 @@ pub async fn run(aws: &Aws, req: &Request, reporter: &Reporter) -> Result<Summar
         owner: crate::host::owner(),
         token: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
         since: now(),
-        expires: now() + LOCK_TTL.as_secs(),
+        expires: now() + req.lock_ttl.as_secs(),
     };
     let mut driver = match (start, existing, source) {
         (Start::NothingToAbort, ..) => {
@@ -594,8 +603,37 @@ impl<'a> Driver<'a> {
         Ok(())
     }
 
+    /// Whether the group's lock tag (as just read) is still this run's.
+    fn check_owner(&self, g: &autoscaling::Group) -> Result<(), RolloutError> {
+        match g.tags.get(LOCK_TAG).and_then(|s| Lock::decode(s)) {
+            Some(l) if l.token == self.lock.token => Ok(()),
+            other => Err(RolloutError::LockLost {
+                group: self.group.clone(),
+                owner: other
+                    .map(|l| l.owner)
+                    .unwrap_or_else(|| "nobody (the lock tag was removed)".into()),
+            }),
+        }
+    }
+
+    /// Before every mutating call: while this run's lock is unexpired nobody else may take it,
+    /// so it goes on. Once it expired (the process was paused, or AWS unreachable past the
+    /// lock's lifetime), it reads the group again and goes on only if the lock is still its
+    /// own, renewing it; otherwise it stops without acting. Tags have no compare-and-swap, so
+    /// this is best effort (see the README); a lease table makes it a fence.
+    async fn guard(&mut self) -> Result<(), RolloutError> {
+        if now() + LOCK_MARGIN.as_secs() < self.lock.expires {
+            return Ok(());
+        }
+        let g = autoscaling::describe(&self.aws.autoscaling, &self.group)
+            .await?
+            .ok_or_else(|| RolloutError::GroupNotFound(self.group.clone()))?;
+        self.check_owner(&g)?;
+        self.write_lock().await
+    }
+
     async fn write_lock(&mut self) -> Result<(), RolloutError> {
-        self.lock.expires = now() + LOCK_TTL.as_secs();
+        self.lock.expires = now() + self.req.lock_ttl.as_secs();
         autoscaling::set_tags(
             &self.aws.autoscaling,
             &self.group,
@@ -606,7 +644,8 @@ impl<'a> Driver<'a> {
         Ok(())
     }
 
-    async fn save_state(&self) -> Result<(), RolloutError> {
+    async fn save_state(&mut self) -> Result<(), RolloutError> {
+        self.guard().await?;
         autoscaling::set_tags(
             &self.aws.autoscaling,
             &self.group,
@@ -619,7 +658,8 @@ impl<'a> Driver<'a> {
         Ok(())
     }
 
-    async fn save_progress(&self) -> Result<(), RolloutError> {
+    async fn save_progress(&mut self) -> Result<(), RolloutError> {
+        self.guard().await?;
         autoscaling::set_tags(
             &self.aws.autoscaling,
             &self.group,
@@ -721,9 +761,6 @@ impl<'a> Driver<'a> {
         // are asked again, for up to OUTAGE_LIMIT in a row: the group keeps serving meanwhile.
         let mut outage = Tolerance::new(OUTAGE_LIMIT);
         loop {
-            if self.last_renew.elapsed() >= LOCK_TTL / 3 {
-                self.write_lock().await?;
-            }
             let (group, observed) = match self.observe().await {
                 Ok(o) => {
                     outage.clear();
@@ -742,6 +779,12 @@ impl<'a> Driver<'a> {
                 }
                 Err(e) => return Err(e),
             };
+            // Every observation re-checks who holds the group; the lock is renewed only by
+            // its owner.
+            self.check_owner(&group)?;
+            if self.last_renew.elapsed() >= self.req.lock_ttl / 3 {
+                self.write_lock().await?;
+            }
             let target = self
                 .target_ami_for_phase()
                 .unwrap_or(&rollback_ami)
@@ -786,6 +829,7 @@ impl<'a> Driver<'a> {
                     changed_at = Instant::now();
                 }
                 Decision::Retire { ids } => {
+                    self.guard().await?;
                     if ids.is_empty() {
                         autoscaling::set_desired(&self.aws.autoscaling, &self.group, s.capacity)
                             .await?;
@@ -897,6 +941,10 @@ impl<'a> Driver<'a> {
         result: Result<(), RolloutError>,
         started: Instant,
     ) -> Result<Summary, RolloutError> {
+        // The group is another driver's now: nothing more may change here.
+        if let Err(e @ RolloutError::LockLost { .. }) = result {
+            return Err(e);
+        }
         let asg = &self.aws.autoscaling;
         let resumable = matches!(
             result,
@@ -920,6 +968,8 @@ impl<'a> Driver<'a> {
                 .unwrap_or_else(|| RolloutError::Failed("unknown".into())));
         }
         result?;
+        self.guard().await?;
+        let asg = &self.aws.autoscaling;
         autoscaling::update(
             asg,
             &self.group,

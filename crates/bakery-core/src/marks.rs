@@ -22,6 +22,11 @@ pub const BUILD_ID_TAG: &str = "bakery:build-id";
 pub const TEMPORARY_TAG: &str = "bakery:temporary";
 /// When a temporary resource may be collected by `gc` (RFC 3339), if its bake is gone.
 pub const EXPIRES_TAG: &str = "bakery:expires-at";
+/// On every resource a bake creates while it runs: the bake's process, `host:pid`.
+pub const OWNER_TAG: &str = "bakery:owner";
+/// On a bake's temporary instance: the name its image will have, so that two bakes of one name
+/// find each other before either provisions (see [`yield_name_to`]).
+pub const IMAGE_NAME_TAG: &str = "bakery:image-name";
 /// On an image once its bake finished and its manifest was written.
 pub const COMPLETE_TAG: &str = "bakery:complete";
 /// On an image: the AMI it was baked from, and the recipe's hash.
@@ -157,6 +162,58 @@ impl Lock {
     }
 }
 
+/// Whether a bake that made a resource may still be running, from the resource's tags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BakeLiveness {
+    /// Its bake may still be running (the reason says why gc leaves it alone).
+    Running(String),
+    /// Its bake is over: the resource is a leftover.
+    Over,
+}
+
+/// A bake's resource belongs to a running bake while its [`EXPIRES_TAG`] (seconds since the
+/// epoch, `expires`) lies in the future, unless its [`OWNER_TAG`] names a process on this host
+/// that no longer exists (a SIGKILLed bake). A resource without either mark (made by an older
+/// bakery) is judged by its age alone, by the caller.
+pub fn bake_liveness(
+    owner: Option<&str>,
+    expires: Option<u64>,
+    now: u64,
+    this_host: &str,
+    pid_alive: impl Fn(u32) -> bool,
+) -> BakeLiveness {
+    if let Some((host, pid)) = owner.and_then(|o| o.rsplit_once(':')) {
+        if host == this_host {
+            return match pid.parse::<u32>() {
+                Ok(p) if pid_alive(p) => BakeLiveness::Running(format!(
+                    "its bake (pid {p} on this host) is still running"
+                )),
+                _ => BakeLiveness::Over,
+            };
+        }
+    }
+    match expires {
+        Some(e) if e > now => BakeLiveness::Running(format!(
+            "its bake ({}) may still be running until its expiry, {}s from now",
+            owner.unwrap_or("another process"),
+            e - now
+        )),
+        _ => BakeLiveness::Over,
+    }
+}
+
+/// Two bakes that would make images of one name (AMI names are unique per account and region):
+/// each launches its instance tagged with the name, then looks for the others. The bake with
+/// the smallest build id keeps the name; every other one yields, before provisioning, with the
+/// build it yields to. Build ids begin with their start time, so the earlier bake wins.
+pub fn yield_name_to<'a>(mine: &str, others: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    others
+        .into_iter()
+        .filter(|o| *o != mine)
+        .min()
+        .filter(|o| *o < mine)
+}
+
 pub fn encode<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
@@ -194,6 +251,50 @@ mod tests {
             cd: true,
         };
         assert_eq!(decode::<ProgressTag>(&encode(&p)), Some(p));
+    }
+
+    #[test]
+    fn a_bake_is_running_until_its_expiry_unless_its_local_process_is_gone() {
+        let live = |owner, expires, alive: bool| {
+            bake_liveness(owner, expires, 1000, "build-7", move |_| alive)
+        };
+        assert!(matches!(
+            live(Some("build-7:42"), Some(2000), true),
+            BakeLiveness::Running(_)
+        ));
+        assert_eq!(
+            live(Some("build-7:42"), Some(2000), false),
+            BakeLiveness::Over
+        );
+        // A local process that still lives keeps even an expired bake (a bake longer than
+        // its expiry is still a bake).
+        assert!(matches!(
+            live(Some("build-7:42"), Some(500), true),
+            BakeLiveness::Running(_)
+        ));
+        // Another host's bake is trusted until it expires.
+        assert!(matches!(
+            live(Some("ci-3:42"), Some(2000), false),
+            BakeLiveness::Running(_)
+        ));
+        assert_eq!(live(Some("ci-3:42"), Some(1000), true), BakeLiveness::Over);
+        assert_eq!(live(None, None, true), BakeLiveness::Over);
+        assert!(matches!(
+            live(None, Some(1001), false),
+            BakeLiveness::Running(_)
+        ));
+    }
+
+    #[test]
+    fn the_earliest_bake_keeps_an_image_name() {
+        let ids = ["b-20261205-aaaa", "b-20261205-bbbb", "b-20261204-zzzz"];
+        assert_eq!(
+            yield_name_to("b-20261205-aaaa", ids),
+            Some("b-20261204-zzzz")
+        );
+        assert_eq!(yield_name_to("b-20261204-zzzz", ids), None);
+        assert_eq!(yield_name_to("b-1", ["b-1"]), None, "not to itself");
+        assert_eq!(yield_name_to("b-1", []), None);
     }
 
     #[test]

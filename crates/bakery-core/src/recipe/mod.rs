@@ -245,6 +245,7 @@ pub fn parse(path: &Path, text: &str, vars: &VarSources) -> Result<Recipe, Recip
         diags: Vec::new(),
         vars: BTreeMap::new(),
         references: Default::default(),
+        ssm: false,
     };
     loader.resolve_variables(&raw.variables, vars)?;
     let recipe = loader.build(raw);
@@ -396,6 +397,8 @@ struct Loader<'a> {
     diags: Vec<Diagnostic>,
     vars: BTreeMap<String, String>,
     references: std::collections::BTreeSet<String>,
+    /// The communicator is SSM (uploads are limited in size).
+    ssm: bool,
 }
 
 /// Adds the text of every well-formed `secret:` / `rds:` placeholder in `s` to `into`.
@@ -412,9 +415,80 @@ fn collect_references(s: &str, into: &mut std::collections::BTreeSet<String>) {
     }
 }
 
+/// Uploads over SSM larger than this are refused (Run Command carries them in chunks).
+pub const SSM_MAX_UPLOAD: u64 = 16 * 1024 * 1024;
+
+/// The bytes a file provisioner would upload from `path` (a file, or a folder walked without
+/// following links). A symbolic link is refused when it resolves outside the folder named
+/// (`/etc/shadow`, or `/` itself): bakery never reads outside what the user named.
+pub fn upload_size(path: &Path) -> Result<u64, String> {
+    let root = path
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let base = if root.is_dir() {
+        root.clone()
+    } else {
+        root.parent().map(Path::to_path_buf).unwrap_or_default()
+    };
+    let mut total = 0u64;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        if meta.file_type().is_symlink() {
+            let target = p
+                .canonicalize()
+                .map_err(|e| format!("{} is a broken link: {e}", p.display()))?;
+            if !target.starts_with(&base) {
+                return Err(format!(
+                    "{} is a symbolic link to {}, outside the source folder",
+                    p.display(),
+                    target.display()
+                ));
+            }
+            // Inside the folder: uploaded as what it points to (a folder is walked where it lies).
+            if target.is_file() {
+                total += std::fs::metadata(&target).map(|m| m.len()).unwrap_or(0);
+            }
+            continue;
+        }
+        if meta.is_dir() {
+            let entries = std::fs::read_dir(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+            for e in entries {
+                stack.push(e.map_err(|e| format!("{}: {e}", p.display()))?.path());
+            }
+        } else {
+            total += meta.len();
+        }
+    }
+    Ok(total)
+}
+
 const DEFAULT_PROVISIONER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 const DEFAULT_IMAGE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+
+const SECOND: Duration = Duration::from_secs(1);
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// The bounds of every duration a recipe sets, (least, most), documented in the README:
+/// `agent_timeout` and `connect_timeout` 1s to 2h, `pause_before` 0s to 1h, a provisioner's
+/// `timeout` 1s to 24h, `[image] timeout` 1s to 24h. A bake is bounded by them, and no
+/// duration can overflow the clock arithmetic that waits on it.
+pub const DURATION_BOUNDS: [(&str, Duration, Duration); 5] = [
+    ("agent_timeout", SECOND, Duration::from_secs(2 * 3600)),
+    ("connect_timeout", SECOND, Duration::from_secs(2 * 3600)),
+    ("pause_before", Duration::ZERO, HOUR),
+    ("timeout", SECOND, Duration::from_secs(24 * 3600)),
+    ("image timeout", SECOND, Duration::from_secs(24 * 3600)),
+];
+
+fn bounds(field: &str) -> (Duration, Duration) {
+    DURATION_BOUNDS
+        .iter()
+        .find(|(f, ..)| *f == field)
+        .map(|(_, lo, hi)| (*lo, *hi))
+        .unwrap_or((Duration::ZERO, Duration::from_secs(24 * 3600)))
+}
 
 impl Loader<'_> {
     fn error(&mut self, at: usize, message: impl Into<String>, hint: impl Into<String>) {
@@ -597,10 +671,13 @@ impl Loader<'_> {
         self.render_with(s, false)
     }
 
-    /// Renders a string where `secret:` / `rds:` references are allowed (provisioner env values),
-    /// collecting them for resolution at bake time.
+    /// Checks a string where `secret:` / `rds:` references are allowed (provisioner env values),
+    /// collecting them for resolution at bake time, and keeps it as written: the bake renders it
+    /// once, variables and references together, so a variable's value is data and is never
+    /// rendered again (a `--var` value `{{secret:…}}` stays that text).
     fn render_env(&mut self, s: &S) -> String {
-        self.render_with(s, true)
+        self.render_with(s, true);
+        s.get_ref().clone()
     }
 
     fn render_with(&mut self, s: &S, refs: bool) -> String {
@@ -630,12 +707,26 @@ impl Loader<'_> {
     fn duration(&mut self, s: &Option<S>, field: &str, default: Duration) -> Duration {
         let Some(s) = s else { return default };
         let text = self.render(s);
+        let (lo, hi) = bounds(field);
+        let name = field.rsplit(' ').next().unwrap_or(field);
         match humantime::parse_duration(text.trim()) {
-            Ok(d) => d,
+            Ok(d) if d >= lo && d <= hi => d,
+            Ok(_) => {
+                self.error(
+                    s.span().start,
+                    format!(
+                        "`{name}` = {text:?} is out of range: {} to {}",
+                        humantime::format_duration(lo),
+                        humantime::format_duration(hi)
+                    ),
+                    "write a duration within the range, e.g. \"5m\"",
+                );
+                default
+            }
             Err(e) => {
                 self.error(
                     s.span().start,
-                    format!("`{field}` = {text:?} is not a duration ({e})"),
+                    format!("`{name}` = {text:?} is not a duration ({e})"),
                     "write a duration such as \"90s\", \"5m\" or \"1h 30m\"",
                 );
                 default
@@ -672,6 +763,7 @@ impl Loader<'_> {
         let instance = self.instance(raw.instance.get_ref());
         let communicator =
             self.communicator(&raw.communicator, instance.instance_profile.is_some());
+        self.ssm = matches!(communicator, Communicator::Ssm(_));
         let provisioners = raw
             .provisioner
             .iter()
@@ -1077,6 +1169,20 @@ impl Loader<'_> {
                                 ),
                                 "paths are relative to the recipe's folder",
                             );
+                        } else {
+                            match upload_size(&path) {
+                                Err(why) => self.error(
+                                    s.span().start,
+                                    format!("`source` {rel:?}: {why}"),
+                                    "bakery uploads only what you name: replace the link by the file, or name the target itself",
+                                ),
+                                Ok(size) if self.ssm && size > SSM_MAX_UPLOAD => self.error(
+                                    s.span().start,
+                                    format!("`source` {rel:?} is {size} bytes; over SSM bakery uploads at most {SSM_MAX_UPLOAD} bytes"),
+                                    "put large payloads in S3 and fetch them in a shell provisioner, or use the ssh communicator",
+                                ),
+                                Ok(_) => {}
+                            }
                         }
                         path
                     }
@@ -1226,7 +1332,7 @@ impl Loader<'_> {
         let description = r.description.as_ref().map(|d| self.render(d));
         let tags = self.tags(&r.tags, r.name.span().start);
         let snapshot_tags = self.tags(&r.snapshot_tags, r.name.span().start);
-        let timeout = self.duration(&r.timeout, "timeout", DEFAULT_IMAGE_TIMEOUT);
+        let timeout = self.duration(&r.timeout, "image timeout", DEFAULT_IMAGE_TIMEOUT);
         ImageSpec {
             name,
             description,
@@ -1315,6 +1421,157 @@ tags = { Role = "web" }
             Err(RecipeError::Invalid(d)) => d,
             other => panic!("expected diagnostics, got {other:?}"),
         }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("bakery-core-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_file_source_may_not_link_outside_itself() {
+        // Issue #10 A6: `lnk/shadow -> /etc/shadow` baked the controller's own file.
+        let d = scratch("links");
+        std::fs::create_dir_all(d.join("lnk")).unwrap();
+        std::fs::write(d.join("lnk/ok.txt"), "hello").unwrap();
+        std::os::unix::fs::symlink("ok.txt", d.join("lnk/inside")).unwrap();
+        assert_eq!(
+            upload_size(&d.join("lnk")).unwrap(),
+            10,
+            "a link inside counts as its file"
+        );
+        std::os::unix::fs::symlink("/etc/shadow", d.join("lnk/shadow")).unwrap();
+        let e = upload_size(&d.join("lnk")).unwrap_err();
+        assert!(
+            e.contains("is a symbolic link to /etc/shadow, outside the source folder"),
+            "{e}"
+        );
+        std::fs::remove_file(d.join("lnk/shadow")).unwrap();
+        std::os::unix::fs::symlink("/", d.join("lnk/root")).unwrap();
+        assert!(
+            upload_size(&d.join("lnk")).is_err(),
+            "a link to / is refused, not walked"
+        );
+
+        let text = GOOD.replace(
+            "[image]",
+            "[[provisioner]]\ntype = \"file\"\nsource = \"lnk\"\ndestination = \"/opt/x\"\n\n[image]",
+        );
+        let path = d.join("r.toml");
+        let vars = VarSources {
+            args: vec!["subnet=subnet-1".into()],
+            ..Default::default()
+        };
+        match parse(&path, &text, &vars) {
+            Err(RecipeError::Invalid(diags)) => {
+                assert!(
+                    diags[0].message.contains("outside the source folder"),
+                    "{diags:#?}"
+                );
+                assert!(diags[0].line > 1);
+            }
+            other => panic!("expected a located error, got {other:?}"),
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn an_upload_too_large_for_ssm_is_a_validation_error() {
+        // Issue #10 A19: it passed validate and failed after launch.
+        let d = scratch("ssm-size");
+        let f = std::fs::File::create(d.join("big.bin")).unwrap();
+        f.set_len(SSM_MAX_UPLOAD + 1).unwrap();
+        let text = GOOD
+            .replace(
+                "type = \"ssh\"\nuser = \"ec2-user\"\ninterface = \"private_ip\"",
+                "type = \"ssm\"",
+            )
+            .replace("type = \"t3.micro\"", "type = \"t3.micro\"\ninstance_profile = \"p\"")
+            .replace(
+                "[image]",
+                "[[provisioner]]\ntype = \"file\"\nsource = \"big.bin\"\ndestination = \"/opt/x\"\n\n[image]",
+            );
+        let vars = VarSources {
+            args: vec!["subnet=subnet-1".into()],
+            ..Default::default()
+        };
+        match parse(&d.join("r.toml"), &text, &vars) {
+            Err(RecipeError::Invalid(diags)) => {
+                assert_eq!(diags.len(), 1, "{diags:#?}");
+                assert!(
+                    diags[0].message.contains("over SSM bakery uploads at most"),
+                    "{diags:#?}"
+                );
+            }
+            other => panic!("expected a located error, got {other:?}"),
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_variable_value_is_data_and_is_rendered_once() {
+        // Issue #10 A12: a --var value `{{secret:…}}` became the secret inside `env`.
+        let text = GOOD
+            .replace("env = \"dev\"", "env = \"dev\"\nv = \"\"")
+            .replace(
+                "inline = [\"echo {{var.env}}\"]",
+                "inline = [\"echo {{var.env}}\"]\nenv = { E = \"x{{var.v}}y\" }",
+            );
+        let r = parse_str(&text, &["subnet=subnet-1", "v={{secret:adv/s}}"]).unwrap();
+        assert!(r.references.is_empty(), "{:?}", r.references);
+        let Provisioner::Shell(p) = &r.provisioners[0] else {
+            panic!("a shell provisioner")
+        };
+        let resolved = BTreeMap::from([("secret:adv/s".to_string(), "SECRET".to_string())]);
+        let ctx = template::Context {
+            vars: &r.variables,
+            timestamp: None,
+            build_id: Some("b-1"),
+            refs: template::Refs::Resolved(&resolved),
+        };
+        assert_eq!(
+            template::render(&p.env["E"], &ctx).unwrap(),
+            "x{{secret:adv/s}}y"
+        );
+    }
+
+    #[test]
+    fn durations_beyond_their_bounds_are_located_errors() {
+        // Issue #10 A1: "300000000000y" passed validate, then a bake panicked and leaked.
+        let text = GOOD
+            .replace(
+                "interface = \"private_ip\"",
+                "interface = \"private_ip\"\nconnect_timeout = \"300000000000y\"",
+            )
+            .replace(
+                "tags = { Role = \"web\" }",
+                "tags = { Role = \"web\" }\ntimeout = \"300000000000y\"",
+            )
+            .replace("timeout = \"2m\"", "timeout = \"25h\"");
+        let d = diags(&text);
+        let msgs: Vec<&str> = d.iter().map(|d| d.message.as_str()).collect();
+        assert_eq!(d.len(), 3, "{msgs:#?}");
+        assert!(
+            msgs.iter()
+                .any(|m| m
+                    .contains("`connect_timeout` = \"300000000000y\" is out of range: 1s to 2h")),
+            "{msgs:#?}"
+        );
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("`timeout` = \"25h\" is out of range: 1s to 1day")),
+            "{msgs:#?}"
+        );
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("`timeout` = \"300000000000y\"")),
+            "{msgs:#?}"
+        );
+        // Zero is no timeout at all.
+        let d = diags(&GOOD.replace("timeout = \"2m\"", "timeout = \"0s\""));
+        assert!(d[0].message.contains("out of range"), "{d:#?}");
     }
 
     #[test]

@@ -117,6 +117,13 @@ pub fn render(input: &str, ctx: &Context<'_>) -> Result<String, TemplateError> {
         };
         let name = after[..end].trim();
         let offset = consumed + start;
+        if name.contains("{{") {
+            return Err(TemplateError {
+                offset,
+                message: format!("a placeholder inside another: `{{{{{name}}}}}`"),
+                hint: "placeholders cannot be nested; write the reference out in full, e.g. {{secret:app/db}}, or pass the whole value as a variable".into(),
+            });
+        }
         match name {
             "timestamp" => match ctx.timestamp {
                 Some(t) => out.push_str(t),
@@ -192,6 +199,21 @@ mod tests {
 
     fn vars() -> BTreeMap<String, String> {
         BTreeMap::from([("env".to_string(), "prod".to_string())])
+    }
+
+    #[test]
+    fn nested_placeholders_are_an_error() {
+        // Issue #10 A19: `{{secret:adv/{{var.w}}}}` passed validate.
+        let v = vars();
+        let ctx = Context {
+            vars: &v,
+            timestamp: None,
+            build_id: None,
+            refs: Refs::Unresolved,
+        };
+        let e = render("x {{secret:adv/{{var.env}}}}", &ctx).unwrap_err();
+        assert_eq!(e.offset, 2);
+        assert!(e.message.contains("a placeholder inside another"), "{e:?}");
     }
 
     #[test]
