@@ -209,7 +209,9 @@ pub fn script_search_path(recipe_dir: &Path) -> Vec<PathBuf> {
         dirs.extend(std::env::split_paths(&extra));
     }
     dirs.push(PathBuf::from("/usr/share/bakery/provisioners"));
-    dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("provisioners"));
+    // The repository's own provisioners/, for a bakery run from its source checkout (this
+    // crate lives two folders below the repository's root).
+    dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../provisioners"));
     dirs
 }
 
