@@ -13,8 +13,8 @@ use aws_sdk_ec2::types::Filter;
 
 use crate::aws::{autoscaling, call, ec2, launch_template as lt, Aws, AwsError};
 pub use bakery_core::audit::{
-    evaluate, policies_allow, wildcard, DatabaseFact, Facts, Finding, LoadBalancerFact, Rule,
-    SecretFact, Severity, SubnetFact, TemplateFact,
+    evaluate, policies_allow, wildcard, DatabaseFact, Facts, Finding, LoadBalancerFact, Nacl,
+    NaclEntry, Rule, SecretFact, Severity, SubnetFact, TemplateFact,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -336,6 +336,41 @@ async fn rules_of(aws: &Aws, ids: &[String]) -> Result<Vec<Rule>, AwsError> {
         .collect())
 }
 
+/// The network ACL associated with a subnet (every subnet has exactly one).
+async fn nacl_of(aws: &Aws, subnet: &str) -> Result<Option<Nacl>, AwsError> {
+    let ec2c = &aws.ec2;
+    let out = call("ec2:DescribeNetworkAcls", subnet, || {
+        ec2c.describe_network_acls()
+            .filters(
+                Filter::builder()
+                    .name("association.subnet-id")
+                    .values(subnet)
+                    .build(),
+            )
+            .send()
+    })
+    .await?;
+    Ok(out.network_acls().first().map(|a| Nacl {
+        id: a.network_acl_id().unwrap_or_default().to_string(),
+        entries: a
+            .entries()
+            .iter()
+            .map(|e| NaclEntry {
+                rule: e.rule_number().unwrap_or_default(),
+                egress: e.egress().unwrap_or(false),
+                protocol: e.protocol().unwrap_or("-1").to_string(),
+                allow: e.rule_action().map(|a| a.as_str()) == Some("allow"),
+                cidr: e
+                    .cidr_block()
+                    .or(e.ipv6_cidr_block())
+                    .unwrap_or_default()
+                    .to_string(),
+                ports: e.port_range().and_then(|p| Some((p.from()?, p.to()?))),
+            })
+            .collect(),
+    }))
+}
+
 /// Public = its route table (its own, else the VPC's main one) sends 0.0.0.0/0 to an internet
 /// gateway.
 async fn subnet_fact(aws: &Aws, subnet: &str, vpc: &str) -> Result<SubnetFact, AwsError> {
@@ -378,6 +413,11 @@ async fn subnet_fact(aws: &Aws, subnet: &str, vpc: &str) -> Result<SubnetFact, A
             .first()
             .and_then(|t| t.route_table_id())
             .map(str::to_string),
+        cidr: ec2::subnet(ec2c, subnet)
+            .await?
+            .map(|s| s.cidr)
+            .unwrap_or_default(),
+        nacl: nacl_of(aws, subnet).await?,
     })
 }
 

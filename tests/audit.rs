@@ -54,6 +54,7 @@ async fn the_reference_stack_passes() {
         "IMDSv2 required",
         "EBS volumes encrypted",
         "instance role reads the secret",
+        "network ACLs admit the app's traffic",
     ] {
         assert_eq!(
             finding(&report, check)["passed"],
@@ -197,7 +198,7 @@ async fn each_broken_rule_is_a_high_finding() {
         only["detail"]
             .as_str()
             .unwrap()
-            .contains("open to 0.0.0.0/0"),
+            .contains("admits 0.0.0.0/0"),
         "{only}"
     );
     assert_eq!(
@@ -205,4 +206,123 @@ async fn each_broken_rule_is_a_high_finding() {
         false
     );
     fleet.delete(&world).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_network_acl_that_blocks_the_app_port_is_a_high_finding() {
+    // Issue #10 C: the group's subnets must admit the app port from the load balancer's
+    // subnets, and return traffic on ephemeral ports.
+    let world = World::get();
+    let fleet = Fleet::create(&world, "nacl", 0).await;
+    let ec2 = world.ec2();
+    let vpc = world.var("WORLD_VPC_ID");
+    let base = world
+        .var("WORLD_VPC_CIDR")
+        .split('.')
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(".");
+    let third = 100 + (std::process::id() % 100);
+    let subnet = ec2
+        .create_subnet()
+        .vpc_id(vpc)
+        .cidr_block(format!("{base}.{third}.0/24"))
+        .send()
+        .await
+        .unwrap()
+        .subnet()
+        .unwrap()
+        .subnet_id()
+        .unwrap()
+        .to_string();
+    let acl = ec2
+        .create_network_acl()
+        .vpc_id(vpc)
+        .send()
+        .await
+        .unwrap()
+        .network_acl()
+        .unwrap()
+        .network_acl_id()
+        .unwrap()
+        .to_string();
+    let rule = |n: i32, egress: bool, allow: bool, ports: Option<(i32, i32)>| {
+        let ec2 = ec2.clone();
+        let acl = acl.clone();
+        async move {
+            let mut r = ec2
+                .create_network_acl_entry()
+                .network_acl_id(&acl)
+                .rule_number(n)
+                .egress(egress)
+                .protocol(if ports.is_some() { "6" } else { "-1" })
+                .rule_action(if allow {
+                    aws_sdk_ec2::types::RuleAction::Allow
+                } else {
+                    aws_sdk_ec2::types::RuleAction::Deny
+                })
+                .cidr_block("0.0.0.0/0");
+            if let Some((from, to)) = ports {
+                r = r.port_range(
+                    aws_sdk_ec2::types::PortRange::builder()
+                        .from(from)
+                        .to(to)
+                        .build(),
+                );
+            }
+            r.send().await.unwrap();
+        }
+    };
+    rule(100, false, false, Some((1, 65535))).await;
+    rule(200, false, true, None).await;
+    rule(100, true, true, None).await;
+    let assoc = ec2
+        .describe_network_acls()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("association.subnet-id")
+                .values(&subnet)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let association = assoc.network_acls()[0]
+        .associations()
+        .iter()
+        .find(|a| a.subnet_id() == Some(subnet.as_str()))
+        .and_then(|a| a.network_acl_association_id())
+        .unwrap()
+        .to_string();
+    ec2.replace_network_acl_association()
+        .association_id(association)
+        .network_acl_id(&acl)
+        .send()
+        .await
+        .unwrap();
+    world
+        .asg()
+        .update_auto_scaling_group()
+        .auto_scaling_group_name(&fleet.asg)
+        .vpc_zone_identifier(&subnet)
+        .send()
+        .await
+        .unwrap();
+
+    let (code, report) = audit(&world, &["--asg", &fleet.asg]);
+    fleet.delete(&world).await;
+    let _ = ec2.delete_subnet().subnet_id(&subnet).send().await;
+    let _ = ec2.delete_network_acl().network_acl_id(&acl).send().await;
+    assert_eq!(code, Some(8), "{report:#}");
+    let nacl = finding(&report, "network ACLs admit the app's traffic");
+    assert_eq!(nacl["passed"], false, "{nacl}");
+    assert_eq!(nacl["severity"], "high");
+    let detail = nacl["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&format!(
+            "subnet {subnet}: {acl} inbound rule 100 denies TCP"
+        )),
+        "{detail}"
+    );
+    assert!(nacl["fix"].as_str().unwrap().contains(&acl), "{nacl}");
 }

@@ -191,12 +191,85 @@ pub fn policies_allow(documents: &[serde_json::Value], action: &str, resource: &
 // Facts: what `bakery audit` read from AWS, as plain values.
 
 /// A subnet and whether its route table sends 0.0.0.0/0 to an internet gateway.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SubnetFact {
     pub id: String,
     pub public: bool,
     /// The route table that decides it (for the fix).
     pub route_table: Option<String>,
+    pub cidr: String,
+    /// The network ACL associated with the subnet, and its entries.
+    pub nacl: Option<Nacl>,
+}
+
+/// A network ACL: numbered rules per direction, evaluated lowest number first, first match
+/// wins, and an implicit deny of everything else.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Nacl {
+    pub id: String,
+    pub entries: Vec<NaclEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NaclEntry {
+    pub rule: i32,
+    pub egress: bool,
+    /// `-1` (all), `6` (TCP), ...
+    pub protocol: String,
+    pub allow: bool,
+    pub cidr: String,
+    /// Port range; `None` for all ports.
+    pub ports: Option<(i32, i32)>,
+}
+
+/// Whether a network ACL admits TCP `ports` (all of them) between the subnet and `peer` (a
+/// CIDR) in one direction, as AWS evaluates it: rules in ascending order, the first that
+/// matches decides. A rule that allows only part of the traffic does not suffice; a deny that
+/// touches any of it fails. The error names the rule to change.
+pub fn nacl_admits(nacl: &Nacl, egress: bool, ports: (i32, i32), peer: &str) -> Result<(), String> {
+    let Ok(peer_net) = peer.parse::<ipnet::IpNet>() else {
+        return Err(format!("{peer} is not a CIDR"));
+    };
+    let mut rules: Vec<&NaclEntry> = nacl.entries.iter().filter(|e| e.egress == egress).collect();
+    rules.sort_by_key(|e| e.rule);
+    let way = if egress { "outbound" } else { "inbound" };
+    for e in rules {
+        if e.protocol != "-1" && e.protocol != "6" && !e.protocol.eq_ignore_ascii_case("tcp") {
+            continue;
+        }
+        let (lo, hi) = e.ports.unwrap_or((0, 65535));
+        if hi < ports.0 || lo > ports.1 {
+            continue;
+        }
+        let Ok(net) = e.cidr.parse::<ipnet::IpNet>() else {
+            continue;
+        };
+        let overlaps = net.contains(&peer_net) || peer_net.contains(&net);
+        if !overlaps {
+            continue;
+        }
+        if !e.allow {
+            return Err(format!(
+                "{} {way} rule {} denies TCP {}-{} {} {}",
+                nacl.id,
+                e.rule,
+                ports.0,
+                ports.1,
+                if egress { "to" } else { "from" },
+                e.cidr
+            ));
+        }
+        if net.contains(&peer_net) && lo <= ports.0 && hi >= ports.1 {
+            return Ok(());
+        }
+    }
+    Err(format!(
+        "{} has no {way} rule allowing TCP {}-{} {} {peer}",
+        nacl.id,
+        ports.0,
+        ports.1,
+        if egress { "to" } else { "from" }
+    ))
 }
 
 /// The launch-template version the group launches.
@@ -261,6 +334,7 @@ pub fn evaluate(f: &Facts) -> Vec<Finding> {
     out.push(load_balancer_public(f));
     out.push(app_port(f));
     out.extend(databases(f));
+    out.push(network_acls(f));
     out.push(imdsv2(f));
     out.push(ebs_encrypted(f));
     out.push(secret_readable(f));
@@ -461,6 +535,75 @@ fn databases(f: &Facts) -> Vec<Finding> {
         ));
     }
     out
+}
+
+/// Ephemeral ports: where the return traffic of a TCP connection goes.
+const EPHEMERAL: (i32, i32) = (1024, 65535);
+
+fn network_acls(f: &Facts) -> Finding {
+    let check = "network ACLs admit the app's traffic";
+    let lb_subnets: Vec<&SubnetFact> = f
+        .load_balancers
+        .iter()
+        .flatten()
+        .flat_map(|lb| lb.subnets.iter())
+        .collect();
+    if lb_subnets.is_empty() {
+        return finding(
+            check,
+            Severity::Info,
+            true,
+            "the group is behind no load balancer".into(),
+            String::new,
+        );
+    }
+    let port = (f.app_port, f.app_port);
+    let mut problems = Vec::new();
+    let mut fixes = Vec::new();
+    let mut need = |s: &SubnetFact, egress: bool, ports: (i32, i32), peer: &SubnetFact| {
+        let Some(nacl) = &s.nacl else { return };
+        if let Err(why) = nacl_admits(nacl, egress, ports, &peer.cidr) {
+            problems.push(format!("subnet {}: {why}", s.id));
+            fixes.push(format!(
+                "add to {} an {} rule allowing TCP {}-{} {} {} (below any deny that matches)",
+                nacl.id,
+                if egress { "outbound" } else { "inbound" },
+                ports.0,
+                ports.1,
+                if egress { "to" } else { "from" },
+                peer.cidr
+            ));
+        }
+    };
+    for g in &f.subnets {
+        for l in &lb_subnets {
+            need(g, false, port, l);
+            need(g, true, EPHEMERAL, l);
+            need(l, true, port, g);
+            need(l, false, EPHEMERAL, g);
+        }
+    }
+    let ok = problems.is_empty();
+    finding(
+        check,
+        Severity::High,
+        ok,
+        if ok {
+            format!(
+                "the group's {} subnet(s) admit port {} from the load balancer's {} and return traffic (1024-65535) to them, and the reverse",
+                f.subnets.len(),
+                f.app_port,
+                lb_subnets.len()
+            )
+        } else {
+            problems.join("; ")
+        },
+        || {
+            fixes.sort();
+            fixes.dedup();
+            fixes.join("; ")
+        },
+    )
 }
 
 fn imdsv2(f: &Facts) -> Finding {

@@ -14,10 +14,40 @@ fn rule(group: &str, port: i32, cidrs: &[&str], groups: &[&str]) -> Rule {
 }
 
 fn subnet(id: &str, public: bool) -> SubnetFact {
+    let n = id.len() % 200 + if public { 0 } else { 50 };
     SubnetFact {
         id: id.into(),
         public,
         route_table: Some(format!("rtb-{id}")),
+        cidr: format!("10.0.{n}.0/24"),
+        nacl: Some(allow_all(&format!("acl-{id}"))),
+    }
+}
+
+/// A VPC's default network ACL: rule 100 allows everything, both ways.
+fn allow_all(id: &str) -> Nacl {
+    let e = |egress| NaclEntry {
+        rule: 100,
+        egress,
+        protocol: "-1".into(),
+        allow: true,
+        cidr: "0.0.0.0/0".into(),
+        ports: None,
+    };
+    Nacl {
+        id: id.into(),
+        entries: vec![e(false), e(true)],
+    }
+}
+
+fn entry(rule: i32, egress: bool, allow: bool, cidr: &str, ports: Option<(i32, i32)>) -> NaclEntry {
+    NaclEntry {
+        rule,
+        egress,
+        protocol: "6".into(),
+        allow,
+        cidr: cidr.into(),
+        ports,
     }
 }
 
@@ -90,7 +120,7 @@ fn the_seed_architecture_passes_every_check() {
         assert!(f.passed, "{f:#?}");
         assert_eq!(f.fix, None);
     }
-    assert_eq!(out.len(), 8, "{out:#?}");
+    assert_eq!(out.len(), 9, "{out:#?}");
 }
 
 #[test]
@@ -334,4 +364,66 @@ fn wildcards_match_as_iam_does_and_in_linear_time() {
         t.elapsed() < std::time::Duration::from_secs(1),
         "exponential matching"
     );
+}
+
+#[test]
+fn a_network_acl_denying_the_app_port_from_the_load_balancer_fails() {
+    let mut f = good();
+    let lb_cidr = f.load_balancers.as_ref().unwrap()[0].subnets[0]
+        .cidr
+        .clone();
+    let nacl = f.subnets[0].nacl.as_mut().unwrap();
+    nacl.entries
+        .insert(0, entry(50, false, false, &lb_cidr, Some((8080, 8080))));
+    let x = failed(&f, "network ACLs admit the app's traffic");
+    assert_eq!(x.severity, Severity::High);
+    assert!(
+        x.detail.contains(
+            "subnet subnet-priv-a: acl-subnet-priv-a inbound rule 50 denies TCP 8080-8080"
+        ),
+        "{x:?}"
+    );
+    assert!(x
+        .fix
+        .unwrap()
+        .contains("inbound rule allowing TCP 8080-8080"));
+}
+
+#[test]
+fn a_network_acl_without_ephemeral_return_ports_fails() {
+    let mut f = good();
+    // The load balancer's subnet allows only 80 and 443 in: the app's answers cannot return.
+    let lb = &mut f.load_balancers.as_mut().unwrap()[0].subnets[1];
+    lb.nacl = Some(Nacl {
+        id: "acl-lb".into(),
+        entries: vec![
+            entry(100, false, true, "0.0.0.0/0", Some((80, 80))),
+            entry(110, false, true, "0.0.0.0/0", Some((443, 443))),
+            entry(100, true, true, "0.0.0.0/0", None),
+        ],
+    });
+    let x = failed(&f, "network ACLs admit the app's traffic");
+    assert!(
+        x.detail
+            .contains("acl-lb has no inbound rule allowing TCP 1024-65535"),
+        "{x:?}"
+    );
+}
+
+#[test]
+fn nacl_rules_are_evaluated_in_order_first_match_wins() {
+    let n = Nacl {
+        id: "acl-1".into(),
+        entries: vec![
+            entry(200, false, false, "0.0.0.0/0", None),
+            entry(100, false, true, "10.0.0.0/16", Some((8000, 9000))),
+        ],
+    };
+    assert!(nacl_admits(&n, false, (8080, 8080), "10.0.1.0/24").is_ok());
+    assert!(nacl_admits(&n, false, (22, 22), "10.0.1.0/24").is_err());
+    // A partial allow (part of the peer's range) does not suffice before the deny.
+    assert!(nacl_admits(&n, false, (8080, 8080), "10.0.0.0/8").is_err());
+    // Egress has no rule at all: the implicit deny.
+    let e = nacl_admits(&n, true, (1024, 65535), "10.0.1.0/24").unwrap_err();
+    assert!(e.contains("has no outbound rule"), "{e}");
 }
