@@ -14,7 +14,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use crate::aws::{autoscaling, ec2, elbv2, launch_template as lt, Aws, AwsError};
-use crate::lease::{Fence, Fenced, Keeper, LeaseError};
 use crate::output::{Event, Reporter};
 use crate::signals::Signals;
 use crate::wait::{Tolerance, OUTAGE_LIMIT};
@@ -25,9 +24,6 @@ use state::{Lock, Phase, ProgressTag, RolloutState, LOCK_TAG, PROGRESS_TAG, STAT
 pub use bakery_core::marks::REASON_TAG;
 /// A driver whose lock expires within this margin checks it is still its own before acting.
 const LOCK_MARGIN: Duration = Duration::from_secs(5);
-/// The lock tag's token of a driver fenced by a lease (`lease<fencing token>`): the lease
-/// decides between such drivers; the tag is their record.
-const LEASE_TOKEN_PREFIX: &str = "lease";
 /// The ASG process a rollout suspends: it would move instances between zones mid-rollout.
 const AZ_REBALANCE: &str = "AZRebalance";
 
@@ -57,9 +53,6 @@ pub struct Request {
     pub keep_versions: usize,
     /// How long the group's lock outlives a driver that stops renewing it (`--lock-ttl`).
     pub lock_ttl: Duration,
-    /// The DynamoDB lease table that fences the group's drivers (`--lease-table`); without
-    /// one, the lock is the group's tag (best effort).
-    pub lease_table: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,8 +107,6 @@ pub enum RolloutError {
     Aws(#[from] AwsError),
     #[error("interrupted by {0}; the rollout is paused: rerun the same command to resume it, or add --abort to roll back")]
     Interrupted(crate::signals::Signal),
-    #[error(transparent)]
-    Lease(LeaseError),
 }
 
 impl crate::wait::Outage for RolloutError {
@@ -138,8 +129,7 @@ impl RolloutError {
             | RolloutError::LockLost { .. }
             | RolloutError::OtherRollout { .. } => 7,
             RolloutError::Interrupted(sig) => sig.exit_code(),
-            RolloutError::Lease(e) if e.is_usage() => 2,
-            RolloutError::Failed(_) | RolloutError::Aws(_) | RolloutError::Lease(_) => 1,
+            RolloutError::Failed(_) | RolloutError::Aws(_) => 1,
         }
     }
 }
@@ -171,49 +161,7 @@ fn rfc3339(secs: u64) -> String {
 }
 
 /// Runs a rollout to its end (success, rollback or failure), or prints its plan (`dry_run`).
-/// With a lease table, the group's lease is taken first (so everything after is read and done
-/// by its one driver) and released at the end.
 pub async fn run(aws: &Aws, req: &Request, reporter: &Reporter) -> Result<Summary, RolloutError> {
-    let lease = match &req.lease_table {
-        Some(table) if !req.dry_run => Some(take_lease(aws, table, req).await?),
-        _ => None,
-    };
-    let result = run_as(aws, req, reporter, lease.as_ref()).await;
-    if let Some(keeper) = lease {
-        keeper.release().await;
-    }
-    result
-}
-
-/// Takes the lease `rollout#<region>#<group>`: refused, naming the holder, while another live
-/// driver holds it.
-async fn take_lease(aws: &Aws, table: &str, req: &Request) -> Result<Keeper, RolloutError> {
-    let store = crate::lease::Store::open(aws, table)
-        .await
-        .map_err(RolloutError::Lease)?;
-    let key = crate::lease::rollout_key(&aws.region, &req.group);
-    let timing = bakery_core::lease::Timing::for_ttl(req.lock_ttl);
-    match store.acquire(&key, &crate::host::owner(), timing).await {
-        Ok(keeper) => Ok(keeper),
-        Err(LeaseError::Held { holder }) => Err(RolloutError::Locked {
-            group: req.group.clone(),
-            owner: format!(
-                "{}, fencing token {} in lease table {table}",
-                holder.owner, holder.token
-            ),
-            since: rfc3339(holder.since_ms / 1000),
-            expires: rfc3339(holder.expires_at_ms / 1000),
-        }),
-        Err(e) => Err(RolloutError::Lease(e)),
-    }
-}
-
-async fn run_as(
-    aws: &Aws,
-    req: &Request,
-    reporter: &Reporter,
-    lease: Option<&Keeper>,
-) -> Result<Summary, RolloutError> {
     let started = Instant::now();
     let ami = match (&req.ami, req.abort) {
         (Some(src), _) => Some(resolve_ami(aws, src).await?),
@@ -266,10 +214,7 @@ async fn run_as(
     };
     let me = Lock {
         owner: crate::host::owner(),
-        token: match lease {
-            Some(keeper) => format!("{LEASE_TOKEN_PREFIX}{}", keeper.lease().token),
-            None => uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
-        },
+        token: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
         since: now(),
         expires: now() + req.lock_ttl.as_secs(),
     };
@@ -330,15 +275,13 @@ async fn run_as(
                 t: now(),
             };
             let progress = ProgressTag::new(Phase::Rolling, &Progress::START);
-            let mut d =
-                Driver::new(aws, req, reporter, group.name.clone(), st, progress, me, lease);
+            let mut d = Driver::new(aws, req, reporter, group.name.clone(), st, progress, me);
             d.lock(&group).await?;
             d.point_at_new_version(&source).await?;
             d
         }
         (start @ (Start::Resume | Start::Abort | Start::Replace), Some(st), _) => {
-            let mut d =
-                Driver::new(aws, req, reporter, group.name.clone(), st, progress, me, lease);
+            let mut d = Driver::new(aws, req, reporter, group.name.clone(), st, progress, me);
             d.lock(&group).await?;
             d.resume(start, &group, &template_id, ami.unwrap_or_default())
                 .await?;
@@ -524,8 +467,6 @@ struct Driver<'a> {
     st: RolloutState,
     progress: ProgressTag,
     lock: Lock,
-    /// The lease that fences this driver, with a lease table.
-    lease: Option<&'a Keeper>,
     last_renew: Instant,
     resumed: bool,
     /// Instance id -> (AMI, launch time); instances never change either.
@@ -535,7 +476,6 @@ struct Driver<'a> {
 }
 
 impl<'a> Driver<'a> {
-    #[allow(clippy::too_many_arguments)]
     fn new(
         aws: &'a Aws,
         req: &'a Request,
@@ -544,7 +484,6 @@ impl<'a> Driver<'a> {
         st: RolloutState,
         progress: ProgressTag,
         lock: Lock,
-        lease: Option<&'a Keeper>,
     ) -> Self {
         Self {
             aws,
@@ -554,7 +493,6 @@ impl<'a> Driver<'a> {
             st,
             progress,
             lock,
-            lease,
             last_renew: Instant::now(),
             resumed: false,
             images: BTreeMap::new(),
