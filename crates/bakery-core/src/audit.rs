@@ -112,12 +112,13 @@ pub fn wildcard(pattern: &str, value: &str) -> bool {
     let (mut pi, mut vi) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while vi < v.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == v[vi]) {
-            pi += 1;
-            vi += 1;
-        } else if pi < p.len() && p[pi] == '*' {
+        // A `*` in the pattern is always a wildcard, even facing a literal `*` in the value.
+        if pi < p.len() && p[pi] == '*' {
             star = Some((pi, vi));
             pi += 1;
+        } else if pi < p.len() && (p[pi] == '?' || p[pi] == v[vi]) {
+            pi += 1;
+            vi += 1;
         } else if let Some((sp, sv)) = star {
             pi = sp + 1;
             vi = sv + 1;

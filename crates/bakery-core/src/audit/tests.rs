@@ -355,6 +355,11 @@ fn wildcards_match_as_iam_does_and_in_linear_time() {
     assert!(wildcard("*db-*", "secret:world/db-AbC"));
     assert!(!wildcard("abc", "abcd"));
     assert!(wildcard("ü*ç", "ünïç"));
+    // Found by fuzzing (scripts/fuzz iam): a literal `*` in the value took the pattern's `*`
+    // as a plain character.
+    assert!(wildcard("*", "*\"St"));
+    assert!(wildcard("a*", "a*b"));
+    assert!(wildcard("*b", "*ab"));
     // The worst case of a backtracking matcher: 2^30 steps. Linear here.
     let p = "a*".repeat(30) + "b";
     let v = "a".repeat(60);
