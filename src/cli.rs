@@ -84,7 +84,7 @@ pub struct AuditArgs {
 #[derive(Debug, Args)]
 pub struct GcArgs {
     /// Leave alone anything younger than this (a bake may be running).
-    #[arg(long, value_parser = parse_age, default_value = "1h")]
+    #[arg(long, value_parser = parse_age, default_value = "1h", allow_hyphen_values = true)]
     pub older_than: std::time::Duration,
     /// List what would be removed, remove nothing.
     #[arg(long)]
@@ -142,16 +142,16 @@ pub struct RolloutArgs {
     #[arg(long, default_value = "0")]
     pub max_unavailable: crate::rollout::plan::Amount,
     /// Size of the first batch.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub canary: u32,
     /// After the canary is healthy, watch it this long before going on (e.g. 5m).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    #[arg(long, value_parser = bounded(0, 24 * 3600), default_value = "0s")]
     pub canary_bake: std::time::Duration,
     /// How long a batch may take to become healthy before the rollout rolls back.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+    #[arg(long, value_parser = bounded(1, 24 * 3600), default_value = "10m")]
     pub health_timeout: std::time::Duration,
     /// How long a new instance must have run before it counts as ready.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    #[arg(long, value_parser = bounded(0, 24 * 3600), default_value = "0s")]
     pub warmup: std::time::Duration,
     /// On failure, leave the group as it is instead of rolling back.
     #[arg(long)]
@@ -166,7 +166,7 @@ pub struct RolloutArgs {
     #[arg(long)]
     pub force: bool,
     /// Launch-template versions to keep after a successful rollout (never one in use).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000))]
     pub keep_versions: usize,
     /// How long the group's lock outlives this run if it stops renewing it (paused, cut off,
     /// killed on another machine), 10s to 10m; another driver may take the group after that.
@@ -218,6 +218,26 @@ fn parse_age(s: &str) -> Result<std::time::Duration, String> {
     }
     humantime::parse_duration(t)
         .map_err(|e| format!("{s:?} is not a duration ({e}); e.g. 30m, 2h, 1d"))
+}
+
+/// A duration flag with bounds (seconds), so that no flag can overflow the clock arithmetic
+/// that waits on it; the error names the range.
+fn bounded(
+    lo: u64,
+    hi: u64,
+) -> impl Fn(&str) -> Result<std::time::Duration, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        let d = humantime::parse_duration(s.trim())
+            .map_err(|e| format!("{s:?} is not a duration ({e}); e.g. 90s, 5m, 1h"))?;
+        if d.as_secs() < lo || d > std::time::Duration::from_secs(hi) {
+            return Err(format!(
+                "{s:?} is out of range: {} to {}",
+                humantime::format_duration(std::time::Duration::from_secs(lo)),
+                humantime::format_duration(std::time::Duration::from_secs(hi))
+            ));
+        }
+        Ok(d)
+    }
 }
 
 fn parse_lock_ttl(s: &str) -> Result<std::time::Duration, String> {

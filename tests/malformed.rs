@@ -68,3 +68,64 @@ fn every_malformed_recipe_is_refused_with_its_expected_error() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
+
+#[test]
+fn flags_out_of_range_are_refused_before_anything_runs() {
+    // Issue #10 C: every duration and count a flag takes has a documented bound.
+    for (args, expected) in [
+        (
+            &[
+                "rollout",
+                "--asg",
+                "g",
+                "--ami",
+                "ami-1",
+                "--health-timeout",
+                "300000000000y",
+            ][..],
+            "out of range: 1s to 1day",
+        ),
+        (
+            &[
+                "rollout",
+                "--asg",
+                "g",
+                "--ami",
+                "ami-1",
+                "--canary-bake",
+                "25h",
+            ][..],
+            "out of range: 0s to 1day",
+        ),
+        (
+            &[
+                "rollout",
+                "--asg",
+                "g",
+                "--ami",
+                "ami-1",
+                "--lock-ttl",
+                "1s",
+            ][..],
+            "out of range: 10s to 10m",
+        ),
+        (
+            &["rollout", "--asg", "g", "--ami", "ami-1", "--canary", "0"][..],
+            "0 is not in 1..=10000",
+        ),
+        (
+            &["gc", "--older-than", "-5m"][..],
+            "is negative: an age is how long ago",
+        ),
+    ] {
+        let out = Command::new(BIN)
+            .args(args)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
