@@ -5,6 +5,7 @@
 //! Parsing is two-pass: serde reads a permissive "raw" shape that keeps every value's span, and
 //! [`Loader`] checks it field by field and renders the templates (see [`template`]).
 
+pub mod distribute;
 pub mod template;
 
 use std::collections::BTreeMap;
@@ -166,6 +167,8 @@ pub struct Recipe {
     pub communicator: Communicator,
     pub provisioners: Vec<Provisioner>,
     pub image: ImageSpec,
+    /// `[distribute]`: where the image goes after the bake (`bakery promote`).
+    pub distribute: Option<distribute::Distribute>,
 }
 
 impl Recipe {
@@ -302,6 +305,7 @@ struct Raw {
     #[serde(default)]
     provisioner: Vec<Spanned<RawProvisioner>>,
     image: Spanned<RawImage>,
+    distribute: Option<Spanned<distribute::RawDistribute>>,
 }
 
 #[derive(Deserialize)]
@@ -772,6 +776,7 @@ impl Loader<'_> {
             .filter_map(|p| self.provisioner(p))
             .collect();
         let image = self.image(raw.image.get_ref());
+        let distribute = raw.distribute.as_ref().map(|d| self.distribute(d));
         Recipe {
             path: self.file.clone(),
             sha256: String::new(),
@@ -782,6 +787,7 @@ impl Loader<'_> {
             communicator,
             provisioners,
             image,
+            distribute,
         }
     }
 
