@@ -112,6 +112,10 @@ pub async fn all_versions(ec2: &Client, template_id: &str) -> Result<Vec<Version
 }
 
 /// The request form of a version's data, with `image_id` and IMDSv2 required.
+///
+/// One piece on purpose: a field-by-field copy between the SDK's response and request types,
+/// which share no conversion; the whole list of fields stays in one place to check against the
+/// API reference when a field is added.
 pub fn copy_with_image(
     src: &ResponseLaunchTemplateData,
     image_id: &str,

@@ -95,29 +95,7 @@ pub async fn status(aws: &Aws, group_name: &str) -> Result<Status, RolloutError>
                 .collect(),
         })
         .collect();
-    let rollout = g
-        .tags
-        .get(STATE_TAG)
-        .and_then(|s| state::decode::<RolloutState>(s))
-        .map(|st| {
-            let progress: Option<ProgressTag> =
-                g.tags.get(PROGRESS_TAG).and_then(|s| state::decode(s));
-            let lock = g.tags.get(LOCK_TAG).and_then(|s| Lock::decode(s));
-            RolloutRow {
-                rollout_id: st.id,
-                ami: st.ami,
-                phase: match progress.as_ref().map(|p| p.ph) {
-                    Some(state::Phase::RollingBack) => "rolling back".into(),
-                    _ => "rolling".into(),
-                },
-                batch: progress.map(|p| p.b).unwrap_or_default(),
-                from_version: st.from,
-                to_version: st.to,
-                started: super::rfc3339(st.t),
-                lock_owner: lock.as_ref().map(|l| l.owner.clone()),
-                lock_expires: lock.map(|l| super::rfc3339(l.expires)),
-            }
-        });
+    let rollout = rollout_row(&g.tags);
     Ok(Status {
         group: g.name.clone(),
         launch_template: template_id,
@@ -132,6 +110,29 @@ pub async fn status(aws: &Aws, group_name: &str) -> Result<Status, RolloutError>
         target_groups: g.target_group_arns.clone(),
         instances,
         rollout,
+    })
+}
+
+/// The rollout in progress, from the group's tags.
+fn rollout_row(tags: &std::collections::BTreeMap<String, String>) -> Option<RolloutRow> {
+    let st = tags
+        .get(STATE_TAG)
+        .and_then(|s| state::decode::<RolloutState>(s))?;
+    let progress: Option<ProgressTag> = tags.get(PROGRESS_TAG).and_then(|s| state::decode(s));
+    let lock = tags.get(LOCK_TAG).and_then(|s| Lock::decode(s));
+    Some(RolloutRow {
+        rollout_id: st.id,
+        ami: st.ami,
+        phase: match progress.as_ref().map(|p| p.ph) {
+            Some(state::Phase::RollingBack) => "rolling back".into(),
+            _ => "rolling".into(),
+        },
+        batch: progress.map(|p| p.b).unwrap_or_default(),
+        from_version: st.from,
+        to_version: st.to,
+        started: super::rfc3339(st.t),
+        lock_owner: lock.as_ref().map(|l| l.owner.clone()),
+        lock_expires: lock.map(|l| super::rfc3339(l.expires)),
     })
 }
 
