@@ -1,8 +1,8 @@
 //! `bakery gc`: finds what bakery left behind in a region, by its tags, and removes it:
 //! temporary instances, security groups and key pairs of bakes that died (SIGKILL, a lost
 //! machine), images and snapshots of failed bakes, stale rollout locks, and health-daemon
-//! takeovers whose owner is gone. Anything younger than `--older-than` is left alone, so a bake
-//! running right now is never touched.
+//! takeovers whose owner is gone (at once: a group's `HealthCheck` must not wait). Anything else
+//! younger than `--older-than` is left alone, so a bake running right now is never touched.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 use crate::aws::{autoscaling, call, ec2, Aws, AwsError};
 use crate::bake::undo::BUILD_ID_TAG;
 use crate::bake::{COMPLETE_TAG, EXPIRES_TAG, TEMPORARY_TAG, TEMPORARY_TTL};
-use crate::health::TAKEOVER_TAG;
+use crate::health::{takeover, TAKEOVER_TAG};
 use crate::rollout::state::{Lock, LOCK_TAG};
 use bakery_core::marks;
 
@@ -365,7 +365,45 @@ impl Gc<'_> {
         Ok(())
     }
 
-    /// Rollout locks and daemon takeovers whose owner is gone past their expiry.
+    /// A daemon takeover whose owner is dead (a process of this host that no longer exists) or
+    /// whose record expired is over at once, whatever `--older-than` says: a group whose
+    /// `HealthCheck` nobody tends must not wait. `HealthCheck` is resumed only where the daemon
+    /// suspended it ([`takeover::undo`]); a group a person suspended stays suspended.
+    async fn takeover(&mut self, g: &autoscaling::Group) {
+        let now = now().max(0) as u64;
+        let tag = g.tags.get(TAKEOVER_TAG).map(String::as_str);
+        let host = crate::host::hostname();
+        let Some(undo) = takeover::undo(tag, now, &host, crate::host::pid_alive) else {
+            return;
+        };
+        let since = tag
+            .and_then(takeover::Takeover::decode)
+            .map(|t| t.lock.since);
+        let action = if self.dry_run {
+            Action::WouldRemove
+        } else {
+            let asg = &self.aws.autoscaling;
+            let ended = async {
+                if undo.resume {
+                    autoscaling::resume(asg, &g.name, &[takeover::HEALTH_CHECK]).await?;
+                }
+                autoscaling::delete_tags(asg, &g.name, &[TAKEOVER_TAG]).await
+            };
+            match ended.await {
+                Ok(()) => Action::Removed,
+                Err(e) => Action::Failed(e.to_string()),
+            }
+        };
+        self.findings.push(Finding {
+            kind: "daemon takeover",
+            id: g.name.clone(),
+            age_s: since.map_or(0, |s| now.saturating_sub(s)),
+            why: undo.why,
+            action,
+        });
+    }
+
+    /// Rollout locks past their expiry, and daemon takeovers whose owner is gone.
     async fn group_tags(&mut self) -> Result<(), AwsError> {
         let asg = &self.aws.autoscaling;
         let groups = autoscaling::describe_many(
@@ -396,26 +434,7 @@ impl Gc<'_> {
                     .await;
                 }
             }
-            if let Some(l) = g.tags.get(TAKEOVER_TAG).and_then(|t| Lock::decode(t)) {
-                if l.expires <= now {
-                    let why = format!(
-                        "health takeover by {} expired: HealthCheck is resumed",
-                        l.owner
-                    );
-                    let name = g.name.clone();
-                    self.handle(
-                        "daemon takeover",
-                        g.name.clone(),
-                        (Some(l.expires as i64), marks::BakeLiveness::Over),
-                        why,
-                        async {
-                            autoscaling::resume(asg, &name, &["HealthCheck"]).await?;
-                            autoscaling::delete_tags(asg, &name, &[TAKEOVER_TAG]).await
-                        },
-                    )
-                    .await;
-                }
-            }
+            self.takeover(&g).await;
         }
         Ok(())
     }

@@ -235,6 +235,10 @@ async fn daemon(reporter: &Reporter, target: &aws::Target, args: bakery::cli::Da
     let config =
         bakery::health::config::load(&args.config).map_err(|e| Failure::new(e, exit::USAGE))?;
     if args.check {
+        // Whether `interval` x `[api] rate` covers a round's calls (the daemon's own estimate).
+        for note in bakery::health::check_notes(&config) {
+            eprintln!("{note}");
+        }
         reporter.result(
             Event::Valid {
                 file: args.config.display().to_string(),

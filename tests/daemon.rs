@@ -32,8 +32,16 @@ struct Daemon {
 }
 
 impl Daemon {
-    /// Starts a daemon watching `group` with the world's interval of 1 s and a threshold of 2.
+    /// Starts a daemon watching `group` with the world's interval of 1 s and a threshold of 2,
+    /// and waits for its first round.
     fn start(world: &World, name: &str, group: &str, extra: &str, key: &str) -> Daemon {
+        let d = Daemon::spawn(world, name, group, extra, key);
+        d.wait_ready();
+        d
+    }
+
+    /// Starts a daemon as [`Daemon::start`] does, without waiting.
+    fn spawn(world: &World, name: &str, group: &str, extra: &str, key: &str) -> Daemon {
         let dir = scratch(&format!("daemon-{name}"));
         let port = free_port();
         let config = dir.join("daemon.toml");
@@ -61,24 +69,45 @@ probe = {{ type = "http", port = 8080, path = "/healthz", timeout = "500ms", unh
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let d = Daemon {
+        Daemon {
             child,
             port,
             log,
             config,
-        };
+        }
+    }
+
+    /// Waits for the daemon's first round.
+    fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while d.metrics().is_none_or(|m| {
+        while self.metrics().is_none_or(|m| {
             !m.contains("bakery_loops_total ") || m.contains("bakery_loops_total 0\n")
         }) {
             assert!(
                 Instant::now() < deadline,
                 "the daemon never completed a round: {}",
-                d.logs()
+                self.logs()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        d
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    /// Sends `signal` (`-STOP`, `-CONT`, `-HUP`, ...) to the daemon.
+    fn signal(&self, signal: &str) {
+        Command::new("kill")
+            .args([signal, &self.pid()])
+            .status()
+            .unwrap();
+    }
+
+    /// kill -9: no chance to hand anything back.
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
     }
 
     fn metrics(&self) -> Option<String> {
@@ -414,6 +443,26 @@ fn config_errors_are_clear_and_fatal() {
             "[[group]]\nname = \"web\"\nprobe_port = 80\n",
             &["daemon.toml:3:1:", "unknown field `probe_port`"],
         ),
+        // Issue #10 A2: a duration this long panicked the daemon at start and `--check` said
+        // fine.
+        (
+            "interval = \"300000000000y\"\n[[group]]\nname = \"web\"\n",
+            &[
+                "daemon.toml:1:12:",
+                "`interval` = \"300000000000y\" is out of range",
+                "a duration from 1s to 1h",
+            ],
+        ),
+        // Issue #10 A19: every mistake at once, not one per run.
+        (
+            "intervall = \"5s\"\n[breaker]\nwindow = 5\n[[group]]\nname = \"web\"\nprobe = { type = \"http\", port = 99999 }\n",
+            &[
+                "has 3 errors",
+                "daemon.toml:1:1: unknown field `intervall`",
+                "daemon.toml:3:10: `window` must be a string, not an integer",
+                "`port` = 99999 is out of range",
+            ],
+        ),
     ];
     for (text, expected) in cases {
         let path = dir.join("daemon.toml");
@@ -488,6 +537,35 @@ async fn sighup_reloads_the_config_and_a_bad_reload_keeps_the_running_one() {
         d.metric("bakery_loops_total").unwrap() > loops,
         "still looping"
     );
+
+    // Issue #10 A2: an interval too long to compute with panicked the running daemon (and
+    // left HealthCheck suspended); now the reload fails and the daemon keeps its configuration.
+    std::fs::write(
+        &d.config,
+        running.replace("interval = \"1s\"", "interval = \"300000000000y\""),
+    )
+    .unwrap();
+    hup(&d);
+    d.wait_event(
+        "reload failed; keeping the running configuration",
+        |e| {
+            e["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("`interval` = \"300000000000y\" is out of range")
+        },
+        Duration::from_secs(10),
+        "no failed reload for the huge interval",
+    )
+    .await;
+    let loops = d.metric("bakery_loops_total").unwrap();
+    d.wait_metric(
+        "bakery_loops_total",
+        |v| v.unwrap_or(0.0) > loops + 1.0,
+        Duration::from_secs(10),
+        "the daemon stopped looping after the bad reload",
+    )
+    .await;
 
     // A good reload: the second group is watched from the next round.
     std::fs::write(
@@ -636,4 +714,506 @@ fn under_systemd_it_notifies_ready_and_feeds_the_watchdog_between_long_rounds() 
         "{got:?}"
     );
     assert_eq!(status.code(), Some(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Takeovers (issue #10 A8, A9, C): a daemon resumes only what it suspended, never ends another
+// daemon's takeover, and makes no mutating call once its takeover is no longer its own.
+
+/// The group's takeover record (`bakery:daemon`), if any.
+async fn takeover_tag(world: &World, fleet: &Fleet) -> Option<String> {
+    fleet
+        .group(world)
+        .await
+        .tags()
+        .iter()
+        .find(|t| t.key() == Some("bakery:daemon"))
+        .and_then(|t| t.value().map(str::to_string))
+}
+
+async fn health_check_suspended(world: &World, fleet: &Fleet) -> bool {
+    suspended(&fleet.group(world).await).contains(&"HealthCheck".to_string())
+}
+
+/// Suspends (or resumes) `HealthCheck` as a person would, with the world's own key.
+async fn health_check_by_hand(world: &World, fleet: &Fleet, suspend: bool) {
+    let asg = world.asg();
+    if suspend {
+        asg.suspend_processes()
+            .auto_scaling_group_name(&fleet.asg)
+            .scaling_processes("HealthCheck")
+            .send()
+            .await
+            .unwrap();
+    } else {
+        asg.resume_processes()
+            .auto_scaling_group_name(&fleet.asg)
+            .scaling_processes("HealthCheck")
+            .send()
+            .await
+            .unwrap();
+    }
+}
+
+/// Waits up to `within` until the group's takeover record satisfies `pred`.
+async fn wait_takeover(
+    world: &World,
+    fleet: &Fleet,
+    pred: impl Fn(Option<&str>) -> bool,
+    within: Duration,
+    what: &str,
+) -> Option<String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let tag = takeover_tag(world, fleet).await;
+        if pred(tag.as_deref()) {
+            return tag;
+        }
+        assert!(Instant::now() < deadline, "{what}: the record is {tag:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `bakery gc` (the whole world, default `--older-than 1h`): its finding about `group`.
+fn gc_finding(world: &World, group: &str) -> Option<serde_json::Value> {
+    let out = world
+        .bakery()
+        .args(["--output", "json", "gc"])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "gc printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["kind"] == "daemon takeover" && f["id"] == group)
+        .cloned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_a_person_suspended_stays_suspended_through_stop_kill_gc_and_restart() {
+    let world = world();
+    let fleet = Fleet::create(world, "person", 2).await;
+    health_check_by_hand(world, &fleet, true).await;
+
+    // The daemon adopts the group with a record that says it will not resume HealthCheck.
+    let d = Daemon::start(world, "person-1", &fleet.asg, "", "daemon-person");
+    let tag = takeover_tag(world, &fleet).await;
+    assert!(
+        tag.as_deref().is_some_and(|t| t.ends_with(";hc=0")),
+        "the adoption is recorded, without the duty to resume: {tag:?}\n{}",
+        d.logs()
+    );
+    let (code, _, logs) = d.stop();
+    assert_eq!(code, Some(0), "{logs}");
+    assert!(
+        health_check_suspended(world, &fleet).await,
+        "still suspended after a stop: {logs}"
+    );
+    assert_eq!(
+        takeover_tag(world, &fleet).await,
+        None,
+        "the record is gone"
+    );
+
+    // kill -9, then gc: the record goes, the suspension stays.
+    let d = Daemon::start(world, "person-2", &fleet.asg, "", "daemon-person");
+    d.kill9();
+    let finding = tokio::task::spawn_blocking({
+        let asg = fleet.asg.clone();
+        move || gc_finding(world, &asg)
+    })
+    .await
+    .unwrap()
+    .expect("gc found the dead daemon's takeover");
+    assert_eq!(finding["action"], "removed", "{finding}");
+    assert!(
+        finding["why"]
+            .as_str()
+            .unwrap()
+            .contains("HealthCheck stays suspended"),
+        "{finding}"
+    );
+    assert!(
+        health_check_suspended(world, &fleet).await,
+        "still suspended after gc"
+    );
+    assert_eq!(takeover_tag(world, &fleet).await, None);
+
+    // And through a restart.
+    let d = Daemon::start(world, "person-3", &fleet.asg, "", "daemon-person");
+    let (code, _, logs) = d.stop();
+    assert_eq!(code, Some(0), "{logs}");
+    assert!(
+        health_check_suspended(world, &fleet).await,
+        "still suspended after a restart"
+    );
+    health_check_by_hand(world, &fleet, false).await;
+    fleet.delete(world).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_takes_over_from_a_killed_one_and_resumes_health_check_when_it_stops() {
+    let world = world();
+    let fleet = Fleet::create(world, "adopt", 2).await;
+    let a = Daemon::start(world, "adopt-a", &fleet.asg, "", "daemon-adopt-a");
+    let b = Daemon::start(world, "adopt-b", &fleet.asg, "", "daemon-adopt-b");
+    let a_pid = a.pid();
+    assert!(
+        takeover_tag(world, &fleet)
+            .await
+            .unwrap()
+            .contains(&format!(":{a_pid};")),
+        "A owns the group"
+    );
+    a.kill9();
+    // A's process is gone: B takes over at once, with A's duty to resume HealthCheck.
+    let b_pid = b.pid();
+    wait_takeover(
+        world,
+        &fleet,
+        |t| t.is_some_and(|t| t.contains(&format!(":{b_pid};")) && t.ends_with(";hc=1")),
+        Duration::from_secs(15),
+        "B never recorded its takeover",
+    )
+    .await;
+    let (code, _, logs) = b.stop();
+    assert_eq!(code, Some(0), "{logs}");
+    assert!(
+        !health_check_suspended(world, &fleet).await,
+        "B resumed HealthCheck: {logs}"
+    );
+    assert_eq!(takeover_tag(world, &fleet).await, None);
+    fleet.delete(world).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_losing_daemon_never_ends_the_winners_takeover() {
+    let world = world();
+    let fleet = Fleet::create(world, "race", 2).await;
+    // Both daemons read the group before either record lands (their tag writes are slowed),
+    // so both take it over and the last write wins.
+    let key = format!("daemon-race-{}", std::process::id());
+    let faults = FAULTS.lock().await;
+    world_fault(
+        world,
+        14,
+        &key,
+        "autoscaling:CreateOrUpdateTags",
+        "latency_ms",
+        1500.0,
+    );
+    let a = Daemon::spawn(world, "race-a", &fleet.asg, "", &key);
+    let b = Daemon::spawn(world, "race-b", &fleet.asg, "", &key);
+    a.wait_ready();
+    b.wait_ready();
+    clear_world_faults(world);
+    drop(faults);
+    let (a_pid, b_pid) = (a.pid(), b.pid());
+    let winner_tag = wait_takeover(
+        world,
+        &fleet,
+        |t| t.is_some(),
+        Duration::from_secs(10),
+        "no takeover recorded",
+    )
+    .await
+    .unwrap();
+    let (winner, loser) = if winner_tag.contains(&format!(":{a_pid};")) {
+        (a, b)
+    } else {
+        assert!(winner_tag.contains(&format!(":{b_pid};")), "{winner_tag}");
+        (b, a)
+    };
+    loser
+        .wait_event(
+            "another daemon owns this group's health decisions; watching only",
+            |_| true,
+            Duration::from_secs(10),
+            "the loser never saw the winner's record",
+        )
+        .await;
+    let (code, _, logs) = loser.stop();
+    assert_eq!(code, Some(0), "{logs}");
+    assert!(
+        health_check_suspended(world, &fleet).await,
+        "the loser's stop resumed the winner's HealthCheck: {logs}"
+    );
+    let tag = takeover_tag(world, &fleet).await.unwrap_or_default();
+    assert!(
+        tag.contains(&format!(":{};", winner.pid())),
+        "the winner's record stays: {tag:?}"
+    );
+    // The winner dies without a word; gc ends its takeover at once and resumes HealthCheck.
+    winner.kill9();
+    let asg = fleet.asg.clone();
+    let finding = tokio::task::spawn_blocking(move || gc_finding(world, &asg))
+        .await
+        .unwrap()
+        .expect("gc found the dead winner's takeover");
+    assert_eq!(finding["action"], "removed", "{finding}");
+    assert!(!health_check_suspended(world, &fleet).await);
+    assert_eq!(takeover_tag(world, &fleet).await, None);
+    fleet.delete(world).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gc_ends_a_dead_or_expired_daemons_takeover_at_once() {
+    let world = world();
+    let fleet = Fleet::create(world, "gc-takeover", 2).await;
+    // A daemon killed with -9: its record has a minute to run, but its process is gone.
+    let d = Daemon::start(world, "gc-takeover", &fleet.asg, "", "daemon-gc-takeover");
+    d.kill9();
+    let asg = fleet.asg.clone();
+    let finding = tokio::task::spawn_blocking(move || gc_finding(world, &asg))
+        .await
+        .unwrap()
+        .expect("gc saw the dead daemon's takeover");
+    assert_eq!(finding["action"], "removed", "{finding}");
+    let why = finding["why"].as_str().unwrap();
+    assert!(
+        why.contains("its process on this host is gone") && why.contains("HealthCheck is resumed"),
+        "{why}"
+    );
+    assert!(!health_check_suspended(world, &fleet).await);
+    assert_eq!(takeover_tag(world, &fleet).await, None);
+
+    // Another host's daemon whose record expired a second ago (written by an older daemon,
+    // without the flag: it suspended HealthCheck itself).
+    health_check_by_hand(world, &fleet, true).await;
+    let expired = unix_now() as u64 - 1;
+    world
+        .asg()
+        .create_or_update_tags()
+        .tags(
+            aws_sdk_autoscaling::types::Tag::builder()
+                .resource_id(&fleet.asg)
+                .resource_type("auto-scaling-group")
+                .key("bakery:daemon")
+                .value(format!(
+                    "owner=elsewhere:42;token=abc;since={};expires={expired}",
+                    expired - 60
+                ))
+                .propagate_at_launch(false)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let asg = fleet.asg.clone();
+    let finding = tokio::task::spawn_blocking(move || gc_finding(world, &asg))
+        .await
+        .unwrap()
+        .expect("gc saw the expired takeover");
+    assert_eq!(finding["action"], "removed", "{finding}");
+    assert!(
+        finding["why"].as_str().unwrap().contains("expired"),
+        "{finding}"
+    );
+    assert!(!health_check_suspended(world, &fleet).await);
+    fleet.delete(world).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_paused_past_its_takeover_makes_no_mutating_call_after_it_resumes() {
+    let world = world();
+    let fleet = Fleet::create(world, "paused", 2).await;
+    let extra = "takeover_ttl = \"5s\"";
+    let key_a = format!("daemon-paused-a-{}", std::process::id());
+    let a = Daemon::start(world, "paused-a", &fleet.asg, extra, &key_a);
+    a.signal("-STOP");
+    // B watches while A's record lasts, then takes over from it.
+    let b = Daemon::start(world, "paused-b", &fleet.asg, extra, "daemon-paused-b");
+    let b_pid = b.pid();
+    wait_takeover(
+        world,
+        &fleet,
+        |t| t.is_some_and(|t| t.contains(&format!(":{b_pid};"))),
+        Duration::from_secs(20),
+        "B never took over from the paused A",
+    )
+    .await;
+    // A crashed app is B's to replace.
+    let victim = instance_ids(world, &fleet).await[0].clone();
+    world_kill(world, &victim);
+    b.wait_event(
+        MARKED,
+        |e| e["instance"] == victim.as_str(),
+        Duration::from_secs(15),
+        "B did not replace the crashed app",
+    )
+    .await;
+    let resumed_at = unix_now();
+    a.signal("-CONT");
+    a.wait_event(
+        "another daemon owns this group's health decisions; watching only",
+        |_| true,
+        Duration::from_secs(15),
+        "A never noticed it lost the group",
+    )
+    .await;
+    let (code, _, logs) = a.stop();
+    assert_eq!(code, Some(0), "{logs}");
+    let (status, body) = world_control(
+        world,
+        "GET",
+        &format!("/_world/calls?access_key={key_a}&since={resumed_at}&mutating=true&limit=1000"),
+        "",
+    );
+    assert_eq!(status, 200, "{body}");
+    let calls: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        calls["calls"].as_array().unwrap().len(),
+        0,
+        "A made mutating calls after SIGCONT: {}\n{logs}",
+        calls["calls"]
+    );
+    assert!(
+        health_check_suspended(world, &fleet).await,
+        "B still owns the group"
+    );
+    assert!(takeover_tag(world, &fleet)
+        .await
+        .is_some_and(|t| t.contains(&format!(":{b_pid};"))));
+    let (code, _, logs) = b.stop();
+    assert_eq!(code, Some(0), "{logs}");
+    assert!(!health_check_suspended(world, &fleet).await);
+    fleet.wait_healthy(world, 2, Duration::from_secs(30)).await;
+    fleet.delete(world).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration and health (issue #10 A2, A19, B).
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watched_group_that_does_not_exist_makes_healthz_name_it() {
+    let world = world();
+    let missing = format!("no-such-group-{}", std::process::id());
+    let d = Daemon::start(world, "missing", &missing, "", "daemon-missing");
+    let (code, body) = http_get("127.0.0.1", d.port, "/healthz", Duration::from_secs(1)).unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains(&format!("not found: {missing}")), "{body}");
+    assert_eq!(
+        d.metric(&format!("bakery_group_missing{{group=\"{missing}\"}}")),
+        Some(1.0)
+    );
+    assert_eq!(
+        d.events("watched group not found: /healthz reports it until it exists")
+            .len(),
+        1,
+        "logged once"
+    );
+    let (code, _, logs) = d.stop();
+    assert_eq!(code, Some(0), "{logs}");
+}
+
+#[test]
+fn check_says_when_the_api_budget_cannot_cover_the_interval() {
+    let dir = scratch("daemon-check-budget");
+    let path = dir.join("daemon.toml");
+    let mut text = "interval = \"2s\"\n[api]\nrate = 5.0\n".to_string();
+    for n in 0..10 {
+        text.push_str(&format!("[[group]]\nname = \"web-{n}\"\n"));
+    }
+    std::fs::write(&path, &text).unwrap();
+    let out = Command::new(BIN)
+        .args(["daemon", "--check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains(
+            "about 15.1 API calls per round do not fit in interval 2.0s x [api] rate 5/s"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("set interval to at least \"4s\" or [api] rate to at least 7.6"),
+        "{stderr}"
+    );
+    // Enough budget: no warning.
+    std::fs::write(&path, text.replace("rate = 5.0", "rate = 50.0")).unwrap();
+    let out = Command::new(BIN)
+        .args(["daemon", "--check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The API budget (issue #15).
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_budget_too_small_for_the_interval_stretches_rounds_and_still_marks_a_dead_app() {
+    let world = world();
+    let fleet = Fleet::create(world, "budget", 2).await;
+    // About 6 calls a round (the group, 2 status checks, 1 target group, 2 kept for a
+    // replacement) at 1.5 calls/s: rounds every ~4 s instead of 1 s.
+    let d = Daemon::start(
+        world,
+        "budget",
+        &fleet.asg,
+        "[api]\nrate = 1.5\nburst = 1\n",
+        "daemon-budget",
+    );
+    let effective = d.metric("bakery_effective_interval_seconds").unwrap();
+    assert!(
+        (3.5..4.5).contains(&effective),
+        "effective interval {effective}: {}",
+        d.logs()
+    );
+    let stretched = d.events(
+        "the API budget cannot cover a round within the interval (estimated from the configuration, one target group per group)",
+    );
+    assert_eq!(stretched.len(), 1, "said once at start: {}", d.logs());
+    // Rounds settle (the first ones describe the instances), then a crashed app.
+    d.wait_metric(
+        "bakery_loops_total",
+        |v| v.unwrap_or(0.0) >= 3.0,
+        Duration::from_secs(30),
+        "rounds did not go on",
+    )
+    .await;
+    let victim = instance_ids(world, &fleet).await[0].clone();
+    let killed_at = unix_now();
+    world_kill(world, &victim);
+    let marked = d
+        .wait_event(
+            MARKED,
+            |e| e["instance"] == victim.as_str(),
+            Duration::from_secs(30),
+            "not marked under a tight budget",
+        )
+        .await;
+    let latency = parse_ts(marked["timestamp"].as_str().unwrap()) - killed_at;
+    let bound = effective * 2.0 + 0.5 + 1.5;
+    assert!(
+        latency <= bound,
+        "marked {latency:.2}s after the kill (effective interval {effective:.2}s, bound {bound:.2}s)"
+    );
+    assert_eq!(
+        d.metric("bakery_loop_errors_total"),
+        Some(0.0),
+        "{}",
+        d.logs()
+    );
+    assert!(
+        d.events("round failed; the daemon keeps going").is_empty(),
+        "{}",
+        d.logs()
+    );
+    let (code, _, logs) = d.stop();
+    assert_eq!(code, Some(0), "{logs}");
+    fleet.wait_healthy(world, 2, Duration::from_secs(30)).await;
+    fleet.delete(world).await;
 }

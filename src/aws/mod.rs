@@ -1,6 +1,7 @@
 //! The one place bakery talks to AWS from: client construction (the `aws-config` default chain
 //! with the user's region, profile and endpoint overrides) and the single retry policy every
-//! call goes through. Service-specific wrappers live beside it, one file per service.
+//! call goes through, under the client's own call policy (`budget.rs`). Service-specific
+//! wrappers live beside it, one file per service.
 
 pub mod autoscaling;
 pub mod budget;
@@ -10,7 +11,7 @@ pub mod launch_template;
 pub mod references;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
@@ -18,6 +19,8 @@ use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_smithy_types::retry::RetryConfig;
 use aws_smithy_types::timeout::TimeoutConfig;
 use backon::{ExponentialBuilder, Retryable};
+
+pub use budget::CallPolicy;
 
 /// How the user pointed bakery at AWS (global CLI options).
 #[derive(Debug, Clone, Default)]
@@ -27,10 +30,12 @@ pub struct Target {
     pub endpoint_url: Option<String>,
 }
 
-/// Clients for every service bakery uses, sharing one configuration.
+/// Clients for every service bakery uses, sharing one configuration, and the call policy
+/// (retry budget, token bucket, per-action counts) their calls follow inside [`Aws::scope`].
 #[derive(Clone, Debug)]
 pub struct Aws {
     pub region: String,
+    pub policy: Arc<CallPolicy>,
     pub ec2: aws_sdk_ec2::Client,
     pub ssm: aws_sdk_ssm::Client,
     pub autoscaling: aws_sdk_autoscaling::Client,
@@ -79,6 +84,7 @@ impl Aws {
             .ok_or(ConfigError::NoRegion)?;
         Ok(Self {
             region,
+            policy: Arc::new(CallPolicy::default()),
             ec2: aws_sdk_ec2::Client::new(&config),
             ssm: aws_sdk_ssm::Client::new(&config),
             autoscaling: aws_sdk_autoscaling::Client::new(&config),
@@ -87,6 +93,20 @@ impl Aws {
             rds: aws_sdk_rds::Client::new(&config),
             iam: aws_sdk_iam::Client::new(&config),
         })
+    }
+
+    /// The same clients under another call policy (the daemon's own budget).
+    pub fn with_policy(&self, policy: Arc<CallPolicy>) -> Self {
+        Self {
+            policy,
+            ..self.clone()
+        }
+    }
+
+    /// Runs `f` with this client's call policy governing every call made in it (tasks it
+    /// spawns need their own scope).
+    pub async fn scope<F: Future>(&self, f: F) -> F::Output {
+        budget::scope(self.policy.clone(), f).await
     }
 }
 
@@ -183,31 +203,23 @@ impl HttpStatus for aws_smithy_runtime_api::http::Response {
 /// seconds).
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Milliseconds of sleeping one call's retries may add up to; see [`set_retry_budget`].
-static RETRY_BUDGET_MS: AtomicU64 = AtomicU64::new(30_000);
-
-/// Caps the sleeping between one call's retries (default 30 s). The daemon keeps it within its
-/// interval: its next round asks again anyway, and a round must not outlast the watchdog.
-pub fn set_retry_budget(budget: Duration) {
-    RETRY_BUDGET_MS.store(budget.as_millis() as u64, Ordering::Relaxed);
-}
-
 /// The retry policy: jittered exponential backoff from 200 ms, at most 5 s apart, for at most
-/// 9 attempts and about 30 s of sleeping. Long enough to ride out a throttling burst, short enough
-/// that a real outage surfaces while the user is still watching.
-fn backoff() -> ExponentialBuilder {
+/// 9 attempts and `retry_budget` of sleeping (30 s by default: long enough to ride out a
+/// throttling burst, short enough that a real outage surfaces while the user is still watching;
+/// the daemon keeps it within its interval, since its next round asks again anyway and a round
+/// must not outlast the watchdog).
+fn backoff(retry_budget: Duration) -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
         .with_max_delay(Duration::from_secs(5))
         .with_max_times(8)
-        .with_total_delay(Some(Duration::from_millis(
-            RETRY_BUDGET_MS.load(Ordering::Relaxed),
-        )))
+        .with_total_delay(Some(retry_budget))
         .with_jitter()
 }
 
 /// Runs one AWS call under the retry policy and turns its final error into an [`AwsError`]
-/// naming `action` and `resource`.
+/// naming `action` and `resource`. The call follows the policy of the [`Aws::scope`] it runs
+/// in: each attempt waits on its token bucket and is counted there.
 pub async fn call<T, E, F, Fut>(
     action: &'static str,
     resource: impl Into<String>,
@@ -219,20 +231,29 @@ where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
     let resource = resource.into();
+    let policy = budget::current();
+    let retry_budget = policy
+        .as_ref()
+        .map_or(budget::DEFAULT_RETRY_BUDGET, |p| p.retry_budget());
     let mut f = f;
     let attempt = || {
         let fut = f();
+        let policy = policy.clone();
         async move {
-            if let Some(bucket) = budget::global() {
-                bucket.acquire().await;
+            if let Some(p) = &policy {
+                if !budget::take_prepaid() {
+                    p.acquire().await;
+                }
             }
             let r = fut.await;
-            budget::record(action, r.as_ref().err().map(is_throttling));
+            if let Some(p) = &policy {
+                p.record(action, r.as_ref().err().map(is_throttling));
+            }
             r
         }
     };
     attempt
-        .retry(backoff())
+        .retry(backoff(retry_budget))
         .sleep(tokio::time::sleep)
         .when(is_retryable)
         .notify(|err, after| {

@@ -1,42 +1,55 @@
 //! The health daemon (`bakery daemon`): keeps fleets healthy between releases.
 //!
-//! Every interval it reads each watched group's instances, the target health of every target
-//! group they are attached to (one call per target group), the EC2 status checks (two filtered
-//! calls) and its own optional probes, counts consecutive failures per instance, and asks
-//! [`decide::decide`] what to replace. Replacement goes through the group
-//! (`SetInstanceHealth Unhealthy`), so the group's own machinery launches the successor.
+//! Every round it probes the in-service instances of its groups (its own optional probes),
+//! judges them together with what the API said about them (each group's instances, the target
+//! health of every target group they are attached to, one call per target group, and the EC2
+//! status checks, two filtered calls), acts on the verdicts, and reads the API for the next
+//! round. Replacement goes through the group (`SetInstanceHealth Unhealthy`), so the group's own
+//! machinery launches the successor.
 //!
-//! A round starts on the interval's beat with the probes, judges them together with the API's
-//! answers read at the end of the previous round, acts, and then reads the API for the next
-//! round. So API latency (a loaded or throttling endpoint) does not shift the probes, and a
-//! killed app is marked within interval x threshold plus the probe's own time.
+//! What decides is pure and lives in the core crate: [`observe`] (failure counters, the probes'
+//! hysteresis, evidence), [`decide`] (which instances to replace, the fleet breaker),
+//! [`takeover`] (who owns a group's health decisions and what ending a takeover undoes) and
+//! [`reads`] (the calls a round costs under the API budget, the order of its reads). This module
+//! gathers the facts, calls those, and acts.
+//!
+//! A round starts on the interval's beat with the probes, so API latency (a loaded or
+//! throttling endpoint) does not shift them: a killed app is marked within interval x threshold
+//! plus the probe's own time. When the API budget (`[api] rate`) cannot cover a round's reads
+//! within the interval, rounds stretch to what it allows (the effective interval) instead of
+//! failing; a round's reads that do not fit its read budget are carried over, never thrown away,
+//! and reads of suspect instances go first.
 //!
 //! While it runs it owns the health decisions of its groups: it suspends their `HealthCheck`
-//! process (ELB health alone no longer kills instances, so the fleet breaker means something) and
-//! records the takeover in a tag with owner and expiry; it resumes `HealthCheck` when it stops.
+//! process (ELB health alone no longer kills instances, so the fleet breaker means something),
+//! recorded in a tag with owner, expiry and whether it suspended `HealthCheck` itself; when it
+//! stops it ends its own takeovers and resumes only what it suspended.
 
 pub use bakery_core::daemon_config as config;
 pub use bakery_core::judge as decide;
+pub use bakery_core::{observe, reads, takeover};
 pub mod metrics;
 pub mod probe;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::time::Instant;
 
-use crate::aws::{autoscaling, budget, ec2, elbv2, Aws, AwsError};
-use crate::rollout::state::{Lock, LOCK_TAG};
+use crate::aws::{autoscaling, budget, ec2, elbv2, Aws, AwsError, CallPolicy};
+use crate::rollout::state::Lock;
+use crate::signals::{Signal, Signals};
 use bakery_core::diag::FileError;
-use config::{Config, Selector};
-use decide::{Breaker, GroupView, InstanceView};
-use probe::ProbeState;
+use config::Config;
+use decide::{Breaker, Verdict};
+use observe::{GroupFacts, InstanceFacts, Member, Memory, Observation, Reading, TargetState};
+use reads::Read;
+use takeover::{Claim, Me, Seen, Takeover, HEALTH_CHECK};
 
 /// The tag recording which daemon owns a group's health decisions.
 pub use bakery_core::marks::TAKEOVER_TAG;
-const HEALTH_CHECK: &str = "HealthCheck";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -58,148 +71,179 @@ fn now() -> u64 {
         .unwrap_or_default()
 }
 
-#[derive(Debug, Default)]
-struct InstanceState {
-    consecutive: u32,
-    probe: ProbeState,
-    ip: Option<String>,
-    launched: u64,
+/// `d` from now: never an `Instant + Duration` that overflows (a far future instead).
+fn after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 86_400)))
+        .unwrap_or(now)
+}
+
+/// The daemon's view of a group, from the API's.
+fn facts_of(g: autoscaling::Group) -> GroupFacts {
+    GroupFacts {
+        name: g.name,
+        desired: g.desired,
+        grace_period: u64::try_from(g.health_check_grace_period).unwrap_or(0),
+        target_groups: g.target_group_arns,
+        members: g
+            .instances
+            .into_iter()
+            .map(|i| Member {
+                id: i.id,
+                lifecycle: i.lifecycle,
+                health: i.health,
+            })
+            .collect(),
+        tags: g.tags,
+        suspended: g.suspended,
+    }
+}
+
+/// What the API said, kept from round to round: a round judges with the latest answer of every
+/// read, and a read cut short leaves the answer before it in place.
+#[derive(Default)]
+struct Known {
+    /// The groups this daemon holds, as last read.
+    groups: Vec<GroupFacts>,
+    /// Addresses and launch times: they never change, so each instance is described once.
+    instances: BTreeMap<String, InstanceFacts>,
+    impaired: Option<Reading<BTreeMap<String, String>>>,
+    health: BTreeMap<String, Reading<BTreeMap<String, TargetState>>>,
+    /// The read phase each read last completed in, for the order of the next.
+    last_read: BTreeMap<Read, u64>,
+    phase: u64,
+}
+
+impl Known {
+    /// After a judgement: every answer has been counted once.
+    fn judged(&mut self) {
+        if let Some(r) = &mut self.impaired {
+            r.fresh = false;
+        }
+        for r in self.health.values_mut() {
+            r.fresh = false;
+        }
+    }
+
+    /// Instances of held groups that EC2 has not described yet (asked again every round: EC2
+    /// is eventually consistent).
+    fn undescribed(&self) -> Vec<String> {
+        self.groups
+            .iter()
+            .flat_map(|g| &g.members)
+            .filter(|m| self.instances.get(&m.id).is_none_or(|i| i.launched == 0))
+            .map(|m| m.id.clone())
+            .collect()
+    }
 }
 
 struct Daemon {
     aws: Aws,
     config: Config,
+    /// Owner and token of this daemon's takeover records.
     me: Lock,
     metrics: metrics::Shared,
-    instances: BTreeMap<String, InstanceState>,
+    /// The judge's memory: failure counters and probe hysteresis per instance.
+    memory: Memory,
+    known: Known,
     /// Replacement times per group, for the window.
     replaced: BTreeMap<String, Vec<u64>>,
     replaced_total: BTreeMap<String, u64>,
-    /// Groups whose health decisions this daemon owns, with the takeover's expiry.
-    taken: BTreeMap<String, u64>,
-    /// Groups whose state was last reported (frozen or owned elsewhere), to log transitions once.
+    /// This daemon's takeover records, by group, as last written.
+    taken: BTreeMap<String, Takeover>,
+    /// Groups whose state was last reported (frozen, owned elsewhere, missing), to log
+    /// transitions once.
     frozen: BTreeSet<String>,
     foreign: BTreeSet<String>,
+    missing: BTreeSet<String>,
+    /// The effective interval: the configured one, or what the API budget allows.
+    pace: Duration,
 }
 
-/// What the API said about the watched groups: read at the end of a round, judged at the start
-/// of the next one together with fresh probes.
-struct Facts {
-    groups: Vec<autoscaling::Group>,
-    impaired: BTreeMap<String, String>,
-    health: BTreeMap<String, BTreeMap<String, elbv2::TargetState>>,
+/// The API reads of one round, as they ended.
+#[derive(Debug, Default)]
+struct ReadOutcome {
+    answered: usize,
+    errors: Vec<String>,
+    /// Reads the round's budget could not fit: carried over to the next round.
+    carried: usize,
 }
 
-/// What one round saw, before deciding.
-struct Observation {
-    views: Vec<GroupView>,
-    evidence: BTreeMap<String, Vec<String>>,
+/// The groups of one read, sorted by [`takeover::claim`].
+#[derive(Default)]
+struct Claims {
+    held: Vec<GroupFacts>,
+    /// Per group held: whether ending its takeover resumes `HealthCheck`.
+    resumes: BTreeMap<String, bool>,
+    to_suspend: Vec<String>,
+    /// Records to write (a takeover, or a renewal due).
+    write: bool,
+}
+
+/// One read's answer.
+enum Answer {
+    Status(BTreeMap<String, String>),
+    Addresses(BTreeMap<String, (Option<String>, u64)>),
+    Health(String, BTreeMap<String, TargetState>),
 }
 
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
-    let config_path = config.path.clone();
-    budget::set_global(config.api_rate, config.api_burst);
-    crate::aws::set_retry_budget(retry_budget(config.interval));
-    let watchdog = watchdog_period();
+    let policy = Arc::new(CallPolicy::metered(
+        config.api_rate,
+        config.api_burst,
+        retry_budget(config.interval),
+    ));
+    let aws = aws.with_policy(policy.clone());
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| DaemonError::Listen {
             addr: config.listen.to_string(),
             source,
         })?;
+    let estimate = reads::from_config(&config);
+    let pace = reads::effective_interval(&estimate, config.api_rate, config.interval);
     let metrics: metrics::Shared = Arc::new(Mutex::new(metrics::Snapshot {
         interval: config.interval,
+        effective_interval: pace,
         ..Default::default()
     }));
-    let server = tokio::spawn(metrics::serve(listener, metrics.clone()));
-    tracing::info!(config = %config_path.display(), listen = %config.listen, interval_s = config.interval.as_secs_f64(), groups = config.groups.len(), "daemon starting");
-    let mut d = Daemon {
-        aws,
-        me: Lock {
-            owner: crate::host::owner(),
-            token: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
-            since: now(),
-            expires: 0,
-        },
+    let server = tokio::spawn(metrics::serve(listener, metrics.clone(), policy));
+    tracing::info!(config = %config.path.display(), listen = %config.listen, interval_s = config.interval.as_secs_f64(), groups = config.groups.len(), "daemon starting");
+    if let Some(a) = reads::advice(&estimate, config.api_rate, config.interval) {
+        tracing::warn!(advice = %a, "the API budget cannot cover a round within the interval (estimated from the configuration, one target group per group)");
+    }
+    let me = Lock {
+        owner: crate::host::owner(),
+        token: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
+        since: now(),
+        expires: 0,
+    };
+    let d = Daemon {
+        aws: aws.clone(),
+        me: me.clone(),
         config,
         metrics,
-        instances: BTreeMap::new(),
+        memory: Memory::default(),
+        known: Known::default(),
         replaced: BTreeMap::new(),
         replaced_total: BTreeMap::new(),
         taken: BTreeMap::new(),
         frozen: BTreeSet::new(),
         foreign: BTreeSet::new(),
+        missing: BTreeSet::new(),
+        pace,
     };
-    if let Err(e) = d.undo_stale_takeovers().await {
-        tracing::warn!(error = %e, "could not look for stale takeovers; continuing");
-    }
-    let mut stop = crate::signals::Signals::new();
-    let mut hup = signal(SignalKind::hangup()).ok();
-    let mut ready = false;
-    // The API's answers for the next round, read at the end of this one. A round starts with its
-    // probes, on the interval's own beat whatever the API's latency (a slow or throttled
-    // DescribeInstanceStatus no longer delays the probes, so detection stays within interval x
-    // threshold), and judges them with facts at most one interval old.
-    let mut facts: Option<Facts> = None;
-    let reason = 'outer: loop {
-        let started = Instant::now();
-        // A slow round (an API in trouble, every call timing out) is not a stuck one: the
-        // watchdog hears from us through it, up to the stuck limit. Past that, systemd restarts
-        // the daemon.
-        let stuck_at = started + stuck_limit(d.config.interval);
-        let end = {
-            let round = d.round(&mut facts, &mut stop);
-            tokio::pin!(round);
-            loop {
-                tokio::select! {
-                    e = &mut round => break e,
-                    _ = watchdog_tick(watchdog) => {
-                        if Instant::now() < stuck_at {
-                            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
-                        }
-                    }
-                }
-            }
-        };
-        let ok = match end {
-            RoundEnd::Stop(sig) => break 'outer sig,
-            RoundEnd::Done(ok) => ok,
-        };
-        let took = started.elapsed();
-        if took > d.config.interval {
-            tracing::warn!(
-                round_s = took.as_secs_f64(),
-                interval_s = d.config.interval.as_secs_f64(),
-                api_rate = d.config.api_rate,
-                "a round took longer than the interval: detection is slower than configured; raise [api] rate or the interval"
-            );
-        }
-        d.record_round(took, ok);
-        release_freed_memory();
-        if !ready {
-            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-            ready = true;
-        }
-        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
-        // The pause until the next round; the watchdog hears from us through it too (an
-        // interval may be longer than WatchdogSec).
-        let wake =
-            tokio::time::Instant::now() + d.config.interval.saturating_sub(started.elapsed());
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep_until(wake) => break,
-                _ = watchdog_tick(watchdog) => {
-                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
-                }
-                sig = stop.next() => break 'outer sig,
-                _ = recv_hup(&mut hup) => {
-                    d.reload();
-                    // Facts read for the old configuration's groups are not judged by the new.
-                    facts = None;
-                    break;
-                }
-            }
+    // The loop runs in a task of its own so that however it ends, a panic (a bug) included,
+    // the takeovers recorded under this daemon's token are handed back.
+    let scoped = aws.clone();
+    let outcome = tokio::spawn(async move { scoped.scope(d.run()).await }).await;
+    let reason = match &outcome {
+        Ok(sig) => sig.to_string(),
+        Err(e) => {
+            tracing::error!(error = %e, "the daemon's loop failed; handing health decisions back");
+            "a failure".to_string()
         }
     };
     tracing::info!(
@@ -207,36 +251,83 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
         "stopping: handing health decisions back to the groups"
     );
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    d.release_all().await;
+    // The few calls of an orderly stop must finish within a second: no bucket.
+    let stopping = aws.with_policy(Arc::new(CallPolicy::unmetered(Duration::from_millis(300))));
+    end_own_takeovers(&stopping, &me.token, &[], Duration::from_millis(900)).await;
     server.abort();
+    if let Err(e) = outcome {
+        if e.is_panic() {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
     Ok(())
 }
 
-/// Why a replacement decided on older facts must not happen now, if it must not: the group
-/// (read again just before acting) is gone, a rollout holds it, or the instance is no longer an
-/// in-service, healthy member.
-fn still_replaceable(
-    fresh: Option<&BTreeMap<String, autoscaling::Group>>,
-    group: &str,
-    id: &str,
-) -> Option<String> {
-    let Some(fresh) = fresh else {
-        return Some("the group could not be read again".into());
+/// Ends the takeovers among `names` (every group with a takeover record when empty) that are
+/// still this daemon's, as read again first: `HealthCheck` is resumed where a daemon suspended
+/// it, then the record is deleted. Another daemon's record is never touched. All within
+/// about `limit`.
+async fn end_own_takeovers(aws: &Aws, token: &str, names: &[String], limit: Duration) {
+    let tagged = if names.is_empty() {
+        vec![(TAKEOVER_TAG.to_string(), None)]
+    } else {
+        Vec::new()
     };
-    let Some(g) = fresh.get(group) else {
-        return Some("the group is gone".into());
+    let read = tokio::time::timeout(
+        limit / 2,
+        aws.scope(autoscaling::describe_many(&aws.autoscaling, names, &tagged)),
+    )
+    .await;
+    let groups = match read {
+        Ok(Ok(g)) => g,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "could not read the groups to hand back; the next daemon start or `bakery gc` will");
+            return;
+        }
+        Err(_) => {
+            tracing::error!("reading the groups to hand back timed out; the next daemon start or `bakery gc` will");
+            return;
+        }
     };
-    if let Some(l) = g.tags.get(LOCK_TAG).and_then(|l| Lock::decode(l)) {
-        if l.expires > now() {
-            return Some(format!("a rollout by {} holds the group", l.owner));
+    let mut set = tokio::task::JoinSet::new();
+    for g in groups {
+        let Some(undo) = takeover::release(g.tags.get(TAKEOVER_TAG).map(String::as_str), token)
+        else {
+            continue;
+        };
+        let aws = aws.clone();
+        set.spawn(async move {
+            let r = tokio::time::timeout(
+                limit / 2,
+                aws.scope(end_takeover(&aws, &g.name, undo.resume)),
+            )
+            .await;
+            (g.name, undo, r)
+        });
+    }
+    while let Some(Ok((group, undo, r))) = set.join_next().await {
+        match r {
+            Ok(Ok(())) if undo.resume => tracing::info!(group = %group, "HealthCheck resumed"),
+            Ok(Ok(())) => {
+                tracing::info!(group = %group, "takeover ended; HealthCheck stays suspended (it was suspended before the daemon took over)")
+            }
+            Ok(Err(e)) => {
+                tracing::error!(group = %group, error = %e, "could not end the takeover; the next daemon start or `bakery gc` will")
+            }
+            Err(_) => {
+                tracing::error!(group = %group, "ending the takeover timed out; the next daemon start or `bakery gc` will")
+            }
         }
     }
-    match g.instances.iter().find(|i| i.id == id) {
-        None => Some("no longer in the group".into()),
-        Some(i) if i.lifecycle != "InService" => Some(format!("now {}", i.lifecycle)),
-        Some(i) if i.health == "Unhealthy" => Some("already marked Unhealthy".into()),
-        Some(_) => None,
+}
+
+/// Ends one takeover: `HealthCheck` resumed first (when the daemon suspended it), then the
+/// record deleted, so that no crash in between leaves a suspension without a record.
+async fn end_takeover(aws: &Aws, group: &str, resume: bool) -> Result<(), AwsError> {
+    if resume {
+        autoscaling::resume(&aws.autoscaling, group, &[HEALTH_CHECK]).await?;
     }
+    autoscaling::delete_tags(&aws.autoscaling, group, &[TAKEOVER_TAG]).await
 }
 
 /// Gives the memory a round allocated and freed back to the system. glibc keeps freed heap in
@@ -254,17 +345,17 @@ fn release_freed_memory() {
 
 /// How a round ended.
 enum RoundEnd {
-    /// The round ran; whether its API reads succeeded.
+    /// The round ran; whether the API answered its reads.
     Done(bool),
     /// A stop signal arrived (reading and probing may be cut short; acting never is).
-    Stop(crate::signals::Signal),
+    Stop(Signal),
 }
 
 /// How long a round may take before the daemon counts as stuck (and stops feeding the
-/// watchdog): its reads are bounded by [`read_budget`], its probes by their timeouts and its
+/// watchdog): its reads are bounded by their read budget, its probes by their timeouts and its
 /// replacements by the calls' attempt timeout and retry budget; this is well past all of them.
-fn stuck_limit(interval: Duration) -> Duration {
-    Duration::from_secs(120) + interval
+fn stuck_limit(pace: Duration) -> Duration {
+    Duration::from_secs(120).saturating_add(pace)
 }
 
 /// Half the watchdog interval systemd asked for (`WATCHDOG_USEC`), if it asked.
@@ -280,16 +371,14 @@ async fn watchdog_tick(period: Option<Duration>) {
     }
 }
 
+fn feed_watchdog() {
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+}
+
 /// How long one call's retries may sleep: within the interval (the next round asks again
 /// anyway).
 fn retry_budget(interval: Duration) -> Duration {
     interval.clamp(Duration::from_secs(1), Duration::from_secs(10))
-}
-
-/// How long a round's API reads (both of them, in the first round) may take before the round
-/// counts as failed: an endpoint that hangs or a region that is down must not stall the loop.
-fn read_budget(interval: Duration) -> Duration {
-    (interval * 2).clamp(Duration::from_secs(5), Duration::from_secs(20))
 }
 
 async fn recv_hup(s: &mut Option<tokio::signal::unix::Signal>) {
@@ -302,14 +391,111 @@ async fn recv_hup(s: &mut Option<tokio::signal::unix::Signal>) {
 }
 
 impl Daemon {
+    /// Rounds on the effective interval's beat until SIGTERM or SIGINT; SIGHUP reloads the
+    /// configuration between rounds.
+    async fn run(mut self) -> Signal {
+        if let Err(e) = self.undo_stale_takeovers().await {
+            tracing::warn!(error = %e, "could not look for stale takeovers; continuing");
+        }
+        let mut stop = Signals::new();
+        let mut hup = signal(SignalKind::hangup()).ok();
+        let watchdog = watchdog_period();
+        let mut ready = false;
+        loop {
+            let started = Instant::now();
+            let ok = match self.supervised_round(&mut stop, watchdog, started).await {
+                RoundEnd::Stop(sig) => return sig,
+                RoundEnd::Done(ok) => ok,
+            };
+            self.after_round(started.elapsed(), ok);
+            if !ready {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+                ready = true;
+            }
+            feed_watchdog();
+            if let Some(sig) = self.pause(started, watchdog, &mut stop, &mut hup).await {
+                return sig;
+            }
+        }
+    }
+
+    /// A round, with the watchdog fed through it: a slow round (an API in trouble, every call
+    /// timing out) is not a stuck one, up to the stuck limit. Past that, systemd restarts the
+    /// daemon.
+    async fn supervised_round(
+        &mut self,
+        stop: &mut Signals,
+        watchdog: Option<Duration>,
+        started: Instant,
+    ) -> RoundEnd {
+        let stuck_at = started.checked_add(stuck_limit(self.pace));
+        let round = self.round(stop);
+        tokio::pin!(round);
+        loop {
+            tokio::select! {
+                e = &mut round => return e,
+                _ = watchdog_tick(watchdog) => {
+                    if stuck_at.is_none_or(|s| Instant::now() < s) {
+                        feed_watchdog();
+                    }
+                }
+            }
+        }
+    }
+
+    /// The pause until the next round; the watchdog hears from us through it too (an interval
+    /// may be longer than WatchdogSec). A stop signal ends it, SIGHUP reloads and starts the next
+    /// round at once.
+    async fn pause(
+        &mut self,
+        started: Instant,
+        watchdog: Option<Duration>,
+        stop: &mut Signals,
+        hup: &mut Option<tokio::signal::unix::Signal>,
+    ) -> Option<Signal> {
+        let wake = after(self.pace.saturating_sub(started.elapsed()));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => return None,
+                _ = watchdog_tick(watchdog) => feed_watchdog(),
+                sig = stop.next() => return Some(sig),
+                _ = recv_hup(hup) => {
+                    self.reload();
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn after_round(&mut self, took: Duration, ok: bool) {
+        if took > self.pace {
+            tracing::warn!(
+                round_s = took.as_secs_f64(),
+                interval_s = self.pace.as_secs_f64(),
+                api_rate = self.config.api_rate,
+                "a round took longer than the interval: detection is slower than configured; raise [api] rate or the interval"
+            );
+        }
+        let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
+        m.loops += 1;
+        m.last_loop = took;
+        if ok {
+            m.last_round_at = now();
+        } else {
+            m.loop_errors += 1;
+        }
+        drop(m);
+        release_freed_memory();
+    }
+
     fn reload(&mut self) {
         match config::load(&self.config.path) {
             Ok(c) => {
                 if c.listen != self.config.listen {
                     tracing::warn!(old = %self.config.listen, new = %c.listen, "`listen` changes take effect at the next start");
                 }
-                budget::set_global(c.api_rate, c.api_burst);
-                crate::aws::set_retry_budget(retry_budget(c.interval));
+                self.aws.policy.set_rate(c.api_rate, c.api_burst);
+                self.aws.policy.set_retry_budget(retry_budget(c.interval));
                 self.metrics
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -323,6 +509,16 @@ impl Daemon {
                     listen: self.config.listen,
                     ..c
                 };
+                // Groups the new configuration does not select are not judged by it; the next
+                // read ends their takeovers.
+                let config = &self.config;
+                self.known.groups.retain(|g| {
+                    config
+                        .groups
+                        .iter()
+                        .any(|s| s.selector.selects(&g.name, &g.tags))
+                });
+                self.update_pace();
             }
             Err(e) => {
                 tracing::error!(error = %e, "reload failed; keeping the running configuration");
@@ -330,7 +526,8 @@ impl Daemon {
         }
     }
 
-    /// Takeovers whose owner is gone (expired, or a dead process on this host) are undone.
+    /// Takeovers whose owner is gone (expired, or a dead process on this host) are undone:
+    /// `HealthCheck` resumed where their daemon suspended it, the record deleted.
     async fn undo_stale_takeovers(&mut self) -> Result<(), AwsError> {
         let groups = autoscaling::describe_many(
             &self.aws.autoscaling,
@@ -338,406 +535,80 @@ impl Daemon {
             &[(TAKEOVER_TAG.to_string(), None)],
         )
         .await?;
+        let host = crate::host::hostname();
         for g in groups {
-            let Some(l) = g.tags.get(TAKEOVER_TAG).and_then(|t| Lock::decode(t)) else {
+            let tag = g.tags.get(TAKEOVER_TAG).map(String::as_str);
+            let Some(undo) = takeover::undo(tag, now(), &host, crate::host::pid_alive) else {
                 continue;
             };
-            if l.is_stale(now(), &crate::host::hostname(), crate::host::pid_alive) {
-                tracing::warn!(group = %g.name, owner = %l.owner, "undoing a stale takeover: resuming HealthCheck");
-                autoscaling::resume(&self.aws.autoscaling, &g.name, &[HEALTH_CHECK]).await?;
-                autoscaling::delete_tags(&self.aws.autoscaling, &g.name, &[TAKEOVER_TAG]).await?;
-            }
+            tracing::warn!(group = %g.name, owner = %undo.owner, reason = %undo.why, "undoing a stale takeover");
+            end_takeover(&self.aws, &g.name, undo.resume).await?;
         }
         Ok(())
     }
 
-    fn threshold_for(&self, g: &autoscaling::Group) -> (u32, Option<&config::Probe>) {
-        let cfg = self.config.groups.iter().find(|c| match &c.selector {
-            Selector::Name(n) => *n == g.name,
-            Selector::Tag { key, value } => match value {
-                Some(v) => g.tags.get(key) == Some(v),
-                None => g.tags.contains_key(key),
-            },
-        });
-        (
-            cfg.and_then(|c| c.unhealthy_threshold)
-                .unwrap_or(self.config.unhealthy_threshold),
-            cfg.and_then(|c| c.probe.as_ref()),
-        )
-    }
-
-    /// Takes over the group's health decisions (suspending `HealthCheck`); false if another
-    /// daemon owns them. Returns whether the takeover tag is due for renewal in `due`.
-    async fn take_over(
-        &mut self,
-        g: &autoscaling::Group,
-        due: &mut Vec<String>,
-    ) -> Result<bool, AwsError> {
-        if let Some(l) = g.tags.get(TAKEOVER_TAG).and_then(|t| Lock::decode(t)) {
-            if l.token != self.me.token
-                && !l.is_stale(now(), &crate::host::hostname(), crate::host::pid_alive)
-            {
-                if self.foreign.insert(g.name.clone()) {
-                    tracing::warn!(group = %g.name, owner = %l.owner, "another daemon owns this group's health decisions; watching only");
-                }
-                return Ok(false);
-            }
-        }
-        self.foreign.remove(&g.name);
-        let ttl = self.config.takeover_ttl().as_secs();
-        let mut renew = match self.taken.get(&g.name) {
-            // Renew once a third of the lifetime is used.
-            Some(expires) => expires.saturating_sub(now()) < ttl * 2 / 3,
-            None => true,
-        };
-        if !g.suspended.iter().any(|p| p == HEALTH_CHECK) {
-            // The takeover is recorded (tag, and `taken` for the stop) before it is made, so a
-            // stop or a crash at any point leaves a record the stop, the next start and
-            // `bakery gc` undo: never a suspended HealthCheck nobody knows about.
-            if renew {
-                self.renew(std::slice::from_ref(&g.name)).await?;
-                renew = false;
-            }
-            autoscaling::suspend(&self.aws.autoscaling, &g.name, &[HEALTH_CHECK]).await?;
-            tracing::info!(group = %g.name, "took over health decisions: HealthCheck suspended, ReplaceUnhealthy left on");
-        }
-        if renew {
-            due.push(g.name.clone());
-        }
-        Ok(true)
-    }
-
-    /// Writes the takeover tags of `groups` in one call (one call carries many groups' tags).
-    async fn renew(&mut self, groups: &[String]) -> Result<(), AwsError> {
-        if groups.is_empty() {
-            return Ok(());
-        }
-        let lock = Lock {
-            expires: now() + self.config.takeover_ttl().as_secs(),
-            ..self.me.clone()
-        };
-        let value = lock.encode();
-        let tags: Vec<(&str, &str, &str)> = groups
-            .iter()
-            .map(|g| (g.as_str(), TAKEOVER_TAG, value.as_str()))
-            .collect();
-        autoscaling::set_tags_many(&self.aws.autoscaling, &tags).await?;
-        for g in groups {
-            self.taken.insert(g.clone(), lock.expires);
-        }
-        Ok(())
-    }
-
-    async fn release_all(&mut self) {
-        budget::bypass();
-        let mut set = tokio::task::JoinSet::new();
-        for group in self.taken.keys().cloned() {
-            let asg = self.aws.autoscaling.clone();
-            set.spawn(async move {
-                let r = tokio::time::timeout(Duration::from_millis(900), async {
-                    autoscaling::resume(&asg, &group, &[HEALTH_CHECK]).await?;
-                    autoscaling::delete_tags(&asg, &group, &[TAKEOVER_TAG]).await
-                })
-                .await;
-                (group, r)
-            });
-        }
-        while let Some(Ok((group, r))) = set.join_next().await {
-            match r {
-                Ok(Ok(())) => tracing::info!(group = %group, "HealthCheck resumed"),
-                Ok(Err(e)) => {
-                    tracing::error!(group = %group, error = %e, "could not resume HealthCheck; the next daemon start or `bakery gc` will")
-                }
-                Err(_) => {
-                    tracing::error!(group = %group, "resuming HealthCheck timed out; the next daemon start or `bakery gc` will")
-                }
-            }
-        }
-    }
-
-    /// One round: probes judged with the facts read at the end of the last round (read now if
-    /// there are none), the replacements, and the reads for the next round; all reads within
-    /// the round's [`read_budget`].
-    async fn round(
-        &mut self,
-        facts: &mut Option<Facts>,
-        stop: &mut crate::signals::Signals,
-    ) -> RoundEnd {
-        let budget = read_budget(self.config.interval);
-        let deadline = tokio::time::Instant::now() + budget;
-        let failed = |e: String| {
-            tracing::warn!(error = %e, "round failed; the daemon keeps going");
-            RoundEnd::Done(false)
-        };
-        let current = match facts.take() {
-            Some(f) => f,
-            None => match tokio::select! {
-                f = self.fetch_until(deadline, budget) => f,
-                sig = stop.next() => return RoundEnd::Stop(sig),
-            } {
-                Ok(f) => f,
-                Err(e) => return failed(e),
-            },
-        };
-        let obs = tokio::select! {
-            o = self.judge(current) => o,
+    /// One round: the probes, judged with the API's latest answers; the replacements; and the
+    /// reads for the next round, within the round's read budget (what does not fit is carried
+    /// over to the next round).
+    async fn round(&mut self, stop: &mut Signals) -> RoundEnd {
+        let probes = tokio::select! {
+            p = self.probe_all() => p,
             sig = stop.next() => return RoundEnd::Stop(sig),
         };
+        let obs = self.judge(&probes);
         // Acting is short and never cut in half.
         self.act(obs).await;
-        match tokio::select! {
-            f = self.fetch_until(deadline, budget) => f,
+        let budget = reads::read_budget(self.pace);
+        let deadline = after(budget);
+        let outcome = tokio::select! {
+            o = self.read_all(deadline) => o,
             sig = stop.next() => return RoundEnd::Stop(sig),
-        } {
-            Ok(f) => {
-                *facts = Some(f);
-                RoundEnd::Done(true)
-            }
-            Err(e) => failed(e),
-        }
+        };
+        RoundEnd::Done(self.report_reads(outcome, budget))
     }
 
-    /// [`Daemon::fetch`], given up at `deadline`.
-    async fn fetch_until(
-        &mut self,
-        deadline: tokio::time::Instant,
-        budget: Duration,
-    ) -> Result<Facts, String> {
-        match tokio::time::timeout_at(deadline, self.fetch()).await {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err(format!(
-                "the API did not answer within {}s; the next round asks again",
-                budget.as_secs()
-            )),
-        }
-    }
-
-    /// The API reads of a round: the groups (taking over new ones, renewing takeovers), the
-    /// facts of instances not seen before, EC2 status checks and every target group's health.
-    async fn fetch(&mut self) -> Result<Facts, AwsError> {
-        let names: Vec<String> = self
-            .config
-            .groups
-            .iter()
-            .filter_map(|g| match &g.selector {
-                Selector::Name(n) => Some(n.clone()),
-                _ => None,
-            })
-            .collect();
-        let tags: Vec<(String, Option<String>)> = self
-            .config
-            .groups
-            .iter()
-            .filter_map(|g| match &g.selector {
-                Selector::Tag { key, value } => Some((key.clone(), value.clone())),
-                _ => None,
-            })
-            .collect();
-        let all = autoscaling::describe_many(&self.aws.autoscaling, &names, &tags).await?;
-        for n in &names {
-            if !all.iter().any(|g| &g.name == n) {
-                tracing::warn!(group = %n, "watched group not found");
-            }
-        }
-        let mut groups = Vec::new();
-        let mut due = Vec::new();
-        for g in all {
-            if self.take_over(&g, &mut due).await? {
-                groups.push(g);
-            }
-        }
-        if !due.is_empty() {
-            // One call renews every group held, not only those due: their expiries then stay
-            // aligned (a group taken over later would otherwise cost a call of its own forever).
-            due = groups
-                .iter()
-                .filter(|g| self.taken.contains_key(&g.name))
-                .map(|g| g.name.clone())
-                .collect();
-        }
-        self.renew(&due).await?;
-        // Instance facts that never change, fetched once per instance.
-        let ids: BTreeSet<String> = groups
-            .iter()
-            .flat_map(|g| g.instances.iter().map(|i| i.id.clone()))
-            .collect();
-        self.instances.retain(|id, _| ids.contains(id));
-        // Addresses and launch times never change: fetched once, and asked again next round
-        // for any instance EC2 did not describe yet (eventual consistency).
-        let unknown: Vec<String> = ids
-            .iter()
-            .filter(|id| self.instances.get(*id).is_none_or(|st| st.launched == 0))
-            .cloned()
-            .collect();
-        if !unknown.is_empty() {
-            for (id, (ip, launched)) in ec2::addresses(&self.aws.ec2, &unknown).await? {
-                let st = self.instances.entry(id).or_default();
-                st.ip = ip;
-                st.launched = launched;
-            }
-        }
-
-        let impaired = ec2::impaired(&self.aws.ec2).await?;
-        // One DescribeTargetHealth per target group, all at once (each still waits on the budget).
-        let target_groups: BTreeSet<String> = groups
-            .iter()
-            .flat_map(|g| g.target_group_arns.iter().cloned())
-            .collect();
-        let mut calls = tokio::task::JoinSet::new();
-        for tg in target_groups {
-            let elb = self.aws.elb.clone();
-            calls.spawn(async move {
-                let h = elbv2::target_health(&elb, &tg).await;
-                (tg, h)
-            });
-        }
-        let mut health = BTreeMap::new();
-        while let Some(joined) = calls.join_next().await {
-            if let Ok((tg, h)) = joined {
-                health.insert(tg, h?);
-            }
-        }
-        Ok(Facts {
-            groups,
-            impaired,
-            health,
-        })
-    }
-
-    /// Probes the in-service instances and puts every signal together, per group.
-    async fn judge(&mut self, facts: Facts) -> Observation {
-        let Facts {
-            groups,
-            impaired,
-            health,
-        } = facts;
-        let now = now();
-
-        // Own probes, all at once within the concurrency bound.
+    /// Probes the in-service instances of held groups, all at once within the concurrency
+    /// bound.
+    async fn probe_all(&self) -> BTreeMap<String, Result<(), String>> {
+        let targets =
+            observe::probe_targets(&self.known.groups, &self.known.instances, &self.config);
         let semaphore = Arc::new(tokio::sync::Semaphore::new(self.config.probe_concurrency));
         let mut probes = tokio::task::JoinSet::new();
-        for g in &groups {
-            let (_, probe) = self.threshold_for(g);
-            let Some(probe) = probe.cloned() else {
-                continue;
-            };
-            for i in g.instances.iter().filter(|i| i.lifecycle == "InService") {
-                let Some(ip) = self.instances.get(&i.id).and_then(|s| s.ip.clone()) else {
-                    continue;
-                };
-                let Ok(ip) = ip.parse::<IpAddr>() else {
-                    continue;
-                };
-                let (id, probe, sem) = (i.id.clone(), probe.clone(), semaphore.clone());
-                probes.spawn(async move {
-                    let _permit = sem.acquire().await;
-                    (id, probe::probe(ip, &probe).await, probe)
-                });
-            }
-        }
-        let mut probe_errors = BTreeMap::new();
-        while let Some(r) = probes.join_next().await {
-            if let Ok((id, result, p)) = r {
-                if let Some(st) = self.instances.get_mut(&id) {
-                    st.probe.record(result.is_ok(), &p);
-                    if st.probe.unhealthy {
-                        let why = result.err().unwrap_or_else(|| "recovering".into());
-                        probe_errors.insert(
-                            id,
-                            format!(
-                                "probe :{}: {why} ({} failed in a row)",
-                                p.port, st.probe.failures
-                            ),
-                        );
-                    }
-                }
-            }
-        }
-
-        let mut views = Vec::new();
-        let mut evidence = BTreeMap::new();
-        for g in &groups {
-            let (threshold, probe_cfg) = self.threshold_for(g);
-            let has_probe = probe_cfg.is_some();
-            let mut instances = Vec::new();
-            for i in &g.instances {
-                let st = self.instances.entry(i.id.clone()).or_default();
-                // An instance already marked Unhealthy is the group's to replace: judging it
-                // again would count it twice (against the breaker and the window).
-                let judged = i.lifecycle == "InService"
-                    && i.health != "Unhealthy"
-                    && st.launched > 0
-                    && now.saturating_sub(st.launched) >= g.health_check_grace_period.max(0) as u64;
-                let mut failing = Vec::new();
-                let mut all = Vec::new();
-                for tg in &g.target_group_arns {
-                    let short = tg.rsplit(':').next().unwrap_or(tg);
-                    match health.get(tg).and_then(|h| h.get(&i.id)) {
-                        Some(t) if t.state == "unhealthy" => {
-                            let s = format!(
-                                "{short}: unhealthy ({})",
-                                t.reason.clone().unwrap_or_default()
-                            );
-                            failing.push(s.clone());
-                            all.push(s);
-                        }
-                        Some(t) => all.push(format!("{short}: {}", t.state)),
-                        None => all.push(format!("{short}: not registered")),
-                    }
-                }
-                match impaired.get(&i.id) {
-                    Some(e) => {
-                        failing.push(e.clone());
-                        all.push(e.clone());
-                    }
-                    None => all.push("EC2 status checks: not impaired".into()),
-                }
-                match probe_errors.get(&i.id) {
-                    Some(e) => {
-                        failing.push(e.clone());
-                        all.push(e.clone());
-                    }
-                    None if has_probe && st.ip.is_none() => {
-                        all.push("probe: no address yet".into())
-                    }
-                    None if has_probe => all.push("probe: ok".into()),
-                    None => {}
-                }
-                if judged {
-                    st.consecutive = if failing.is_empty() {
-                        0
-                    } else {
-                        st.consecutive + 1
-                    };
-                } else {
-                    st.consecutive = 0;
-                }
-                evidence.insert(i.id.clone(), all);
-                instances.push(InstanceView {
-                    id: i.id.clone(),
-                    judged,
-                    failing,
-                    consecutive: st.consecutive,
-                });
-            }
-            let rollout_in_progress = g
-                .tags
-                .get(LOCK_TAG)
-                .and_then(|l| Lock::decode(l))
-                .is_some_and(|l| l.expires > now);
-            let max_replace = self.config.max_replace.resolve(g.desired.max(1)).max(1);
-            let times = self.replaced.entry(g.name.clone()).or_default();
-            times.retain(|t| now.saturating_sub(*t) < self.config.window.as_secs());
-            views.push(GroupView {
-                name: g.name.clone(),
-                instances,
-                rollout_in_progress,
-                replaced_in_window: decide::in_window(times, now, self.config.window),
-                max_replace,
-                threshold,
+        for (id, ip, p) in targets {
+            let sem = semaphore.clone();
+            probes.spawn(async move {
+                let _permit = sem.acquire_owned().await;
+                (id, probe::probe(ip, &p).await)
             });
         }
-        Observation { views, evidence }
+        let mut out = BTreeMap::new();
+        while let Some(r) = probes.join_next().await {
+            if let Ok((id, result)) = r {
+                out.insert(id, result);
+            }
+        }
+        out
+    }
+
+    /// Puts the probes and the API's latest answers together ([`observe::observe`]).
+    fn judge(&mut self, probes: &BTreeMap<String, Result<(), String>>) -> Observation {
+        let now = now();
+        let window = self.config.window.as_secs();
+        for times in self.replaced.values_mut() {
+            times.retain(|t| now.saturating_sub(*t) < window);
+        }
+        let facts = observe::Facts {
+            now,
+            groups: &self.known.groups,
+            instances: &self.known.instances,
+            impaired: self.known.impaired.as_ref(),
+            health: &self.known.health,
+            probes,
+            replaced: &self.replaced,
+        };
+        let obs = observe::observe(&facts, &self.config, &mut self.memory);
+        self.known.judged();
+        obs
     }
 
     async fn act(&mut self, obs: Observation) {
@@ -746,27 +617,28 @@ impl Daemon {
             freeze_above_all: self.config.freeze_above_all,
         };
         let verdicts = decide::decide(&obs.views, &breaker);
+        self.log_breaker(&verdicts, &obs);
         // The facts are up to an interval old: before marking anything, the groups concerned are
-        // read again (one call), so that a rollout that took its lock since, or an instance
-        // already leaving, is left alone.
+        // read again (one call), so that a rollout that took its lock since, an instance already
+        // leaving, or another daemon now owning the group, is left alone.
         let pending: Vec<String> = verdicts
             .iter()
             .filter(|v| !v.replace.is_empty())
             .map(|v| v.group.clone())
             .collect();
-        let fresh: Option<BTreeMap<String, autoscaling::Group>> = if pending.is_empty() {
-            Some(BTreeMap::new())
-        } else {
-            match autoscaling::describe_many(&self.aws.autoscaling, &pending, &[]).await {
-                Ok(gs) => Some(gs.into_iter().map(|g| (g.name.clone(), g)).collect()),
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not read the groups again before replacing; nothing replaced this round");
-                    None
-                }
-            }
-        };
-        let mut snapshot_groups = BTreeMap::new();
+        let fresh = self.read_again(&pending).await;
         for v in &verdicts {
+            for (id, reason) in &v.replace {
+                let evidence = obs.evidence.get(id).cloned().unwrap_or_default().join("; ");
+                self.replace(&v.group, id, reason, &evidence, fresh.as_ref())
+                    .await;
+            }
+        }
+        self.publish(&verdicts);
+    }
+
+    fn log_breaker(&mut self, verdicts: &[Verdict], obs: &Observation) {
+        for v in verdicts {
             match (&v.frozen, self.frozen.contains(&v.group)) {
                 (Some(why), false) => {
                     tracing::warn!(group = %v.group, unhealthy = v.unhealthy, total = v.total, reason = %why, "fleet breaker: replacements frozen");
@@ -782,139 +654,474 @@ impl Daemon {
                 let evidence = obs.evidence.get(id).cloned().unwrap_or_default().join("; ");
                 tracing::debug!(group = %v.group, instance = %id, reason = %why, evidence = %evidence, "replacement held back");
             }
-            for (id, reason) in &v.replace {
-                let evidence = obs.evidence.get(id).cloned().unwrap_or_default().join("; ");
-                if let Some(why) = still_replaceable(fresh.as_ref(), &v.group, id) {
-                    tracing::info!(group = %v.group, instance = %id, reason = %why, "replacement held back");
-                    continue;
-                }
-                match autoscaling::set_unhealthy(&self.aws.autoscaling, id).await {
-                    Ok(()) => {
-                        tracing::warn!(group = %v.group, instance = %id, reason = %reason, evidence = %evidence, "marked unhealthy: the group replaces it");
-                        self.replaced
-                            .entry(v.group.clone())
-                            .or_default()
-                            .push(now());
-                        *self.replaced_total.entry(v.group.clone()).or_default() += 1;
-                        if let Some(st) = self.instances.get_mut(id) {
-                            st.consecutive = 0;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(group = %v.group, instance = %id, error = %e, "could not mark unhealthy")
-                    }
-                }
-            }
-            snapshot_groups.insert(
-                v.group.clone(),
-                metrics::GroupFigures {
-                    instances: v.total,
-                    healthy: v.total - v.unhealthy,
-                    unhealthy: v.unhealthy,
-                    replaced_total: self
-                        .replaced_total
-                        .get(&v.group)
-                        .copied()
-                        .unwrap_or_default(),
-                    frozen: v.frozen.is_some(),
-                },
-            );
         }
+    }
+
+    /// The groups in `names`, read again just now, with when the read ended.
+    async fn read_again(
+        &self,
+        names: &[String],
+    ) -> Option<(BTreeMap<String, GroupFacts>, Instant)> {
+        if names.is_empty() {
+            return None;
+        }
+        match autoscaling::describe_many(&self.aws.autoscaling, names, &[]).await {
+            Ok(gs) => Some((
+                gs.into_iter()
+                    .map(|g| (g.name.clone(), facts_of(g)))
+                    .collect(),
+                Instant::now(),
+            )),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the groups again before replacing; nothing replaced this round");
+                None
+            }
+        }
+    }
+
+    /// Marks `id` unhealthy unless the group, read again just before, says it must not be: the
+    /// instance changed, a rollout holds the group, or the group's takeover is no longer this
+    /// daemon's (or that read is too old: the daemon was paused).
+    async fn replace(
+        &mut self,
+        group: &str,
+        id: &str,
+        reason: &str,
+        evidence: &str,
+        fresh: Option<&(BTreeMap<String, GroupFacts>, Instant)>,
+    ) {
+        let now = now();
+        let why_not =
+            observe::still_replaceable(fresh.map(|f| &f.0), group, id, now).or_else(|| {
+                let (groups, read_at) = fresh?;
+                let tag = groups
+                    .get(group)
+                    .and_then(|g| g.tags.get(TAKEOVER_TAG))
+                    .map(String::as_str);
+                takeover::may_act(tag, &self.me.token, read_at.elapsed(), now)
+                    .err()
+                    .map(|r| r.to_string())
+            });
+        if let Some(why) = why_not {
+            tracing::info!(group = %group, instance = %id, reason = %why, "replacement held back");
+            return;
+        }
+        match autoscaling::set_unhealthy(&self.aws.autoscaling, id).await {
+            Ok(()) => {
+                tracing::warn!(group = %group, instance = %id, reason = %reason, evidence = %evidence, "marked unhealthy: the group replaces it");
+                self.replaced
+                    .entry(group.to_string())
+                    .or_default()
+                    .push(now);
+                *self.replaced_total.entry(group.to_string()).or_default() += 1;
+                self.memory.replaced(id);
+            }
+            Err(e) => {
+                tracing::error!(group = %group, instance = %id, error = %e, "could not mark unhealthy")
+            }
+        }
+    }
+
+    /// The round's figures for `/metrics` and `/healthz`.
+    fn publish(&self, verdicts: &[Verdict]) {
+        let groups = verdicts
+            .iter()
+            .map(|v| {
+                (
+                    v.group.clone(),
+                    metrics::GroupFigures {
+                        instances: v.total,
+                        healthy: v.total - v.unhealthy,
+                        unhealthy: v.unhealthy,
+                        replaced_total: self
+                            .replaced_total
+                            .get(&v.group)
+                            .copied()
+                            .unwrap_or_default(),
+                        frozen: v.frozen.is_some(),
+                    },
+                )
+            })
+            .collect();
         let all_total: u32 = verdicts.iter().map(|v| v.total).sum();
         let all_bad: u32 = verdicts.iter().map(|v| v.unhealthy).sum();
         let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
-        m.groups = snapshot_groups;
+        m.groups = groups;
         m.fleet_frozen = all_total > 0
             && f64::from(all_bad) * 100.0 / f64::from(all_total)
                 > f64::from(self.config.freeze_above_all);
     }
 
-    fn record_round(&mut self, took: Duration, ok: bool) {
-        let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
-        m.loops += 1;
-        m.last_loop = took;
-        if ok {
-            m.last_round_at = now();
-        } else {
-            m.loop_errors += 1;
+    /// The API reads of a round, each kept as it is answered: the groups first (taking over
+    /// new ones, renewing takeovers), then the other reads in the order of [`reads::order`],
+    /// each sent as soon as the budget allows, until `deadline`. What is left is read next round.
+    async fn read_all(&mut self, deadline: Instant) -> ReadOutcome {
+        self.known.phase += 1;
+        let mut out = ReadOutcome::default();
+        match tokio::time::timeout_at(deadline, self.read_groups()).await {
+            Ok(Ok(())) => out.answered += 1,
+            Ok(Err(e)) => out.errors.push(e.to_string()),
+            Err(_) => {
+                out.carried += 1;
+                return out;
+            }
+        }
+        let order = reads::order(
+            &self.known.groups,
+            &self.memory.suspects(),
+            !self.known.undescribed().is_empty(),
+            &self.known.last_read,
+        );
+        self.read_rest(order, deadline, &mut out).await;
+        out
+    }
+
+    /// Sends `order`'s reads one after the other as the bucket gives tokens, all in flight at
+    /// once, keeping each answer as it comes; at `deadline` the rest is carried over.
+    async fn read_rest(&mut self, order: Vec<Read>, deadline: Instant, out: &mut ReadOutcome) {
+        let mut queue: VecDeque<Read> = order.into();
+        let mut calls = tokio::task::JoinSet::new();
+        let policy = self.aws.policy.clone();
+        let undescribed = self.known.undescribed();
+        while !queue.is_empty() || !calls.is_empty() {
+            tokio::select! {
+                biased;
+                Some(joined) = calls.join_next(), if !calls.is_empty() => {
+                    if let Ok((read, answer)) = joined {
+                        self.keep(read, answer, out);
+                    }
+                }
+                _ = policy.acquire(), if !queue.is_empty() => {
+                    if let Some(read) = queue.pop_front() {
+                        let (aws, undescribed) = (self.aws.clone(), undescribed.clone());
+                        calls.spawn(async move {
+                            let answer = aws.scope(budget::prepaid(read_one(&aws, &read, &undescribed))).await;
+                            (read, answer)
+                        });
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    out.carried += queue.len() + calls.len();
+                    calls.abort_all();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Keeps an answer (fresh until the next judgement) or notes the error.
+    fn keep(&mut self, read: Read, answer: Result<Answer, AwsError>, out: &mut ReadOutcome) {
+        match answer {
+            Ok(a) => {
+                out.answered += 1;
+                self.known.last_read.insert(read, self.known.phase);
+                match a {
+                    Answer::Status(m) => self.known.impaired = Some(Reading::fresh(m)),
+                    Answer::Addresses(m) => {
+                        for (id, (ip, launched)) in m {
+                            self.known
+                                .instances
+                                .insert(id, InstanceFacts { ip, launched });
+                        }
+                    }
+                    Answer::Health(tg, m) => {
+                        self.known.health.insert(tg, Reading::fresh(m));
+                    }
+                }
+            }
+            Err(e) => out.errors.push(e.to_string()),
+        }
+    }
+
+    /// Whether the round counts as done: the API answered at least one of its reads. Reads it
+    /// could not fit are carried over, logged, and do not fail it.
+    fn report_reads(&mut self, outcome: ReadOutcome, budget: Duration) -> bool {
+        let timed_out = || {
+            format!(
+                "the API did not answer within {}s; the next round asks again",
+                budget.as_secs()
+            )
+        };
+        self.metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reads_carried += outcome.carried as u64;
+        if outcome.answered == 0 && (!outcome.errors.is_empty() || outcome.carried > 0) {
+            let error = outcome.errors.first().cloned().unwrap_or_else(timed_out);
+            tracing::warn!(error = %error, "round failed; the daemon keeps going");
+            return false;
+        }
+        if !outcome.errors.is_empty() || outcome.carried > 0 {
+            tracing::info!(
+                answered = outcome.answered,
+                failed = outcome.errors.len(),
+                carried_over = outcome.carried,
+                error = outcome.errors.first().map(String::as_str).unwrap_or(""),
+                "some reads did not complete this round; the next round reads them first, and judges with the last answers meanwhile"
+            );
+        }
+        true
+    }
+
+    /// Reads the watched groups and takes over, renews or leaves each; the groups held become the
+    /// ones judged. Held groups no longer selected (a reload, a tag removed) or gone have their
+    /// takeovers ended.
+    async fn read_groups(&mut self) -> Result<(), AwsError> {
+        let names = self.config.named_groups();
+        let all =
+            autoscaling::describe_many(&self.aws.autoscaling, &names, &self.config.tag_selectors())
+                .await?;
+        let read_at = Instant::now();
+        let all: Vec<GroupFacts> = all.into_iter().map(facts_of).collect();
+        self.note_missing(&names, &all);
+        let seen: BTreeSet<String> = all.iter().map(|g| g.name.clone()).collect();
+        let dropped: Vec<String> = self
+            .taken
+            .keys()
+            .filter(|n| !seen.contains(*n))
+            .cloned()
+            .collect();
+        if !dropped.is_empty() {
+            tracing::info!(groups = ?dropped, "no longer watched: ending their takeovers");
+            end_own_takeovers(&self.aws, &self.me.token, &dropped, Duration::from_secs(10)).await;
+            for n in &dropped {
+                self.taken.remove(n);
+            }
+        }
+        let held = self.claim_all(all, read_at).await?;
+        let ids: BTreeSet<String> = held
+            .iter()
+            .flat_map(|g| g.members.iter().map(|m| m.id.clone()))
+            .collect();
+        self.memory.keep_only(&ids);
+        self.known.instances.retain(|id, _| ids.contains(id));
+        let tgs: BTreeSet<&String> = held.iter().flat_map(|g| &g.target_groups).collect();
+        self.known.health.retain(|tg, _| tgs.contains(tg));
+        self.known.last_read.retain(|r, _| match r {
+            Read::TargetHealth(tg) => tgs.contains(tg),
+            _ => true,
+        });
+        self.known.groups = held;
+        self.update_pace();
+        Ok(())
+    }
+
+    /// Logs named groups that went missing or came back, once each, and tells `/healthz`.
+    fn note_missing(&mut self, names: &[String], found: &[GroupFacts]) {
+        let missing: BTreeSet<String> = names
+            .iter()
+            .filter(|n| !found.iter().any(|g| &&g.name == n))
+            .cloned()
+            .collect();
+        for n in missing.difference(&self.missing) {
+            tracing::warn!(group = %n, "watched group not found: /healthz reports it until it exists");
+        }
+        for n in self.missing.difference(&missing) {
+            tracing::info!(group = %n, "watched group found again");
+        }
+        self.missing = missing.clone();
+        self.metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .missing = missing;
+    }
+
+    /// What [`takeover::claim`] says of each group read: the groups held (watched by this
+    /// daemon; another daemon's are left out and forgotten), who resumes `HealthCheck` at the end
+    /// of each takeover, which to suspend, and whether records must be written.
+    fn sort_claims(&mut self, all: Vec<GroupFacts>) -> Claims {
+        let host = crate::host::hostname();
+        let mut c = Claims::default();
+        for g in all {
+            let tag = g.tags.get(TAKEOVER_TAG).map(String::as_str);
+            let seen = Seen {
+                tag,
+                suspended: g.suspended.iter().any(|p| p == HEALTH_CHECK),
+                now: now(),
+            };
+            let me = Me {
+                token: &self.me.token,
+                mine: self.taken.get(&g.name),
+                ttl: self.config.takeover_ttl,
+                host: &host,
+                pid_alive: crate::host::pid_alive,
+            };
+            match takeover::claim(&seen, &me) {
+                Claim::Foreign { owner } => {
+                    self.taken.remove(&g.name);
+                    if self.foreign.insert(g.name.clone()) {
+                        tracing::warn!(group = %g.name, owner = %owner, "another daemon owns this group's health decisions; watching only");
+                    }
+                    continue;
+                }
+                Claim::Held { renew } => {
+                    c.write |= renew;
+                    let r = tag.and_then(Takeover::decode).is_none_or(|t| t.resumes);
+                    c.resumes.insert(g.name.clone(), r);
+                }
+                Claim::Take {
+                    resumes,
+                    suspend,
+                    from,
+                } => {
+                    c.write = true;
+                    c.resumes.insert(g.name.clone(), resumes);
+                    if suspend {
+                        c.to_suspend.push(g.name.clone());
+                    } else if !resumes {
+                        tracing::info!(group = %g.name, "took over health decisions; HealthCheck was already suspended and stays so when the daemon stops");
+                    }
+                    if let Some(from) = from {
+                        tracing::warn!(group = %g.name, previous = %from, "taking over from a daemon that is gone");
+                    }
+                }
+            }
+            self.foreign.remove(&g.name);
+            c.held.push(g);
+        }
+        c
+    }
+
+    /// Takes over, renews or leaves each group as [`takeover::claim`] says, and returns the
+    /// groups this daemon holds now. The records are written (one call for all) before any
+    /// `HealthCheck` is suspended, and only on a read younger than [`takeover::FRESH_READ`].
+    async fn claim_all(
+        &mut self,
+        all: Vec<GroupFacts>,
+        read_at: Instant,
+    ) -> Result<Vec<GroupFacts>, AwsError> {
+        let Claims {
+            mut held,
+            resumes,
+            to_suspend,
+            write,
+        } = self.sort_claims(all);
+        if write {
+            if let Err(refusal) = takeover::may_mutate(read_at.elapsed(), None, now()) {
+                tracing::warn!(reason = %refusal, "takeover records not written; the groups are read again next round");
+                let live = |n: &String| self.taken.get(n).is_some_and(|t| t.lock.expires > now());
+                held.retain(|g| live(&g.name) && !to_suspend.contains(&g.name));
+                return Ok(held);
+            }
+            // One call renews every group held, not only those due: their expiries then stay
+            // aligned (a group taken over later would otherwise cost a call of its own forever).
+            self.write_records(&held, &resumes).await?;
+        }
+        for name in to_suspend {
+            let expires = self.taken.get(&name).map(|t| t.lock.expires);
+            if let Err(refusal) = takeover::may_mutate(read_at.elapsed(), expires, now()) {
+                tracing::warn!(group = %name, reason = %refusal, "HealthCheck not suspended; the group is read again next round");
+                held.retain(|g| g.name != name);
+                continue;
+            }
+            autoscaling::suspend(&self.aws.autoscaling, &name, &[HEALTH_CHECK]).await?;
+            tracing::info!(group = %name, "took over health decisions: HealthCheck suspended, ReplaceUnhealthy left on");
+        }
+        Ok(held)
+    }
+
+    /// Writes the takeover records of `held` in one call (one call carries many groups' tags).
+    async fn write_records(
+        &mut self,
+        held: &[GroupFacts],
+        resumes: &BTreeMap<String, bool>,
+    ) -> Result<(), AwsError> {
+        if held.is_empty() {
+            return Ok(());
+        }
+        let lock = Lock {
+            expires: now().saturating_add(self.config.takeover_ttl.as_secs()),
+            ..self.me.clone()
+        };
+        let records: Vec<(String, Takeover)> = held
+            .iter()
+            .map(|g| {
+                let t = Takeover {
+                    lock: lock.clone(),
+                    resumes: resumes.get(&g.name).copied().unwrap_or(true),
+                };
+                (g.name.clone(), t)
+            })
+            .collect();
+        let values: Vec<(String, String)> = records
+            .iter()
+            .map(|(n, t)| (n.clone(), t.encode()))
+            .collect();
+        let tags: Vec<(&str, &str, &str)> = values
+            .iter()
+            .map(|(n, v)| (n.as_str(), TAKEOVER_TAG, v.as_str()))
+            .collect();
+        autoscaling::set_tags_many(&self.aws.autoscaling, &tags).await?;
+        self.taken.extend(records);
+        Ok(())
+    }
+
+    /// The effective interval from the groups held, logged when it changes.
+    fn update_pace(&mut self) {
+        let estimate = reads::from_groups(&self.config, &self.known.groups);
+        let (rate, interval) = (self.config.api_rate, self.config.interval);
+        let pace = reads::effective_interval(&estimate, rate, interval);
+        if pace.as_millis() == self.pace.as_millis() {
+            return;
+        }
+        match reads::advice(&estimate, rate, interval) {
+            Some(a) => {
+                tracing::warn!(effective_interval_s = pace.as_secs_f64(), interval_s = interval.as_secs_f64(), calls_per_round = estimate.per_round(), api_rate = rate, advice = %a, "the API budget cannot cover a round within the interval: rounds stretch to what it allows");
+            }
+            None => {
+                tracing::info!(
+                    interval_s = interval.as_secs_f64(),
+                    calls_per_round = estimate.per_round(),
+                    api_rate = rate,
+                    "rounds come at the configured interval"
+                );
+            }
+        }
+        self.pace = pace;
+        self.metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .effective_interval = pace;
+    }
+}
+
+/// One read, under the caller's scope (its call policy).
+async fn read_one(aws: &Aws, read: &Read, undescribed: &[String]) -> Result<Answer, AwsError> {
+    match read {
+        Read::StatusChecks => ec2::impaired(&aws.ec2).await.map(Answer::Status),
+        Read::Addresses => ec2::addresses(&aws.ec2, undescribed)
+            .await
+            .map(Answer::Addresses),
+        Read::TargetHealth(tg) => {
+            let h = elbv2::target_health(&aws.elb, tg).await?;
+            let states = h
+                .into_iter()
+                .map(|(id, t)| {
+                    (
+                        id,
+                        TargetState {
+                            state: t.state,
+                            reason: t.reason,
+                        },
+                    )
+                })
+                .collect();
+            Ok(Answer::Health(tg.clone(), states))
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn group(tags: &[(&str, String)], instances: &[(&str, &str, &str)]) -> autoscaling::Group {
-        autoscaling::Group {
-            name: "web".into(),
-            desired: 2,
-            min: 2,
-            max: 4,
-            launch_template: None,
-            uses_mixed_instances_policy: false,
-            mixed_launch_templates: Vec::new(),
-            uses_launch_configuration: None,
-            target_group_arns: Vec::new(),
-            subnets: Vec::new(),
-            health_check_type: "ELB".into(),
-            health_check_grace_period: 0,
-            instances: instances
-                .iter()
-                .map(|(id, lifecycle, health)| autoscaling::GroupInstance {
-                    id: id.to_string(),
-                    lifecycle: lifecycle.to_string(),
-                    health: health.to_string(),
-                    launch_template_version: None,
-                    availability_zone: "a".into(),
-                })
-                .collect(),
-            tags: tags
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect(),
-            suspended: Vec::new(),
-        }
-    }
-
-    fn fresh(g: autoscaling::Group) -> BTreeMap<String, autoscaling::Group> {
-        BTreeMap::from([(g.name.clone(), g)])
-    }
-
-    #[test]
-    fn a_replacement_decided_on_older_facts_is_held_when_things_changed() {
-        let members = [
-            ("i-1", "InService", "Healthy"),
-            ("i-2", "Terminating", "Healthy"),
-            ("i-3", "InService", "Unhealthy"),
-        ];
-        let plain = fresh(group(&[], &members));
-        assert_eq!(still_replaceable(Some(&plain), "web", "i-1"), None);
-        assert!(still_replaceable(Some(&plain), "web", "i-2")
-            .unwrap()
-            .contains("Terminating"));
-        assert!(still_replaceable(Some(&plain), "web", "i-3")
-            .unwrap()
-            .contains("already marked"));
-        assert!(still_replaceable(Some(&plain), "web", "i-9")
-            .unwrap()
-            .contains("no longer"));
-        assert!(still_replaceable(Some(&plain), "api", "i-1")
-            .unwrap()
-            .contains("gone"));
-        assert!(still_replaceable(None, "web", "i-1").is_some());
-
-        let lock = |expires: u64| Lock {
-            owner: "ci:42".into(),
-            token: "t".into(),
-            since: now(),
-            expires,
-        };
-        let locked = fresh(group(&[(LOCK_TAG, lock(now() + 60).encode())], &members));
-        assert!(still_replaceable(Some(&locked), "web", "i-1")
-            .unwrap()
-            .contains("rollout by ci:42"));
-        let expired = fresh(group(&[(LOCK_TAG, lock(now() - 1).encode())], &members));
-        assert_eq!(still_replaceable(Some(&expired), "web", "i-1"), None);
+/// What `bakery daemon --check` says beyond "valid": whether the API budget covers a round
+/// within the interval, estimated from the configuration alone (one target group per group).
+pub fn check_notes(config: &Config) -> Vec<String> {
+    let estimate = reads::from_config(config);
+    match reads::advice(&estimate, config.api_rate, config.interval) {
+        Some(a) => vec![format!("warning: {a} (estimated from the configuration: one target group per [[group]])")],
+        None => vec![format!(
+            "about {:.1} API calls per round (estimated: one target group per [[group]]), within interval {}s x [api] rate {}/s",
+            estimate.per_round(),
+            config.interval.as_secs_f64(),
+            config.api_rate
+        )],
     }
 }

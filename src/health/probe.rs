@@ -1,5 +1,6 @@
 //! The daemon's own probes: an HTTP GET or a TCP connect to an instance's private address, with a
-//! timeout. Each is one attempt; thresholds are applied by the caller across rounds.
+//! timeout. Each is one attempt; thresholds are applied across rounds by the judge
+//! ([`bakery_core::observe::ProbeState`]).
 
 use std::net::IpAddr;
 
@@ -59,33 +60,6 @@ async fn attempt(ip: IpAddr, p: &Probe) -> Result<(), String> {
     }
 }
 
-/// Consecutive-result tracking for one instance's probe, as a load balancer does it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ProbeState {
-    pub successes: u32,
-    pub failures: u32,
-    /// Once failed past the unhealthy threshold, unhealthy until the healthy threshold passes.
-    pub unhealthy: bool,
-}
-
-impl ProbeState {
-    pub fn record(&mut self, ok: bool, p: &Probe) {
-        if ok {
-            self.successes += 1;
-            self.failures = 0;
-            if self.successes >= p.healthy_threshold {
-                self.unhealthy = false;
-            }
-        } else {
-            self.failures += 1;
-            self.successes = 0;
-            if self.failures >= p.unhealthy_threshold {
-                self.unhealthy = true;
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,19 +114,5 @@ mod tests {
             .await
             .unwrap_err()
             .starts_with("connect 127.0.0.1:1"));
-    }
-
-    #[test]
-    fn thresholds_apply_in_both_directions() {
-        let p = http("/");
-        let mut s = ProbeState::default();
-        s.record(false, &p);
-        assert!(!s.unhealthy);
-        s.record(false, &p);
-        assert!(s.unhealthy);
-        s.record(true, &p);
-        assert!(s.unhealthy, "one success is not enough");
-        s.record(true, &p);
-        assert!(!s.unhealthy);
     }
 }

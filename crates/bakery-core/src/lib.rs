@@ -12,5 +12,8 @@ pub mod daemon_config;
 pub mod diag;
 pub mod judge;
 pub mod marks;
+pub mod observe;
 pub mod plan;
+pub mod reads;
 pub mod recipe;
+pub mod takeover;
