@@ -66,6 +66,15 @@ pub enum Command {
     Prune(PruneArgs),
     /// Check the architecture around a group: subnets, security groups, database, IMDSv2, EBS, secrets.
     Audit(AuditArgs),
+    /// Create what bakery needs in the account: the DynamoDB lease table (a no-op when it exists).
+    Init(InitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The DynamoDB lease table to create (partition key `pk` string, on demand, TTL on `ttl`).
+    #[arg(long, env = "BAKERY_LEASE_TABLE", value_name = "NAME", value_parser = parse_table_name)]
+    pub lease_table: String,
 }
 
 #[derive(Debug, Args)]
@@ -172,6 +181,11 @@ pub struct RolloutArgs {
     /// killed on another machine), 10s to 10m; another driver may take the group after that.
     #[arg(long, value_parser = parse_lock_ttl, default_value = "60s")]
     pub lock_ttl: std::time::Duration,
+    /// Fence the group's rollouts with a lease in this DynamoDB table (made by `bakery init
+    /// --lease-table`): then one driver per group is guaranteed, not best effort. Without it,
+    /// the lock is the group's `bakery:rollout-lock` tag.
+    #[arg(long, env = "BAKERY_LEASE_TABLE", value_name = "NAME", value_parser = parse_table_name)]
+    pub lease_table: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -247,4 +261,18 @@ fn parse_lock_ttl(s: &str) -> Result<std::time::Duration, String> {
         return Err(format!("{s:?} is out of range: 10s to 10m"));
     }
     Ok(d)
+}
+
+/// A DynamoDB table name: 3 to 255 of `a-z A-Z 0-9 _ - .` (as DynamoDB requires).
+fn parse_table_name(s: &str) -> Result<String, String> {
+    let ok = (3..=255).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a DynamoDB table name: 3 to 255 letters, digits, '_', '-' or '.'"
+        ))
+    }
 }

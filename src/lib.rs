@@ -13,6 +13,7 @@ pub mod comm;
 pub mod gc;
 pub mod health;
 pub mod host;
+pub mod lease;
 pub mod output;
 pub mod prune;
 pub use bakery_core::recipe;

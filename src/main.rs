@@ -109,6 +109,7 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Prune(args) => ("prune", prune(&reporter, &target, args).await),
         Command::Audit(args) => ("audit", audit(&reporter, &target, args).await),
         Command::Status(args) => ("status", status(&reporter, &target, args).await),
+        Command::Init(args) => ("init", init(&reporter, &target, args).await),
     };
     match done {
         Ok(code) => ExitCode::from(code),
@@ -219,6 +220,7 @@ async fn rollout_cmd(
         force: args.force,
         keep_versions: args.keep_versions,
         lock_ttl: args.lock_ttl,
+        lease_table: args.lease_table,
     };
     let aws = match aws::Aws::connect(target).await {
         Ok(a) => a,
@@ -349,6 +351,34 @@ async fn status(reporter: &Reporter, target: &aws::Target, args: bakery::cli::St
             status: serde_json::to_value(&s).unwrap_or_default(),
         },
         || rollout::status::render(&s),
+    );
+    Ok(0)
+}
+
+async fn init(reporter: &Reporter, target: &aws::Target, args: bakery::cli::InitArgs) -> Done {
+    let aws = connect(target).await?;
+    let done = bakery::lease::Store::init(&aws, &args.lease_table)
+        .await
+        .map_err(|e| {
+            let code = if e.is_usage() {
+                exit::USAGE
+            } else {
+                exit::FAILURE
+            };
+            Failure::new(e, code)
+        })?;
+    reporter.result(
+        Event::Status {
+            status: serde_json::json!({ "lease_table": &done }),
+        },
+        || {
+            let what = match (done.created, done.ttl_enabled) {
+                (true, _) => "created (partition key `pk` string, on demand, TTL on `ttl`)",
+                (false, true) => "existed with the right schema; turned TTL on (`ttl`)",
+                (false, false) => "exists with the right schema; nothing to do",
+            };
+            format!("lease table {} in {}: {what}", done.table, done.region)
+        },
     );
     Ok(0)
 }

@@ -5,6 +5,7 @@
 
 pub mod autoscaling;
 pub mod budget;
+pub mod dynamodb;
 pub mod ec2;
 pub mod elbv2;
 pub mod launch_template;
@@ -43,6 +44,8 @@ pub struct Aws {
     pub secrets: aws_sdk_secretsmanager::Client,
     pub rds: aws_sdk_rds::Client,
     pub iam: aws_sdk_iam::Client,
+    /// The lease table's service (`crate::lease`).
+    pub dynamodb: aws_sdk_dynamodb::Client,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +95,7 @@ impl Aws {
             secrets: aws_sdk_secretsmanager::Client::new(&config),
             rds: aws_sdk_rds::Client::new(&config),
             iam: aws_sdk_iam::Client::new(&config),
+            dynamodb: aws_sdk_dynamodb::Client::new(&config),
         })
     }
 

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use crate::aws::{autoscaling, ec2, elbv2, launch_template as lt, Aws, AwsError};
+use crate::lease::{Fence, Fenced, Keeper, LeaseError};
 use crate::output::{Event, Reporter};
 use crate::signals::Signals;
 use crate::wait::{Tolerance, OUTAGE_LIMIT};
@@ -24,6 +25,9 @@ use state::{Lock, Phase, ProgressTag, RolloutState, LOCK_TAG, PROGRESS_TAG, STAT
 pub use bakery_core::marks::REASON_TAG;
 /// A driver whose lock expires within this margin checks it is still its own before acting.
 const LOCK_MARGIN: Duration = Duration::from_secs(5);
+/// The lock tag's token of a driver fenced by a lease (`lease<fencing token>`): the lease
+/// decides between such drivers; the tag is their record.
+const LEASE_TOKEN_PREFIX: &str = "lease";
 /// The ASG process a rollout suspends: it would move instances between zones mid-rollout.
 const AZ_REBALANCE: &str = "AZRebalance";
 
@@ -53,6 +57,9 @@ pub struct Request {
     pub keep_versions: usize,
     /// How long the group's lock outlives a driver that stops renewing it (`--lock-ttl`).
     pub lock_ttl: Duration,
+    /// The DynamoDB lease table that fences the group's drivers (`--lease-table`); without
+    /// one, the lock is the group's tag (best effort).
+    pub lease_table: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +114,8 @@ pub enum RolloutError {
     Aws(#[from] AwsError),
     #[error("interrupted by {0}; the rollout is paused: rerun the same command to resume it, or add --abort to roll back")]
     Interrupted(crate::signals::Signal),
+    #[error(transparent)]
+    Lease(LeaseError),
 }
 
 impl crate::wait::Outage for RolloutError {
@@ -129,7 +138,8 @@ impl RolloutError {
             | RolloutError::LockLost { .. }
             | RolloutError::OtherRollout { .. } => 7,
             RolloutError::Interrupted(sig) => sig.exit_code(),
-            RolloutError::Failed(_) | RolloutError::Aws(_) => 1,
+            RolloutError::Lease(e) if e.is_usage() => 2,
+            RolloutError::Failed(_) | RolloutError::Aws(_) | RolloutError::Lease(_) => 1,
         }
     }
 }
@@ -161,7 +171,56 @@ fn rfc3339(secs: u64) -> String {
 }
 
 /// Runs a rollout to its end (success, rollback or failure), or prints its plan (`dry_run`).
+/// With a lease table, the group's lease is taken first (so everything after is read and done
+/// by its one driver) and released at the end.
 pub async fn run(aws: &Aws, req: &Request, reporter: &Reporter) -> Result<Summary, RolloutError> {
+    let lease = match &req.lease_table {
+        Some(table) if !req.dry_run => Some(take_lease(aws, table, req).await?),
+        Some(table) => {
+            // A dry run changes nothing, but says now what the real run would say of the table.
+            crate::lease::Store::open(aws, table)
+                .await
+                .map_err(RolloutError::Lease)?;
+            None
+        }
+        None => None,
+    };
+    let result = run_as(aws, req, reporter, lease.as_ref()).await;
+    if let Some(keeper) = lease {
+        keeper.release().await;
+    }
+    result
+}
+
+/// Takes the lease `rollout#<region>#<group>`: refused, naming the holder, while another live
+/// driver holds it.
+async fn take_lease(aws: &Aws, table: &str, req: &Request) -> Result<Keeper, RolloutError> {
+    let store = crate::lease::Store::open(aws, table)
+        .await
+        .map_err(RolloutError::Lease)?;
+    let key = crate::lease::rollout_key(&aws.region, &req.group);
+    let timing = bakery_core::lease::Timing::for_ttl(req.lock_ttl);
+    match store.acquire(&key, &crate::host::owner(), timing).await {
+        Ok(keeper) => Ok(keeper),
+        Err(LeaseError::Held { holder }) => Err(RolloutError::Locked {
+            group: req.group.clone(),
+            owner: format!(
+                "{}, fencing token {} in lease table {table}",
+                holder.owner, holder.token
+            ),
+            since: rfc3339(holder.since_ms / 1000),
+            expires: rfc3339(holder.expires_at_ms / 1000),
+        }),
+        Err(e) => Err(RolloutError::Lease(e)),
+    }
+}
+
+async fn run_as(
+    aws: &Aws,
+    req: &Request,
+    reporter: &Reporter,
+    lease: Option<&Keeper>,
+) -> Result<Summary, RolloutError> {
     let started = Instant::now();
     let ami = match (&req.ami, req.abort) {
         (Some(src), _) => Some(resolve_ami(aws, src).await?),
@@ -214,7 +273,10 @@ pub async fn run(aws: &Aws, req: &Request, reporter: &Reporter) -> Result<Summar
     };
     let me = Lock {
         owner: crate::host::owner(),
-        token: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
+        token: match lease {
+            Some(keeper) => format!("{LEASE_TOKEN_PREFIX}{}", keeper.lease().token),
+            None => uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
+        },
         since: now(),
         expires: now() + req.lock_ttl.as_secs(),
     };
@@ -275,13 +337,31 @@ pub async fn run(aws: &Aws, req: &Request, reporter: &Reporter) -> Result<Summar
                 t: now(),
             };
             let progress = ProgressTag::new(Phase::Rolling, &Progress::START);
-            let mut d = Driver::new(aws, req, reporter, group.name.clone(), st, progress, me);
+            let mut d = Driver::new(
+                aws,
+                req,
+                reporter,
+                group.name.clone(),
+                st,
+                progress,
+                me,
+                lease,
+            );
             d.lock(&group).await?;
             d.point_at_new_version(&source).await?;
             d
         }
         (start @ (Start::Resume | Start::Abort | Start::Replace), Some(st), _) => {
-            let mut d = Driver::new(aws, req, reporter, group.name.clone(), st, progress, me);
+            let mut d = Driver::new(
+                aws,
+                req,
+                reporter,
+                group.name.clone(),
+                st,
+                progress,
+                me,
+                lease,
+            );
             d.lock(&group).await?;
             d.resume(start, &group, &template_id, ami.unwrap_or_default())
                 .await?;
@@ -467,6 +547,8 @@ struct Driver<'a> {
     st: RolloutState,
     progress: ProgressTag,
     lock: Lock,
+    /// The lease that fences this driver, with a lease table.
+    lease: Option<&'a Keeper>,
     last_renew: Instant,
     resumed: bool,
     /// Instance id -> (AMI, launch time); instances never change either.
@@ -476,6 +558,7 @@ struct Driver<'a> {
 }
 
 impl<'a> Driver<'a> {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         aws: &'a Aws,
         req: &'a Request,
@@ -484,6 +567,7 @@ impl<'a> Driver<'a> {
         st: RolloutState,
         progress: ProgressTag,
         lock: Lock,
+        lease: Option<&'a Keeper>,
     ) -> Self {
         Self {
             aws,
@@ -493,6 +577,7 @@ impl<'a> Driver<'a> {
             st,
             progress,
             lock,
+            lease,
             last_renew: Instant::now(),
             resumed: false,
             images: BTreeMap::new(),
@@ -548,10 +633,14 @@ impl<'a> Driver<'a> {
         Ok(())
     }
 
-    /// Takes the group's lock: refused while another live driver holds it.
+    /// Takes the group's lock: refused while another live driver holds it. With a lease, the
+    /// lease (taken already) decides, and the tag is its human-readable record; a live tag lock
+    /// of a driver without the table is still respected.
     async fn lock(&mut self, group: &autoscaling::Group) -> Result<(), RolloutError> {
         if let Some(held) = group.tags.get(LOCK_TAG).and_then(|s| Lock::decode(s)) {
+            let fenced_driver = self.lease.is_some() && held.token.starts_with(LEASE_TOKEN_PREFIX);
             if held.token != self.lock.token
+                && !fenced_driver
                 && !held.is_stale(now(), &crate::host::hostname(), crate::host::pid_alive)
             {
                 return Err(RolloutError::Locked {
@@ -563,6 +652,9 @@ impl<'a> Driver<'a> {
             }
         }
         self.write_lock().await?;
+        if self.lease.is_some() {
+            return Ok(());
+        }
         // Tags have no compare-and-swap: read back after a moment to see who won a race.
         tokio::time::sleep(Duration::from_millis(100)).await;
         let g = autoscaling::describe(&self.aws.autoscaling, &self.group)
@@ -588,23 +680,37 @@ impl<'a> Driver<'a> {
     /// between leaves state that names the version.
     async fn point_at_new_version(&mut self, source: &lt::Version) -> Result<(), RolloutError> {
         let description = format!("bakery rollout of {}", self.st.ami);
-        let to = lt::create_with_image(&self.aws.ec2, source, &self.st.ami, &description).await?;
+        let fence = self.guard().await?;
+        let to = self
+            .fenced(
+                fence,
+                lt::create_with_image(&self.aws.ec2, source, &self.st.ami, &description),
+            )
+            .await?;
         self.st.to = to.to_string();
         self.save_state().await?;
-        autoscaling::update(
-            &self.aws.autoscaling,
-            &self.group,
-            Some((&self.st.lt, &self.st.to)),
-            None,
-            None,
-            None,
+        let fence = self.guard().await?;
+        self.fenced(
+            fence,
+            autoscaling::update(
+                &self.aws.autoscaling,
+                &self.group,
+                Some((&self.st.lt, &self.st.to)),
+                None,
+                None,
+                None,
+            ),
         )
         .await?;
         Ok(())
     }
 
-    /// Whether the group's lock tag (as just read) is still this run's.
+    /// Whether the group (as just read) is still this run's: with a lease, whether the lease
+    /// is (on this process's clock; no call); without, whether the lock tag is.
     fn check_owner(&self, g: &autoscaling::Group) -> Result<(), RolloutError> {
+        if let Some(keeper) = self.lease {
+            return keeper.check().map_err(|lost| self.lost(&lost));
+        }
         match g.tags.get(LOCK_TAG).and_then(|s| Lock::decode(s)) {
             Some(l) if l.token == self.lock.token => Ok(()),
             other => Err(RolloutError::LockLost {
@@ -616,62 +722,111 @@ impl<'a> Driver<'a> {
         }
     }
 
-    /// Before every mutating call: while this run's lock is unexpired nobody else may take it,
-    /// so it goes on. Once it expired (the process was paused, or AWS unreachable past the
-    /// lock's lifetime), it reads the group again and goes on only if the lock is still its
-    /// own, renewing it; otherwise it stops without acting. Tags have no compare-and-swap, so
-    /// this is best effort (see the README); a lease table makes it a fence.
-    async fn guard(&mut self) -> Result<(), RolloutError> {
-        if now() + LOCK_MARGIN.as_secs() < self.lock.expires {
-            return Ok(());
+    /// The lock lost, as the error that stops this run.
+    fn lost(&self, lost: &bakery_core::lease::Lost) -> RolloutError {
+        RolloutError::LockLost {
+            group: self.group.clone(),
+            owner: match self.lease {
+                Some(keeper) => crate::lease::describe_loss(lost, keeper.table()),
+                None => "nobody yet: this run's lock tag ran out while a call was under way".into(),
+            },
         }
-        let g = autoscaling::describe(&self.aws.autoscaling, &self.group)
-            .await?
-            .ok_or_else(|| RolloutError::GroupNotFound(self.group.clone()))?;
-        self.check_owner(&g)?;
-        self.write_lock().await
     }
 
+    /// Before every mutating call; the call then runs inside the fence this returns.
+    ///
+    /// With a lease: a conditional write renews it, carrying its fencing token; it fails once
+    /// another driver took the group, and none is sent once the lease ran out on this process's
+    /// clock (paused, cut off). The fence abandons the call, retries included, the moment the
+    /// lease is lost or runs out.
+    ///
+    /// Without: while this run's lock tag is unexpired nobody else may take it, so it goes on.
+    /// Once it is about to expire (the process was paused, or AWS unreachable past the lock's
+    /// lifetime), it reads the group again and goes on only if the lock is still its own,
+    /// renewing it; otherwise it stops without acting. The fence ends at the tag's expiry. Tags
+    /// have no compare-and-swap, so this is best effort (see the README).
+    async fn guard(&mut self) -> Result<Fence, RolloutError> {
+        if let Some(keeper) = self.lease {
+            return keeper.verify().await.map_err(|lost| self.lost(&lost));
+        }
+        if now() + LOCK_MARGIN.as_secs() >= self.lock.expires {
+            let g = autoscaling::describe(&self.aws.autoscaling, &self.group)
+                .await?
+                .ok_or_else(|| RolloutError::GroupNotFound(self.group.clone()))?;
+            self.check_owner(&g)?;
+            self.write_lock().await?;
+        }
+        let left = Duration::from_secs(self.lock.expires.saturating_sub(now()));
+        Ok(Fence::until(tokio::time::Instant::now() + left))
+    }
+
+    /// Runs one mutating call inside `fence`: a lost lock ends it with [`RolloutError::LockLost`].
+    async fn fenced<T>(
+        &self,
+        fence: Fence,
+        call: impl std::future::Future<Output = Result<T, AwsError>>,
+    ) -> Result<T, RolloutError> {
+        match fence.run(call).await {
+            Ok(v) => Ok(v),
+            Err(Fenced::Call(e)) => Err(e.into()),
+            Err(Fenced::Lost(lost)) => Err(self.lost(&lost)),
+        }
+    }
+
+    /// Writes (renews) the lock tag; with a lease, only after the lease is verified.
     async fn write_lock(&mut self) -> Result<(), RolloutError> {
+        let fence = match self.lease {
+            Some(keeper) => Some(keeper.verify().await.map_err(|lost| self.lost(&lost))?),
+            None => None,
+        };
         self.lock.expires = now() + self.req.lock_ttl.as_secs();
-        autoscaling::set_tags(
-            &self.aws.autoscaling,
-            &self.group,
-            &[(LOCK_TAG, self.lock.encode())],
-        )
-        .await?;
+        let tags = [(LOCK_TAG, self.lock.encode())];
+        let write = autoscaling::set_tags(&self.aws.autoscaling, &self.group, &tags);
+        match fence {
+            Some(fence) => self.fenced(fence, write).await?,
+            None => write.await?,
+        }
         self.last_renew = Instant::now();
         Ok(())
     }
 
     async fn save_state(&mut self) -> Result<(), RolloutError> {
-        self.guard().await?;
-        autoscaling::set_tags(
-            &self.aws.autoscaling,
-            &self.group,
-            &[
-                (STATE_TAG, state::encode(&self.st)),
-                (PROGRESS_TAG, state::encode(&self.progress)),
-            ],
+        let fence = self.guard().await?;
+        self.fenced(
+            fence,
+            autoscaling::set_tags(
+                &self.aws.autoscaling,
+                &self.group,
+                &[
+                    (STATE_TAG, state::encode(&self.st)),
+                    (PROGRESS_TAG, state::encode(&self.progress)),
+                ],
+            ),
         )
-        .await?;
-        Ok(())
+        .await
     }
 
     async fn save_progress(&mut self) -> Result<(), RolloutError> {
-        self.guard().await?;
-        autoscaling::set_tags(
-            &self.aws.autoscaling,
-            &self.group,
-            &[(PROGRESS_TAG, state::encode(&self.progress))],
+        let fence = self.guard().await?;
+        self.fenced(
+            fence,
+            autoscaling::set_tags(
+                &self.aws.autoscaling,
+                &self.group,
+                &[(PROGRESS_TAG, state::encode(&self.progress))],
+            ),
         )
-        .await?;
-        Ok(())
+        .await
     }
 
     async fn suspend_rebalance(&mut self, suspended: &[String]) -> Result<(), RolloutError> {
         if !suspended.iter().any(|p| p == AZ_REBALANCE) {
-            autoscaling::suspend(&self.aws.autoscaling, &self.group, &[AZ_REBALANCE]).await?;
+            let fence = self.guard().await?;
+            self.fenced(
+                fence,
+                autoscaling::suspend(&self.aws.autoscaling, &self.group, &[AZ_REBALANCE]),
+            )
+            .await?;
             self.st.az = true;
             self.save_state().await?;
         }
@@ -761,6 +916,10 @@ impl<'a> Driver<'a> {
         // are asked again, for up to OUTAGE_LIMIT in a row: the group keeps serving meanwhile.
         let mut outage = Tolerance::new(OUTAGE_LIMIT);
         loop {
+            // A lease that ran out (cut off, paused) ends the run before anything else.
+            if let Some(keeper) = self.lease {
+                keeper.check().map_err(|lost| self.lost(&lost))?;
+            }
             let (group, observed) = match self.observe().await {
                 Ok(o) => {
                     outage.clear();
@@ -806,19 +965,33 @@ impl<'a> Driver<'a> {
                     self.progress.bt = Some(now());
                     self.save_progress().await?;
                     if desired > group.max {
-                        autoscaling::update(
-                            &self.aws.autoscaling,
-                            &self.group,
-                            None,
-                            None,
-                            Some(desired),
-                            None,
+                        let fence = self.guard().await?;
+                        self.fenced(
+                            fence,
+                            autoscaling::update(
+                                &self.aws.autoscaling,
+                                &self.group,
+                                None,
+                                None,
+                                Some(desired),
+                                None,
+                            ),
                         )
                         .await?;
                     }
-                    autoscaling::set_desired(&self.aws.autoscaling, &self.group, desired).await?;
+                    let fence = self.guard().await?;
+                    self.fenced(
+                        fence,
+                        autoscaling::set_desired(&self.aws.autoscaling, &self.group, desired),
+                    )
+                    .await?;
                     for id in &retire {
-                        autoscaling::terminate_instance(&self.aws.autoscaling, id, false).await?;
+                        let fence = self.guard().await?;
+                        self.fenced(
+                            fence,
+                            autoscaling::terminate_instance(&self.aws.autoscaling, id, false),
+                        )
+                        .await?;
                     }
                     self.reporter.emit(Event::BatchStarted {
                         batch,
@@ -829,13 +1002,25 @@ impl<'a> Driver<'a> {
                     changed_at = Instant::now();
                 }
                 Decision::Retire { ids } => {
-                    self.guard().await?;
                     if ids.is_empty() {
-                        autoscaling::set_desired(&self.aws.autoscaling, &self.group, s.capacity)
-                            .await?;
+                        let fence = self.guard().await?;
+                        self.fenced(
+                            fence,
+                            autoscaling::set_desired(
+                                &self.aws.autoscaling,
+                                &self.group,
+                                s.capacity,
+                            ),
+                        )
+                        .await?;
                     }
                     for id in &ids {
-                        autoscaling::terminate_instance(&self.aws.autoscaling, id, true).await?;
+                        let fence = self.guard().await?;
+                        self.fenced(
+                            fence,
+                            autoscaling::terminate_instance(&self.aws.autoscaling, id, true),
+                        )
+                        .await?;
                     }
                     self.progress.bt = None;
                     self.save_progress().await?;
@@ -904,13 +1089,17 @@ impl<'a> Driver<'a> {
             reason: reason.clone(),
             instances: instances.clone(),
         });
-        autoscaling::update(
-            &self.aws.autoscaling,
-            &self.group,
-            Some((&self.st.lt, &self.st.from)),
-            None,
-            None,
-            None,
+        let fence = self.guard().await?;
+        self.fenced(
+            fence,
+            autoscaling::update(
+                &self.aws.autoscaling,
+                &self.group,
+                Some((&self.st.lt, &self.st.from)),
+                None,
+                None,
+                None,
+            ),
         )
         .await?;
         self.progress = ProgressTag::new(
@@ -921,13 +1110,17 @@ impl<'a> Driver<'a> {
             },
         );
         let short: String = reason.chars().take(250).collect();
-        autoscaling::set_tags(
-            &self.aws.autoscaling,
-            &self.group,
-            &[
-                (PROGRESS_TAG, state::encode(&self.progress)),
-                (REASON_TAG, short),
-            ],
+        let fence = self.guard().await?;
+        self.fenced(
+            fence,
+            autoscaling::set_tags(
+                &self.aws.autoscaling,
+                &self.group,
+                &[
+                    (PROGRESS_TAG, state::encode(&self.progress)),
+                    (REASON_TAG, short),
+                ],
+            ),
         )
         .await?;
         self.rollback_reason = Some((reason, instances));
@@ -953,7 +1146,17 @@ impl<'a> Driver<'a> {
                 | Err(RolloutError::Aws(_))
         );
         if self.st.az {
-            if let Err(e) = autoscaling::resume(asg, &self.group, &[AZ_REBALANCE]).await {
+            let resumed = match self.guard().await {
+                Ok(fence) => {
+                    self.fenced(
+                        fence,
+                        autoscaling::resume(asg, &self.group, &[AZ_REBALANCE]),
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = resumed {
                 tracing::warn!(group = %self.group, error = %e, "could not resume AZRebalance");
             } else {
                 self.st.az = false;
@@ -962,21 +1165,31 @@ impl<'a> Driver<'a> {
         if resumable {
             // Keep the state for the next driver; free the lock now rather than at expiry.
             let _ = self.save_state().await;
-            let _ = autoscaling::delete_tags(asg, &self.group, &[LOCK_TAG]).await;
+            if let Ok(fence) = self.guard().await {
+                let _ = self
+                    .fenced(
+                        fence,
+                        autoscaling::delete_tags(asg, &self.group, &[LOCK_TAG]),
+                    )
+                    .await;
+            }
             return Err(result
                 .err()
                 .unwrap_or_else(|| RolloutError::Failed("unknown".into())));
         }
         result?;
-        self.guard().await?;
         let asg = &self.aws.autoscaling;
-        autoscaling::update(
-            asg,
-            &self.group,
-            None,
-            Some(self.st.mn),
-            Some(self.st.mx),
-            Some(self.st.d),
+        let fence = self.guard().await?;
+        self.fenced(
+            fence,
+            autoscaling::update(
+                asg,
+                &self.group,
+                None,
+                Some(self.st.mn),
+                Some(self.st.mx),
+                Some(self.st.d),
+            ),
         )
         .await?;
         let reason = self.rollback_reason.clone().or_else(|| {
@@ -992,8 +1205,9 @@ impl<'a> Driver<'a> {
             // Pruning is housekeeping: SIGINT/SIGTERM skips it (the rollout is done; the next
             // rollout prunes), and the group's tags are still cleared below.
             let mut signals = Signals::new();
+            let fence = self.guard().await?;
             tokio::select! {
-                r = self.prune() => if let Err(e) = r {
+                r = self.fenced(fence, self.prune()) => if let Err(e) = r {
                     tracing::warn!(error = %e, "could not prune old launch template versions");
                 },
                 sig = signals.next() => self.reporter.emit(Event::Waiting {
@@ -1001,10 +1215,14 @@ impl<'a> Driver<'a> {
                 }),
             }
         }
-        autoscaling::delete_tags(
-            asg,
-            &self.group,
-            &[STATE_TAG, PROGRESS_TAG, REASON_TAG, LOCK_TAG],
+        let fence = self.guard().await?;
+        self.fenced(
+            fence,
+            autoscaling::delete_tags(
+                asg,
+                &self.group,
+                &[STATE_TAG, PROGRESS_TAG, REASON_TAG, LOCK_TAG],
+            ),
         )
         .await?;
         let ami = if reason.is_some() {

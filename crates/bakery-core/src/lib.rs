@@ -11,6 +11,7 @@ pub mod audit;
 pub mod daemon_config;
 pub mod diag;
 pub mod judge;
+pub mod lease;
 pub mod marks;
 pub mod observe;
 pub mod plan;
