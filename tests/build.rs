@@ -830,3 +830,53 @@ async fn two_bakes_of_one_image_name_at_once_end_with_one_image_and_a_clear_erro
     );
     assert_clean(&world, &loser.build_id(), true).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panic_inside_a_bake_still_removes_everything_it_made() {
+    // Issue #10 C: a panic anywhere still runs the undo stack (debug builds can inject one).
+    let world = World::get();
+    let dir = scratch("panic");
+    let r = write(
+        &dir,
+        "recipe.toml",
+        &recipe(
+            &world,
+            "[[provisioner]]\ntype = \"shell\"\ninline = [\"true\"]\n",
+            "",
+        ),
+    );
+    let out = world
+        .bakery()
+        .env("BAKERY_TEST_PANIC_AT", "provision: shell 1")
+        .args(["--output", "json", "build"])
+        .arg(&r)
+        .arg("--manifest")
+        .arg(dir.join("m.json"))
+        .output()
+        .unwrap();
+    let run = Run::from_output(out);
+    assert_eq!(
+        run.code,
+        Some(1),
+        "not 101, the code of a panic: {}",
+        run.describe()
+    );
+    assert!(
+        run.error()
+            .contains("bakery panicked (injected at step provision: shell 1"),
+        "{}",
+        run.describe()
+    );
+    let released: Vec<&str> = run
+        .events
+        .iter()
+        .filter(|e| e["event"] == "resource_released")
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert!(
+        released.len() >= 3,
+        "the instance, group and key were removed: {}",
+        run.describe()
+    );
+    assert_clean(&world, &run.build_id(), true).await;
+}

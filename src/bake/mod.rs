@@ -7,6 +7,7 @@
 
 pub mod manifest;
 pub mod undo;
+mod unwind;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, UdpSocket};
@@ -128,6 +129,8 @@ pub enum BakeError {
     },
     #[error("interrupted by {0}")]
     Interrupted(crate::signals::Signal),
+    #[error("bakery panicked ({0}); this is a bug: please report it. The bake's temporary resources are removed all the same")]
+    Panicked(String),
     #[error(transparent)]
     Reference(#[from] crate::aws::references::ReferenceError),
     #[error("template: {0}")]
@@ -147,6 +150,7 @@ impl BakeError {
             BakeError::ProvisionerFailed { .. } | BakeError::ProvisionerError { .. } => 3,
             BakeError::HostKey(_) | BakeError::NoFingerprints { .. } => 4,
             BakeError::Interrupted(sig) => sig.exit_code(),
+            BakeError::Panicked(_) => 1,
             BakeError::SourceNotFound(_)
             | BakeError::SourceNotAvailable { .. }
             | BakeError::NoSourceMatch { .. }
@@ -205,7 +209,7 @@ pub async fn run(aws: &Aws, recipe: &Recipe, opts: &Options, reporter: &Reporter
         inflight: inflight.clone(),
     };
     let result = tokio::select! {
-        r = bake.run() => r,
+        r = unwind::CatchUnwind::new(bake.run()) => r.unwrap_or_else(|panic| Err(BakeError::Panicked(panic))),
         sig = signals.next() => {
             cancel.store(true, Ordering::SeqCst);
             Err(BakeError::Interrupted(sig))
@@ -358,6 +362,11 @@ impl Bake<'_> {
         F: std::future::Future<Output = Result<T, BakeError>>,
     {
         self.reporter.emit(Event::StepStarted { step: name.into() });
+        // Test builds only: a panic at a named step, to prove the undo stack still runs.
+        #[cfg(debug_assertions)]
+        if std::env::var("BAKERY_TEST_PANIC_AT").is_ok_and(|at| at == name) {
+            panic!("injected at step {name} (BAKERY_TEST_PANIC_AT)");
+        }
         let started_at = rfc3339(OffsetDateTime::now_utc());
         let t = Instant::now();
         let r = f.await;
