@@ -50,8 +50,10 @@ pub struct Global {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Bake an AMI from a recipe.
+    /// Bake an AMI from a recipe (and, with `[distribute]`, promote it).
     Build(BuildArgs),
+    /// Copy a baked AMI to other regions, share it, publish its id; resumable.
+    Promote(PromoteArgs),
     /// Check a recipe without calling AWS.
     Validate(RecipeArgs),
     /// Roll an AMI into an Auto Scaling group in health-gated batches.
@@ -101,6 +103,9 @@ pub struct GcArgs {
     /// Only the leftovers of this bake (its `bakery:build-id`).
     #[arg(long)]
     pub build_id: Option<String>,
+    /// Also look in these regions (comma-separated or repeated): where a recipe distributes to.
+    #[arg(long = "regions", value_name = "REGION", value_delimiter = ',')]
+    pub regions: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -114,6 +119,13 @@ pub struct PruneArgs {
     /// List what would be deregistered, change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Prune in these regions too (comma-separated or repeated): where a recipe distributes to.
+    /// An image in use in any of them is kept in all of them.
+    #[arg(long = "regions", value_name = "REGION", value_delimiter = ',')]
+    pub regions: Vec<String>,
+    /// Turn off an image's deregistration protection to prune it (else it is kept and reported).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -220,6 +232,79 @@ pub struct BuildArgs {
     /// Where to write the manifest.
     #[arg(long, default_value = "bakery-manifest.json")]
     pub manifest: PathBuf,
+    /// Continue the build with this id instead of baking again: its image is complete and its
+    /// promotion (`[distribute]`) failed or was interrupted.
+    #[arg(long, value_name = "BUILD_ID")]
+    pub resume: Option<String>,
+}
+
+/// `bakery promote`: the same settings as a recipe's `[distribute]` table.
+#[derive(Debug, Args)]
+pub struct PromoteArgs {
+    /// The manifest of the bake (`bakery build --manifest`); updated with every region's image.
+    pub manifest: PathBuf,
+    /// Copy to these regions (comma-separated or repeated); none: the manifest's region only.
+    #[arg(long = "to", value_name = "REGION")]
+    pub to: Vec<String>,
+    /// Encrypt the copies (with --kms-key-id's key, else the region's default EBS key).
+    #[arg(long)]
+    pub encrypted: bool,
+    /// A region's KMS key (id, alias or ARN of that region), repeatable.
+    #[arg(long = "kms-key-id", value_name = "REGION=KEY")]
+    pub kms_key_ids: Vec<String>,
+    /// Share with this account (12 digits): launch permission and createVolumePermission.
+    #[arg(long = "account", value_name = "ACCOUNT_ID")]
+    pub accounts: Vec<String>,
+    /// Share with an organization (its ARN).
+    #[arg(long = "organization-arn", value_name = "ARN")]
+    pub organization_arns: Vec<String>,
+    /// Share with an organizational unit (its ARN).
+    #[arg(long = "ou-arn", value_name = "ARN")]
+    pub ou_arns: Vec<String>,
+    /// Tag every copy and its snapshots at creation, repeatable.
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    /// Write each region's AMI id to this SSM parameter (data type aws:ec2:image).
+    #[arg(long, value_name = "PATH")]
+    pub ssm_parameter: Option<String>,
+    /// Deprecate the images: a duration (e.g. 90d) or an RFC 3339 date.
+    #[arg(long, value_name = "WHEN")]
+    pub deprecate_at: Option<String>,
+    /// Protect the images from deregistration.
+    #[arg(long)]
+    pub deregistration_protection: bool,
+}
+
+impl PromoteArgs {
+    /// The settings as flags, for the core's validation.
+    pub fn flags(&self) -> crate::recipe::distribute::Flags {
+        crate::recipe::distribute::Flags {
+            regions: self.to.clone(),
+            encrypted: self.encrypted,
+            kms_key_ids: self.kms_key_ids.clone(),
+            accounts: self.accounts.clone(),
+            organization_arns: self.organization_arns.clone(),
+            ou_arns: self.ou_arns.clone(),
+            tags: self.tags.clone(),
+            ssm_parameter: self.ssm_parameter.clone(),
+            deprecate_at: self.deprecate_at.clone(),
+            deregistration_protection: self.deregistration_protection,
+        }
+    }
+
+    /// True when no distribution setting was given (a rerun resumes with the journal's).
+    pub fn no_settings(&self) -> bool {
+        self.to.is_empty()
+            && !self.encrypted
+            && self.kms_key_ids.is_empty()
+            && self.accounts.is_empty()
+            && self.organization_arns.is_empty()
+            && self.ou_arns.is_empty()
+            && self.tags.is_empty()
+            && self.ssm_parameter.is_none()
+            && self.deprecate_at.is_none()
+            && !self.deregistration_protection
+    }
 }
 
 /// An age such as `30m`, `1h` or `0s` (humantime units); a clear word for the usual mistakes.

@@ -16,6 +16,7 @@ use crate::aws::{autoscaling, call, ec2, Aws, AwsError};
 use crate::bake::undo::BUILD_ID_TAG;
 use crate::bake::{COMPLETE_TAG, EXPIRES_TAG, TEMPORARY_TAG, TEMPORARY_TTL};
 use crate::health::{takeover, TAKEOVER_TAG};
+use crate::promote::{calls, plan};
 use crate::rollout::state::{Lock, LOCK_TAG};
 use bakery_core::marks;
 
@@ -332,6 +333,8 @@ impl Gc<'_> {
             .iter()
             .map(|i| (ec2::image_info(i), tag_map(i.tags())))
             .filter(|(_, tags)| !tags.contains_key(COMPLETE_TAG))
+            // A promotion's copies carry the build id too; `copies` judges them.
+            .filter(|(_, tags)| !tags.contains_key(plan::SOURCE_IMAGE_TAG))
             .collect();
         for (image, tags) in found {
             let created = image
@@ -464,6 +467,184 @@ pub async fn run(
         gc.group_tags().await?;
     }
     Ok(gc.findings)
+}
+
+/// A finding and the region it is in (`bakery gc --regions`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RegionFinding {
+    pub region: String,
+    #[serde(flatten)]
+    pub finding: Finding,
+}
+
+impl Gc<'_> {
+    /// Copies of failed promotions in this region: a copy that ended `failed`, or whose source
+    /// image is gone, or that its promotion's record on the source image does not name (rolled
+    /// back, an earlier attempt). A copy a promotion records (done, or paused and resumable) is
+    /// not touched; nor one in use or younger than `--older-than`.
+    async fn copies(&mut self, sources: &mut Sources<'_>) -> Result<(), AwsError> {
+        let key = plan::SOURCE_IMAGE_TAG;
+        let found = calls::own_images_tagged_key(&self.aws.ec2, key).await?;
+        let region = self.aws.region.clone();
+        for copy in found {
+            if self
+                .build_id
+                .as_ref()
+                .is_some_and(|b| copy.tags.get(BUILD_ID_TAG) != Some(b))
+            {
+                continue;
+            }
+            let (Some(source_id), Some(source_region)) =
+                (copy.tags.get(key), copy.tags.get(plan::SOURCE_REGION_TAG))
+            else {
+                continue;
+            };
+            let source_tags = match sources.image(source_region, source_id).await? {
+                SourceSeen::Tags(t) => Some(t),
+                SourceSeen::Gone => None,
+                // Its source region is out of reach: nothing can be said about the copy.
+                SourceSeen::Unknown => continue,
+            };
+            let Some(why) =
+                plan::leftover_copy(&copy.id, &copy.state, &region, source_tags.as_ref())
+            else {
+                continue;
+            };
+            let created = copy
+                .creation_date
+                .as_deref()
+                .and_then(|d| OffsetDateTime::parse(d, &Rfc3339).ok())
+                .map(|t| t.unix_timestamp());
+            let why = format!(
+                "copy of {source_id} ({source_region}) by build {}: {why}",
+                copy.tags.get(BUILD_ID_TAG).map_or("?", String::as_str)
+            );
+            if self.in_use.contains(&copy.id) {
+                self.findings.push(Finding {
+                    kind: "image copy",
+                    id: copy.id.clone(),
+                    age_s: created.map_or(0, |c| (now() - c).max(0) as u64),
+                    why,
+                    action: Action::KeptInUse,
+                });
+                continue;
+            }
+            let ec2c = &self.aws.ec2;
+            self.handle(
+                "image copy",
+                copy.id.clone(),
+                (created, marks::BakeLiveness::Over),
+                why,
+                async { calls::remove_image(ec2c, &copy, false).await },
+            )
+            .await;
+        }
+        Ok(())
+    }
+}
+
+/// What gc learned of a copy's source image.
+enum SourceSeen {
+    Tags(BTreeMap<String, String>),
+    Gone,
+    Unknown,
+}
+
+/// The source images of copies, looked up once each, with a client per region.
+struct Sources<'a> {
+    target: &'a crate::aws::Target,
+    clients: BTreeMap<String, Aws>,
+    seen: BTreeMap<String, Option<BTreeMap<String, String>>>,
+}
+
+impl Sources<'_> {
+    async fn image(&mut self, region: &str, id: &str) -> Result<SourceSeen, AwsError> {
+        if let Some(seen) = self.seen.get(id) {
+            return Ok(seen.clone().map_or(SourceSeen::Gone, SourceSeen::Tags));
+        }
+        if !self.clients.contains_key(region) {
+            let t = crate::aws::Target {
+                region: Some(region.to_string()),
+                ..self.target.clone()
+            };
+            match Aws::connect(&t).await {
+                Ok(a) => {
+                    self.clients.insert(region.to_string(), a);
+                }
+                Err(e) => {
+                    tracing::warn!(region, error = %e, "cannot reach a copy's source region");
+                    return Ok(SourceSeen::Unknown);
+                }
+            }
+        }
+        let Some(aws) = self.clients.get(region) else {
+            return Ok(SourceSeen::Unknown);
+        };
+        let image = calls::describe(&aws.ec2, id).await?;
+        let tags = image.filter(|i| i.state != "deregistered").map(|i| i.tags);
+        self.seen.insert(id.to_string(), tags.clone());
+        Ok(tags.map_or(SourceSeen::Gone, SourceSeen::Tags))
+    }
+}
+
+/// [`run`] in every region of `regions` (the home region first), plus the copies of failed
+/// promotions in each.
+pub async fn run_regions(
+    target: &crate::aws::Target,
+    regions: &[(String, Aws)],
+    older_than: Duration,
+    dry_run: bool,
+    build_id: Option<String>,
+) -> Result<Vec<RegionFinding>, AwsError> {
+    let mut sources = Sources {
+        target,
+        clients: regions.iter().cloned().collect(),
+        seen: BTreeMap::new(),
+    };
+    let mut out = Vec::new();
+    for (region, aws) in regions {
+        let mut findings = run(aws, older_than, dry_run, build_id.clone()).await?;
+        let mut gc = Gc {
+            aws,
+            older_than,
+            dry_run,
+            in_use: crate::prune::images_in_use(aws).await?,
+            build_id: build_id.clone(),
+            findings: Vec::new(),
+        };
+        gc.copies(&mut sources).await?;
+        findings.extend(gc.findings);
+        out.extend(findings.into_iter().map(|finding| RegionFinding {
+            region: region.clone(),
+            finding,
+        }));
+    }
+    Ok(out)
+}
+
+/// The human table of [`run_regions`]: a region column when more than one was searched.
+pub fn render_regions(findings: &[RegionFinding], regions: usize) -> String {
+    if regions <= 1 {
+        let plain: Vec<Finding> = findings.iter().map(|f| f.finding.clone()).collect();
+        return render(&plain);
+    }
+    if findings.is_empty() {
+        return "nothing left behind\n".into();
+    }
+    let mut rows = vec![["REGION", "KIND", "ID", "AGE", "ACTION", "WHY"]
+        .map(String::from)
+        .to_vec()];
+    rows.extend(findings.iter().map(|RegionFinding { region, finding: f }| {
+        vec![
+            region.clone(),
+            f.kind.to_string(),
+            f.id.clone(),
+            humantime::format_duration(Duration::from_secs(f.age_s)).to_string(),
+            f.action.to_string(),
+            f.why.clone(),
+        ]
+    }));
+    crate::output::table(&rows)
 }
 
 /// The human table.

@@ -15,6 +15,7 @@ pub mod health;
 pub mod host;
 pub mod lease;
 pub mod output;
+pub mod promote;
 pub mod prune;
 pub use bakery_core::recipe;
 pub mod rollout;

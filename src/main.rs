@@ -103,6 +103,7 @@ async fn run(cli: Cli) -> ExitCode {
     let (name, done) = match cli.command {
         Command::Validate(args) => ("validate", validate(&reporter, args)),
         Command::Build(args) => return build(&reporter, &target, args).await,
+        Command::Promote(args) => ("promote", promote(&reporter, &target, args).await),
         Command::Rollout(args) => return rollout_cmd(&reporter, &target, args).await,
         Command::Daemon(args) => ("daemon", daemon(&reporter, &target, args).await),
         Command::Gc(args) => ("gc", gc(&reporter, &target, args).await),
@@ -128,6 +129,32 @@ async fn connect(target: &aws::Target) -> Result<aws::Aws, Failure> {
     aws::Aws::connect(target)
         .await
         .map_err(|e| Failure::new(e, exit::USAGE))
+}
+
+/// A client in the region of `target` and in each of `others` (`--regions`), home first.
+async fn connect_regions(
+    target: &aws::Target,
+    others: &[String],
+) -> Result<Vec<(String, aws::Aws)>, Failure> {
+    let home = connect(target).await?;
+    let mut out = vec![(home.region.clone(), home)];
+    for region in others {
+        if let Err(p) = recipe::distribute::check_region(region) {
+            return Err(Failure::new(
+                format!("--regions: {} ({})", p.message, p.hint),
+                exit::USAGE,
+            ));
+        }
+        if out.iter().any(|(r, _)| r == region) {
+            continue;
+        }
+        let t = aws::Target {
+            region: Some(region.clone()),
+            ..target.clone()
+        };
+        out.push((region.clone(), connect(&t).await?));
+    }
+    Ok(out)
 }
 
 fn validate(reporter: &Reporter, args: bakery::cli::RecipeArgs) -> Done {
@@ -170,13 +197,93 @@ async fn build(
         Ok(a) => a,
         Err(e) => return fail(&e, exit::USAGE),
     };
+    // Where the image goes is checked before anything is made (an opt-in region, ...).
+    let clients = match &recipe.distribute {
+        Some(d) => match bakery::promote::connect(target, &aws.region, d).await {
+            Ok(c) => Some(c),
+            Err(e) => return fail(&e, u8::try_from(e.exit_code()).unwrap_or(exit::FAILURE)),
+        },
+        None => None,
+    };
+    if let Some(build_id) = &args.resume {
+        let (Some(clients), Some(d)) = (&clients, &recipe.distribute) else {
+            return fail(
+                &format!("--resume {build_id}: the recipe has no [distribute] table, so a complete bake has nothing left to do"),
+                exit::USAGE,
+            );
+        };
+        let manifest = match bakery::promote::resume_manifest(&aws, &args.manifest, build_id).await
+        {
+            Ok(m) => m,
+            Err(e) => return fail(&e, u8::try_from(e.exit_code()).unwrap_or(exit::FAILURE)),
+        };
+        return match bakery::promote::run(clients, &manifest, &args.manifest, d, reporter).await {
+            Ok(m) => {
+                reporter.emit(Event::BuildFinished {
+                    manifest: serde_json::to_value(&m).unwrap_or_default(),
+                });
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e, u8::try_from(e.exit_code()).unwrap_or(exit::FAILURE)),
+        };
+    }
     let opts = bake::Options {
         on_error: args.on_error,
         trust_host_key_on_first_use: args.trust_host_key_on_first_use,
-        manifest_path: Some(args.manifest),
+        manifest_path: Some(args.manifest.clone()),
+        image_ready: None,
     };
-    let outcome = bake::run(&aws, &recipe, &opts, reporter).await;
+    let (Some(clients), Some(d)) = (&clients, &recipe.distribute) else {
+        return finish_build(reporter, bake::run(&aws, &recipe, &opts, reporter).await);
+    };
+    // Baked and promoted where `[distribute]` says. A failed promotion leaves the image
+    // complete (continue with --resume BUILD_ID) and no copy.
+    let (outcome, promotion) =
+        bakery::promote::with_bake(&aws, &recipe, opts, clients, d, reporter).await;
+    if let (Ok(manifest), Some(e)) = (&outcome.result, promotion) {
+        let code = u8::try_from(e.exit_code()).unwrap_or(exit::FAILURE);
+        let message = format!(
+            "{e}\n  the image {} of build {} is complete; after fixing the cause, \
+             continue with: bakery build {} --resume {} --manifest {}",
+            manifest.ami_id,
+            manifest.build_id,
+            args.recipe.recipe.display(),
+            manifest.build_id,
+            args.manifest.display()
+        );
+        return fail(&message, code);
+    }
     finish_build(reporter, outcome)
+}
+
+async fn promote(
+    reporter: &Reporter,
+    target: &aws::Target,
+    args: bakery::cli::PromoteArgs,
+) -> Done {
+    let manifest =
+        bake::manifest::Manifest::read(&args.manifest).map_err(|e| Failure::new(e, exit::USAGE))?;
+    // No settings given: a rerun resumes with the settings its journal recorded.
+    let settings = match bakery::promote::read_journal(&args.manifest, &manifest.build_id) {
+        Some(j) if args.no_settings() => j.settings,
+        _ => args.flags().validate().map_err(|errors| {
+            Failure::new(
+                format!(
+                    "bakery promote has {} error(s):\n{}",
+                    errors.len(),
+                    errors.join("\n")
+                ),
+                exit::USAGE,
+            )
+        })?,
+    };
+    let clients = bakery::promote::connect(target, &manifest.region, &settings)
+        .await
+        .map_err(|e| Failure::new(&e, u8::try_from(e.exit_code()).unwrap_or(exit::FAILURE)))?;
+    bakery::promote::run(&clients, &manifest, &args.manifest, &settings, reporter)
+        .await
+        .map_err(|e| Failure::new(&e, u8::try_from(e.exit_code()).unwrap_or(exit::FAILURE)))?;
+    Ok(0)
 }
 
 async fn rollout_cmd(
@@ -258,18 +365,27 @@ async fn daemon(reporter: &Reporter, target: &aws::Target, args: bakery::cli::Da
 }
 
 async fn gc(reporter: &Reporter, target: &aws::Target, args: bakery::cli::GcArgs) -> Done {
-    let aws = connect(target).await?;
-    let findings = bakery::gc::run(&aws, args.older_than, args.dry_run, args.build_id)
-        .await
-        .map_err(|e| Failure::new(e, exit::FAILURE))?;
+    let regions = connect_regions(target, &args.regions).await?;
+    let findings = bakery::gc::run_regions(
+        target,
+        &regions,
+        args.older_than,
+        args.dry_run,
+        args.build_id,
+    )
+    .await
+    .map_err(|e| Failure::new(e, exit::FAILURE))?;
     reporter.result(
         Event::Gc {
             dry_run: args.dry_run,
             findings: serde_json::to_value(&findings).unwrap_or_default(),
         },
-        || bakery::gc::render(&findings),
+        || bakery::gc::render_regions(&findings, regions.len()),
     );
-    let failed = findings.iter().filter(|f| f.action.failed()).count();
+    let failed = findings
+        .iter()
+        .filter(|f| f.finding.action.failed())
+        .count();
     if failed > 0 {
         return Err(Failure::new(
             format!("{failed} leftover(s) could not be removed (see the table)"),
@@ -286,10 +402,16 @@ async fn prune(reporter: &Reporter, target: &aws::Target, args: bakery::cli::Pru
             exit::USAGE,
         ));
     }
-    let aws = connect(target).await?;
-    let rows = bakery::prune::run(&aws, &args.name_prefix, args.keep, args.dry_run)
-        .await
-        .map_err(|e| Failure::new(e, exit::FAILURE))?;
+    let regions = connect_regions(target, &args.regions).await?;
+    let rows = bakery::prune::run(
+        &regions,
+        &args.name_prefix,
+        args.keep,
+        args.dry_run,
+        args.force,
+    )
+    .await
+    .map_err(|e| Failure::new(e, exit::FAILURE))?;
     reporter.result(
         Event::Prune {
             dry_run: args.dry_run,

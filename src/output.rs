@@ -140,6 +140,27 @@ pub enum Event {
         #[serde(flatten)]
         status: serde_json::Value,
     },
+    /// `promote` (or a `build` with `[distribute]`): the image and where it goes.
+    PromoteStarted {
+        build_id: String,
+        source_ami: String,
+        source_region: String,
+        regions: Vec<String>,
+    },
+    /// A copy's progress in its region: state, and the snapshot's percent where EC2 gives it.
+    CopyProgress {
+        region: String,
+        ami_id: String,
+        state: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        percent: Option<u8>,
+    },
+    /// The promotion is complete: the manifest with every region's image, and the regions
+    /// that were promoted already with these settings (nothing was done there).
+    PromoteFinished {
+        manifest: serde_json::Value,
+        unchanged: Vec<String>,
+    },
     /// A command other than `build` and `rollout` failed.
     CommandFailed {
         command: String,
@@ -232,6 +253,7 @@ fn is_progress(event: &Event) -> bool {
             | Event::ResourceCreated { .. }
             | Event::ResourceReleased { .. }
             | Event::Waiting { .. }
+            | Event::CopyProgress { .. }
     )
 }
 
@@ -330,6 +352,29 @@ fn human_line(event: &Event, quiet: bool) -> Option<String> {
         Event::RolloutFailed { error, .. } => return Some(format!("!!  rollout failed: {error}")),
         Event::BuildFailed { error, .. } => return Some(format!("!!  build failed: {error}")),
         Event::CommandFailed { error, .. } => return Some(format!("error: {error}")),
+        Event::PromoteStarted {
+            build_id,
+            source_ami,
+            source_region,
+            regions,
+        } => format!(
+            "==> promote {build_id}: {source_ami} ({source_region}) to {}",
+            if regions.is_empty() {
+                "no other region".to_string()
+            } else {
+                regions.join(", ")
+            }
+        ),
+        Event::CopyProgress {
+            region,
+            ami_id,
+            state,
+            percent,
+        } => match percent {
+            Some(p) => format!("    {region}: {ami_id} {state} {p}%"),
+            None => format!("    {region}: {ami_id} {state}"),
+        },
+        Event::PromoteFinished { .. } => return None,
         Event::Valid { .. }
         | Event::Gc { .. }
         | Event::Prune { .. }

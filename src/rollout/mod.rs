@@ -410,16 +410,20 @@ async fn resolve_ami(aws: &Aws, src: &AmiSource) -> Result<String, RolloutError>
         AmiSource::Id(id) => id.clone(),
         AmiSource::Manifest(path) => {
             let m = crate::bake::manifest::Manifest::read(path).map_err(RolloutError::BadInput)?;
-            if m.region != aws.region {
-                return Err(RolloutError::BadInput(format!(
-                    "{} is for region {}, but this rollout runs in {}; pass --region {} or copy the AMI",
-                    path.display(),
-                    m.region,
-                    aws.region,
-                    m.region
-                )));
+            // A promoted manifest names an image per region: the group's region's.
+            match m.ami_for(&aws.region) {
+                Some(id) => id.to_string(),
+                None => {
+                    return Err(RolloutError::BadInput(format!(
+                        "{} has no image for region {}, where this rollout runs (it has: {}); pass --region, or promote the build there (bakery promote {} --to {})",
+                        path.display(),
+                        aws.region,
+                        m.image_regions().join(", "),
+                        path.display(),
+                        aws.region
+                    )))
+                }
             }
-            m.ami_id
         }
         AmiSource::Param(name) => {
             let ssm = &aws.ssm;
