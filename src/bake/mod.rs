@@ -62,6 +62,9 @@ pub struct Options {
     pub on_error: OnError,
     pub trust_host_key_on_first_use: bool,
     pub manifest_path: Option<std::path::PathBuf>,
+    /// Told (build id, image id) as soon as the image is available, before the bake finishes:
+    /// a promotion starts its copies while the temporaries are released.
+    pub image_ready: Option<tokio::sync::mpsc::UnboundedSender<(String, String)>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -674,6 +677,9 @@ impl Bake<'_> {
                 Ok(image)
             })
             .await?;
+        if let Some(ready) = &self.opts.image_ready {
+            let _ = ready.send((self.build_id.clone(), image.id.clone()));
+        }
 
         // Release the temporaries now, as a timed step; `run` releases whatever is left. The
         // image stays on the undo stack until the bake is complete.
@@ -705,6 +711,7 @@ impl Bake<'_> {
             finished_at: rfc3339(finished),
             duration_s: self.clock.elapsed().as_secs_f64(),
             steps: self.steps.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            promotion: Default::default(),
         };
         // The manifest first, then the mark that makes the image a product: a bake that cannot
         // write its manifest fails and its image is deregistered with the other temporaries.
