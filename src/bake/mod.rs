@@ -11,7 +11,6 @@ mod unwind;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,10 +27,11 @@ use crate::recipe::template;
 use crate::recipe::{
     Communicator, Interface, Provisioner, Recipe, ShellBody, ShellProvisioner, SourceAmi,
 };
-use crate::secret::{LineRedactor, Redactor};
+use crate::secret::{OutputRedactor, Redactor, SharedRedactor};
 use crate::signals::Signals;
 use crate::wait::{self, Poll, Probe};
 use manifest::{Manifest, Step};
+use tokio_util::sync::CancellationToken;
 use undo::{Temp, UndoStack, BUILD_ID_TAG};
 
 pub use bakery_core::marks::{COMPLETE_TAG, EXPIRES_TAG, OWNER_TAG, TEMPORARY_TAG};
@@ -130,6 +130,9 @@ pub enum BakeError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    /// The bake's cancellation token fired (a signal; [`BakeError::Interrupted`] is reported).
+    #[error("cancelled")]
+    Cancelled,
     #[error("interrupted by {0}")]
     Interrupted(crate::signals::Signal),
     #[error("bakery panicked ({0}); this is a bug: please report it. The bake's temporary resources are removed all the same")]
@@ -185,10 +188,10 @@ pub struct Outcome {
 /// the cleanup and reports what is left.
 pub async fn run(aws: &Aws, recipe: &Recipe, opts: &Options, reporter: &Reporter) -> Outcome {
     let build_id = new_build_id();
-    let redactor = Arc::new(std::sync::RwLock::new(Redactor::default()));
+    let redactor = SharedRedactor::default();
     let undo = Arc::new(Mutex::new(UndoStack::default()));
     let inflight: Inflight = Arc::default();
-    let cancel = Arc::new(AtomicBool::new(false));
+    let cancel = CancellationToken::new();
     let mut signals = Signals::new();
     reporter.emit(Event::BuildStarted {
         build_id: build_id.clone(),
@@ -211,14 +214,19 @@ pub async fn run(aws: &Aws, recipe: &Recipe, opts: &Options, reporter: &Reporter
         tail: Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new())),
         inflight: inflight.clone(),
     };
+    let mut running = unwind::CatchUnwind::new(bake.run());
     let result = tokio::select! {
-        r = unwind::CatchUnwind::new(bake.run()) => r.unwrap_or_else(|panic| Err(BakeError::Panicked(panic))),
+        r = &mut running => r.unwrap_or_else(|panic| Err(BakeError::Panicked(panic))),
         sig = signals.next() => {
-            cancel.store(true, Ordering::SeqCst);
+            // The running step sees the token and ends what it started (over SSM, the command:
+            // CancelCommand); the others end at once (`Bake::step`).
+            cancel.cancel();
+            let _ = tokio::time::timeout(CANCEL_GRACE, &mut running).await;
             Err(BakeError::Interrupted(sig))
         }
     };
-    let redactor = redactor.read().map(|r| r.clone()).unwrap_or_default();
+    drop(running);
+    let redactor = redactor.get();
     if let Err(e) = &result {
         reporter.emit(Event::BuildFailed {
             error: redactor.redact(&format!("{e}")),
@@ -339,13 +347,13 @@ struct Bake<'a> {
     reporter: &'a Reporter,
     build_id: String,
     undo: Arc<Mutex<UndoStack>>,
-    cancel: Arc<AtomicBool>,
+    cancel: CancellationToken,
     steps: std::sync::Mutex<Vec<Step>>,
     started: OffsetDateTime,
     clock: Instant,
     /// Resolved `secret:` / `rds:` references and the redactor for their secret values.
     resolved: std::sync::OnceLock<BTreeMap<String, String>>,
-    redactor: Arc<std::sync::RwLock<Redactor>>,
+    redactor: SharedRedactor,
     /// The last output lines of the running provisioner, redacted, for its error message.
     tail: Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
     /// Create calls on the wire; see [`Bake::shielded`].
@@ -357,10 +365,29 @@ type Inflight = Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>;
 
 /// How long cleanup waits for create calls already sent before it looks for what they made.
 const INFLIGHT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an interrupted bake's running provisioner may take to end what it started (over SSM
+/// the CancelCommand call) before cleanup begins.
+const CANCEL_GRACE: Duration = Duration::from_secs(20);
 
 impl Bake<'_> {
-    /// Times `f` as the named step, for progress and the manifest.
+    /// Times `f` as the named step, for progress and the manifest; a cancelled bake ends it at
+    /// once.
     async fn step<T, F>(&self, name: &str, f: F) -> Result<T, BakeError>
+    where
+        F: std::future::Future<Output = Result<T, BakeError>>,
+    {
+        self.step_watching_cancel(name, async {
+            tokio::select! {
+                r = f => r,
+                () = self.cancel.cancelled() => Err(BakeError::Cancelled),
+            }
+        })
+        .await
+    }
+
+    /// [`Bake::step`] for a step that watches the cancellation token itself, to end what it
+    /// started (a provisioner's command).
+    async fn step_watching_cancel<T, F>(&self, name: &str, f: F) -> Result<T, BakeError>
     where
         F: std::future::Future<Output = Result<T, BakeError>>,
     {
@@ -494,9 +521,7 @@ impl Bake<'_> {
             self.step("resolve_references", async {
                 let (values, redactor) =
                     crate::aws::references::resolve(self.aws, &recipe.references).await?;
-                if let Ok(mut r) = self.redactor.write() {
-                    *r = redactor;
-                }
+                self.redactor.set(redactor);
                 let n = values.len();
                 let _ = self.resolved.set(values);
                 self.info(
@@ -606,7 +631,11 @@ impl Bake<'_> {
                 let Communicator::Ssm(spec) = &recipe.communicator else {
                     unreachable!("an SSH recipe always has a key")
                 };
-                let s = SsmSession::new(self.aws.ssm.clone(), instance_id.clone());
+                let s = SsmSession::new(
+                    self.aws.ssm.clone(),
+                    instance_id.clone(),
+                    self.resolved.get(),
+                );
                 self.step("connect", self.wait_agent(&s, spec.agent_timeout))
                     .await?;
                 Session::Ssm(s)
@@ -619,7 +648,7 @@ impl Bake<'_> {
         for (i, p) in recipe.provisioners.iter().enumerate() {
             let label = p.label(i);
             session = self
-                .step(
+                .step_watching_cancel(
                     &format!("provision: {label}"),
                     self.provision(session, p, &label, connect_timeout),
                 )
@@ -1041,15 +1070,11 @@ impl Bake<'_> {
         Ok(session)
     }
 
-    /// The output sink of one command: lines pass through a redactor per stream, are shown as
-    /// events, and the shown lines are kept as the tail for an error message. Call
+    /// The output sink of one command: output passes through a redactor per stream, its lines
+    /// are shown as events, and the shown lines are kept as the tail for an error message. Call
     /// [`Bake::flush`] with the returned state when the command ends.
-    fn sink(&self, label: &str) -> (LineSink, Arc<std::sync::Mutex<[LineRedactor; 2]>>) {
-        let redactor = self.redactor.read().map(|r| r.clone()).unwrap_or_default();
-        let state = Arc::new(std::sync::Mutex::new([
-            LineRedactor::new(redactor.clone()),
-            LineRedactor::new(redactor),
-        ]));
+    fn sink(&self, label: &str) -> (LineSink, Arc<OutputRedactor>) {
+        let state = Arc::new(OutputRedactor::new(self.redactor.get()));
         if let Ok(mut t) = self.tail.lock() {
             t.clear();
         }
@@ -1059,25 +1084,18 @@ impl Bake<'_> {
             state.clone(),
             self.tail.clone(),
         );
-        let sink: LineSink = Arc::new(move |stream, line| {
-            let released = {
-                let mut s = st.lock().unwrap_or_else(|p| p.into_inner());
-                s[stream as usize].push(line)
-            };
-            for l in &released {
-                emit_line(&reporter, &label, stream, l, &tail);
+        let sink: LineSink = Arc::new(move |stream, output| {
+            for l in st.push(stream as usize, output) {
+                emit_line(&reporter, &label, stream, &l, &tail);
             }
-            // What the communicator keeps is never shown: the tail above is.
-            String::new()
         });
         (sink, state)
     }
 
     /// Shows what the redactors held back at the end of a command.
-    fn flush(&self, label: &str, state: &std::sync::Mutex<[LineRedactor; 2]>) {
-        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+    fn flush(&self, label: &str, state: &OutputRedactor) {
         for (i, stream) in [Stream::Stdout, Stream::Stderr].into_iter().enumerate() {
-            for l in s[i].finish() {
+            for l in state.finish(i) {
                 emit_line(self.reporter, label, stream, &l, &self.tail);
             }
         }
@@ -1110,7 +1128,7 @@ impl Bake<'_> {
         label: &str,
         connect_timeout: Duration,
     ) -> Result<Session, BakeError> {
-        let cancel = self.cancel.clone();
+        let cancel = &self.cancel;
         match p {
             Provisioner::File(f) => {
                 if !f.pause_before.is_zero() {
@@ -1198,7 +1216,7 @@ impl Bake<'_> {
                     s.sudo,
                     &remote,
                     s.timeout,
-                    self.cancel.clone(),
+                    &self.cancel,
                     sink,
                 )
                 .await;
@@ -1352,21 +1370,6 @@ fn caller_address_toward(cidr: &str) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shell_command_quotes_env_values_and_removes_the_script() {
-        use crate::comm::ssh::shell_command;
-        let env = BTreeMap::from([("MSG".to_string(), "it's $HOME".to_string())]);
-        assert_eq!(
-            shell_command("/tmp/s.sh", &env, false),
-            "env MSG='it'\\''s $HOME' '/tmp/s.sh'; rc=$?; rm -f '/tmp/s.sh'; exit $rc"
-        );
-        assert!(
-            shell_command("/tmp/s.sh", &BTreeMap::new(), true).starts_with(
-                "if [ \"$(id -u)\" -eq 0 ]; then S=; else S='sudo -n -E'; fi; $S '/tmp/s.sh'"
-            )
-        );
-    }
 
     #[test]
     fn address_follows_the_interface() {

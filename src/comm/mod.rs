@@ -9,15 +9,18 @@ pub mod ssm;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::output::Stream;
 
-/// Receives each line of a command's output as it arrives and returns the line as shown (after
-/// redaction), which is what gets kept for error messages.
-pub type LineSink = Arc<dyn Fn(Stream, &str) -> String + Send + Sync>;
+/// Receives a command's output as it arrives, in pieces as the transport delivers them (part of
+/// a line, several lines: the receiver splits lines, after redaction, see
+/// `bakery_core::secret::LineRedactor`). Nothing is split or kept before it, so output of any
+/// shape costs the communicator no memory.
+pub type LineSink = Arc<dyn Fn(Stream, &[u8]) + Send + Sync>;
 
 /// How a command ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,13 +28,20 @@ pub struct ExecOutcome {
     /// `None` when the command was killed by a signal.
     pub exit_status: Option<i32>,
     pub signal: Option<String>,
-    /// The last lines of output, as shown.
-    pub tail: Vec<String>,
 }
 
 impl ExecOutcome {
     pub fn success(&self) -> bool {
         self.exit_status == Some(0)
+    }
+}
+
+/// "exit code 3", "signal KILL".
+pub fn status_text(o: &ExecOutcome) -> String {
+    match (&o.exit_status, &o.signal) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => format!("signal {sig}"),
+        (None, None) => "no exit status".into(),
     }
 }
 
@@ -62,6 +72,32 @@ pub enum CommError {
     Transfer(String),
     #[error("cancelled")]
     Cancelled,
+    #[error(
+        "bakery refused to send a command to {instance} through SSM: it holds a secret's value \
+         (or an encoding of it), and SSM keeps commands for anyone allowed ssm:ListCommands to \
+         read. Secret values reach the instance only as placeholders it fills in itself: reference \
+         the secret as {{{{secret:…}}}} in a shell provisioner's env or a template, not in another \
+         encoding inside a script or file"
+    )]
+    SecretInCommand { instance: String },
+    #[error(
+        "SSM's answer to SendCommand for {instance} was lost, and listing the instance's commands \
+         to see whether it arrived failed too ({listing}); bakery does not send it again blindly \
+         (it could run twice). Retry the bake when SSM answers again"
+    )]
+    SendUnknown {
+        instance: String,
+        listing: Box<crate::aws::AwsError>,
+    },
+    #[error(
+        "SSM never showed command {command_id} on {instance} within the provisioner's timeout \
+         ({waited:?}): the instance's agent did not take it"
+    )]
+    NeverDelivered {
+        command_id: String,
+        instance: String,
+        waited: Duration,
+    },
     /// An AWS call of the SSM communicator failed.
     #[error(transparent)]
     Aws(#[from] crate::aws::AwsError),
@@ -91,7 +127,9 @@ pub enum Session {
 
 impl Session {
     /// Runs a script (honouring its `#!` line) with `env`, as root when `sudo` (SSM always runs
-    /// as root), streaming its output to `sink`. `remote` is where the script is staged.
+    /// as root), streaming its output to `sink`. `remote` is where the script is staged. The
+    /// environment never appears on a command line (`ps` on the instance shows no value).
+    /// Cancelled through `cancel`, the command is ended (over SSM: `CancelCommand`).
     #[allow(clippy::too_many_arguments)]
     pub async fn run_script(
         &self,
@@ -100,25 +138,25 @@ impl Session {
         sudo: bool,
         remote: &str,
         timeout: Duration,
-        cancel: Arc<AtomicBool>,
+        cancel: &CancellationToken,
         sink: LineSink,
     ) -> Result<ExecOutcome, CommError> {
         match self {
             Session::Ssh(s) => {
                 s.upload_bytes(script.as_bytes().to_vec(), remote, 0o700)
                     .await?;
-                s.exec(ssh::shell_command(remote, env, sudo), timeout, cancel, sink)
-                    .await
+                s.exec(
+                    ssh::shell_command(remote, sudo, timeout),
+                    ssh::env_assignments(env),
+                    timeout,
+                    cancel.clone(),
+                    sink,
+                )
+                .await
             }
             Session::Ssm(s) => {
-                // Stage the script as a file so its own interpreter line applies, as over SSH.
-                let q = ssh::shell_quote(remote);
-                let delimiter = format!("BAKERY_SCRIPT_{}", uuid::Uuid::new_v4().simple());
-                let staged = format!(
-                    "umask 077\ncat > {q} <<'{delimiter}'\n{}\n{delimiter}\nchmod 0700 {q}\n{q}\nrc=$?\nrm -f {q}\nexit $rc\n",
-                    script.trim_end_matches('\n')
-                );
-                s.run(&staged, env, timeout, cancel, sink).await
+                s.run_script(script, env, remote, timeout, cancel, sink)
+                    .await
             }
         }
     }
@@ -129,7 +167,7 @@ impl Session {
         data: Vec<u8>,
         remote: &str,
         mode: u32,
-        cancel: Arc<AtomicBool>,
+        cancel: &CancellationToken,
     ) -> Result<u64, CommError> {
         let len = data.len() as u64;
         match self {
@@ -144,10 +182,10 @@ impl Session {
         local: &Path,
         remote: &str,
         mode: Option<u32>,
-        cancel: Arc<AtomicBool>,
+        cancel: &CancellationToken,
     ) -> Result<u64, CommError> {
         match self {
-            Session::Ssh(s) => s.upload(local, remote, mode, cancel).await,
+            Session::Ssh(s) => s.upload(local, remote, mode, cancel.clone()).await,
             Session::Ssm(s) => s.upload(local, remote, mode, cancel).await,
         }
     }

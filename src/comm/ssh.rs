@@ -1,17 +1,22 @@
 //! The SSH communicator, on `ssh2` (libssh2). libssh2 is blocking, so every session operation
 //! runs in `spawn_blocking` with `Session::set_timeout` set, output is read in a non-blocking
-//! loop over stdout and stderr together (reading one alone can stall the channel), and a shared
-//! cancel flag lets Ctrl-C end a running command.
+//! loop over stdout and stderr together (reading one alone can stall the channel) and passed on
+//! as it comes, and the bake's cancellation token lets Ctrl-C end a running command.
+//!
+//! A provisioner's environment travels on the command's stdin, never on its command line (which
+//! `ps` shows to every user of the instance). A timeout or a cancel returns at once, without
+//! waiting for the server to close the channel (it would not while the command runs); the
+//! command itself runs under `timeout` on the instance, so it ends there too.
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ssh2::{HashType, OpenFlags, OpenType, Session};
+use tokio_util::sync::CancellationToken;
 
 use super::{hostkey, CommError, ExecOutcome, LineSink};
 use crate::output::Stream;
@@ -24,6 +29,8 @@ const SFTP_CHUNK: usize = 1 << 20;
 const KEEPALIVE_INTERVAL_S: u32 = 15;
 /// Lines of output kept to show when a command fails.
 pub const TAIL_LINES: usize = 20;
+/// Longer timeouts are left to bakery alone: `timeout` implementations differ on huge values.
+const REMOTE_TIMEOUT_MAX_S: u64 = 30 * 24 * 3600;
 
 /// How the server's host key is checked.
 #[derive(Debug, Clone)]
@@ -153,18 +160,19 @@ impl SshSession {
         .await
     }
 
-    /// Runs `command`, streaming its output line by line to `sink`.
+    /// Runs `command` with `stdin` as its input, streaming its output to `sink`.
     pub async fn exec(
         &self,
         command: String,
+        stdin: String,
         timeout: Duration,
-        cancel: Arc<AtomicBool>,
+        cancel: CancellationToken,
         sink: LineSink,
     ) -> Result<ExecOutcome, CommError> {
         let session = self.session.clone();
         tokio::task::spawn_blocking(move || {
             let session = session.lock().unwrap_or_else(|p| p.into_inner());
-            exec_blocking(&session, &command, timeout, &cancel, &sink)
+            exec_blocking(&session, &command, &stdin, timeout, &cancel, &sink)
         })
         .await
         .map_err(|e| CommError::Protocol(format!("SSH worker failed: {e}")))?
@@ -208,7 +216,7 @@ impl SshSession {
         local: &Path,
         remote: &str,
         mode: Option<u32>,
-        cancel: Arc<AtomicBool>,
+        cancel: CancellationToken,
     ) -> Result<u64, CommError> {
         let session = self.session.clone();
         let local = local.to_path_buf();
@@ -230,7 +238,7 @@ fn upload_path(
     local: &Path,
     remote: &Path,
     mode: Option<u32>,
-    cancel: &AtomicBool,
+    cancel: &CancellationToken,
 ) -> Result<u64, CommError> {
     let meta = std::fs::metadata(local)
         .map_err(|e| CommError::Transfer(format!("{}: {e}", local.display())))?;
@@ -273,7 +281,7 @@ fn upload_path(
     let mut buf = vec![0u8; SFTP_CHUNK];
     let mut total = 0u64;
     loop {
-        if cancel.load(Ordering::Relaxed) {
+        if cancel.is_cancelled() {
             return Err(CommError::Cancelled);
         }
         let n = src
@@ -308,56 +316,17 @@ fn mkdir_parents(sftp: &ssh2::Sftp, remote: &Path) {
     }
 }
 
-/// Splits streamed bytes into lines for the sink, keeping a partial last line for later.
-struct LineBuffer {
-    stream: Stream,
-    pending: Vec<u8>,
-}
-
-impl LineBuffer {
-    fn push(
-        &mut self,
-        bytes: &[u8],
-        sink: &LineSink,
-        tail: &mut std::collections::VecDeque<String>,
-    ) {
-        self.pending.extend_from_slice(bytes);
-        while let Some(pos) = self.pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.pending.drain(..=pos).collect();
-            emit(self.stream, &line[..line.len() - 1], sink, tail);
-        }
-    }
-
-    fn flush(&mut self, sink: &LineSink, tail: &mut std::collections::VecDeque<String>) {
-        if !self.pending.is_empty() {
-            let line = std::mem::take(&mut self.pending);
-            emit(self.stream, &line, sink, tail);
-        }
-    }
-}
-
-fn emit(
-    stream: Stream,
-    raw: &[u8],
-    sink: &LineSink,
-    tail: &mut std::collections::VecDeque<String>,
-) {
-    let text = String::from_utf8_lossy(raw);
-    let line = text.trim_end_matches('\r');
-    let shown = sink(stream, line);
-    if tail.len() == TAIL_LINES {
-        tail.pop_front();
-    }
-    tail.push_back(shown);
-}
-
 fn exec_blocking(
     session: &Session,
     command: &str,
+    stdin: &str,
     timeout: Duration,
-    cancel: &AtomicBool,
+    cancel: &CancellationToken,
     sink: &LineSink,
 ) -> Result<ExecOutcome, CommError> {
+    if cancel.is_cancelled() {
+        return Err(CommError::Cancelled);
+    }
     session.set_blocking(true);
     let mut channel = session
         .channel_session()
@@ -365,21 +334,16 @@ fn exec_blocking(
     channel
         .exec(command)
         .map_err(|e| CommError::Disconnected(format!("cannot start the command: {e}")))?;
+    channel
+        .write_all(stdin.as_bytes())
+        .and_then(|()| channel.send_eof().map_err(std::io::Error::from))
+        .map_err(|e| CommError::Disconnected(format!("cannot send the environment: {e}")))?;
     session.set_blocking(false);
     let started = Instant::now();
-    let mut out = LineBuffer {
-        stream: Stream::Stdout,
-        pending: Vec::new(),
-    };
-    let mut err = LineBuffer {
-        stream: Stream::Stderr,
-        pending: Vec::new(),
-    };
-    let mut tail = std::collections::VecDeque::new();
     let mut buf = [0u8; 16 * 1024];
     let mut next_keepalive = Instant::now() + Duration::from_secs(KEEPALIVE_INTERVAL_S.into());
     let result = loop {
-        if cancel.load(Ordering::Relaxed) {
+        if cancel.is_cancelled() {
             break Err(CommError::Cancelled);
         }
         if started.elapsed() > timeout {
@@ -389,7 +353,7 @@ fn exec_blocking(
         match channel.read(&mut buf) {
             Ok(0) => {}
             Ok(n) => {
-                out.push(&buf[..n], sink, &mut tail);
+                sink(Stream::Stdout, &buf[..n]);
                 progressed = true;
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
@@ -398,7 +362,7 @@ fn exec_blocking(
         match channel.stderr().read(&mut buf) {
             Ok(0) => {}
             Ok(n) => {
-                err.push(&buf[..n], sink, &mut tail);
+                sink(Stream::Stderr, &buf[..n]);
                 progressed = true;
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
@@ -421,13 +385,16 @@ fn exec_blocking(
             std::thread::sleep(Duration::from_millis(5));
         }
     };
-    out.flush(sink, &mut tail);
-    err.flush(sink, &mut tail);
-    session.set_blocking(true);
     if let Err(e) = result {
+        // Still non-blocking: ask the server to close and return now. A blocking close waits
+        // for the server's own close, which does not come while the command runs (twice the
+        // 30 s call timeout, with the channel's drop). The command ends under its `timeout`.
         let _ = channel.close();
+        drop(channel);
+        session.set_blocking(true);
         return Err(e);
     }
+    session.set_blocking(true);
     // The exit status is valid only after the channel is closed.
     channel
         .wait_close()
@@ -439,27 +406,37 @@ fn exec_blocking(
     Ok(ExecOutcome {
         exit_status: if signal.is_some() { None } else { Some(status) },
         signal,
-        tail: tail.into_iter().collect(),
     })
 }
 
-/// `env K='v' ... /path` with POSIX single-quoting, so values reach the script verbatim. With
-/// `sudo`, the script runs through `sudo -n` unless the login user already is root, so one recipe
-/// works for `ec2-user` and `root` alike.
-pub fn shell_command(remote: &str, env: &BTreeMap<String, String>, sudo: bool) -> String {
+/// The command that runs the staged script `remote` (with `sudo`, through `sudo -n` unless the
+/// login user already is root, so one recipe works for `ec2-user` and `root` alike) with the
+/// environment read from stdin ([`env_assignments`]), under `timeout` where the instance has it,
+/// then removes the script. No environment value is on this command line.
+pub fn shell_command(remote: &str, sudo: bool, timeout: Duration) -> String {
     let mut cmd = String::new();
     if sudo {
         cmd.push_str("if [ \"$(id -u)\" -eq 0 ]; then S=; else S='sudo -n -E'; fi; $S ");
     }
-    if !env.is_empty() {
-        cmd.push_str("env");
-        for (k, v) in env {
-            cmd.push_str(&format!(" {k}={}", shell_quote(v)));
-        }
-        cmd.push(' ');
-    }
-    cmd.push_str(&shell_quote(remote));
+    let secs = timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0);
+    let run = if secs <= REMOTE_TIMEOUT_MAX_S {
+        format!("if command -v timeout >/dev/null 2>&1; then exec timeout {secs} \"$0\"; else exec \"$0\"; fi")
+    } else {
+        "exec \"$0\"".to_string()
+    };
+    cmd.push_str(&format!(
+        "sh -c 'set -a; eval \"$(cat)\"; set +a; {run}' {}",
+        shell_quote(remote)
+    ));
     format!("{cmd}; rc=$?; rm -f {}; exit $rc", shell_quote(remote))
+}
+
+/// `K='v'` lines, POSIX single-quoted, for [`shell_command`]'s stdin: values reach the script
+/// verbatim.
+pub fn env_assignments(env: &BTreeMap<String, String>) -> String {
+    env.iter()
+        .map(|(k, v)| format!("{k}={}\n", shell_quote(v)))
+        .collect()
 }
 
 pub fn shell_quote(s: &str) -> String {
@@ -479,4 +456,64 @@ fn set_mode(sftp: &ssh2::Sftp, remote: &Path, mode: u32) -> Result<(), CommError
     };
     sftp.setstat(remote, stat)
         .map_err(|e| CommError::Transfer(format!("chmod {}: {e}", remote.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_environment_goes_to_stdin_not_onto_the_command_line() {
+        let env = BTreeMap::from([("MSG".to_string(), "it's $HOME".to_string())]);
+        assert_eq!(env_assignments(&env), "MSG='it'\\''s $HOME'\n");
+        let cmd = shell_command("/tmp/s.sh", false, Duration::from_secs(3));
+        assert_eq!(
+            cmd,
+            "sh -c 'set -a; eval \"$(cat)\"; set +a; if command -v timeout >/dev/null 2>&1; then exec timeout 3 \"$0\"; else exec \"$0\"; fi' '/tmp/s.sh'; rc=$?; rm -f '/tmp/s.sh'; exit $rc"
+        );
+        assert!(!cmd.contains("HOME"));
+        assert!(shell_command("/tmp/s.sh", true, Duration::from_millis(1500)).starts_with(
+            "if [ \"$(id -u)\" -eq 0 ]; then S=; else S='sudo -n -E'; fi; $S sh -c 'set -a; eval \"$(cat)\"; set +a; if command -v timeout >/dev/null 2>&1; then exec timeout 2 "
+        ));
+        assert!(
+            !shell_command("/tmp/s.sh", false, Duration::from_secs(365 * 86400))
+                .contains("timeout")
+        );
+    }
+
+    /// The command line really runs the script with the environment from stdin.
+    #[test]
+    fn the_command_runs_the_script_with_the_environment_it_reads() {
+        let dir = std::env::temp_dir().join(format!("bakery-ssh-cmd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("s.sh");
+        std::fs::write(&script, "#!/bin/sh\nprintf '%s|%s' \"$MSG\" \"$OTHER\"\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let env = BTreeMap::from([
+            ("MSG".to_string(), "it's $HOME\nline 2".to_string()),
+            ("OTHER".to_string(), "x".to_string()),
+        ]);
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(shell_command(
+                script.to_str().unwrap(),
+                false,
+                Duration::from_secs(10),
+            ))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(env_assignments(&env).as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "it's $HOME\nline 2|x");
+        assert!(!script.exists(), "the script is removed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -5,20 +5,40 @@
 //! at most 24,000 characters of each stream inline; beyond that bakery says the output was cut.
 //! Files travel in base64 chunks through commands, which suits configuration and small artifacts,
 //! not large payloads (see [`MAX_UPLOAD`]).
+//!
+//! SSM keeps what a command carries and what it printed: `ListCommands` returns its parameters
+//! and `GetCommandInvocation` / `ListCommandInvocations` its output, to anyone allowed to list
+//! commands. So when a bake has secrets, no secret value goes through SSM in any form: the
+//! communicator seals everything it sends (each secret value becomes a placeholder, see
+//! [`Sealer`]) and refuses to send a command that still holds any encoding of one; the command
+//! runs bakery's helper (`ssm_agent.py`, with `python3`), which reads the secrets with the
+//! instance's own role, fills the placeholders in (environment, templates, the staged script)
+//! and redacts the provisioner's output on the instance, before the SSM agent reads it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_sdk_ssm::types::InstanceInformationStringFilter;
 use aws_sdk_ssm::Client;
+use bakery_core::secret::Sealer;
+use base64::Engine;
+use tokio_util::sync::CancellationToken;
 
+use super::ssh::shell_quote;
 use super::{CommError, ExecOutcome, LineSink};
-use crate::aws::call;
+use crate::aws::{call, AwsError};
 use crate::output::Stream;
 use crate::wait::{Poll, Tolerance, OUTAGE_LIMIT};
+
+/// bakery's helper on the instance (see the module documentation).
+const AGENT: &str = include_str!("ssm_agent.py");
+/// Its exit status when it, not the provisioner, failed.
+pub const AGENT_FAILED: i32 = 97;
+/// The helper needs `python3`: say so instead of `python3: not found`.
+const PYTHON_CHECK: &str = "command -v python3 >/dev/null 2>&1 || { echo 'bakery: over SSM a bake with secrets needs python3 on the instance (bakery'\\''s helper reads the secrets with the instance role and redacts output there): use an image with python3, or the ssh communicator' >&2; exit 97; }\n";
 
 /// SSM keeps this many characters of each output stream inline.
 pub const INLINE_OUTPUT_LIMIT: usize = 24_000;
@@ -38,11 +58,91 @@ const COMMAND_POLL: Poll = Poll {
 pub struct SsmSession {
     ssm: Client,
     pub instance_id: String,
+    /// The bake's secrets: sealed out of everything sent, read by the instance itself.
+    sealer: Arc<Sealer>,
 }
 
 impl SsmSession {
-    pub fn new(ssm: Client, instance_id: String) -> Self {
-        Self { ssm, instance_id }
+    /// `resolved`: the bake's resolved references (reference text -> value), if it has any.
+    pub fn new(
+        ssm: Client,
+        instance_id: String,
+        resolved: Option<&BTreeMap<String, String>>,
+    ) -> Self {
+        let nonce = uuid::Uuid::new_v4().simple().to_string();
+        let sealer = Sealer::new(resolved.unwrap_or(&BTreeMap::new()), &nonce);
+        Self {
+            ssm,
+            instance_id,
+            sealer: Arc::new(sealer),
+        }
+    }
+
+    /// The helper's command: `spec` (no secret value in it) for `python3 -`, with the secrets
+    /// it reads (placeholder -> where).
+    fn agent_command(
+        &self,
+        spec: serde_json::Value,
+        secrets: &BTreeMap<String, bakery_core::secret::SecretSource>,
+    ) -> String {
+        let mut spec = spec;
+        spec["secrets"] = serde_json::to_value(secrets).unwrap_or_default();
+        spec["region"] = self
+            .ssm
+            .config()
+            .region()
+            .map(|r| serde_json::Value::String(r.to_string()))
+            .unwrap_or_default();
+        let encoded = base64::engine::general_purpose::STANDARD.encode(spec.to_string());
+        let eof = format!("BAKERY_AGENT_{}", uuid::Uuid::new_v4().simple());
+        format!("python3 - <<'{eof}'\n{AGENT}\nmain(\"{encoded}\")\n{eof}\n")
+    }
+
+    /// Runs a script staged at `remote` (its own `#!` line applies, as over SSH) with `env`, as
+    /// root, streaming its output to `sink`.
+    pub async fn run_script(
+        &self,
+        script: &str,
+        env: &BTreeMap<String, String>,
+        remote: &str,
+        timeout: Duration,
+        cancel: &CancellationToken,
+        sink: LineSink,
+    ) -> Result<ExecOutcome, CommError> {
+        let q = shell_quote(remote);
+        let delimiter = format!("BAKERY_SCRIPT_{}", uuid::Uuid::new_v4().simple());
+        let stage = |script: &str| {
+            format!(
+                "umask 077\ncat > {q} <<'{delimiter}'\n{}\n{delimiter}\nchmod 0700 {q}\n",
+                script.trim_end_matches('\n')
+            )
+        };
+        let command = if self.sealer.is_empty() {
+            let mut c = String::new();
+            for (k, v) in env {
+                c.push_str(&format!("export {k}={}\n", shell_quote(v)));
+            }
+            c.push_str(&stage(script));
+            c.push_str(&format!("{q}\nrc=$?\nrm -f {q}\nexit $rc\n"));
+            c
+        } else {
+            let seal =
+                |v: &str| String::from_utf8_lossy(&self.sealer.seal(v.as_bytes())).into_owned();
+            let env: BTreeMap<&String, String> = env.iter().map(|(k, v)| (k, seal(v))).collect();
+            let mut c = PYTHON_CHECK.to_string();
+            c.push_str(&stage(&seal(script)));
+            c.push_str(&self.agent_command(
+                serde_json::json!({
+                    "action": "run",
+                    "script": remote,
+                    "env": env,
+                }),
+                &self.sealer.sources(),
+            ));
+            c.push_str(&format!("rc=$?\nrm -f {q}\nexit $rc\n"));
+            c
+        };
+        self.run(&command, timeout, cancel, sink).await
     }
 
     /// True once the instance's agent reports `Online`.
@@ -66,55 +166,63 @@ impl SsmSession {
         }))
     }
 
-    /// Runs `script` with `env` as root, streaming new output on every poll.
-    pub async fn run(
+    /// Sends `command` (a shell script) and streams its output to `sink` on every poll, until it
+    /// ends. Cancelled, it cancels the command (`CancelCommand`) before returning.
+    async fn run(
         &self,
-        script: &str,
-        env: &BTreeMap<String, String>,
+        command: &str,
         timeout: Duration,
-        cancel: Arc<AtomicBool>,
+        cancel: &CancellationToken,
         sink: LineSink,
     ) -> Result<ExecOutcome, CommError> {
-        let mut lines = Vec::new();
-        for (k, v) in env {
-            lines.push(format!("export {k}={}", super::ssh::shell_quote(v)));
+        if cancel.is_cancelled() {
+            return Err(CommError::Cancelled);
         }
-        lines.extend(script.lines().map(str::to_string));
+        let lines: Vec<String> = command.lines().map(str::to_string).collect();
         let command_id = self.send(lines, timeout).await?;
         let started = Instant::now();
         let mut shown = [0usize; 2];
-        let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
-        let mut pending = [String::new(), String::new()];
+        // Whether each stream's last byte passed on was a newline (for the note on a cut).
+        let mut at_line_start = [true; 2];
         // The script runs on the instance whether or not SSM answers us: a throttling storm
         // longer than one call's retries is ridden out, a longer outage ends the run.
         let mut outage = Tolerance::new(OUTAGE_LIMIT);
         loop {
-            if cancel.load(Ordering::Relaxed) {
-                let _ = self
-                    .ssm
-                    .cancel_command()
-                    .command_id(&command_id)
-                    .instance_ids(&self.instance_id)
-                    .send()
-                    .await;
-                return Err(CommError::Cancelled);
-            }
-            tokio::time::sleep(COMMAND_POLL.next_interval(started.elapsed())).await;
-            let inv = match call("ssm:GetCommandInvocation", &command_id, || {
-                self.ssm
-                    .get_command_invocation()
-                    .command_id(&command_id)
-                    .instance_id(&self.instance_id)
-                    .send()
-            })
-            .await
-            {
+            let get = async {
+                tokio::time::sleep(COMMAND_POLL.next_interval(started.elapsed())).await;
+                call("ssm:GetCommandInvocation", &command_id, || {
+                    self.ssm
+                        .get_command_invocation()
+                        .command_id(&command_id)
+                        .instance_id(&self.instance_id)
+                        .send()
+                })
+                .await
+            };
+            let got = tokio::select! {
+                r = get => r,
+                () = cancel.cancelled() => {
+                    self.cancel_command(&command_id).await;
+                    return Err(CommError::Cancelled);
+                }
+            };
+            let inv = match got {
                 Ok(inv) => {
                     outage.clear();
                     inv
                 }
-                // Just sent: the invocation may not be visible yet.
-                Err(e) if e.code() == Some("InvocationDoesNotExist") => continue,
+                // Just sent: the invocation may not be visible yet. One that never appears ends
+                // at the command's timeout.
+                Err(e) if e.code() == Some("InvocationDoesNotExist") => {
+                    if started.elapsed() > timeout {
+                        return Err(CommError::NeverDelivered {
+                            command_id,
+                            instance: self.instance_id.clone(),
+                            waited: timeout,
+                        });
+                    }
+                    continue;
+                }
                 Err(e) if outage.ride_out(&e) => continue,
                 Err(e) => return Err(e.into()),
             };
@@ -137,40 +245,31 @@ impl SsmSession {
             .enumerate()
             {
                 if text.len() > shown[i] && text.is_char_boundary(shown[i]) {
-                    pending[i].push_str(&text[shown[i]..]);
+                    let new = &text.as_bytes()[shown[i]..];
+                    sink(stream, new);
+                    at_line_start[i] = new.ends_with(b"\n");
                     shown[i] = text.len();
                 }
-                // Whole lines now; the last partial line once the command is done.
-                while let Some(pos) = pending[i].find('\n') {
-                    let line: String = pending[i].drain(..=pos).collect();
-                    push_tail(&mut tail, sink(stream, line.trim_end_matches(['\n', '\r'])));
-                }
-                if done && !pending[i].is_empty() {
-                    let line = std::mem::take(&mut pending[i]);
-                    push_tail(&mut tail, sink(stream, &line));
-                }
                 if done && text.chars().count() >= INLINE_OUTPUT_LIMIT {
-                    push_tail(
-                        &mut tail,
-                        sink(stream, &format!("[bakery: SSM keeps only the first {INLINE_OUTPUT_LIMIT} characters of this stream; the rest is not shown]")),
+                    let note = format!(
+                        "{}[bakery: SSM keeps only the first {INLINE_OUTPUT_LIMIT} characters of this stream; the rest is not shown]\n",
+                        if at_line_start[i] { "" } else { "\n" }
                     );
+                    sink(stream, note.as_bytes());
                 }
             }
             if !done {
                 continue;
             }
             let code = inv.response_code();
-            let tail: Vec<String> = tail.into_iter().collect();
             return match status.as_str() {
                 "Success" => Ok(ExecOutcome {
                     exit_status: Some(0),
                     signal: None,
-                    tail,
                 }),
                 "Failed" => Ok(ExecOutcome {
                     exit_status: Some(code),
                     signal: None,
-                    tail,
                 }),
                 "TimedOut" | "ExecutionTimedOut" => Err(CommError::Timeout(timeout)),
                 "Cancelled" | "Cancelling" => Err(CommError::Cancelled),
@@ -185,21 +284,60 @@ impl SsmSession {
         }
     }
 
+    /// Asks SSM to cancel a command (the agent ends its processes). Best effort: a failure is
+    /// logged, and the bake's cleanup terminates the instance anyway.
+    async fn cancel_command(&self, command_id: &str) {
+        let r = call("ssm:CancelCommand", command_id, || {
+            self.ssm
+                .cancel_command()
+                .command_id(command_id)
+                .instance_ids(&self.instance_id)
+                .send()
+        })
+        .await;
+        match r {
+            Ok(_) => tracing::info!(command = %command_id, "cancelled the SSM command"),
+            Err(e) => {
+                tracing::warn!(command = %command_id, error = %e, "could not cancel the SSM command")
+            }
+        }
+    }
+
     /// Sends one command. SendCommand has no idempotency token, and a retried send whose first
     /// answer was lost would run the script twice (an upload chunk appended twice): each send
-    /// carries a unique comment, and a retry first looks for a command with that comment.
+    /// carries a unique comment, and a retry first lists this instance's commands. It sends
+    /// again only when the listing proves the first attempt absent; when the listing fails too,
+    /// nobody can tell, and the send fails instead of risking a second run.
+    ///
+    /// Nothing sent may hold a secret: a command with any form of one is refused.
     async fn send(&self, commands: Vec<String>, timeout: Duration) -> Result<String, CommError> {
+        if self.sealer.leaks(commands.join("\n").as_bytes()) {
+            return Err(CommError::SecretInCommand {
+                instance: self.instance_id.clone(),
+            });
+        }
         let timeout_s = timeout.as_secs().max(1).to_string();
         let comment = format!("bakery provisioner {}", uuid::Uuid::new_v4().simple());
         let attempts = AtomicU32::new(0);
+        let unknown: Mutex<Option<AwsError>> = Mutex::new(None);
         let out = call("ssm:SendCommand", &self.instance_id, || async {
             if attempts.fetch_add(1, Ordering::Relaxed) > 0 {
-                if let Some(id) = self.command_commented(&comment).await {
-                    tracing::debug!(command = %id, "an earlier SendCommand attempt had reached SSM");
-                    let found = aws_sdk_ssm::types::Command::builder().command_id(id).build();
-                    return Ok(aws_sdk_ssm::operation::send_command::SendCommandOutput::builder()
-                        .command(found)
-                        .build());
+                match self.command_commented(&comment).await {
+                    Ok(Some(id)) => {
+                        tracing::debug!(command = %id, "an earlier SendCommand attempt had reached SSM");
+                        let found = aws_sdk_ssm::types::Command::builder().command_id(id).build();
+                        return Ok(aws_sdk_ssm::operation::send_command::SendCommandOutput::builder()
+                            .command(found)
+                            .build());
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        // Not retryable: `call` stops here and the error below says why.
+                        *unknown.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                        return Err(aws_sdk_ssm::error::SdkError::construction_failure(
+                            "whether an earlier attempt reached SSM is unknown",
+                        ));
+                    }
                 }
             }
             self.ssm
@@ -213,30 +351,44 @@ impl SsmSession {
                 .send()
                 .await
         })
-        .await?;
-        out.command()
+        .await;
+        if let Some(listing) = unknown.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(CommError::SendUnknown {
+                instance: self.instance_id.clone(),
+                listing: Box::new(listing),
+            });
+        }
+        out?.command()
             .and_then(|c| c.command_id())
             .map(str::to_string)
             .ok_or_else(|| CommError::Protocol("SendCommand returned no command id".into()))
     }
 
-    /// The id of this instance's command with `comment`, if SSM lists one.
-    async fn command_commented(&self, comment: &str) -> Option<String> {
-        let listed = self
-            .ssm
-            .list_commands()
-            .instance_id(&self.instance_id)
-            .into_paginator()
-            .items()
-            .send()
-            .collect::<Result<Vec<_>, _>>()
-            .await
-            .ok()?;
-        listed
-            .iter()
-            .find(|c| c.comment() == Some(comment))
-            .and_then(|c| c.command_id())
-            .map(str::to_string)
+    /// The id of this instance's command with `comment`, if SSM lists one; an error when SSM
+    /// could not be asked (after retries).
+    async fn command_commented(&self, comment: &str) -> Result<Option<String>, AwsError> {
+        let mut token: Option<String> = None;
+        loop {
+            let page = call("ssm:ListCommands", &self.instance_id, || {
+                self.ssm
+                    .list_commands()
+                    .instance_id(&self.instance_id)
+                    .set_next_token(token.clone())
+                    .send()
+            })
+            .await?;
+            if let Some(c) = page
+                .commands()
+                .iter()
+                .find(|c| c.comment() == Some(comment))
+            {
+                return Ok(c.command_id().map(str::to_string));
+            }
+            match page.next_token() {
+                Some(t) if !t.is_empty() => token = Some(t.to_string()),
+                _ => return Ok(None),
+            }
+        }
     }
 
     /// Uploads a file, or a folder recursively, in base64 chunks through commands.
@@ -245,7 +397,7 @@ impl SsmSession {
         local: &Path,
         remote: &str,
         mode: Option<u32>,
-        cancel: Arc<AtomicBool>,
+        cancel: &CancellationToken,
     ) -> Result<u64, CommError> {
         let mut files = Vec::new();
         collect(local, Path::new(remote), &mut files)?;
@@ -270,30 +422,38 @@ impl SsmSession {
                     .unwrap_or(0o644)
             });
             sent += self
-                .upload_data(&data, &dest.to_string_lossy(), file_mode, cancel.clone())
+                .upload_data(&data, &dest.to_string_lossy(), file_mode, cancel)
                 .await?;
         }
         Ok(sent)
     }
 
     /// Writes `data` to `dest` with `mode`, in base64 chunks; the file appears whole (renamed
-    /// into place) or not at all.
+    /// into place) or not at all. Missing parent folders are made 0755, as over SSH. Secret
+    /// values in `data` (a rendered template) travel as placeholders the instance fills in.
     pub async fn upload_data(
         &self,
         data: &[u8],
         dest: &str,
         mode: u32,
-        cancel: Arc<AtomicBool>,
+        cancel: &CancellationToken,
     ) -> Result<u64, CommError> {
-        use base64::Engine;
-        let quiet: LineSink = Arc::new(|_, l| l.to_string());
+        let sealed = self.sealer.seal(data);
+        let secrets = self.sealer.used(&sealed);
+        let output: Arc<Mutex<Vec<u8>>> = Arc::default();
+        let kept = output.clone();
+        let quiet: LineSink = Arc::new(move |_, bytes| {
+            let mut o = kept.lock().unwrap_or_else(|p| p.into_inner());
+            if o.len() < 4096 {
+                o.extend_from_slice(bytes);
+            }
+        });
         let part = format!("{dest}.bakery-part");
-        let q = super::ssh::shell_quote;
-        let mut chunks = data.chunks(UPLOAD_CHUNK).peekable();
+        let q = shell_quote;
+        let mut chunks = sealed.chunks(UPLOAD_CHUNK).peekable();
         let mut first = true;
-        let mut sent = 0;
         loop {
-            if cancel.load(Ordering::Relaxed) {
+            if cancel.is_cancelled() {
                 return Err(CommError::Cancelled);
             }
             let chunk = chunks.next().unwrap_or(&[]);
@@ -301,7 +461,7 @@ impl SsmSession {
             let mut script = String::from("set -e\n");
             if first {
                 script.push_str(&format!(
-                    "umask 077\nmkdir -p \"$(dirname {})\"\n: > {}\n",
+                    "(umask 022 && mkdir -p \"$(dirname {})\")\numask 077\n: > {}\n",
                     q(dest),
                     q(&part)
                 ));
@@ -313,42 +473,44 @@ impl SsmSession {
                 ));
             }
             let last = chunks.peek().is_none();
-            if last {
+            if last && secrets.is_empty() {
                 script.push_str(&format!(
                     "chmod {mode:o} {0}\nmv -f {0} {1}\n",
                     q(&part),
                     q(dest)
                 ));
+            } else if last {
+                script.push_str(PYTHON_CHECK);
+                script.push_str(&self.agent_command(
+                    serde_json::json!({
+                        "action": "render",
+                        "source": part,
+                        "dest": dest,
+                        "mode": mode,
+                    }),
+                    &secrets,
+                ));
             }
+            output.lock().unwrap_or_else(|p| p.into_inner()).clear();
             let o = self
-                .run(
-                    &script,
-                    &BTreeMap::new(),
-                    Duration::from_secs(120),
-                    cancel.clone(),
-                    quiet.clone(),
-                )
+                .run(&script, Duration::from_secs(120), cancel, quiet.clone())
                 .await?;
             if !o.success() {
+                let said =
+                    String::from_utf8_lossy(&output.lock().unwrap_or_else(|p| p.into_inner()))
+                        .trim()
+                        .replace('\n', " / ");
                 return Err(CommError::Transfer(format!(
-                    "writing {dest} over SSM failed: {}",
-                    o.tail.join(" / ")
+                    "writing {dest} over SSM failed ({}): {said}",
+                    super::status_text(&o)
                 )));
             }
-            sent += chunk.len() as u64;
             first = false;
             if last {
-                return Ok(sent);
+                return Ok(data.len() as u64);
             }
         }
     }
-}
-
-fn push_tail(tail: &mut std::collections::VecDeque<String>, line: String) {
-    if tail.len() == super::ssh::TAIL_LINES {
-        tail.pop_front();
-    }
-    tail.push_back(line);
 }
 
 fn collect(
@@ -371,4 +533,85 @@ fn collect(
         out.push((local.to_path_buf(), remote.to_path_buf()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bakery_core::secret::{LineRedactor, Redactor, MASK};
+    use std::io::Write;
+
+    /// What the instance-side helper's filter makes of `output`, fed in pieces of `piece` bytes.
+    fn filtered_on_the_instance(secrets: &[&str], output: &[u8], piece: usize) -> Vec<u8> {
+        let dir = std::env::temp_dir().join(format!("bakery-agent-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let program = dir.join(format!("filter-{piece}.py"));
+        std::fs::write(
+            &program,
+            format!(
+                "{AGENT}\nimport sys\npats, span = patterns(json.loads(sys.argv[1]))\nf = Filter(pats, span, sys.stdout.buffer)\ndata = sys.stdin.buffer.read()\nfor i in range(0, len(data), {piece}):\n    f.feed(data[i:i + {piece}])\nf.feed(b'', final=True)\n"
+            ),
+        )
+        .unwrap();
+        let mut child = std::process::Command::new("python3")
+            .arg(&program)
+            .arg(serde_json::to_string(secrets).unwrap())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(output).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        out.stdout
+    }
+
+    fn shown(secrets: &[&str], output: &[u8]) -> Vec<String> {
+        let mut r = Redactor::default();
+        for s in secrets {
+            r.add(s);
+        }
+        let mut l = LineRedactor::new(r);
+        let mut lines = l.push(output);
+        lines.extend(l.finish());
+        lines
+    }
+
+    /// The helper masks on the instance what bakery masks at home: what SSM stores holds no
+    /// secret, and the lines shown are the same as over SSH.
+    #[test]
+    fn the_instance_filter_masks_what_bakery_masks() {
+        use base64::Engine;
+        let pw = "p@ss w/rd+Ünï!ç\"\\x";
+        let pem = "-----BEGIN KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\nBKcwggSjAgEAAoIBAQC7VJTUt9Us8cKj\n-----END KEY-----\n";
+        let json = serde_json::json!({"password": pw, "key": pem}).to_string();
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let wrapped: Vec<String> = b64(pem)
+            .as_bytes()
+            .chunks(76)
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect();
+        let output = format!(
+            "plain: {pw}\n{pem}{}\nb64 {}\nxb64 {}\nurl p%40ss+w%2Frd%2B%C3%9Cn%C3%AF%21%C3%A7%22%5Cx&y\nlower p%40ss%20w%2frd%2b%c3%9cn%c3%af%21%c3%a7%22%5cx\nhex 7040737320772f72642bc39c6ec3af21c3a7225c78\n\n\nfold p@ss \nw/rd+\nÜnï!ç\"\\x\n{}\njson {}\nend",
+            wrapped.join("\n"),
+            b64(pw),
+            b64(&format!("x{pw}")),
+            "A".repeat(70_000),
+            serde_json::to_string(pem).unwrap(),
+        );
+        let secrets = [pw, pem, json.as_str()];
+        let expected = shown(&secrets, output.as_bytes());
+        assert!(expected.iter().filter(|l| l.contains(MASK)).count() >= 12);
+        for piece in [1, 5, 4096] {
+            let stored = filtered_on_the_instance(&secrets, output.as_bytes(), piece);
+            let text = String::from_utf8_lossy(&stored);
+            assert!(!Redactor::default().finds_in(&stored));
+            let mut check = Redactor::default();
+            for s in secrets {
+                check.add(s);
+            }
+            assert!(!check.finds_in(&stored), "pieces of {piece}: {text}");
+            assert_eq!(shown(&secrets, &stored), expected, "pieces of {piece}");
+        }
+    }
 }

@@ -19,7 +19,11 @@ behave as on AWS, so for the document `AWS-RunShellScript` the world:
   command's aggregate status and counts;
 - lists in `DescribeInstanceInformation` every running instance that has an IAM instance profile
   association (on AWS the agent cannot register without one) and whose body has booted:
-  `PingStatus` `Online` while the body is alive, `ConnectionLost` after it died.
+  `PingStatus` `Online` while the body is alive, `ConnectionLost` after it died;
+- gives commands what the instance profile gives them on EC2, AWS access with the instance's
+  role: the AWS CLI (`aws`, see `awscli.py`) on `PATH`, and the world's endpoint with
+  credentials attributed to the role (`AWS_ACCESS_KEY_ID=role-<instance id>`) in the
+  environment, since bodies have no instance metadata service.
 
 Other documents keep moto's behaviour (with the targeting fix).
 """
@@ -32,8 +36,10 @@ import os
 import secrets
 import shlex
 import signal
+import sys
 import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +98,9 @@ class RunSpec:
 RUNS: dict[str, dict[str, Invocation]] = {}
 _RUNS_LOCK = threading.Lock()
 WORLD: Any = None
+# The folder holding `aws` for commands (made by install(); on the host's root filesystem, which
+# bodies see through their lowest layer).
+AGENT_BIN: str = ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,7 +233,7 @@ def _run_inner(inv: Invocation, spec: RunSpec) -> None:
             _terminate(proc)
 
     t0 = time.monotonic()
-    env = {"BAKERY_WORLD_IP": body.ip}
+    env = {"BAKERY_WORLD_IP": body.ip, **_role_env(inv.instance_id)}
     rc, out, err = body.exec(script, env=env, timeout=spec.execution_timeout + 10, on_start=started)
     elapsed = time.monotonic() - t0
     with inv.lock:
@@ -245,6 +254,38 @@ def _run_inner(inv: Invocation, spec: RunSpec) -> None:
             else:
                 inv.status, inv.details = "Failed", "Failed"
                 inv.stderr = _append_line(inv.stderr, f"failed to run commands: exit status {rc}")
+
+
+def _role_env(instance_id: str) -> dict[str, str]:
+    """What the instance profile gives a command on EC2: AWS access with the instance's role."""
+    settings = WORLD.settings if WORLD is not None else None
+    if settings is None or not AGENT_BIN:
+        return {}
+    from .bodies import BASE_PATH
+
+    return {
+        "PATH": f"{AGENT_BIN}:{BASE_PATH}",
+        "AWS_ENDPOINT_URL": f"http://{settings.host}:{settings.port}",
+        "AWS_REGION": settings.region,
+        "AWS_DEFAULT_REGION": settings.region,
+        "AWS_ACCESS_KEY_ID": f"role-{instance_id}",
+        "AWS_SECRET_ACCESS_KEY": "world-instance-role",
+    }
+
+
+def _install_cli(world: Any) -> None:
+    """`aws` for commands: the world's Python running awscli.py."""
+    global AGENT_BIN
+    base = getattr(world.settings, "base_dir", None)
+    if base is None:
+        return
+    folder = Path(base) / "ssm-agent-bin"
+    folder.mkdir(parents=True, exist_ok=True)
+    cli = folder / "aws"
+    module = Path(__file__).with_name("awscli.py")
+    cli.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(module))} \"$@\"\n")
+    cli.chmod(0o755)
+    AGENT_BIN = str(folder)
 
 
 def _append_line(text: str, line: str) -> str:
@@ -597,4 +638,5 @@ def install(world: Any) -> None:
     global WORLD
     WORLD = world
     health.moto_lock(world)
+    _install_cli(world)
     _patch_moto()
