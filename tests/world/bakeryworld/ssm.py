@@ -35,6 +35,7 @@ import logging
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -281,9 +282,28 @@ def _install_cli(world: Any) -> None:
         return
     folder = Path(base) / "ssm-agent-bin"
     folder.mkdir(parents=True, exist_ok=True)
+    # Bodies see the host's `/` but have their own /tmp (and /run): a repository or virtualenv
+    # under /tmp is invisible to them. So the CLI, the interpreter it runs on and the
+    # virtualenv's packages are put beside the world's state (hard links where the filesystem
+    # allows), and the interpreter is the virtualenv's real one, not its symlink in the venv.
+    module = folder / "awscli.py"
+    shutil.copy2(Path(__file__).with_name("awscli.py"), module)
+    site = next(
+        (p for p in sys.path if p.endswith("site-packages") and Path(p, "boto3").is_dir()), None
+    )
+    packages = folder / "site-packages"
+    if site is not None and not packages.is_dir():
+        try:
+            shutil.copytree(site, packages, copy_function=os.link)
+        except OSError:
+            shutil.rmtree(packages, ignore_errors=True)
+            shutil.copytree(site, packages)
+    python = os.path.realpath(sys.executable)
     cli = folder / "aws"
-    module = Path(__file__).with_name("awscli.py")
-    cli.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(module))} \"$@\"\n")
+    cli.write_text(
+        f"#!/bin/sh\nPYTHONPATH={shlex.quote(str(packages))} exec {shlex.quote(python)} "
+        f"{shlex.quote(str(module))} \"$@\"\n"
+    )
     cli.chmod(0o755)
     AGENT_BIN = str(folder)
 
