@@ -145,7 +145,14 @@ pub(crate) async fn images_in_use(aws: &Aws) -> Result<BTreeSet<String>, AwsErro
         let Some(id) = t.launch_template_id() else {
             continue;
         };
-        for v in lt::all_versions(ec2c, id).await? {
+        let versions = match lt::all_versions(ec2c, id).await {
+            Ok(v) => v,
+            // Deleted since it was listed (another tool, a test tearing down): nothing of it is
+            // in use any more. Before, gc and prune failed whole on such a race.
+            Err(e) if e.is_not_found() => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        for v in versions {
             used.extend(v.image_id);
         }
     }
