@@ -152,6 +152,9 @@ struct Daemon {
     replaced_total: BTreeMap<String, u64>,
     /// This daemon's takeover records, by group, as last written.
     taken: BTreeMap<String, Takeover>,
+    /// Groups whose last read showed this daemon's own record (a record just written may have
+    /// lost a race until it is read back).
+    confirmed: BTreeSet<String>,
     /// Groups whose state was last reported (frozen, owned elsewhere, missing), to log
     /// transitions once.
     frozen: BTreeSet<String>,
@@ -230,6 +233,7 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
         replaced: BTreeMap::new(),
         replaced_total: BTreeMap::new(),
         taken: BTreeMap::new(),
+        confirmed: BTreeSet::new(),
         frozen: BTreeSet::new(),
         foreign: BTreeSet::new(),
         missing: BTreeSet::new(),
@@ -239,11 +243,11 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
     // the takeovers recorded under this daemon's token are handed back.
     let scoped = aws.clone();
     let outcome = tokio::spawn(async move { scoped.scope(d.run()).await }).await;
-    let reason = match &outcome {
-        Ok(sig) => sig.to_string(),
+    let (reason, known) = match &outcome {
+        Ok((sig, known)) => (sig.to_string(), known.clone()),
         Err(e) => {
             tracing::error!(error = %e, "the daemon's loop failed; handing health decisions back");
-            "a failure".to_string()
+            ("a failure".to_string(), Vec::new())
         }
     };
     tracing::info!(
@@ -253,7 +257,14 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     // The few calls of an orderly stop must finish within a second: no bucket.
     let stopping = aws.with_policy(Arc::new(CallPolicy::unmetered(Duration::from_millis(300))));
-    end_own_takeovers(&stopping, &me.token, &[], Duration::from_millis(900)).await;
+    end_own_takeovers(
+        &stopping,
+        &me.token,
+        &[],
+        &known,
+        Duration::from_millis(900),
+    )
+    .await;
     server.abort();
     if let Err(e) = outcome {
         if e.is_panic() {
@@ -265,44 +276,53 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
 
 /// Ends the takeovers among `names` (every group with a takeover record when empty) that are
 /// still this daemon's, as read again first: `HealthCheck` is resumed where a daemon suspended
-/// it, then the record is deleted. Another daemon's record is never touched. All within
-/// about `limit`.
-async fn end_own_takeovers(aws: &Aws, token: &str, names: &[String], limit: Duration) {
+/// it, then the record is deleted. Another daemon's record is never touched. When the groups
+/// cannot be read again in time (a loaded API), the takeovers in `known` are ended: those the
+/// daemon's last round read as its own and that have not expired ([`takeover::release_from_memory`]).
+/// All within about `limit`: two thirds for the read, the rest for the calls that end them.
+async fn end_own_takeovers(
+    aws: &Aws,
+    token: &str,
+    names: &[String],
+    known: &[(String, takeover::Undo)],
+    limit: Duration,
+) {
     let tagged = if names.is_empty() {
         vec![(TAKEOVER_TAG.to_string(), None)]
     } else {
         Vec::new()
     };
+    let (read_for, end_for) = (limit * 2 / 3, limit / 3);
     let read = tokio::time::timeout(
-        limit / 2,
+        read_for,
         aws.scope(autoscaling::describe_many(&aws.autoscaling, names, &tagged)),
     )
     .await;
-    let groups = match read {
-        Ok(Ok(g)) => g,
+    let ends: Vec<(String, takeover::Undo)> = match read {
+        Ok(Ok(groups)) => groups
+            .into_iter()
+            .filter_map(|g| {
+                let tag = g.tags.get(TAKEOVER_TAG).map(String::as_str);
+                takeover::release(tag, token).map(|u| (g.name, u))
+            })
+            .collect(),
         Ok(Err(e)) => {
-            tracing::error!(error = %e, "could not read the groups to hand back; the next daemon start or `bakery gc` will");
-            return;
+            tracing::warn!(error = %e, groups = known.len(), "could not read the groups again; ending the takeovers the last round found this daemon's own");
+            known.to_vec()
         }
         Err(_) => {
-            tracing::error!("reading the groups to hand back timed out; the next daemon start or `bakery gc` will");
-            return;
+            tracing::warn!(groups = known.len(), "reading the groups again timed out; ending the takeovers the last round found this daemon's own");
+            known.to_vec()
         }
     };
     let mut set = tokio::task::JoinSet::new();
-    for g in groups {
-        let Some(undo) = takeover::release(g.tags.get(TAKEOVER_TAG).map(String::as_str), token)
-        else {
-            continue;
-        };
+    for (group, undo) in ends {
         let aws = aws.clone();
         set.spawn(async move {
-            let r = tokio::time::timeout(
-                limit / 2,
-                aws.scope(end_takeover(&aws, &g.name, undo.resume)),
-            )
-            .await;
-            (g.name, undo, r)
+            let r =
+                tokio::time::timeout(end_for, aws.scope(end_takeover(&aws, &group, undo.resume)))
+                    .await;
+            (group, undo, r)
         });
     }
     while let Some(Ok((group, undo, r))) = set.join_next().await {
@@ -392,8 +412,9 @@ async fn recv_hup(s: &mut Option<tokio::signal::unix::Signal>) {
 
 impl Daemon {
     /// Rounds on the effective interval's beat until SIGTERM or SIGINT; SIGHUP reloads the
-    /// configuration between rounds.
-    async fn run(mut self) -> Signal {
+    /// configuration between rounds. Returns the signal, and the takeovers to end should the stop
+    /// not manage to read the groups again.
+    async fn run(mut self) -> (Signal, Vec<(String, takeover::Undo)>) {
         if let Err(e) = self.undo_stale_takeovers().await {
             tracing::warn!(error = %e, "could not look for stale takeovers; continuing");
         }
@@ -404,7 +425,7 @@ impl Daemon {
         loop {
             let started = Instant::now();
             let ok = match self.supervised_round(&mut stop, watchdog, started).await {
-                RoundEnd::Stop(sig) => return sig,
+                RoundEnd::Stop(sig) => return (sig, self.handback()),
                 RoundEnd::Done(ok) => ok,
             };
             self.after_round(started.elapsed(), ok);
@@ -414,9 +435,21 @@ impl Daemon {
             }
             feed_watchdog();
             if let Some(sig) = self.pause(started, watchdog, &mut stop, &mut hup).await {
-                return sig;
+                return (sig, self.handback());
             }
         }
+    }
+
+    /// The takeovers a stop ends if it cannot read the groups again in time.
+    fn handback(&self) -> Vec<(String, takeover::Undo)> {
+        let now = now();
+        self.taken
+            .iter()
+            .filter_map(|(group, mine)| {
+                let confirmed = self.confirmed.contains(group);
+                takeover::release_from_memory(mine, confirmed, now).map(|u| (group.clone(), u))
+            })
+            .collect()
     }
 
     /// A round, with the watchdog fed through it: a slow round (an API in trouble, every call
@@ -883,9 +916,17 @@ impl Daemon {
             .collect();
         if !dropped.is_empty() {
             tracing::info!(groups = ?dropped, "no longer watched: ending their takeovers");
-            end_own_takeovers(&self.aws, &self.me.token, &dropped, Duration::from_secs(10)).await;
+            end_own_takeovers(
+                &self.aws,
+                &self.me.token,
+                &dropped,
+                &[],
+                Duration::from_secs(10),
+            )
+            .await;
             for n in &dropped {
                 self.taken.remove(n);
+                self.confirmed.remove(n);
             }
         }
         let held = self.claim_all(all, read_at).await?;
@@ -949,12 +990,14 @@ impl Daemon {
             match takeover::claim(&seen, &me) {
                 Claim::Foreign { owner } => {
                     self.taken.remove(&g.name);
+                    self.confirmed.remove(&g.name);
                     if self.foreign.insert(g.name.clone()) {
                         tracing::warn!(group = %g.name, owner = %owner, "another daemon owns this group's health decisions; watching only");
                     }
                     continue;
                 }
                 Claim::Held { renew } => {
+                    self.confirmed.insert(g.name.clone());
                     c.write |= renew;
                     let r = tag.and_then(Takeover::decode).is_none_or(|t| t.resumes);
                     c.resumes.insert(g.name.clone(), r);
@@ -964,6 +1007,8 @@ impl Daemon {
                     suspend,
                     from,
                 } => {
+                    // Ours once a later read shows the record this write makes.
+                    self.confirmed.remove(&g.name);
                     c.write = true;
                     c.resumes.insert(g.name.clone(), resumes);
                     if suspend {

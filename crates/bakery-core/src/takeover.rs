@@ -258,6 +258,14 @@ pub fn release(tag: Option<&str>, token: &str) -> Option<Undo> {
     (r.lock.token == token).then(|| undo_of(&r, "its daemon stopped".into()))
 }
 
+/// At a daemon's stop when the groups could not be read again in time (a loaded API): a
+/// takeover ends on what the daemon last knew, but only one its last read showed as its own
+/// (`confirmed`: a record it just wrote may have lost a race to another daemon's) and that has
+/// not expired (until then no other daemon may take the group).
+pub fn release_from_memory(mine: &Takeover, confirmed: bool, now: u64) -> Option<Undo> {
+    (confirmed && now < mine.lock.expires).then(|| undo_of(mine, "its daemon stopped".into()))
+}
+
 /// At a daemon's start and in `gc`: a takeover whose owner is dead or whose record expired ends
 /// at once (no waiting period: a stale record is a group whose `HealthCheck` nobody tends).
 pub fn undo(
@@ -499,6 +507,24 @@ mod tests {
             "the winner's record is not the loser's to end"
         );
         assert_eq!(release(None, "mine"), None);
+    }
+
+    #[test]
+    fn without_a_fresh_read_a_stop_ends_only_confirmed_live_takeovers() {
+        let mine = Takeover::decode(&record("h1:1", "mine", 1060, true)).unwrap();
+        assert!(release_from_memory(&mine, true, 1000).unwrap().resume);
+        assert_eq!(
+            release_from_memory(&mine, false, 1000),
+            None,
+            "written, never read back: it may have lost a race"
+        );
+        assert_eq!(
+            release_from_memory(&mine, true, 1060),
+            None,
+            "expired: another daemon may own it now"
+        );
+        let adopted = Takeover::decode(&record("h1:1", "mine", 1060, false)).unwrap();
+        assert!(!release_from_memory(&adopted, true, 1000).unwrap().resume);
     }
 
     #[test]
