@@ -595,11 +595,16 @@ impl Bake<'_> {
         // Only bakes that started about now: an older instance of the name is a bake that would
         // already have made its image, or a leftover for `gc`.
         let recent = OffsetDateTime::now_utc().unix_timestamp() - NAME_RACE_WINDOW_S;
+        let mine = others
+            .iter()
+            .find(|i| i.id == instance_id)
+            .map(|i| i.launched)
+            .unwrap_or(i64::MAX);
         let ids = others
             .iter()
             .filter(|i| i.launched >= recent && i.state != "stopped")
-            .filter_map(|i| i.build_id.as_deref());
-        if let Some(other) = bakery_core::marks::yield_name_to(&self.build_id, ids) {
+            .filter_map(|i| Some((i.launched, i.build_id.as_deref()?)));
+        if let Some(other) = bakery_core::marks::yield_name_to((mine, &self.build_id), ids) {
             return Err(BakeError::ImageNameContended {
                 name: image_name.clone(),
                 other: other.to_string(),

@@ -203,15 +203,20 @@ pub fn bake_liveness(
 }
 
 /// Two bakes that would make images of one name (AMI names are unique per account and region):
-/// each launches its instance tagged with the name, then looks for the others. The bake with
-/// the smallest build id keeps the name; every other one yields, before provisioning, with the
-/// build it yields to. Build ids begin with their start time, so the earlier bake wins.
-pub fn yield_name_to<'a>(mine: &str, others: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+/// each launches its instance tagged with the name, then looks for the others. The bake whose
+/// instance launched first keeps the name (a tie within the same second: the smaller build id);
+/// every other one yields, before provisioning, with the build it yields to. Each contender is
+/// `(launch time in seconds, build id)`.
+pub fn yield_name_to<'a>(
+    mine: (i64, &str),
+    others: impl IntoIterator<Item = (i64, &'a str)>,
+) -> Option<&'a str> {
     others
         .into_iter()
-        .filter(|o| *o != mine)
+        .filter(|o| o.1 != mine.1)
         .min()
-        .filter(|o| *o < mine)
+        .filter(|o| (o.0, o.1) < mine)
+        .map(|o| o.1)
 }
 
 pub fn encode<T: Serialize>(v: &T) -> String {
@@ -287,14 +292,17 @@ mod tests {
 
     #[test]
     fn the_earliest_bake_keeps_an_image_name() {
-        let ids = ["b-20261205-aaaa", "b-20261205-bbbb", "b-20261204-zzzz"];
+        let all = [(100, "b-2-aaaa"), (101, "b-1-zzzz"), (100, "b-2-bbbb")];
+        // Launched first wins, whatever the ids; a tie in the second goes to the smaller id.
+        assert_eq!(yield_name_to((101, "b-1-zzzz"), all), Some("b-2-aaaa"));
+        assert_eq!(yield_name_to((100, "b-2-bbbb"), all), Some("b-2-aaaa"));
+        assert_eq!(yield_name_to((100, "b-2-aaaa"), all), None);
         assert_eq!(
-            yield_name_to("b-20261205-aaaa", ids),
-            Some("b-20261204-zzzz")
+            yield_name_to((1, "b-1"), [(1, "b-1")]),
+            None,
+            "not to itself"
         );
-        assert_eq!(yield_name_to("b-20261204-zzzz", ids), None);
-        assert_eq!(yield_name_to("b-1", ["b-1"]), None, "not to itself");
-        assert_eq!(yield_name_to("b-1", []), None);
+        assert_eq!(yield_name_to((1, "b-1"), []), None);
     }
 
     #[test]
