@@ -1106,6 +1106,39 @@ mod tests {
         assert_eq!(out[1], "next");
     }
 
+    /// A big secret (a 3 KiB key) takes the compact automaton: the same masks.
+    #[test]
+    fn a_big_secret_is_masked_by_the_compact_automaton_too() {
+        let body: String = (0..3000u32)
+            .map(|i| {
+                char::from(
+                    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+                        [(i * 7 % 62) as usize],
+                )
+            })
+            .collect::<Vec<_>>()
+            .chunks(64)
+            .map(|c| c.iter().collect::<String>())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let key = format!("-----BEGIN KEY-----\n{body}\n-----END KEY-----\n");
+        let r = redactor_of(&[&key, PW]);
+        assert!(matches!(
+            r.matcher.as_deref().map(|m| &m.raw),
+            Some(Machine::Nfa(_))
+        ));
+        let out = shown_with(r.clone(), format!("k:\n{key}pw {PW}\n").as_bytes(), 1000);
+        assert_eq!(out.first().map(String::as_str), Some("k:"));
+        assert!(out[1..out.len() - 1].iter().all(|l| l == MASK), "{out:?}");
+        assert_eq!(out.last().unwrap(), &format!("pw {MASK}"));
+        // The last base64 characters also depend on what follows: they may stay.
+        let encoded = r.redact(&b64(key.as_bytes()));
+        assert!(
+            encoded.starts_with(MASK) && encoded.len() <= MASK.len() + 4,
+            "{encoded}"
+        );
+    }
+
     #[test]
     fn overlapping_and_repeated_secrets_are_masked_whole() {
         let r = redactor_of(&["abcdabcd", "cdab"]);
