@@ -521,6 +521,19 @@ async fn a_sigkilled_promotion_resumes_with_exactly_one_tagged_copy_per_region()
             Some(id.as_str())
         );
     }
+
+    // Once more on a third machine: done everywhere, and its manifest still names every
+    // region's image and snapshots.
+    std::fs::remove_file(manifest.with_extension("journal.json")).unwrap();
+    let again = promote(&world, &manifest, world.var("AWS_ACCESS_KEY_ID"), &flags);
+    assert_eq!(again.code, Some(0), "{}", again.describe());
+    let finished = again.event("promote_finished").unwrap();
+    assert_eq!(
+        finished["unchanged"].as_array().unwrap().len(),
+        3,
+        "{finished}"
+    );
+    assert_eq!(finished["manifest"]["regions"], m["regions"]);
 }
 
 /// The launch permissions of an image (its owner's view).

@@ -62,9 +62,10 @@ pub struct Options {
     pub on_error: OnError,
     pub trust_host_key_on_first_use: bool,
     pub manifest_path: Option<std::path::PathBuf>,
-    /// Told (build id, image id) as soon as the image is available, before the bake finishes:
-    /// a promotion starts its copies while the temporaries are released.
-    pub image_ready: Option<tokio::sync::mpsc::UnboundedSender<(String, String)>>,
+    /// Told (build id, image id, image name) as soon as the image is available, before the bake
+    /// finishes: a promotion starts its copies while the bake tags the snapshots and releases
+    /// the temporaries.
+    pub image_ready: Option<tokio::sync::mpsc::UnboundedSender<(String, String, String)>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -704,6 +705,10 @@ impl Bake<'_> {
                 .await?;
                 self.created("image", &id);
                 let image = self.wait_image(&id, recipe.image.timeout).await?;
+                if let Some(ready) = &self.opts.image_ready {
+                    let _ =
+                        ready.send((self.build_id.clone(), image.id.clone(), image.name.clone()));
+                }
                 let mut snap_tags = recipe.image.snapshot_tags.clone();
                 snap_tags.insert(BUILD_ID_TAG.into(), self.build_id.clone());
                 snap_tags.insert(bakery_core::marks::IMAGE_TAG.into(), id.clone());
@@ -711,9 +716,6 @@ impl Bake<'_> {
                 Ok(image)
             })
             .await?;
-        if let Some(ready) = &self.opts.image_ready {
-            let _ = ready.send((self.build_id.clone(), image.id.clone()));
-        }
 
         // Release the temporaries now, as a timed step; `run` releases whatever is left. The
         // image stays on the undo stack until the bake is complete.

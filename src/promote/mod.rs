@@ -277,6 +277,7 @@ pub async fn run(
         clients,
         &manifest.build_id,
         &manifest.ami_id,
+        Some(&manifest.ami_name),
         manifest_path,
         settings,
         reporter,
@@ -330,10 +331,12 @@ pub async fn with_bake(
         }
     };
     let copying = async {
+        let (build_id, ami, name) = &image;
         let p = Promotion::prepare(
             clients,
-            &image.0,
-            &image.1,
+            build_id,
+            ami,
+            Some(name),
             &manifest_path,
             settings,
             reporter,
@@ -408,11 +411,13 @@ impl<'a> Promotion<'a> {
     /// Reads the source image, the journal and the records on the image's tags, and decides
     /// each region's first step; refuses what cannot work before anything is made (a
     /// deprecation time in the past, an image name taken in a region, a copy made with other
-    /// settings).
+    /// settings). `name`: the image's name if known, to look for it in the regions while the
+    /// image is described.
     pub async fn prepare(
         clients: &'a Clients,
         build_id: &str,
         source_ami: &str,
+        name: Option<&str>,
         manifest_path: &Path,
         settings: &'a Distribute,
         reporter: &'a Reporter,
@@ -422,15 +427,36 @@ impl<'a> Promotion<'a> {
             return Err(PromoteError::BadInput(why));
         }
         let source_region = clients.source_region.as_str();
-        let source = calls::describe(&clients.source().ec2, source_ami)
-            .await
-            .map_err(aws_in(source_region))?
-            .ok_or_else(|| {
-                PromoteError::BadInput(format!(
-                    "the image {source_ami} of {} does not exist in {source_region} (any more)",
-                    manifest_path.display()
-                ))
-            })?;
+        // Who holds the name in each region to copy to, asked while the image is described.
+        let holders = async {
+            let Some(name) = name else {
+                return Ok(BTreeMap::new());
+            };
+            let looks: Vec<Boxed<'_, Result<NameHolder, PromoteError>>> = settings
+                .copy_regions(source_region)
+                .map(|r| {
+                    Box::pin(async move {
+                        let found = calls::own_image_named(&clients.get(r).ec2, name)
+                            .await
+                            .map_err(aws_in(r))?;
+                        Ok((r.to_string(), found))
+                    }) as Boxed<'_, _>
+                })
+                .collect();
+            join_all(looks)
+                .await
+                .into_iter()
+                .collect::<Result<BTreeMap<_, _>, PromoteError>>()
+        };
+        let (source, holders) =
+            tokio::join!(calls::describe(&clients.source().ec2, source_ami), holders);
+        let holders = holders?;
+        let source = source.map_err(aws_in(source_region))?.ok_or_else(|| {
+            PromoteError::BadInput(format!(
+                "the image {source_ami} of {} does not exist in {source_region} (any more)",
+                manifest_path.display()
+            ))
+        })?;
         if source.state != "available" {
             return Err(PromoteError::BadInput(format!(
                 "the image {} is {}, not available; only a finished bake can be promoted",
@@ -461,11 +487,15 @@ impl<'a> Promotion<'a> {
             }
             starts.insert(region.to_string(), (record, next));
         }
-        // The name must be free in every region about to get a copy, asked at once.
+        // The name must be free in every region about to get a copy (asked at once, unless
+        // asked already with the name given).
         let checks: Vec<Boxed<'_, Result<(), PromoteError>>> = to_check
             .iter()
             .map(|r| {
-                Box::pin(check_name_free(clients.get(r), r, &source, build_id))
+                let known = (name == Some(source.name.as_str()))
+                    .then(|| holders.get(*r).cloned())
+                    .flatten();
+                Box::pin(check_name_free(clients.get(r), r, &source, build_id, known))
                     as Boxed<'_, Result<(), PromoteError>>
             })
             .collect();
@@ -485,6 +515,23 @@ impl<'a> Promotion<'a> {
         journal.source_ami = source.id.clone();
         journal.settings = settings.clone();
         journal.outcome = "running".into();
+        // What the tags say wins where they got further (another machine's run).
+        for (region, (record, _)) in &starts {
+            if let Some(r) = record {
+                let e = journal
+                    .regions
+                    .entry(region.clone())
+                    .or_insert_with(|| RegionEntry {
+                        record: r.clone(),
+                        snapshot_ids: Vec::new(),
+                        parameter_before: None,
+                    });
+                e.record = r.clone();
+            }
+        }
+        if let Some(e) = journal.regions.get_mut(source_region) {
+            e.snapshot_ids = source.snapshot_ids.clone();
+        }
         reporter.emit(Event::PromoteStarted {
             build_id: build_id.to_string(),
             source_ami: source.id.clone(),
@@ -662,11 +709,15 @@ async fn check_name_free(
     region: &str,
     source: &calls::Image,
     build_id: &str,
+    known: Option<Option<calls::Image>>,
 ) -> Result<(), PromoteError> {
-    match calls::own_image_named(&aws.ec2, &source.name)
-        .await
-        .map_err(aws_in(region))?
-    {
+    let holder = match known {
+        Some(h) => h,
+        None => calls::own_image_named(&aws.ec2, &source.name)
+            .await
+            .map_err(aws_in(region))?,
+    };
+    match holder {
         Some(i) if i.tags.get(BUILD_ID_TAG).map(String::as_str) != Some(build_id) => {
             Err(PromoteError::BadInput(format!(
                 "an AMI named {:?} already exists in {region} ({}), and AMI names are unique per region; \
@@ -679,6 +730,8 @@ async fn check_name_free(
 }
 
 type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+/// A region and the image of this account that has the name there, if any.
+type NameHolder = (String, Option<calls::Image>);
 
 /// Runs futures concurrently and returns their outputs in order.
 async fn join_all<T>(futures: Vec<Boxed<'_, T>>) -> Vec<T> {
@@ -835,14 +888,15 @@ impl Promotion<'_> {
                 ami = None;
             }
         }
-        let ami = match ami {
-            Some(id) => id,
+        let (ami, known) = match ami {
+            Some(id) => (id, None),
             None => {
-                self.record(
-                    region,
-                    self.copy_record(region, Stage::Copying, attempt, None),
-                )
-                .await?;
+                // Ahead in the journal. On the tag, alongside the call: the token is the build's,
+                // the region's and the attempt's, so a resume from a tag that missed this write
+                // (no record, or the attempt before rolled back) asks with the same token and
+                // gets this copy.
+                let ahead = self.copy_record(region, Stage::Copying, attempt, None);
+                self.record_local(region, &ahead)?;
                 let request = calls::CopyRequest {
                     source_ami: self.source.id.clone(),
                     source_region: self.source_region().to_string(),
@@ -867,28 +921,37 @@ impl Promotion<'_> {
                     ),
                     client_token: plan::client_token(&self.build_id, region, attempt),
                 };
-                let id = wait::persist(|| calls::copy_image(ec2, &request))
-                    .await
-                    .map_err(|e| match e.code() {
-                        Some("IdempotentParameterMismatch") => PromoteError::BadInput(format!(
-                            "{region}: the copy of this attempt was asked with other settings; \
-                             rerun with the settings the promotion started with"
-                        )),
-                        _ => aws_in(region)(e),
-                    })?;
+                let copied = async {
+                    wait::persist(|| calls::copy_image(ec2, &request))
+                        .await
+                        .map_err(|e| match e.code() {
+                            Some("IdempotentParameterMismatch") => {
+                                PromoteError::BadInput(format!(
+                                    "{region}: the copy of this attempt was asked with other settings; \
+                                     rerun with the settings the promotion started with"
+                                ))
+                            }
+                            _ => aws_in(region)(e),
+                        })
+                };
+                let (id, ()) = tokio::try_join!(copied, self.record_tag(region, &ahead))?;
                 self.reporter.emit(Event::ResourceCreated {
                     kind: format!("image copy in {region}"),
                     id: id.clone(),
                 });
-                self.record(
-                    region,
-                    self.copy_record(region, Stage::Copying, attempt, Some(&id)),
-                )
-                .await?;
-                id
+                let known = self.copy_record(region, Stage::Copying, attempt, Some(&id));
+                self.record_local(region, &known)?;
+                (id, Some(known))
             }
         };
-        let image = self.wait_copy(region, &ami).await?;
+        // The copy's id goes on the tag while the copy is waited for.
+        let tagged = async {
+            match &known {
+                Some(r) => self.record_tag(region, r).await,
+                None => Ok(()),
+            }
+        };
+        let (image, ()) = tokio::try_join!(self.wait_copy(region, &ami), tagged)?;
         {
             let mut j = self.journal();
             if let Some(e) = j.regions.get_mut(region) {
@@ -990,7 +1053,19 @@ impl Promotion<'_> {
             (Some(r), _)
                 if r.stage == Stage::Done && r.publish.as_deref() == Some(&self.publish) =>
             {
-                return Ok(())
+                // Nothing to do; the manifest still needs its snapshots (a journal from
+                // another machine's run has none).
+                if let (Some(ami), true, false) = (&r.ami, snapshots.is_empty(), is_source) {
+                    let found = calls::describe(&self.clients.get(region).ec2, ami)
+                        .await
+                        .map_err(aws_in(region))?
+                        .map(|i| i.snapshot_ids)
+                        .unwrap_or_default();
+                    if let Some(e) = self.journal().regions.get_mut(region) {
+                        e.snapshot_ids = found;
+                    }
+                }
+                return Ok(());
             }
             (_, true) => (0, self.source.id.clone(), self.source.snapshot_ids.clone()),
             (Some(r), false) => match &r.ami {
