@@ -243,11 +243,11 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
     // the takeovers recorded under this daemon's token are handed back.
     let scoped = aws.clone();
     let outcome = tokio::spawn(async move { scoped.scope(d.run()).await }).await;
-    let (reason, known) = match &outcome {
-        Ok((sig, known)) => (sig.to_string(), known.clone()),
+    let (reason, handback) = match &outcome {
+        Ok((sig, handback)) => (sig.to_string(), handback.clone()),
         Err(e) => {
             tracing::error!(error = %e, "the daemon's loop failed; handing health decisions back");
-            ("a failure".to_string(), Vec::new())
+            ("a failure".to_string(), Handback::default())
         }
     };
     tracing::info!(
@@ -255,16 +255,10 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
         "stopping: handing health decisions back to the groups"
     );
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    // The few calls of an orderly stop must finish within a second: no bucket.
+    // The few calls of an orderly stop: no bucket, short retries; within a second on a
+    // responsive endpoint, STOP_LIMIT on a loaded one (systemd allows 10 s).
     let stopping = aws.with_policy(Arc::new(CallPolicy::unmetered(Duration::from_millis(300))));
-    end_own_takeovers(
-        &stopping,
-        &me.token,
-        &[],
-        &known,
-        Duration::from_millis(900),
-    )
-    .await;
+    end_own_takeovers(&stopping, &me.token, handback, STOP_LIMIT).await;
     server.abort();
     if let Err(e) = outcome {
         if e.is_panic() {
@@ -274,54 +268,61 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
     Ok(())
 }
 
-/// Ends the takeovers among `names` (every group with a takeover record when empty) that are
-/// still this daemon's, as read again first: `HealthCheck` is resumed where a daemon suspended
-/// it, then the record is deleted. Another daemon's record is never touched. When the groups
-/// cannot be read again in time (a loaded API), the takeovers in `known` are ended: those the
-/// daemon's last round read as its own and that have not expired ([`takeover::release_from_memory`]).
-/// All within about `limit`: two thirds for the read, the rest for the calls that end them.
-async fn end_own_takeovers(
-    aws: &Aws,
-    token: &str,
-    names: &[String],
-    known: &[(String, takeover::Undo)],
-    limit: Duration,
-) {
-    let tagged = if names.is_empty() {
-        vec![(TAKEOVER_TAG.to_string(), None)]
-    } else {
-        Vec::new()
+/// The takeovers a stopping daemon ends.
+#[derive(Debug, Clone, Default)]
+struct Handback {
+    /// Read back as this daemon's own by its last round, and not expired: ended without reading
+    /// the groups again ([`takeover::release_from_memory`]), so that a loaded endpoint cannot
+    /// keep a stop from handing them back.
+    known: Vec<(String, takeover::Undo)>,
+    /// Groups to read again first, whose takeovers end only if still this daemon's: records
+    /// written but not read back yet (they may have lost a race) or expired. `None`: every group
+    /// with a takeover record (after a panic, when the daemon's memory is gone).
+    recheck: Option<Vec<String>>,
+}
+
+/// Ends this daemon's takeovers in `handback`: `HealthCheck` is resumed where a daemon
+/// suspended it, then the record is deleted. Another daemon's record is never touched. All
+/// within about `limit` (a third of it for reading groups again, when some must be).
+async fn end_own_takeovers(aws: &Aws, token: &str, handback: Handback, limit: Duration) {
+    let started = Instant::now();
+    let mut ends = handback.known;
+    let read = match handback.recheck {
+        Some(names) if names.is_empty() => None,
+        Some(names) => Some((names, Vec::new())),
+        None => Some((Vec::new(), vec![(TAKEOVER_TAG.to_string(), None)])),
     };
-    let (read_for, end_for) = (limit * 2 / 3, limit / 3);
-    let read = tokio::time::timeout(
-        read_for,
-        aws.scope(autoscaling::describe_many(&aws.autoscaling, names, &tagged)),
-    )
-    .await;
-    let ends: Vec<(String, takeover::Undo)> = match read {
-        Ok(Ok(groups)) => groups
-            .into_iter()
-            .filter_map(|g| {
-                let tag = g.tags.get(TAKEOVER_TAG).map(String::as_str);
-                takeover::release(tag, token).map(|u| (g.name, u))
-            })
-            .collect(),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, groups = known.len(), "could not read the groups again; ending the takeovers the last round found this daemon's own");
-            known.to_vec()
+    if let Some((names, tagged)) = read {
+        let described = aws.scope(autoscaling::describe_many(
+            &aws.autoscaling,
+            &names,
+            &tagged,
+        ));
+        match tokio::time::timeout(limit / 3, described).await {
+            Ok(Ok(groups)) => {
+                for g in groups {
+                    let tag = g.tags.get(TAKEOVER_TAG).map(String::as_str);
+                    let known = ends.iter().any(|(n, _)| *n == g.name);
+                    if let Some(u) = takeover::release(tag, token).filter(|_| !known) {
+                        ends.push((g.name, u));
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, groups = ?names, "could not read the groups again to end their takeovers; the next daemon start or `bakery gc` will")
+            }
+            Err(_) => {
+                tracing::error!(groups = ?names, "reading the groups again to end their takeovers timed out; the next daemon start or `bakery gc` will")
+            }
         }
-        Err(_) => {
-            tracing::warn!(groups = known.len(), "reading the groups again timed out; ending the takeovers the last round found this daemon's own");
-            known.to_vec()
-        }
-    };
+    }
+    let deadline = after(limit.saturating_sub(started.elapsed()));
     let mut set = tokio::task::JoinSet::new();
     for (group, undo) in ends {
         let aws = aws.clone();
         set.spawn(async move {
-            let r =
-                tokio::time::timeout(end_for, aws.scope(end_takeover(&aws, &group, undo.resume)))
-                    .await;
+            let end = aws.scope(end_takeover(&aws, &group, undo.resume));
+            let r = tokio::time::timeout_at(deadline, end).await;
             (group, undo, r)
         });
     }
@@ -362,6 +363,10 @@ fn release_freed_memory() {
         libc::malloc_trim(0);
     }
 }
+
+/// How long a stop may take to hand the takeovers back, at most (a loaded endpoint: the calls of
+/// the round the stop cut short are still being served).
+const STOP_LIMIT: Duration = Duration::from_secs(3);
 
 /// How a round ended.
 enum RoundEnd {
@@ -414,7 +419,7 @@ impl Daemon {
     /// Rounds on the effective interval's beat until SIGTERM or SIGINT; SIGHUP reloads the
     /// configuration between rounds. Returns the signal, and the takeovers to end should the stop
     /// not manage to read the groups again.
-    async fn run(mut self) -> (Signal, Vec<(String, takeover::Undo)>) {
+    async fn run(mut self) -> (Signal, Handback) {
         if let Err(e) = self.undo_stale_takeovers().await {
             tracing::warn!(error = %e, "could not look for stale takeovers; continuing");
         }
@@ -440,16 +445,22 @@ impl Daemon {
         }
     }
 
-    /// The takeovers a stop ends if it cannot read the groups again in time.
-    fn handback(&self) -> Vec<(String, takeover::Undo)> {
+    /// The takeovers a stop ends: those its last round read back as its own and unexpired
+    /// directly, the others after reading them again.
+    fn handback(&self) -> Handback {
         let now = now();
-        self.taken
-            .iter()
-            .filter_map(|(group, mine)| {
-                let confirmed = self.confirmed.contains(group);
-                takeover::release_from_memory(mine, confirmed, now).map(|u| (group.clone(), u))
-            })
-            .collect()
+        let mut h = Handback {
+            known: Vec::new(),
+            recheck: Some(Vec::new()),
+        };
+        for (group, mine) in &self.taken {
+            let confirmed = self.confirmed.contains(group);
+            match takeover::release_from_memory(mine, confirmed, now) {
+                Some(u) => h.known.push((group.clone(), u)),
+                None => h.recheck.get_or_insert_with(Vec::new).push(group.clone()),
+            }
+        }
+        h
     }
 
     /// A round, with the watchdog fed through it: a slow round (an API in trouble, every call
@@ -916,14 +927,11 @@ impl Daemon {
             .collect();
         if !dropped.is_empty() {
             tracing::info!(groups = ?dropped, "no longer watched: ending their takeovers");
-            end_own_takeovers(
-                &self.aws,
-                &self.me.token,
-                &dropped,
-                &[],
-                Duration::from_secs(10),
-            )
-            .await;
+            let recheck = Handback {
+                known: Vec::new(),
+                recheck: Some(dropped.clone()),
+            };
+            end_own_takeovers(&self.aws, &self.me.token, recheck, Duration::from_secs(10)).await;
             for n in &dropped {
                 self.taken.remove(n);
                 self.confirmed.remove(n);
