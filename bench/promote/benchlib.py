@@ -156,6 +156,37 @@ def promotion_tail(r: dict) -> float | None:
     return r["t0"] + r["wall_s"] - (epoch(step["started_at"]) + step["duration_s"])
 
 
+def promotion_marks(r: dict) -> tuple[float, float] | None:
+    """For a bakery run, from its JSON events (each log line starts with the epoch time it was
+    read): (the image created -> the last CopyImage answered, minus the snapshot delay: how long
+    the copies waited for the image and their own calls; the last copy available -> the command
+    done: publication, manifest, exit)."""
+    created = copied = available = None
+    try:
+        lines = Path(r["log"]).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for ln in lines:
+        ts, _, rest = ln.partition(" ")
+        if not rest.startswith("{"):
+            continue
+        try:
+            e = json.loads(rest)
+        except ValueError:
+            continue
+        t = float(ts)
+        if e.get("event") == "resource_created" and e.get("kind") == "image":
+            created = t
+        elif e.get("event") == "resource_created" and str(e.get("kind", "")).startswith("image copy in"):
+            copied = t
+        elif e.get("event") == "copy_progress" and e.get("percent") == 100:
+            available = t
+    if None in (created, copied, available):
+        return None
+    snap = float(os.environ["WORLD_SNAPSHOT_DELAY"])
+    return copied - created - snap, r["t0"] + r["wall_s"] - available
+
+
 def snapshot_gib(r: dict) -> int | None:
     m = r.get("manifest_data")
     if not m:
@@ -229,8 +260,14 @@ def report(runs_path: str, floor_path: str, left_path: str) -> int:
                     for r in bk_ok]
             print(f"  step {name:<30} {fmt(med(vals))}")
         tails = [promotion_tail(r) for r in bk_ok]
-        print(f"  image available -> command done       {fmt(med(tails))}   "
+        print(f"  create_image done -> command done     {fmt(med(tails))}   "
               f"(copies, publication, manifest; the copy alone is {fmt(copy).strip()})")
+        marks = [x for x in (promotion_marks(r) for r in bk_ok) if x]
+        if marks:
+            print(f"  image created + snapshot delay -> last CopyImage answered  {fmt(med([m[0] for m in marks]))}"
+                  "   (the image seen available, the copies' checks and calls)")
+            print(f"  last copy seen available -> command done                   {fmt(med([m[1] for m in marks]))}"
+                  "   (shares, records, manifest, exit)")
 
     phases = [x for x in (build.packer_phases(r) for r in pk_ok) if x]
     if phases:
