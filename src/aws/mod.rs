@@ -46,6 +46,14 @@ pub struct Aws {
     pub iam: aws_sdk_iam::Client,
     /// The lease table's service (`crate::lease`).
     pub dynamodb: aws_sdk_dynamodb::Client,
+    /// Release gates' alarms.
+    pub cloudwatch: aws_sdk_cloudwatch::Client,
+    /// The daemon's fleet-events queue.
+    pub sqs: aws_sdk_sqs::Client,
+    /// AssumeRole for a release target in another account.
+    pub sts: aws_sdk_sts::Client,
+    /// The configuration these clients were made from (to derive another region's or role's).
+    pub config: SdkConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +88,11 @@ impl Aws {
         if let Some(url) = &target.endpoint_url {
             loader = loader.endpoint_url(url);
         }
-        let config: SdkConfig = loader.load().await;
+        Self::from_config(loader.load().await)
+    }
+
+    /// Clients for every service from one loaded configuration.
+    pub fn from_config(config: SdkConfig) -> Result<Self, ConfigError> {
         let region = config
             .region()
             .map(|r| r.to_string())
@@ -96,6 +108,10 @@ impl Aws {
             rds: aws_sdk_rds::Client::new(&config),
             iam: aws_sdk_iam::Client::new(&config),
             dynamodb: aws_sdk_dynamodb::Client::new(&config),
+            cloudwatch: aws_sdk_cloudwatch::Client::new(&config),
+            sqs: aws_sdk_sqs::Client::new(&config),
+            sts: aws_sdk_sts::Client::new(&config),
+            config,
         })
     }
 
