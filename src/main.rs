@@ -328,6 +328,7 @@ async fn rollout_cmd(
         keep_versions: args.keep_versions,
         lock_ttl: args.lock_ttl,
         lease_table: args.lease_table,
+        in_group: rollout::InGroup::default(),
     };
     let aws = match aws::Aws::connect(target).await {
         Ok(a) => a,

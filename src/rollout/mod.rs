@@ -7,6 +7,7 @@
 //! that dies between acting and recording is resumed correctly by the next one.
 
 pub use bakery_core::marks as state;
+pub use bakery_core::ingroup::{Checkpoints, InGroup, InstancePolicy, Ramp};
 pub use bakery_core::plan;
 pub mod status;
 
@@ -60,6 +61,9 @@ pub struct Request {
     /// The DynamoDB lease table that fences the group's drivers (`--lease-table`); without
     /// one, the lock is the group's tag (best effort).
     pub lease_table: Option<String>,
+    /// Instance Refresh's in-group behaviours (skip matching, protected and Standby instances,
+    /// checkpoints, ramp); `Default` is the CLI's defaults.
+    pub in_group: InGroup,
 }
 
 #[derive(Debug, thiserror::Error)]

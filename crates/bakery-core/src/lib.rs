@@ -10,12 +10,15 @@
 pub mod audit;
 pub mod daemon_config;
 pub mod diag;
+pub mod ingroup;
 pub mod judge;
 pub mod lease;
 pub mod marks;
+pub mod membership;
 pub mod observe;
 pub mod plan;
 pub mod reads;
 pub mod recipe;
+pub mod release;
 pub mod secret;
 pub mod takeover;
