@@ -469,9 +469,15 @@ def cmd_up(args) -> int:
     env["WORLD_COPY_DELAY"] = str(copy_delay)
     for k, v in old.items():  # keep what --stack added earlier
         env.setdefault(k, v)
-    # --groups N: a warm stack with fewer groups gets the missing ones (stack.py is idempotent).
-    have_groups = len([g for g in env.get("WORLD_STACK_GROUPS", "").split(",") if g]) or (1 if "WORLD_ASG" in env else 0)
-    if args.stack and ("WORLD_ASG" not in env or have_groups < args.groups):
+    # --groups N | R=N,...: a warm stack with fewer groups or Regions gets the missing ones
+    # (stack.py is idempotent); --regions given: N groups in each of them (regions.stack_plan).
+    if args.stack:
+        try:
+            build, stack_counts = _regions.stack_plan(
+                _regions.parse_groups(args.groups), regions if args.regions else None, regions, env)
+        except ValueError as e:
+            raise WorldError(str(e), 2)
+    if args.stack and build:
         write_env(sd / "env", env)
         try:
             from . import stack  # noqa: F401  (written by part 2)
@@ -479,7 +485,7 @@ def cmd_up(args) -> int:
             if e.name == "bakeryworld.stack":
                 raise WorldError("up --stack needs tests/world/bakeryworld/stack.py, which is not present")
             raise
-        extra = stack.create(dict(env), sd, groups=args.groups) or {}
+        extra = stack.create(dict(env), sd, groups=stack_counts, regions=list(stack_counts)) or {}
         env.update({k: str(v) for k, v in extra.items()})
     text = write_env(sd / "env", env)
     sys.stdout.write(text)
@@ -739,8 +745,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds a new DynamoDB table stays CREATING")
     up.add_argument("--metric-period", type=float, default=10.0,
                     help="seconds between the load balancer metrics the world publishes (CloudWatch)")
-    up.add_argument("--groups", type=int, default=1,
-                    help="with --stack: N Auto Scaling groups behind the stack's load balancer")
+    up.add_argument("--groups", default="1", metavar="N|R=N,...",
+                    help="with --stack: N Auto Scaling groups behind the stack's load balancer in the home "
+                         "Region (in each Region of --regions when given), or R=N per Region, e.g. "
+                         "us-east-1=2,eu-west-1=1")
     sub.add_parser("down", help="end every process and mount of the world")
     stp = sub.add_parser("status")
     stp.add_argument("--json", action="store_true")
@@ -797,8 +805,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.boot_delay < 0 or args.snapshot_delay < 0:
             err("delays must be >= 0")
             return 2
-        if args.metric_period <= 0 or args.groups < 1:
-            err("--metric-period must be > 0 and --groups >= 1")
+        if args.metric_period <= 0:
+            err("--metric-period must be > 0")
+            return 2
+        try:
+            from .regions import parse_groups
+
+            parse_groups(args.groups)
+        except ValueError as e:
+            err(str(e))
             return 2
     if os.geteuid() != 0:
         err("the world needs root (overlay mounts, chroot, sshd)")

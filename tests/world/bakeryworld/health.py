@@ -478,6 +478,17 @@ _ORIG_HEALTH_FOR: Any = None
 # The checker
 
 
+def _elbv2_backends() -> list[Any]:
+    """Every ELBv2 backend moto has made (every account and Region); none is created here.
+    Call with the moto lock held."""
+    from moto.elbv2.models import elbv2_backends
+
+    out = []
+    for _account, by_region in list(dict.items(elbv2_backends)):
+        out.extend(backend for _region, backend in list(dict.items(by_region)))
+    return out
+
+
 @dataclass
 class _Job:
     tg_arn: str
@@ -518,61 +529,73 @@ class HealthChecker:
     def _due_jobs(self, now: float) -> list[_Job]:
         jobs: list[_Job] = []
         with self.lock:
-            elbv2 = self.world.backend("elbv2")
-            ec2 = self.world.ec2()
+            backends = _elbv2_backends()
             for arn, tid in STORE.expired_drains(now):
-                tg = elbv2.target_groups.get(arn)
-                if tg is not None:
-                    # Drained: from now on moto answers `unused` / `Target.NotRegistered`.
-                    if tg.terminated_targets.pop(tid, None) is not None:
-                        tg.deregistered_targets[tid] = {"Id": tid, "Port": tg.port}
-            for tg in list(elbv2.target_groups.values()):
-                if tg.target_type == "lambda" or not tg.health_check_enabled:
-                    continue
-                if not tg.load_balancer_arns:
-                    continue  # AWS runs no checks for a target group no load balancer uses
-                interval = max(1.0, float(tg.health_check_interval_seconds or 30))
-                timeout = max(0.2, min(float(tg.health_check_timeout_seconds or 5), interval))
-                for t in list(tg.targets.values()):
-                    tid = t["Id"]
-                    ip: str | None
-                    if tg.target_type == "ip":
-                        ip = tid
-                    else:
-                        inst = ec2.get_instance_by_id(tid)
-                        if inst is None:
-                            continue
-                        if inst.state != "running":
-                            self._was_stopped.add((tg.arn, tid))
-                            continue
-                        if (tg.arn, tid) in self._was_stopped:
-                            self._was_stopped.discard((tg.arn, tid))
-                            STORE.reset(tg.arn, tid)
-                        ip = inst.private_ip
-                    if STORE.get(tg.arn, tid) is None:
-                        STORE.registered(tg.arn, tid, _port_of(tg, t))
-                    if STORE.claim_due(tg.arn, tid, now, interval) is None:
+                for elbv2 in backends:
+                    tg = elbv2.target_groups.get(arn)
+                    if tg is not None:
+                        # Drained: from now on moto answers `unused` / `Target.NotRegistered`.
+                        if tg.terminated_targets.pop(tid, None) is not None:
+                            tg.deregistered_targets[tid] = {"Id": tid, "Port": tg.port}
+            # Every Region's (and account's) target groups: each Region's load balancers check
+            # their own targets, as on AWS (an ALB and its target groups are regional).
+            for elbv2 in backends:
+                jobs.extend(self._backend_jobs(elbv2, now))
+        return jobs
+
+    def _backend_jobs(self, elbv2: Any, now: float) -> list[_Job]:
+        """Due checks of one ELBv2 backend (one account and Region); the moto lock is held."""
+        jobs: list[_Job] = []
+        if not elbv2.target_groups:
+            return jobs
+        ec2 = elbv2.ec2_backend
+        for tg in list(elbv2.target_groups.values()):
+            if tg.target_type == "lambda" or not tg.health_check_enabled:
+                continue
+            if not tg.load_balancer_arns:
+                continue  # AWS runs no checks for a target group no load balancer uses
+            interval = max(1.0, float(tg.health_check_interval_seconds or 30))
+            timeout = max(0.2, min(float(tg.health_check_timeout_seconds or 5), interval))
+            for t in list(tg.targets.values()):
+                tid = t["Id"]
+                ip: str | None
+                if tg.target_type == "ip":
+                    ip = tid
+                else:
+                    inst = ec2.get_instance_by_id(tid)
+                    if inst is None:
                         continue
-                    hc_port = tg.health_check_port
-                    port = (
-                        _port_of(tg, t)
-                        if not hc_port or hc_port == "traffic-port"
-                        else int(hc_port)
+                    if inst.state != "running":
+                        self._was_stopped.add((tg.arn, tid))
+                        continue
+                    if (tg.arn, tid) in self._was_stopped:
+                        self._was_stopped.discard((tg.arn, tid))
+                        STORE.reset(tg.arn, tid)
+                    ip = inst.private_ip
+                if STORE.get(tg.arn, tid) is None:
+                    STORE.registered(tg.arn, tid, _port_of(tg, t))
+                if STORE.claim_due(tg.arn, tid, now, interval) is None:
+                    continue
+                hc_port = tg.health_check_port
+                port = (
+                    _port_of(tg, t)
+                    if not hc_port or hc_port == "traffic-port"
+                    else int(hc_port)
+                )
+                jobs.append(
+                    _Job(
+                        tg.arn,
+                        tid,
+                        ip,
+                        port,
+                        tg.health_check_protocol or tg.protocol or "HTTP",
+                        tg.health_check_path,
+                        timeout,
+                        getattr(tg, "matcher", None),
+                        int(tg.healthy_threshold_count or 5),
+                        int(tg.unhealthy_threshold_count or 2),
                     )
-                    jobs.append(
-                        _Job(
-                            tg.arn,
-                            tid,
-                            ip,
-                            port,
-                            tg.health_check_protocol or tg.protocol or "HTTP",
-                            tg.health_check_path,
-                            timeout,
-                            getattr(tg, "matcher", None),
-                            int(tg.healthy_threshold_count or 5),
-                            int(tg.unhealthy_threshold_count or 2),
-                        )
-                    )
+                )
         return jobs
 
     def tick(self) -> None:

@@ -258,3 +258,68 @@ def ensure(cli, port: int, sd: Path, regions: list[str]) -> dict[str, str]:
             if not second:
                 env[env_name("WORLD_BASE_AMI", region)] = net["base_ami"]
     return env
+
+
+# ----------------------------------------------------------------------------- `up --stack`
+def parse_groups(text: str | int | None) -> int | dict[str, int]:
+    """`up --groups`: `N` (N groups in every Region of the stack) or `R1=N1,R2=N2` (that many in
+    each Region named, which are then the stack's Regions). ValueError names what is wrong."""
+    text = "1" if text is None else str(text).strip()
+    if "=" not in text:
+        try:
+            n = int(text)
+        except ValueError:
+            raise ValueError(f"--groups must be a count or REGION=COUNT,... (got {text!r})") from None
+        if n < 1:
+            raise ValueError("--groups must be >= 1")
+        return n
+    out: dict[str, int] = {}
+    for part in text.split(","):
+        region, _, count = part.strip().partition("=")
+        region = region.strip()
+        try:
+            n = int(count)
+        except ValueError:
+            raise ValueError(f"--groups: {part.strip()!r} is not REGION=COUNT") from None
+        if not region or n < 1:
+            raise ValueError(f"--groups: {part.strip()!r} needs a Region and a count >= 1")
+        if region in out:
+            raise ValueError(f"--groups names {region} twice")
+        out[region] = n
+    if HOME_REGION not in out:
+        raise ValueError(f"--groups {text}: the stack needs the home Region {HOME_REGION} (e.g. {HOME_REGION}=1)")
+    return out
+
+
+def stack_groups(env: dict[str, str]) -> dict[str, int]:
+    """Region -> groups of the stack an env file lists (`WORLD_STACK_GROUPS`, `region/group`)."""
+    have: dict[str, int] = {}
+    for g in env.get("WORLD_STACK_GROUPS", "").split(","):
+        if "/" in g:
+            region = g.split("/", 1)[0]
+            have[region] = have.get(region, 0) + 1
+    if not have and "WORLD_ASG" in env:
+        have[HOME_REGION] = 1
+    return have
+
+
+def stack_plan(groups: int | dict[str, int], regions_given: list[str] | None, world_regions: list[str],
+               env: dict[str, str]) -> tuple[bool, dict[str, int]]:
+    """What `up --stack` must build: (whether anything is missing, Region -> groups). Requested:
+    `groups` per Region of `--groups R=N,...`, else N in each Region of `--regions` when given,
+    else N in the home Region. A warm stack keeps what it has (never fewer groups or Regions):
+    each Region gets max(has, requested)."""
+    if isinstance(groups, dict):
+        wanted = dict(groups)
+    else:
+        wanted = {r: groups for r in (regions_given or [HOME_REGION])}
+    unknown = [r for r in wanted if r not in world_regions]
+    if unknown:
+        raise ValueError(f"--stack in {', '.join(unknown)}: not a Region of the world "
+                         f"({','.join(world_regions)}); add it to --regions")
+    have = stack_groups(env)
+    order = [HOME_REGION, *world_regions, *have, *wanted]
+    counts = {r: max(have.get(r, 0), wanted.get(r, 0)) for r in dict.fromkeys(order)}
+    counts = {r: n for r, n in counts.items() if n > 0}
+    missing = "WORLD_ASG" not in env or any(have.get(r, 0) < n for r, n in wanted.items())
+    return missing, counts

@@ -27,7 +27,22 @@ Every step looks its resource up by name first, so a second `up --stack` reuses 
 each like `world-web` (its own launch template and target group, reached by a listener rule on
 the host header `world-web-<i>.world.internal`), listed in `WORLD_STACK_GROUPS` as
 `region/group`, with `WORLD_STACK_TARGET_GROUPS` and `WORLD_STACK_LAUNCH_TEMPLATES` in the same
-order. The stack is built in the env's region.
+order. The stack is built in the env's region (the home Region).
+
+Several Regions (`create(..., regions=[home, R2, ...])`, `up --stack --regions ...`): every other
+Region R gets its own stack, built through that Region's endpoint in its world VPC
+(`WORLD_VPC_ID_<R>`, ..., regions.py) side by side with the home Region's: the security groups
+`world-alb` and `world-app`, the ALB `world-alb` with its listener, and per group a target group,
+a launch template and an ASG of the same names as at home (ELB, EC2 and Auto Scaling names are
+regional on AWS). Its image is a CopyImage of the home Region's stack image (`world-stack-health-v1`
+in R, `SourceRegion` the home Region), made the moment the home image is available; the IAM
+instance profile is global. No database or secret outside the home Region. `WORLD_STACK_GROUPS`,
+`WORLD_STACK_TARGET_GROUPS`, `WORLD_STACK_LAUNCH_TEMPLATES` list the home Region's groups first,
+then each Region's in the order given; `WORLD_STACK_REGIONS` names the Regions, `WORLD_STACK_AMIS`
+(JSON, Region -> image id) their images, and every Region R but the home Region has
+`WORLD_STACK_AMI_<R>`, `WORLD_ASG_<R>`, `WORLD_TARGET_GROUP_ARN_<R>`, `WORLD_LAUNCH_TEMPLATE_ID_<R>`,
+`WORLD_ALB_ARN_<R>`, `WORLD_LISTENER_ARN_<R>`, `WORLD_ALB_SG_<R>`, `WORLD_APP_SG_<R>` (<R> as in
+regions.py: `EU_WEST_1`). `groups` is a count for every Region or a dict Region -> count.
 
 The interval of 1 s is below AWS's minimum (5 s, and the timeout must be below the interval): the
 world allows it, the API call is made with boto3's client-side validation turned off for ELBv2.
@@ -39,12 +54,15 @@ import json
 import secrets
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
+
+from .regions import env_name
 
 NAME = "world-web"
 ALB_NAME = "world-alb"
@@ -141,14 +159,24 @@ def _code(e: ClientError) -> str:
     return e.response.get("Error", {}).get("Code", "")
 
 
+def home_region(env: dict[str, str]) -> str:
+    return env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
 class Stack:
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], region: str | None = None) -> None:
+        """The stack of `region` (default: the env's, the home Region); another Region's ids are
+        read from the env's `..._<R>` names (regions.py)."""
         self.env = env
+        self.home = home_region(env)
+        self.region = region or self.home
+        # Called with the home image's id as soon as it is available (the other Regions copy it).
+        self.on_image: Callable[[str], None] | None = None
         self.session = boto3.session.Session(
             aws_access_key_id=env.get("AWS_ACCESS_KEY_ID", "testing"),
             aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY", "testing"),
             aws_session_token=env.get("AWS_SESSION_TOKEN") or None,
-            region_name=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+            region_name=self.region,
         )
         self.endpoint = env["AWS_ENDPOINT_URL"]
         cfg = Config(retries={"mode": "standard", "max_attempts": 8})
@@ -160,14 +188,21 @@ class Stack:
         self.ssm = self._client("ssm", cfg)
         self.rds = self._client("rds", cfg)
         self.secrets = self._client("secretsmanager", cfg)
-        self.vpc = env["WORLD_VPC_ID"]
-        self.public = [s for s in env.get("WORLD_PUBLIC_SUBNETS", "").split(",") if s]
-        self.private = [s for s in env.get("WORLD_PRIVATE_SUBNETS", "").split(",") if s]
-        self.base_ami = env["WORLD_BASE_AMI"]
+        def var(base: str) -> str:
+            return env_name(base, self.region, self.home)
+
+        if var("WORLD_VPC_ID") not in env:
+            raise StackError(f"{var('WORLD_VPC_ID')} is not in the env file: {self.region} has no world VPC "
+                             f"(scripts/world up --regions must name it)")
+        self.vpc = env[var("WORLD_VPC_ID")]
+        self.public = [s for s in env.get(var("WORLD_PUBLIC_SUBNETS"), "").split(",") if s]
+        self.private = [s for s in env.get(var("WORLD_PRIVATE_SUBNETS"), "").split(",") if s]
+        self.base_ami = env.get(var("WORLD_BASE_AMI"), "")
         self.boot_delay = float(env.get("WORLD_BOOT_DELAY") or 2)
         self.snapshot_delay = float(env.get("WORLD_SNAPSHOT_DELAY") or 3)
+        self.copy_delay = float(env.get("WORLD_COPY_DELAY") or 0.2)
         if not self.public or not self.private:
-            raise StackError("WORLD_PUBLIC_SUBNETS and WORLD_PRIVATE_SUBNETS must name subnets")
+            raise StackError(f"{var('WORLD_PUBLIC_SUBNETS')} and {var('WORLD_PRIVATE_SUBNETS')} must name subnets")
 
     def _client(self, service: str, cfg: Config) -> Any:
         return self.session.client(service, endpoint_url=self.endpoint, config=cfg)
@@ -351,7 +386,34 @@ class Stack:
                 raise StackError(f"image {image_id} failed: {imgs[0].get('StateReason')}")
             return bool(imgs) and imgs[0]["State"] == "available"
 
-        _wait(f"image {image_id} to become available", 60 + 3 * self.snapshot_delay, state)
+        # A copy is pending copy_delay s per GiB of its snapshots (amis.py; moto's are <= 15 GiB).
+        _wait(f"image {image_id} in {self.region} to become available",
+              60 + 3 * self.snapshot_delay + 30 * self.copy_delay, state)
+
+    def copied_image(self, source: Callable[[], str]) -> str:
+        """Another Region's stack image: a copy of the home Region's (`source()` waits for its
+        id), found by name first. ClientToken makes a retried copy answer with the same image."""
+        images = self.ec2.describe_images(
+            Owners=["self"], Filters=[{"Name": "name", "Values": [STACK_IMAGE]}]
+        )["Images"]
+        usable = [i for i in images if i["State"] in ("available", "pending")]
+        if usable:
+            image_id = usable[0]["ImageId"]
+        else:
+            src = source()
+            _log(f"copying {STACK_IMAGE} ({src}) from {self.home} to {self.region}")
+            image_id = self.ec2.copy_image(
+                Name=STACK_IMAGE,
+                SourceImageId=src,
+                SourceRegion=self.home,
+                Description="local world: base image plus a /healthz service on :8080",
+                ClientToken=f"world-stack-{src}",
+                TagSpecifications=[
+                    {"ResourceType": "image", "Tags": [{"Key": "Name", "Value": STACK_IMAGE}, STACK_TAG]}
+                ],
+            )["ImageId"]
+        self._wait_image(image_id)
+        return image_id
 
     # ---------------------------------------------------------------- load balancer
     def load_balancer(self, alb_sg: str) -> str:
@@ -489,7 +551,7 @@ class Stack:
             ok = {d["Target"]["Id"] for d in th if d["TargetHealth"]["State"] == "healthy"}
             return len(ids & ok) >= group["DesiredCapacity"]
 
-        _wait(f"{DESIRED} healthy targets in {name}", 90 + 4 * self.boot_delay, healthy)
+        _wait(f"{DESIRED} healthy targets in {self.region}/{name}", 90 + 4 * self.boot_delay, healthy)
 
     # ---------------------------------------------------------------- database
     def database(self, db_sg: str) -> tuple[str, str]:
@@ -576,11 +638,13 @@ class Stack:
         db_id, secret_arn = self.database(db_sg)
         self.allow_secret(secret_arn)
         image_id = self.stack_image(app_sg)
+        if self.on_image is not None:
+            self.on_image(image_id)
         alb = self.load_balancer(alb_sg)
         tg = self.target_group()
         listener = self.listener(alb, tg)
-        # `groups` fleets behind the load balancer, in this (the env's) region. A caller covering
-        # several regions runs a Stack per region and joins their WORLD_STACK_* lists.
+        # `groups` fleets behind the load balancer, in this (the env's) region. `create` below
+        # runs a Stack per other Region (`create_region`) and joins their WORLD_STACK_* lists.
         fleets = [self.fleet(i, image_id, app_sg, listener) for i in range(max(1, groups))]
         asg, tg, lt = fleets[0]
         for name, group_tg, _ in fleets:
@@ -606,7 +670,94 @@ class Stack:
         }
 
 
-def create(env: dict[str, str], world_dir: Path | None = None, groups: int = 1) -> dict[str, str]:
+    def create_region(self, groups: int, source_image: Callable[[], str]) -> dict[str, str]:
+        """The stack of a Region other than the home Region: security groups, load balancer,
+        listener and first target group at once; the image (a copy of the home Region's, whose
+        id `source_image()` waits for), then `groups` fleets. Returns its env entries."""
+        alb_sg = self.security_group(ALB_SG, "world reference stack: load balancer")
+        app_sg = self.security_group(APP_SG, "world reference stack: instances")
+        self.allow(alb_sg, 80, cidr="0.0.0.0/0")
+        self.allow(app_sg, APP_PORT, source_group=alb_sg)
+        alb = self.load_balancer(alb_sg)
+        tg = self.target_group()
+        listener = self.listener(alb, tg)
+        image_id = self.copied_image(source_image)
+        fleets = [self.fleet(i, image_id, app_sg, listener) for i in range(max(1, groups))]
+        for name, group_tg, _ in fleets:
+            _log(f"waiting for {DESIRED} healthy targets in {self.region}/{name}")
+            self.wait_fleet_healthy(group_tg, name)
+        asg, tg, lt = fleets[0]
+
+        def var(base: str) -> str:
+            return env_name(base, self.region, self.home)
+
+        return {
+            "WORLD_STACK_GROUPS": ",".join(f"{self.region}/{name}" for name, _, _ in fleets),
+            "WORLD_STACK_TARGET_GROUPS": ",".join(group_tg for _, group_tg, _ in fleets),
+            "WORLD_STACK_LAUNCH_TEMPLATES": ",".join(group_lt for _, _, group_lt in fleets),
+            var("WORLD_ASG"): asg,
+            var("WORLD_TARGET_GROUP_ARN"): tg,
+            var("WORLD_ALB_ARN"): alb,
+            var("WORLD_LISTENER_ARN"): listener,
+            var("WORLD_LAUNCH_TEMPLATE_ID"): lt,
+            var("WORLD_STACK_AMI"): image_id,
+            var("WORLD_ALB_SG"): alb_sg,
+            var("WORLD_APP_SG"): app_sg,
+        }
+
+
+def group_counts(groups: int | dict[str, int], regions: list[str] | None, home: str) -> dict[str, int]:
+    """Region -> number of groups, the home Region first (it is always part of the stack)."""
+    if isinstance(groups, dict):
+        order = [home] + [r for r in (regions or []) if r != home] + [r for r in groups if r != home]
+        counts = {r: int(groups.get(r, 0)) for r in dict.fromkeys(order)}
+        counts = {r: n for r, n in counts.items() if n > 0 or r == home}
+    else:
+        counts = {r: int(groups) for r in dict.fromkeys([home, *(regions or [])])}
+    if counts.get(home, 0) < 1:
+        raise StackError(f"the stack needs at least one group in the home Region {home}")
+    return counts
+
+
+def create(
+    env: dict[str, str],
+    world_dir: Path | None = None,
+    groups: int | dict[str, int] = 1,
+    regions: list[str] | None = None,
+) -> dict[str, str]:
     """Create (or find) the reference stack with `groups` Auto Scaling groups behind its load
-    balancer; returns the env vars naming its resources."""
-    return Stack(env).create(groups)
+    balancer in each of `regions` (default: the env's Region alone; `groups` a count for every
+    Region or a dict Region -> count); returns the env vars naming its resources."""
+    home = home_region(env)
+    counts = group_counts(groups, regions, home)
+    home_stack = Stack(env)
+    others = [Stack(env, r) for r in counts if r != home]  # fails early on a Region without VPC
+    if not others:
+        out = home_stack.create(counts[home])  # the single-Region path, as it always was
+    else:
+        image: Future[str] = Future()
+        home_stack.on_image = image.set_result
+
+        def build_home() -> dict[str, str]:
+            try:
+                return home_stack.create(counts[home])
+            finally:
+                if not image.done():  # failed before its image: the other Regions stop waiting
+                    image.set_exception(StackError(f"the home Region's stack ({home}) failed before its image"))
+
+        def source() -> str:
+            return image.result(timeout=300 + 4 * home_stack.boot_delay)
+
+        with ThreadPoolExecutor(max_workers=len(counts), thread_name_prefix="world-stack") as pool:
+            futures = [pool.submit(build_home)] + [pool.submit(s.create_region, counts[s.region], source) for s in others]
+            results = [f.result() for f in futures]
+        out = dict(results[0])
+        for part in results[1:]:
+            for key in ("WORLD_STACK_GROUPS", "WORLD_STACK_TARGET_GROUPS", "WORLD_STACK_LAUNCH_TEMPLATES"):
+                out[key] = f"{out[key]},{part[key]}"
+            out.update({k: v for k, v in part.items() if not k.startswith("WORLD_STACK_") or k.startswith("WORLD_STACK_AMI_")})
+    out["WORLD_STACK_REGIONS"] = ",".join(counts)
+    out["WORLD_STACK_AMIS"] = json.dumps(
+        {r: out[env_name("WORLD_STACK_AMI", r, home)] for r in counts}, separators=(",", ":")
+    )
+    return out
