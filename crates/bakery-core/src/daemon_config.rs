@@ -57,7 +57,27 @@ pub mod bounds {
     pub const API_BURST: RangeInclusive<i64> = 1..=1000;
     /// The takeover must be renewable: it lasts at least this many intervals.
     pub const TAKEOVER_TTL_INTERVALS: u32 = 3;
+    /// `[lease] ttl`: how long a silent daemon keeps its groups (and its membership).
+    pub const LEASE_TTL: RangeInclusive<Duration> =
+        Duration::from_secs(3)..=Duration::from_secs(3600);
 }
+
+/// `[lease]`: groups shared among daemons through a DynamoDB lease table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseSettings {
+    pub table: String,
+    /// How long a daemon that stopped renewing keeps its membership and its groups.
+    pub ttl: Duration,
+}
+
+/// `[events]`: the SQS queue EventBridge delivers EC2 interruption and maintenance events to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventSettings {
+    pub queue_url: String,
+}
+
+/// `[lease] ttl` by default.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(15);
 
 /// Which groups to watch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +142,10 @@ pub struct Config {
     /// intervals, at least a minute).
     pub takeover_ttl: Duration,
     pub groups: Vec<GroupConfig>,
+    /// `[lease]`: share the groups with other daemons through this lease table.
+    pub lease: Option<LeaseSettings>,
+    /// `[events]`: replace instances before EC2 interrupts or retires them.
+    pub events: Option<EventSettings>,
 }
 
 impl Config {
@@ -143,6 +167,24 @@ impl Config {
                 .unwrap_or(self.unhealthy_threshold),
             cfg.and_then(|c| c.probe.as_ref()),
         )
+    }
+
+    /// A short fingerprint of what acts on a group (its threshold and probe, the interval and
+    /// the breaker): two daemons sharing a lease table compare it to warn when their
+    /// configurations of one group differ.
+    pub fn fingerprint(
+        &self,
+        name: &str,
+        tags: &std::collections::BTreeMap<String, String>,
+    ) -> String {
+        use sha2::Digest;
+        let (threshold, probe) = self.settings_for(name, tags);
+        let text = format!(
+            "{threshold}|{probe:?}|{:?}|{:?}|{:?}|{}|{}",
+            self.interval, self.max_replace, self.window, self.freeze_above, self.freeze_above_all
+        );
+        let digest = sha2::Sha256::digest(text.as_bytes());
+        digest[..4].iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// The groups named in the configuration (a tag selector names none).
@@ -187,7 +229,11 @@ const TOP_KEYS: &[&str] = &[
     "breaker",
     "api",
     "group",
+    "lease",
+    "events",
 ];
+const LEASE_KEYS: &[&str] = &["table", "ttl"];
+const EVENTS_KEYS: &[&str] = &["queue_url"];
 const BREAKER_KEYS: &[&str] = &["max_replace", "window", "freeze_above", "freeze_above_all"];
 const API_KEYS: &[&str] = &["rate", "burst"];
 const GROUP_KEYS: &[&str] = &["name", "tag", "unhealthy_threshold", "probe"];
@@ -450,6 +496,56 @@ impl Checker<'_> {
         )
     }
 
+    fn lease(&mut self, root: &dyn TableLike) -> Option<LeaseSettings> {
+        let l = self.table(root, "lease")?;
+        let offset = at(root.get("lease")?);
+        self.known(l, LEASE_KEYS, "in [lease]");
+        let hint = "table = \"bakery-leases\" (made by `bakery init --lease-table bakery-leases`)";
+        let table = match self.string(l, "table", hint) {
+            Some((t, _)) if !t.trim().is_empty() => Some(t.trim().to_string()),
+            Some((_, at)) => {
+                self.error(at, "[lease] `table` is empty", hint);
+                None
+            }
+            None => {
+                if !l.contains_key("table") {
+                    self.error(offset, "[lease] needs a `table`", hint);
+                }
+                None
+            }
+        };
+        let ttl = self.duration(l, "ttl", bounds::LEASE_TTL, DEFAULT_LEASE_TTL);
+        Some(LeaseSettings { table: table?, ttl })
+    }
+
+    fn events(&mut self, root: &dyn TableLike) -> Option<EventSettings> {
+        let e = self.table(root, "events")?;
+        let offset = at(root.get("events")?);
+        self.known(e, EVENTS_KEYS, "in [events]");
+        let hint = "queue_url = \"https://sqs.us-east-1.amazonaws.com/123456789012/bakery-events\"";
+        match self.string(e, "queue_url", hint) {
+            Some((u, _)) if u.starts_with("https://") || u.starts_with("http://") => {
+                Some(EventSettings {
+                    queue_url: u.to_string(),
+                })
+            }
+            Some((u, at)) => {
+                self.error(
+                    at,
+                    format!("[events] `queue_url` = {u:?} is not a queue URL"),
+                    hint,
+                );
+                None
+            }
+            None => {
+                if !e.contains_key("queue_url") {
+                    self.error(offset, "[events] needs a `queue_url`", hint);
+                }
+                None
+            }
+        }
+    }
+
     fn selector(&mut self, g: &dyn TableLike, offset: usize) -> Option<Selector> {
         let name = self.string(g, "name", "name = \"web\"");
         let tag = self.table(g, "tag");
@@ -699,6 +795,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, FileError> {
     let (max_replace, window, freeze_above, freeze_above_all) = c.breaker(root);
     let (api_rate, api_burst) = c.api(root);
     let groups = c.groups(root);
+    let lease = c.lease(root);
+    let events = c.events(root);
     if !c.diags.is_empty() {
         c.diags.sort_by_key(|d| (d.line, d.column));
         return Err(FileError::Invalid(c.diags));
@@ -717,6 +815,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, FileError> {
         api_burst,
         takeover_ttl,
         groups,
+        lease,
+        events,
     })
 }
 
@@ -733,6 +833,62 @@ mod tests {
 
     fn messages(text: &str) -> Vec<String> {
         errors(text).into_iter().map(|d| d.message).collect()
+    }
+
+    #[test]
+    fn lease_and_events_tables_load_and_their_mistakes_are_named() {
+        let c = parse(
+            Path::new("d.toml"),
+            "[lease]\ntable = \"bakery-leases\"\nttl = \"6s\"\n[events]\nqueue_url = \"http://127.0.0.1:5643/123456789012/q\"\n[[group]]\nname = \"web\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.lease,
+            Some(LeaseSettings {
+                table: "bakery-leases".into(),
+                ttl: Duration::from_secs(6)
+            })
+        );
+        assert_eq!(
+            c.events.map(|e| e.queue_url),
+            Some("http://127.0.0.1:5643/123456789012/q".into())
+        );
+        let d = parse(
+            Path::new("d.toml"),
+            "[lease]\ntable = \"t\"\n[[group]]\nname = \"web\"\n",
+        )
+        .unwrap();
+        assert_eq!(d.lease.unwrap().ttl, DEFAULT_LEASE_TTL);
+        let none = parse(Path::new("d.toml"), "[[group]]\nname = \"web\"\n").unwrap();
+        assert_eq!((none.lease, none.events), (None, None));
+        assert_eq!(
+            messages("[lease]\nttl = \"1s\"\nowner = 1\n[events]\nqueue_url = \"bakery-events\"\n[[group]]\nname = \"web\"\n"),
+            vec![
+                "[lease] needs a `table`".to_string(),
+                "`ttl` = \"1s\" is out of range".to_string(),
+                "unknown field `owner` in [lease]".to_string(),
+                "[events] `queue_url` = \"bakery-events\" is not a queue URL".to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_fingerprint_changes_with_what_acts_on_the_group_only() {
+        let a = parse(Path::new("a.toml"), "[[group]]\nname = \"web\"\n").unwrap();
+        let b = parse(
+            Path::new("b.toml"),
+            "listen = \"127.0.0.1:1\"\n[[group]]\nname = \"web\"\n",
+        )
+        .unwrap();
+        let c = parse(
+            Path::new("c.toml"),
+            "[[group]]\nname = \"web\"\nunhealthy_threshold = 7\n",
+        )
+        .unwrap();
+        let tags = std::collections::BTreeMap::new();
+        assert_eq!(a.fingerprint("web", &tags), b.fingerprint("web", &tags));
+        assert_ne!(a.fingerprint("web", &tags), c.fingerprint("web", &tags));
+        assert_eq!(a.fingerprint("web", &tags).len(), 8);
     }
 
     #[test]

@@ -153,6 +153,43 @@ pub fn claim<F: Fn(u32) -> bool>(seen: &Seen, me: &Me<F>) -> Claim {
     }
 }
 
+/// [`claim`] for a daemon that holds the group's fenced lease (a `[lease]` table shares the
+/// groups among daemons): the lease, not the tag, says who owns the group, so another daemon's
+/// record, alive or not, is inherited (with its duty to resume `HealthCheck`) instead of respected.
+/// The tag stays the record of the `HealthCheck` suspension.
+pub fn claim_leased<F: Fn(u32) -> bool>(seen: &Seen, me: &Me<F>) -> Claim {
+    match claim(seen, me) {
+        Claim::Foreign { owner } => {
+            let resumes = seen
+                .tag
+                .and_then(Takeover::decode)
+                .is_none_or(|r| r.resumes);
+            Claim::Take {
+                resumes: if seen.suspended { resumes } else { true },
+                suspend: !seen.suspended,
+                from: Some(owner),
+            }
+        }
+        c => c,
+    }
+}
+
+/// A takeover record with the fingerprint of the owner's configuration for the group
+/// (`;cfg=<fingerprint>`, ignored by readers that do not know it).
+pub fn with_config(record: &str, fingerprint: &str) -> String {
+    format!("{record};cfg={fingerprint}")
+}
+
+/// When the group's record (`tag`) belongs to another daemon whose configuration for the group
+/// differs from this daemon's (`mine`, a fingerprint): that owner and its fingerprint. The owner's
+/// configuration is the one that acts; this daemon only warns.
+pub fn config_differs(tag: Option<&str>, token: &str, mine: &str) -> Option<(String, String)> {
+    let tag = tag?;
+    let r = Takeover::decode(tag)?;
+    let theirs = tag.split(';').find_map(|p| p.strip_prefix("cfg="))?;
+    (r.lock.token != token && theirs != mine).then(|| (r.lock.owner, theirs.to_string()))
+}
+
 /// Why a mutating call must not be made now, if it must not.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
@@ -314,6 +351,58 @@ mod tests {
             suspended,
             now: 1000,
         }
+    }
+
+    #[test]
+    fn with_the_lease_another_live_daemons_record_is_inherited_not_respected() {
+        let theirs = record("h2:7", "other", 1060, false);
+        assert!(matches!(
+            claim(&seen(Some(&theirs), true), &me(None, true)),
+            Claim::Foreign { .. }
+        ));
+        assert_eq!(
+            claim_leased(&seen(Some(&theirs), true), &me(None, true)),
+            Claim::Take {
+                resumes: false,
+                suspend: false,
+                from: Some("h2:7".into())
+            },
+            "a person's suspension stays a person's"
+        );
+        let resumed = record("h2:7", "other", 1060, true);
+        assert_eq!(
+            claim_leased(&seen(Some(&resumed), false), &me(None, true)),
+            Claim::Take {
+                resumes: true,
+                suspend: true,
+                from: Some("h2:7".into())
+            }
+        );
+        let mine = record("h1:1", "mine", 1060, true);
+        assert_eq!(
+            claim_leased(&seen(Some(&mine), true), &me(None, true)),
+            claim(&seen(Some(&mine), true), &me(None, true))
+        );
+    }
+
+    #[test]
+    fn a_different_configuration_of_the_owner_is_named_and_old_readers_ignore_it() {
+        let tag = with_config(&record("h2:7", "other", 1060, true), "ab12cd34");
+        assert_eq!(Takeover::decode(&tag).unwrap().lock.owner, "h2:7");
+        assert!(Takeover::decode(&tag).unwrap().resumes);
+        assert_eq!(
+            config_differs(Some(&tag), "mine", "ffff0000"),
+            Some(("h2:7".into(), "ab12cd34".into()))
+        );
+        assert_eq!(config_differs(Some(&tag), "mine", "ab12cd34"), None);
+        assert_eq!(
+            config_differs(Some(&tag), "other", "ffff0000"),
+            None,
+            "its own record"
+        );
+        let plain = record("h2:7", "other", 1060, true);
+        assert_eq!(config_differs(Some(&plain), "mine", "ffff0000"), None);
+        assert_eq!(config_differs(None, "mine", "ffff0000"), None);
     }
 
     #[test]
