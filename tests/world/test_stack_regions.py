@@ -28,15 +28,13 @@ R = regions_mod.suffix(OTHER)  # EU_WEST_1
 LAUNCHING = "autoscaling:EC2_INSTANCE_LAUNCHING"
 
 
-def client(world, service: str, region: str = OTHER):
+def client(world, service: str, region: str = OTHER, creds: dict | None = None):
     cfg = Config(retries={"mode": "standard", "max_attempts": 5})
     if service == "elbv2":  # the world's 1 s health-check interval is below boto3's minimum
         cfg = cfg.merge(Config(parameter_validation=False))
-    return boto3.client(
-        service, endpoint_url=world.env["AWS_ENDPOINT_URL"], region_name=region,
-        aws_access_key_id=world.env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=world.env["AWS_SECRET_ACCESS_KEY"],
-        config=cfg,
-    )
+    creds = creds or {"aws_access_key_id": world.env["AWS_ACCESS_KEY_ID"],
+                      "aws_secret_access_key": world.env["AWS_SECRET_ACCESS_KEY"]}
+    return boto3.client(service, endpoint_url=world.env["AWS_ENDPOINT_URL"], region_name=region, config=cfg, **creds)
 
 
 @pytest.fixture(scope="module")
@@ -330,3 +328,58 @@ def test_lifecycle_hook_standby_and_warm_pool_work_in_the_second_region(world, s
             elb.delete_target_group(TargetGroupArn=tg)
         except ClientError:
             pass
+
+
+def test_second_account_target_health_and_metrics_are_its_own(world):
+    """The checker probes the second account's target groups too, and their metrics go to that
+    account's CloudWatch (ELB publishes into the load balancer owner's account)."""
+    from test_health import APP_USER_DATA
+
+    c = client(world, "sts", HOME).assume_role(RoleArn=world.env["WORLD_SECOND_ACCOUNT_ROLE"],
+                                               RoleSessionName="stack-regions")["Credentials"]
+    creds = {"aws_access_key_id": c["AccessKeyId"], "aws_secret_access_key": c["SecretAccessKey"],
+             "aws_session_token": c["SessionToken"]}
+    region = OTHER
+    ec2, elb, cw = (client(world, svc, region, creds) for svc in ("ec2", "elbv2", "cloudwatch"))
+    suffix = uuid.uuid4().hex[:8]
+    iid = ec2.run_instances(
+        ImageId=world.env[f"WORLD_BASE_AMI_{R}"], InstanceType="t3.micro", MinCount=1, MaxCount=1,
+        SubnetId=world.env[f"WORLD_SECOND_ACCOUNT_PRIVATE_SUBNETS_{R}"].split(",")[0], UserData=APP_USER_DATA,
+    )["Instances"][0]["InstanceId"]
+    tg = lb = None
+    try:
+        tg = elb.create_target_group(
+            Name=f"acct-{suffix}", Protocol="HTTP", Port=8080, VpcId=world.env[f"WORLD_SECOND_ACCOUNT_VPC_ID_{R}"],
+            HealthCheckPath="/healthz", HealthCheckIntervalSeconds=1, HealthCheckTimeoutSeconds=1,
+            HealthyThresholdCount=2, UnhealthyThresholdCount=2,
+        )["TargetGroups"][0]["TargetGroupArn"]
+        assert ":111122223333:" in tg and f":{region}:" in tg
+        lb = elb.create_load_balancer(
+            Name=f"acct-{suffix}", Subnets=world.env[f"WORLD_SECOND_ACCOUNT_PUBLIC_SUBNETS_{R}"].split(","),
+            Scheme="internet-facing")["LoadBalancers"][0]["LoadBalancerArn"]
+        elb.create_listener(LoadBalancerArn=lb, Protocol="HTTP", Port=80,
+                            DefaultActions=[{"Type": "forward", "TargetGroupArn": tg}])
+        elb.register_targets(TargetGroupArn=tg, Targets=[{"Id": iid}])
+        wait_for(lambda: health(elb, tg).get(iid, {}).get("State") == "healthy", timeout=30,
+                 what="second account's target healthy")
+
+        def published(c) -> list:
+            return c.list_metrics(Namespace="AWS/ApplicationELB", MetricName="HealthyHostCount",
+                                  Dimensions=[{"Name": "TargetGroup", "Value": tg.split(":")[-1]}])["Metrics"]
+
+        def most_healthy() -> float:
+            stats = cw.get_metric_statistics(
+                Namespace="AWS/ApplicationELB", MetricName="HealthyHostCount", Dimensions=arn_dims(tg, lb),
+                StartTime=time.time() - 120, EndTime=time.time() + 60, Period=60, Statistics=["Maximum"],
+            )["Datapoints"]
+            return max((d["Maximum"] for d in stats), default=-1.0)
+
+        wait_for(lambda: most_healthy() == 1.0, timeout=30, what="HealthyHostCount 1 in the second account")
+        assert published(cw)
+        assert not published(client(world, "cloudwatch", region))  # not in the default account's
+    finally:
+        if lb:
+            elb.delete_load_balancer(LoadBalancerArn=lb)
+        if tg:
+            elb.delete_target_group(TargetGroupArn=tg)
+        ec2.terminate_instances(InstanceIds=[iid])

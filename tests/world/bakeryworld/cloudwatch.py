@@ -192,7 +192,12 @@ def _existing(backends: Any) -> list[tuple[str, Any]]:
     return out
 
 
-def _cloudwatch(world: Any, region: str) -> Any:
+def _cloudwatch(world: Any, region: str, account: str | None = None) -> Any:
+    if account and account != world.settings.account:
+        from moto.backends import get_backend
+
+        # Another account's load balancer (the second account, regions.py): its own CloudWatch.
+        return get_backend("cloudwatch")[account][region]
     return world.backend("cloudwatch", region)
 
 
@@ -275,7 +280,7 @@ def publish(world: Any, bucket_start: float) -> int:
                             out.append(_datum("HTTPCode_Target_5XX_Count", count, [tg_dim, lb_dim, z], ts))
                             out.append(_datum("HTTPCode_Target_5XX_Count", count, [lb_dim, z], ts))
         if out:
-            _cloudwatch(world, region).metric_data.extend(out)
+            _cloudwatch(world, region, getattr(elbv2, "account_id", None)).metric_data.extend(out)
             n += len(out)
     return n
 

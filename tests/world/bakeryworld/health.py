@@ -20,6 +20,10 @@ Also filled here: when an Auto Scaling group terminates an instance itself (scal
 target groups; AWS deregisters it (it drains). And `DescribeTargetHealth` without `Targets` lists
 draining targets too, as AWS does.
 
+Every Region and account: the checker walks every ELBv2 backend moto has made, so a load
+balancer in another Region (`up --stack --regions`, regions.py) or in the second account checks
+its own targets as the home Region's do (on AWS each Region's load balancers check their own).
+
 `moto_lock(world)` is the one lock that serialises moto's request handling with the world's
 background loops (health, asg, ssm): moto's models are not thread-safe.
 """
