@@ -383,3 +383,14 @@ def test_second_account_target_health_and_metrics_are_its_own(world):
         if tg:
             elb.delete_target_group(TargetGroupArn=tg)
         ec2.terminate_instances(InstanceIds=[iid])
+
+
+def test_up_refuses_bad_groups_before_building_anything(world):
+    for groups, msg in (("0", "--groups must be >= 1"), (f"{OTHER}=1", "needs the home Region"),
+                        (f"{HOME}=1,{OTHER}=x", "is not REGION=COUNT")):
+        p = world.cli("up", "--stack", "--groups", groups)
+        assert p.returncode == 2 and msg in p.stderr, (groups, p.stderr)
+    # A Region the world has no network in (not in --regions): refused, nothing built there.
+    p = world.cli("up", "--stack", "--groups", f"{HOME}=1,us-west-2=1", timeout=120)
+    assert p.returncode == 2 and "us-west-2: not a Region of the world" in p.stderr, p.stderr
+    assert not client(world, "autoscaling", "us-west-2").describe_auto_scaling_groups()["AutoScalingGroups"]

@@ -21,6 +21,10 @@ Server side (`install(world)`, called by `patches_ec2.install`):
 unchanged), a KMS key `alias/world-ebs` per Region, and the second account (`111122223333`):
 the IAM role `bakery-world-release` (assumed through STS; moto switches to the account of the
 role ARN) and its own base network in every Region. Env names: see `tests/world/README.md`.
+
+`up --stack` side (`parse_groups`, `stack_plan`, called by `cli.cmd_up`): which Regions get the
+reference stack and how many groups each (`--groups N` with `--regions`, or `--groups R=N,...`);
+stack.py builds them.
 """
 
 from __future__ import annotations
