@@ -54,6 +54,9 @@ pub enum Command {
     Build(BuildArgs),
     /// Copy a baked AMI to other regions, share it, publish its id; resumable.
     Promote(PromoteArgs),
+    /// Roll one image over many groups in waves (regions, accounts), gated on health, alarms and
+    /// HTTP, reverted as the plan says on failure; resumable (--status, --abort, --dry-run).
+    Release(ReleaseArgs),
     /// Check a recipe without calling AWS.
     Validate(RecipeArgs),
     /// Roll an AMI into an Auto Scaling group in health-gated batches.
@@ -196,6 +199,28 @@ pub struct RolloutArgs {
     /// Fence the group's rollouts with a lease in this DynamoDB table (made by `bakery init
     /// --lease-table`): then one driver per group is guaranteed, not best effort. Without it,
     /// the lock is the group's `bakery:rollout-lock` tag.
+    #[arg(long, env = "BAKERY_LEASE_TABLE", value_name = "NAME", value_parser = parse_table_name)]
+    pub lease_table: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReleaseArgs {
+    /// The release plan (TOML): [source] and [[wave]]s; see the README.
+    pub plan: PathBuf,
+    /// Show the release's record (waves, groups, states) and change nothing.
+    #[arg(long, conflicts_with_all = ["abort", "dry_run"])]
+    pub status: bool,
+    /// Revert everything the release changed, in every wave, and end it.
+    #[arg(long, conflicts_with = "dry_run")]
+    pub abort: bool,
+    /// Resolve the plan (groups, images, alarms) and print every group's batches; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// How long a group's lock (and the release's lease) outlives this run if it stops renewing it.
+    #[arg(long, value_parser = parse_lock_ttl, default_value = "60s")]
+    pub lock_ttl: std::time::Duration,
+    /// Fence the release and its rollouts with leases in this DynamoDB table, and keep the
+    /// release's record there too (so another machine can resume or abort it).
     #[arg(long, env = "BAKERY_LEASE_TABLE", value_name = "NAME", value_parser = parse_table_name)]
     pub lease_table: Option<String>,
 }

@@ -17,6 +17,7 @@ pub mod lease;
 pub mod output;
 pub mod promote;
 pub mod prune;
+pub mod release;
 pub use bakery_core::recipe;
 pub mod rollout;
 pub mod secret;

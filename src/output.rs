@@ -161,6 +161,71 @@ pub enum Event {
         manifest: serde_json::Value,
         unchanged: Vec<String>,
     },
+    /// `release`: the release starts (or resumes) with these waves and groups.
+    ReleaseStarted {
+        release: String,
+        resumed: bool,
+        on_failure: String,
+        waves: serde_json::Value,
+    },
+    WaveStarted {
+        wave: String,
+        groups: Vec<String>,
+    },
+    /// A group's rollout starts (`previous_ami`: what it launched before, for the revert).
+    GroupStarted {
+        wave: String,
+        group: String,
+        ami: String,
+        previous_ami: String,
+    },
+    /// A group's rollout ended: `rolled_out`, `unchanged`, `rolled_back`, `halted`, `failed`.
+    GroupFinished {
+        wave: String,
+        group: String,
+        result: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+    },
+    /// A wave's gate: `alarms` or `http`, `passed` or `failed`.
+    Gate {
+        wave: String,
+        gate: String,
+        result: String,
+        detail: String,
+    },
+    WaveBaking {
+        wave: String,
+        seconds: u64,
+    },
+    /// `passed` or `failed`.
+    WaveFinished {
+        wave: String,
+        result: String,
+    },
+    /// A failure (or --abort) reverts these groups.
+    ReleaseRollbackStarted {
+        reason: String,
+        groups: Vec<String>,
+    },
+    GroupReverted {
+        group: String,
+        result: String,
+    },
+    /// `done`, `rolled back`, `stopped`, `aborted` (or a --dry-run's `planned`).
+    ReleaseFinished {
+        release: String,
+        result: String,
+        duration_s: f64,
+    },
+    ReleaseFailed {
+        error: String,
+        exit_code: i32,
+    },
+    /// `release --status`: the record.
+    ReleaseStatus {
+        record: serde_json::Value,
+    },
     /// A command other than `build` and `rollout` failed.
     CommandFailed {
         command: String,
@@ -174,6 +239,14 @@ pub enum Event {
 #[derive(Clone)]
 pub struct Reporter {
     inner: Arc<Inner>,
+    /// Fields added to every event (JSON) and a prefix on every line (human): a release runs
+    /// several groups' rollouts at once, and each one's events say which group they are about.
+    scope: Option<Arc<Scope>>,
+}
+
+struct Scope {
+    fields: serde_json::Map<String, serde_json::Value>,
+    prefix: String,
 }
 
 struct Inner {
@@ -194,6 +267,22 @@ impl Reporter {
                 no_progress: false,
                 lock: Mutex::new(()),
             }),
+            scope: None,
+        }
+    }
+
+    /// The same reporter whose events also carry `fields` (e.g. wave, region, group), and whose
+    /// human lines start with `[prefix] `.
+    pub fn scoped(&self, fields: &[(&str, &str)], prefix: &str) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            scope: Some(Arc::new(Scope {
+                fields: fields
+                    .iter()
+                    .map(|(k, v)| ((*k).to_string(), serde_json::Value::from(*v)))
+                    .collect(),
+                prefix: format!("[{prefix}] "),
+            })),
         }
     }
 
@@ -206,6 +295,7 @@ impl Reporter {
                 no_progress: true,
                 lock: Mutex::new(()),
             }),
+            scope: None,
         }
     }
 
@@ -222,6 +312,9 @@ impl Reporter {
                     .unwrap_or_default();
                 let mut value = serde_json::to_value(&event).unwrap_or_default();
                 if let Some(map) = value.as_object_mut() {
+                    for (k, v) in self.scope.iter().flat_map(|s| &s.fields) {
+                        map.entry(k.clone()).or_insert_with(|| v.clone());
+                    }
                     map.insert("ts".into(), ts.into());
                 }
                 let mut out = std::io::stdout().lock();
@@ -236,7 +329,8 @@ impl Reporter {
                     }
                 } else if self.inner.no_progress && is_progress(&event) {
                 } else if let Some(line) = human_line(&event, self.inner.quiet) {
-                    let _ = writeln!(std::io::stderr().lock(), "{line}");
+                    let prefix = self.scope.as_ref().map(|s| s.prefix.as_str()).unwrap_or("");
+                    let _ = writeln!(std::io::stderr().lock(), "{prefix}{line}");
                 }
             }
         }
@@ -375,6 +469,60 @@ fn human_line(event: &Event, quiet: bool) -> Option<String> {
             None => format!("    {region}: {ami_id} {state}"),
         },
         Event::PromoteFinished { .. } => return None,
+        Event::ReleaseStarted {
+            release,
+            resumed,
+            on_failure,
+            waves,
+        } => format!(
+            "==> release {release}{}: {} wave(s), on failure {on_failure}",
+            if *resumed { " (resumed)" } else { "" },
+            waves.as_array().map(Vec::len).unwrap_or(0)
+        ),
+        Event::WaveStarted { wave, groups } => {
+            format!("==> wave {wave}: {}", groups.join(", "))
+        }
+        Event::GroupStarted {
+            group,
+            ami,
+            previous_ami,
+            ..
+        } => format!("    {group}: {previous_ami} -> {ami}"),
+        Event::GroupFinished {
+            group,
+            result,
+            detail,
+            ..
+        } => format!(
+            "    {group}: {result}{}",
+            detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default()
+        ),
+        Event::Gate {
+            wave,
+            gate,
+            result,
+            detail,
+        } => format!("    wave {wave}: {gate} gate {result}: {detail}"),
+        Event::WaveBaking { wave, seconds } => {
+            format!("    wave {wave}: healthy; watching for {seconds}s")
+        }
+        Event::WaveFinished { wave, result } => format!("==> wave {wave} {result}"),
+        Event::ReleaseRollbackStarted { reason, groups } => format!(
+            "!!  release halted: {reason}; reverting {}",
+            if groups.is_empty() {
+                "nothing".to_string()
+            } else {
+                groups.join(", ")
+            }
+        ),
+        Event::GroupReverted { group, result } => format!("    {group}: {result}"),
+        Event::ReleaseFinished {
+            release,
+            result,
+            duration_s,
+        } => format!("==> release {release} {result} in {duration_s:.0}s"),
+        Event::ReleaseFailed { error, .. } => return Some(format!("error: {error}")),
+        Event::ReleaseStatus { .. } => return None,
         Event::Valid { .. }
         | Event::Gc { .. }
         | Event::Prune { .. }

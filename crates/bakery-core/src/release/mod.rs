@@ -238,8 +238,8 @@ struct RawHttp {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRollout {
-    max_surge: Option<S>,
-    max_unavailable: Option<S>,
+    max_surge: Option<Spanned<toml::Value>>,
+    max_unavailable: Option<Spanned<toml::Value>>,
     canary: Option<Spanned<i64>>,
     canary_bake: Option<S>,
     health_timeout: Option<S>,
@@ -742,7 +742,16 @@ impl Checker<'_> {
     }
 
     fn rollout(&mut self, raw: RawRollout) -> RolloutSettings {
-        let amount = |c: &mut Self, s: Option<S>, field: &str, least: u32| {
+        let amount = |c: &mut Self, v: Option<Spanned<toml::Value>>, field: &str, least: u32| {
+            // A count may be written bare (`max_surge = 1`) or quoted, a percentage quoted.
+            let s = v.map(|v| {
+                let span = v.span();
+                let text = match v.into_inner() {
+                    toml::Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                Spanned::new(span, text)
+            });
             s.and_then(|s| match s.get_ref().parse::<Amount>() {
                 Ok(a) if a.resolve(100) >= least => Some(a),
                 Ok(_) => {
@@ -766,12 +775,12 @@ impl Checker<'_> {
         let max_surge = amount(self, raw.max_surge, "max_surge", 1);
         let max_unavailable = amount(self, raw.max_unavailable, "max_unavailable", 0);
         let canary = raw.canary.and_then(|c| match u32::try_from(*c.get_ref()) {
-            Ok(v) => Some(v),
-            Err(_) => {
+            Ok(v) if v >= 1 => Some(v),
+            _ => {
                 self.error(
                     c.span().start,
-                    format!("canary = {} must be 0 or more", c.get_ref()),
-                    "the size of the first batch (0: no canary batch)",
+                    format!("canary = {} must be at least 1", c.get_ref()),
+                    "the size of the first batch, as `bakery rollout --canary` (default 1)",
                 );
                 None
             }

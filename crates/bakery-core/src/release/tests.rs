@@ -144,7 +144,7 @@ fn waves_and_targets_are_checked_each_and_all_at_once() {
         "14: an alarm name must be 1 to 255 characters",
         "15: `max_surge` = \"0\" must be at least 1 instance",
         "15: `max_unavailable`: 120% is more than 100%",
-        "15: canary = -1 must be 0 or more",
+        "15: canary = -1 must be at least 1",
         "15: `health_timeout` = \"1s\" is out of range",
     ];
     for w in want {
