@@ -285,6 +285,11 @@ class FrontDoor:
         """(service, action, protocol) where protocol is ec2 | query | json | rest."""
         qs = parse_qs(environ.get("QUERY_STRING", ""))
         service = credential_scope(environ, qs)[1] or ""
+        from . import cbor_protocol
+
+        cbor_op = cbor_protocol.match(environ)
+        if cbor_op:  # CloudWatch over Smithy RPC v2 CBOR (POST /service/<svc>/operation/<Op>)
+            return service or "monitoring", cbor_op, "cbor"
         target = environ.get("HTTP_X_AMZ_TARGET", "")
         if target:
             action = target.rsplit(".", 1)[-1]
@@ -351,6 +356,11 @@ class FrontDoor:
 
     @staticmethod
     def error_response(kind: str, protocol: str, service: str, action: str):
+        if protocol == "cbor":
+            from . import cbor_protocol
+
+            status, headers, payload = cbor_protocol.fault_answer(kind)
+            return status, [h for h in headers if h[0] != "Content-Length"], payload
         rid = str(uuid.uuid4())
         if kind == "throttle":
             if protocol == "ec2":
@@ -457,6 +467,11 @@ class FrontDoor:
                     pass
             raise DropConnection(f"world: {what} by fault injection")
 
+        app = self.app
+        if protocol == "cbor":  # translated to moto's query protocol and back (cbor_protocol.py)
+            from .cbor_protocol import Translator
+
+            app = Translator(self.app)
         if fault in ("drop", "partition"):
             record("dropped")
             drop_connection("connection dropped" if fault == "drop" else "caller partitioned")
@@ -470,7 +485,7 @@ class FrontDoor:
                 return lambda _data: None
 
             try:
-                for _chunk in self.app(environ, keep):
+                for _chunk in app(environ, keep):
                     pass
             except Exception:
                 record(500)
@@ -491,7 +506,7 @@ class FrontDoor:
             return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
 
         try:
-            result = self.app(environ, sr)
+            result = app(environ, sr)
         except Exception:
             record(500)
             raise
