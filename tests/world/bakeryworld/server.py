@@ -24,7 +24,7 @@ from pathlib import Path
 from .netutil import port_in_use
 from .world import Settings, World
 
-PLUGINS = ("health", "asg", "ssm", "patches_dynamodb", "patches_sqs", "events", "cloudwatch")
+PLUGINS = ("health", "asg", "ssm", "patches_dynamodb", "patches_sqs", "patches_sts", "events", "cloudwatch")
 NS_MARK = "BAKERY_WORLD_NS"
 
 
