@@ -244,6 +244,12 @@ def test_unknown_operation_and_bad_parameters(cbor):
     status, headers, body = cbor.raw(CBOR_PATH + "DescribeAlarms", bytes(body))
     assert status == 200, body
 
+    # an operation moto 5.2.5 does not implement: a CBOR InternalFailure, not an HTML page
+    status, headers, body = cbor.raw(CBOR_PATH + "DescribeAnomalyDetectors", b"\xbf\xff")
+    err, raw = _error(status, headers, body, cbor)
+    assert status == 500 and raw["__type"] == "InternalFailure" and "moto" in raw["message"]
+    assert headers["x-amzn-query-error"] == "InternalFailure;Receiver"
+
     # RPC v2 is POST only
     status, headers, body = cbor.raw(CBOR_PATH + "DescribeAlarms", b"", method="GET")
     assert status == 405
@@ -272,3 +278,33 @@ def test_faults_and_call_log_in_cbor(world, cbor):
     log = [(c["service"], c["action"], c["status"], c["fault"], c["mutating"]) for c in calls["calls"]]
     assert ("monitoring", "ListMetrics", 400, "throttle", False) in log
     assert ("monitoring", "ListMetrics", 200, None, False) in log
+
+
+def _text(s: str) -> bytes:
+    b = s.encode()
+    assert len(b) < 256
+    return (bytes([0x60 | len(b)]) if len(b) < 24 else bytes([0x78, len(b)])) + b
+
+
+def test_rust_sdk_encoding_indefinite_maps(cbor):
+    """The AWS SDK for Rust writes every structure as an indefinite-length map (0xbf ... 0xff),
+    lists with their length, timestamps as tag 1 around a float64, doubles as float64."""
+    import struct
+
+    name = f"cbor-rust-{uuid.uuid4().hex[:8]}"
+    body = (b"\xbf" + _text("AlarmName") + _text(name) + _text("Namespace") + _text("World/Cbor")
+            + _text("MetricName") + _text("Errors") + _text("Statistic") + _text("Sum")
+            + _text("Period") + b"\x18\x3c" + _text("EvaluationPeriods") + b"\x01"
+            + _text("Threshold") + b"\xfb" + struct.pack(">d", 2.5)
+            + _text("ComparisonOperator") + _text("GreaterThanThreshold") + b"\xff")
+    status, headers, out = cbor.raw(CBOR_PATH + "PutMetricAlarm", body)
+    assert status == 200, out
+    status, headers, out = cbor.raw(CBOR_PATH + "DescribeAlarms",
+                                    b"\xbf" + _text("AlarmNames") + b"\x81" + _text(name) + b"\xff")
+    assert status == 200
+    raw = cbor.parser.parse_data_item(cbor.parser.get_peekable_stream_from_bytes(out))
+    [alarm] = raw["MetricAlarms"]
+    assert alarm["Threshold"] == 2.5 and alarm["Period"] == 60
+    assert out.count(b"\xc1\xfb") >= 2  # timestamps: tag 1 + float64, as the Rust decoder reads them
+    status, headers, out = cbor.raw(CBOR_PATH + "DescribeAlarms", b"\xbf\xff")  # no input members
+    assert status == 200 and out[:1] in (b"\xa1", b"\xa2", b"\xa0")

@@ -35,7 +35,8 @@ What an RPC v2 CBOR caller sees, as the Smithy "RPC v2 CBOR protocol" specificat
   model does not know are ignored (as Smithy servers do for forward compatibility); an operation
   CloudWatch does not have: `UnknownOperationException`, 404 (what Smithy's reference server
   routers answer; the world's choice where AWS does not document it); a method other than POST:
-  405.
+  405. An operation moto 5.2.5 does not implement (moto raises): `InternalFailure`, 500, the
+  message naming moto's exception (a query caller gets moto's HTML 500 there).
 """
 
 from __future__ import annotations
@@ -345,13 +346,17 @@ class Translator:
             captured["status"], captured["headers"] = status, hdrs
             return lambda _data: None
 
-        result = self.app(env, sr)
         try:
-            xml = b"".join(result)
-        finally:
-            close = getattr(result, "close", None)
-            if close:
-                close()
+            result = self.app(env, sr)
+            try:
+                xml = b"".join(result)
+            finally:
+                close = getattr(result, "close", None)
+                if close:
+                    close()
+        except Exception as e:  # moto raised (e.g. an operation it does not implement)
+            return error_answer("InternalFailure", f"world: moto failed on {operation}: {type(e).__name__}: {e}",
+                                500, operation, sender=False)
         try:
             code = int(str(captured.get("status", "500")).split()[0])
         except ValueError:
