@@ -282,7 +282,7 @@ class FrontDoor:
     # -------------------------------------------------------------- request classification
     @staticmethod
     def classify(environ, body: bytes) -> tuple[str, str, str]:
-        """(service, action, protocol) where protocol is ec2 | query | json | rest."""
+        """(service, action, protocol) where protocol is ec2 | query | json | rest | cbor."""
         qs = parse_qs(environ.get("QUERY_STRING", ""))
         service = credential_scope(environ, qs)[1] or ""
         from . import cbor_protocol
