@@ -216,6 +216,10 @@ pub struct ReleaseArgs {
     /// Resolve the plan (groups, images, alarms) and print every group's batches; change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Run the plan again as a new release when its last run ended (done, rolled back, stopped,
+    /// aborted); without it, rerunning an ended release only reports how it ended.
+    #[arg(long, conflicts_with_all = ["abort", "status"])]
+    pub restart: bool,
     /// How long a group's lock (and the release's lease) outlives this run if it stops renewing it.
     #[arg(long, value_parser = parse_lock_ttl, default_value = "60s")]
     pub lock_ttl: std::time::Duration,

@@ -355,6 +355,7 @@ async fn release(
         status: args.status,
         abort: args.abort,
         dry_run: args.dry_run,
+        restart: args.restart,
         lock_ttl: args.lock_ttl,
         lease_table: args.lease_table,
     };

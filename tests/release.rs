@@ -392,3 +392,119 @@ targets = [{{ region = "{home}", group = "no-such-group-b" }},
     assert!(failure(&run).contains("bad.toml:5:11: wave \"w\" has no targets"), "{}", failure(&run));
     fleet.delete(&world).await;
 }
+
+fn gate_plan(dir: &Path, policy: &str, ami: &str, first: &str, second: &str, home: &str) -> PathBuf {
+    write(
+        dir,
+        "web.toml",
+        &format!(
+            r#"[source]
+ami = "{ami}"
+on_failure = "{policy}"
+
+[[wave]]
+name = "first"
+targets = [{{ region = "{home}", group = "{first}" }}]
+rollout = {{ max_surge = "100%" }}
+
+[[wave]]
+name = "second"
+targets = [{{ region = "{home}", group = "{second}" }}]
+gates = {{ http = {{ path = "/healthz", expect_body = "a body the app never answers" }} }}
+rollout = {{ max_surge = "100%" }}
+"#
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_http_gate_reverts_what_on_failure_names_and_abort_reverts_the_rest() {
+    let world = World::get();
+    let home = home(&world);
+    let (good, _) = sample_amis(&world).clone();
+
+    // rollback_all: both waves go back, the one that passed included.
+    let first = Fleet::create(&world, "rel-gate-a", 2).await;
+    let second = Fleet::create(&world, "rel-gate-b", 2).await;
+    let before = first.amis(&world).await;
+    let dir = scratch("release-gate-all");
+    let plan = gate_plan(&dir, "rollback_all", &good, &first.asg, &second.asg, &home);
+    let run = release(&world, &plan, &[]);
+    assert_eq!(run.code, Some(6), "{}", run.describe());
+    let err = failure(&run);
+    assert!(err.contains("without \"a body the app never answers\" in its body"), "{err}");
+    let gate = events(&run, "gate");
+    assert!(gate.iter().any(|g| g["gate"] == "http" && g["result"] == "failed"), "{gate:?}");
+    for f in [&first, &second] {
+        let now = f.amis(&world).await;
+        assert!(!now.is_empty() && now.iter().all(|a| before.contains(a)), "{} reverted: {now:?}", f.asg);
+    }
+    let rec = record(&plan);
+    assert_eq!(rec["state"], serde_json::json!({"ended": "rolled_back"}));
+    assert_eq!(rec["waves"][0]["state"], "passed");
+    assert_eq!(rec["waves"][1]["state"], "failed");
+    first.delete(&world).await;
+    second.delete(&world).await;
+
+    // stop: nothing is reverted (no group was caught mid-rollout); --abort then reverts both.
+    let first = Fleet::create(&world, "rel-stop-a", 2).await;
+    let second = Fleet::create(&world, "rel-stop-b", 2).await;
+    let dir = scratch("release-gate-stop");
+    let plan = gate_plan(&dir, "stop", &good, &first.asg, &second.asg, &home);
+    let run = release(&world, &plan, &[]);
+    assert_eq!(run.code, Some(6), "{}", run.describe());
+    assert_eq!(record(&plan)["state"], serde_json::json!({"ended": "stopped"}));
+    for f in [&first, &second] {
+        assert!(f.amis(&world).await.iter().all(|a| *a == good), "{} left for inspection", f.asg);
+    }
+    // A rerun of an ended release does nothing and says how it ended.
+    let ended = record(&plan);
+    let again = release(&world, &plan, &[]);
+    assert_eq!(again.code, Some(6), "{}", again.describe());
+    assert!(failure(&again).contains("release web stopped"), "{}", failure(&again));
+    assert!(events(&again, "group_started").is_empty(), "nothing was rolled again");
+    assert_eq!(record(&plan)["waves"], ended["waves"]);
+    let abort = release(&world, &plan, &["--abort"]);
+    assert_eq!(abort.code, Some(0), "{}", abort.describe());
+    assert_eq!(abort.event("release_finished").unwrap()["result"], "aborted");
+    for f in [&first, &second] {
+        let now = f.amis(&world).await;
+        assert!(!now.is_empty() && now.iter().all(|a| before.contains(a)), "{} aborted: {now:?}", f.asg);
+    }
+    first.delete(&world).await;
+    second.delete(&world).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_prints_every_groups_batches_and_changes_nothing() {
+    let world = World::get();
+    let home = home(&world);
+    let (good, _) = sample_amis(&world).clone();
+    let a = Fleet::create(&world, "rel-dry-a", 2).await;
+    let b = Fleet::create(&world, "rel-dry-b", 4).await;
+    let before = (a.group(&world).await, b.group(&world).await);
+    let dir = scratch("release-dry-run");
+    let plan = write(
+        &dir,
+        "web.toml",
+        &format!(
+            "[source]\nami = \"{good}\"\n[[wave]]\nname = \"one\"\ntargets = [{{ region = \"{home}\", group = \"{}\" }}]\n\
+             [[wave]]\nname = \"two\"\ntargets = [{{ region = \"{home}\", group = \"{}\" }}]\nrollout = {{ max_surge = 1 }}\n",
+            a.asg, b.asg
+        ),
+    );
+    let run = release(&world, &plan, &["--dry-run"]);
+    assert_eq!(run.code, Some(0), "{}", run.describe());
+    let plans = events(&run, "rollout_plan");
+    assert_eq!(plans.len(), 2, "{plans:?}");
+    assert_eq!(plans[0]["wave"], "one");
+    assert_eq!(plans[1]["group"], b.asg);
+    // Four instances, one at a time after a canary of one: four batches.
+    assert_eq!(plans[1]["plan"]["batches"].as_array().unwrap().len(), 4, "{}", plans[1]);
+    assert!(!plan.with_extension("release.json").exists());
+    let after = (a.group(&world).await, b.group(&world).await);
+    assert_eq!(before.0.launch_template(), after.0.launch_template());
+    assert_eq!(before.1.launch_template(), after.1.launch_template());
+    a.delete(&world).await;
+    b.delete(&world).await;
+}

@@ -38,6 +38,8 @@ pub struct Options {
     pub status: bool,
     pub abort: bool,
     pub dry_run: bool,
+    /// Start the plan again as a new release, replacing the record of one that ended.
+    pub restart: bool,
     pub lock_ttl: Duration,
     pub lease_table: Option<String>,
 }
@@ -106,13 +108,27 @@ pub async fn run(target: &Target, opts: &Options, reporter: &Reporter) -> Result
         .await
         .map_err(ReleaseError::BadInput)?;
     let (rec, resumed) = match existing {
-        Some(rec) if !rec.state.is_over() || opts.abort => {
+        Some(rec) if opts.restart && !rec.state.is_over() => {
+            return Err(ReleaseError::Conflict(format!(
+                "release {} is {}: --restart starts an ended release again; resume this one \
+                 (rerun without --restart) or revert it with --abort",
+                rec.release,
+                rec.state.label()
+            )))
+        }
+        // An ended release is rerun as such (it reports how it ended) unless asked to start
+        // again, or its plan changed (a new release).
+        Some(rec)
+            if opts.abort
+                || !rec.state.is_over()
+                || (!opts.restart && rec.plan_sha256 == plan.sha256) =>
+        {
             if !opts.abort {
                 record::continues(&rec, &plan).map_err(ReleaseError::Conflict)?;
             }
             (rec, true)
         }
-        _ if opts.abort => {
+        None if opts.abort => {
             return Err(ReleaseError::BadInput(vec![format!(
                 "release {} has no record ({}): there is nothing to abort",
                 plan.name,
