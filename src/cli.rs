@@ -201,6 +201,29 @@ pub struct RolloutArgs {
     /// the lock is the group's `bakery:rollout-lock` tag.
     #[arg(long, env = "BAKERY_LEASE_TABLE", value_name = "NAME", value_parser = parse_table_name)]
     pub lease_table: Option<String>,
+    /// Replace every instance, even those already on the AMI and launch-template version
+    /// (default: skip them, as Instance Refresh's SkipMatching).
+    #[arg(long)]
+    pub no_skip_matching: bool,
+    /// Old instances protected from scale in: left as they are (ignore), waited for until
+    /// unprotected, at most --health-timeout (wait), or replaced (replace).
+    #[arg(long, value_name = "POLICY", default_value = "ignore")]
+    pub protected_instances: crate::rollout::InstancePolicy,
+    /// Old instances in Standby: left as they are (ignore), waited for until they leave
+    /// Standby, at most --health-timeout (wait), or terminated (replace).
+    #[arg(long, value_name = "POLICY", default_value = "ignore")]
+    pub standby_instances: crate::rollout::InstancePolicy,
+    /// Pause when this share of the instances is replaced: ascending percentages, the last 100
+    /// (e.g. 25,50,100).
+    #[arg(long, value_name = "PERCENTS")]
+    pub checkpoints: Option<crate::rollout::Checkpoints>,
+    /// How long each checkpoint pauses (default 1h, as Instance Refresh's CheckpointDelay).
+    #[arg(long, value_parser = bounded(0, 24 * 3600), default_value = "1h", requires = "checkpoints")]
+    pub checkpoint_pause: std::time::Duration,
+    /// Batch sizes after the canary: `fixed` (--max-surge each) or `exponential` (1, 2, 4, …
+    /// from the canary's size, up to --max-surge).
+    #[arg(long, value_name = "RAMP", default_value = "fixed")]
+    pub ramp: crate::rollout::Ramp,
 }
 
 #[derive(Debug, Args)]

@@ -333,7 +333,14 @@ async fn rollout_cmd(
         keep_versions: args.keep_versions,
         lock_ttl: args.lock_ttl,
         lease_table: args.lease_table,
-        in_group: rollout::InGroup::default(),
+        in_group: rollout::InGroup {
+            skip_matching: !args.no_skip_matching,
+            protected_instances: args.protected_instances,
+            standby_instances: args.standby_instances,
+            checkpoints: args.checkpoints.unwrap_or_default(),
+            checkpoint_pause: args.checkpoint_pause,
+            ramp: args.ramp,
+        },
     };
     let aws = match aws::Aws::connect(target).await {
         Ok(a) => a,

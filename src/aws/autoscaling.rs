@@ -15,6 +15,8 @@ pub struct GroupInstance {
     pub health: String,
     pub launch_template_version: Option<String>,
     pub availability_zone: String,
+    /// Protected from scale in.
+    pub protected: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +46,8 @@ pub struct Group {
     pub instances: Vec<GroupInstance>,
     pub tags: BTreeMap<String, String>,
     pub suspended: Vec<String>,
+    /// The group has a warm pool (`WarmPoolConfiguration`).
+    pub warm_pool: bool,
 }
 
 pub async fn describe(asg: &Client, name: &str) -> Result<Option<Group>, AwsError> {
@@ -189,6 +193,7 @@ fn group_of(g: &aws_sdk_autoscaling::types::AutoScalingGroup) -> Group {
                     .and_then(|lt| lt.version())
                     .map(str::to_string),
                 availability_zone: i.availability_zone().unwrap_or_default().to_string(),
+                protected: i.protected_from_scale_in().unwrap_or_default(),
             })
             .collect(),
         tags: g
@@ -206,6 +211,7 @@ fn group_of(g: &aws_sdk_autoscaling::types::AutoScalingGroup) -> Group {
             .iter()
             .filter_map(|p| p.process_name().map(str::to_string))
             .collect(),
+        warm_pool: g.warm_pool_configuration().is_some(),
     }
 }
 
@@ -317,6 +323,40 @@ pub async fn update(
     })
     .await
     .map(|_| ())
+}
+
+/// The instances of the group's warm pool (none without a pool), with their pool lifecycle
+/// state (`Warmed:Stopped`, ...) and launch-template version.
+pub async fn warm_pool(asg: &Client, group: &str) -> Result<Vec<GroupInstance>, AwsError> {
+    let mut out = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let page = call("autoscaling:DescribeWarmPool", group, || {
+            asg.describe_warm_pool()
+                .auto_scaling_group_name(group)
+                .set_next_token(token.clone())
+                .send()
+        })
+        .await?;
+        out.extend(page.instances().iter().map(|i| GroupInstance {
+            id: i.instance_id().unwrap_or_default().to_string(),
+            lifecycle: i
+                .lifecycle_state()
+                .map(|l| l.as_str().to_string())
+                .unwrap_or_default(),
+            health: i.health_status().unwrap_or_default().to_string(),
+            launch_template_version: i
+                .launch_template()
+                .and_then(|lt| lt.version())
+                .map(str::to_string),
+            availability_zone: i.availability_zone().unwrap_or_default().to_string(),
+            protected: i.protected_from_scale_in().unwrap_or_default(),
+        }));
+        token = page.next_token().map(str::to_string);
+        if token.is_none() {
+            return Ok(out);
+        }
+    }
 }
 
 /// Terminates a group member; with `decrement`, the group does not replace it.

@@ -6,8 +6,8 @@
 //! progress on the group ([`state`]) and repeats. Every action is safe to repeat, so a driver
 //! that dies between acting and recording is resumed correctly by the next one.
 
-pub use bakery_core::marks as state;
 pub use bakery_core::ingroup::{Checkpoints, InGroup, InstancePolicy, Ramp};
+pub use bakery_core::marks as state;
 pub use bakery_core::plan;
 pub mod status;
 
@@ -19,7 +19,7 @@ use crate::lease::{Fence, Fenced, Keeper, LeaseError};
 use crate::output::{Event, Reporter};
 use crate::signals::Signals;
 use crate::wait::{Tolerance, OUTAGE_LIMIT};
-use plan::{Amount, Decision, Observed, Progress, Settings, Start, TargetHealth};
+use plan::{Amount, Decision, Held, Observed, Progress, Settings, Start, Target, TargetHealth};
 use state::{Lock, Phase, ProgressTag, RolloutState, LOCK_TAG, PROGRESS_TAG, STATE_TAG};
 
 /// The rollout's failure reason, kept for a driver that resumes a rollback.
@@ -251,9 +251,16 @@ async fn run_as(
         None if req.abort => None,
         None => Some(source_version(aws, &group, &template_id).await?),
     };
+    // Skip matching: the group needs nothing when its version already names the AMI and every
+    // instance (and warm-pool instance) runs it from that version. Without, every run replaces.
     let already_everywhere = match (&source, &ami) {
-        (Some(src), Some(ami)) if src.image_id.as_deref() == Some(ami.as_str()) => {
-            all_on(aws, &group, ami).await?
+        (Some(src), Some(ami))
+            if req.in_group.skip_matching && src.image_id.as_deref() == Some(ami.as_str()) =>
+        {
+            let version = src.number.to_string();
+            let o = observe_group(aws, &group, &mut BTreeMap::new(), false).await?;
+            let t = Target::rolling(ami, &version, &version, true);
+            plan::all_match(&settings(req, group.desired), &t, &o)
         }
         _ => false,
     };
@@ -318,6 +325,13 @@ async fn run_as(
         }
         (Start::AlreadyRunning, None, Some(source)) => {
             let ami = ami.unwrap_or_default();
+            reporter.emit(Event::Info {
+                step: "rollout".into(),
+                message: format!(
+                    "every instance of {} already runs {ami} from launch template version {} (skip matching): nothing to replace, nothing changed; --no-skip-matching replaces them all",
+                    group.name, source.number
+                ),
+            });
             reporter.emit(Event::RolloutFinished {
                 result: "already running".into(),
                 group: group.name.clone(),
@@ -402,11 +416,72 @@ async fn source_version(
         })
 }
 
-/// Whether every instance of the group (at least its desired capacity) runs `ami`.
-async fn all_on(aws: &Aws, group: &autoscaling::Group, ami: &str) -> Result<bool, RolloutError> {
-    let ids: Vec<String> = group.instances.iter().map(|i| i.id.clone()).collect();
-    let images = ec2::images_of(&aws.ec2, &ids).await?;
-    Ok(images.values().all(|(a, _)| a == ami) && images.len() as u32 >= group.desired)
+/// The group as the decisions see it: its instances (image, launch time, version, protection,
+/// target health when `health`) and its warm pool's. `images` caches image and launch time by
+/// instance id (neither ever changes).
+async fn observe_group(
+    aws: &Aws,
+    g: &autoscaling::Group,
+    images: &mut BTreeMap<String, (String, u64)>,
+    health: bool,
+) -> Result<Observed, RolloutError> {
+    let pool = if g.warm_pool {
+        autoscaling::warm_pool(&aws.autoscaling, &g.name).await?
+    } else {
+        Vec::new()
+    };
+    let unknown: Vec<String> = g
+        .instances
+        .iter()
+        .chain(pool.iter())
+        .filter(|i| !images.contains_key(&i.id))
+        .map(|i| i.id.clone())
+        .collect();
+    if !unknown.is_empty() {
+        let found = ec2::images_of(&aws.ec2, &unknown).await?;
+        images.extend(found);
+    }
+    let mut target_health = Vec::new();
+    if health {
+        for tg in &g.target_group_arns {
+            target_health.push(elbv2::target_health(&aws.elb, tg).await?);
+        }
+    }
+    let view = |i: &autoscaling::GroupInstance, target: TargetHealth| {
+        let (ami, launched) = images.get(&i.id).cloned().unwrap_or_default();
+        plan::Instance {
+            id: i.id.clone(),
+            ami,
+            version: i.launch_template_version.clone(),
+            lifecycle: i.lifecycle.clone(),
+            protected: i.protected,
+            asg_healthy: i.health.eq_ignore_ascii_case("healthy"),
+            target,
+            launched,
+        }
+    };
+    let instances = g
+        .instances
+        .iter()
+        .map(|i| {
+            let target = if health {
+                combined_health(&target_health, &i.id)
+            } else {
+                TargetHealth::Healthy
+            };
+            view(i, target)
+        })
+        .collect();
+    let pool = pool
+        .iter()
+        .map(|i| view(i, TargetHealth::Initial))
+        .collect();
+    Ok(Observed {
+        desired: g.desired,
+        instances,
+        pool,
+        now: now(),
+    })
 }
 
 async fn resolve_ami(aws: &Aws, src: &AmiSource) -> Result<String, RolloutError> {
@@ -494,6 +569,11 @@ fn settings(req: &Request, capacity: u32) -> Settings {
         canary_bake: req.canary_bake,
         warmup: req.warmup,
         health_timeout: req.health_timeout,
+        ramp: req.in_group.ramp,
+        checkpoints: req.in_group.checkpoints.percents().to_vec(),
+        checkpoint_pause: req.in_group.checkpoint_pause,
+        protected: req.in_group.protected_instances,
+        standby: req.in_group.standby_instances,
     }
 }
 
@@ -506,26 +586,26 @@ async fn initial_plan(
     aws: &Aws,
 ) -> Result<serde_json::Value, RolloutError> {
     let s = settings(req, group.desired);
-    let ids: Vec<String> = group.instances.iter().map(|i| i.id.clone()).collect();
-    let images = ec2::images_of(&aws.ec2, &ids).await?;
-    let instances: Vec<plan::Instance> = group
+    let o = observe_group(aws, group, &mut BTreeMap::new(), false).await?;
+    let from = source.number.to_string();
+    let t = Target::rolling(ami, "new", &from, req.in_group.skip_matching);
+    let old = o
         .instances
         .iter()
-        .map(|i| {
-            let (ami, launched) = images.get(&i.id).cloned().unwrap_or_default();
-            plan::Instance {
-                id: i.id.clone(),
-                ami,
-                lifecycle: i.lifecycle.clone(),
-                asg_healthy: true,
-                target: TargetHealth::Healthy,
-                launched,
-            }
-        })
+        .filter(|i| !i.lifecycle.starts_with("Terminat") && !t.matches(i))
+        .count() as u32;
+    let stale_pool: Vec<&str> = o
+        .pool
+        .iter()
+        .filter(|i| !t.matches(i))
+        .map(|i| i.id.as_str())
         .collect();
-    let old = instances.iter().filter(|i| i.ami != ami).count() as u32;
+    let left: Vec<serde_json::Value> = plan::left_alone(&s, &t, &o)
+        .into_iter()
+        .map(|(id, why)| serde_json::json!({"instance": id, "why": why}))
+        .collect();
     // The same `decide` the rollout runs, on a simulated group where every launch is healthy.
-    let steps = plan::simulate(&s, ami, &instances, now());
+    let steps = plan::simulate(&s, &t, &o.instances, &o.pool, now());
     let max_needed = steps.iter().map(|b| b.desired).max().unwrap_or(s.capacity);
     Ok(serde_json::json!({
         "group": group.name,
@@ -536,6 +616,14 @@ async fn initial_plan(
         "to_ami": ami,
         "capacity": s.capacity,
         "instances_to_replace": old,
+        "skip_matching": req.in_group.skip_matching,
+        "left_alone": left,
+        "warm_pool_to_refresh": stale_pool,
+        "protected_instances": s.protected,
+        "standby_instances": s.standby,
+        "ramp": s.ramp,
+        "checkpoints": s.checkpoints,
+        "checkpoint_pause_s": s.checkpoint_pause.as_secs(),
         "max_surge": s.surge,
         "max_unavailable": s.max_unavailable,
         "canary": s.canary,
@@ -563,6 +651,8 @@ struct Driver<'a> {
     images: BTreeMap<String, (String, u64)>,
     rollback_reason: Option<(String, Vec<String>)>,
     last_wait: String,
+    /// This driver's memory of checkpoints and waits (`None` until the first observation).
+    held: Option<Held>,
 }
 
 impl<'a> Driver<'a> {
@@ -591,6 +681,7 @@ impl<'a> Driver<'a> {
             images: BTreeMap::new(),
             rollback_reason: None,
             last_wait: String::new(),
+            held: None,
         }
     }
 
@@ -841,65 +932,40 @@ impl<'a> Driver<'a> {
         Ok(())
     }
 
-    fn target_ami_for_phase(&self) -> Option<&str> {
-        match self.progress.ph {
-            Phase::Rolling => Some(&self.st.ami),
-            Phase::RollingBack => None,
-        }
-    }
-
     fn settings(&self) -> Settings {
         let mut s = settings(self.req, self.st.d);
         if self.progress.ph == Phase::RollingBack {
             // A rollback has no canary: restore the old fleet at the normal pace.
             s.canary = s.surge;
             s.canary_bake = Duration::ZERO;
+            s.ramp = plan::Ramp::Fixed;
+            s.checkpoints.clear();
+            // Protected instances this rollout launched go too (they run the new image).
+            s.protected = plan::InstancePolicy::Replace;
         }
         s
+    }
+
+    /// What the current phase rolls towards: the new image as this rollout's version, or,
+    /// rolling back, the old image.
+    fn target(&self, rollback_ami: &str) -> Target {
+        match self.progress.ph {
+            Phase::Rolling => Target::rolling(
+                &self.st.ami,
+                &self.st.to,
+                &self.st.from,
+                self.req.in_group.skip_matching,
+            ),
+            Phase::RollingBack => Target::rollback(rollback_ami),
+        }
     }
 
     async fn observe(&mut self) -> Result<(autoscaling::Group, Observed), RolloutError> {
         let g = autoscaling::describe(&self.aws.autoscaling, &self.group)
             .await?
             .ok_or_else(|| RolloutError::GroupNotFound(self.group.clone()))?;
-        let unknown: Vec<String> = g
-            .instances
-            .iter()
-            .filter(|i| !self.images.contains_key(&i.id))
-            .map(|i| i.id.clone())
-            .collect();
-        if !unknown.is_empty() {
-            let found = ec2::images_of(&self.aws.ec2, &unknown).await?;
-            self.images.extend(found);
-        }
-        let mut health = Vec::new();
-        for tg in &g.target_group_arns {
-            health.push(elbv2::target_health(&self.aws.elb, tg).await?);
-        }
-        let instances = g
-            .instances
-            .iter()
-            .map(|i| {
-                let (ami, launched) = self.images.get(&i.id).cloned().unwrap_or_default();
-                plan::Instance {
-                    id: i.id.clone(),
-                    ami,
-                    lifecycle: i.lifecycle.clone(),
-                    asg_healthy: i.health.eq_ignore_ascii_case("healthy"),
-                    target: combined_health(&health, &i.id),
-                    launched,
-                }
-            })
-            .collect();
-        let desired = g.desired;
-        Ok((
-            g,
-            Observed {
-                desired,
-                instances,
-                now: now(),
-            },
-        ))
+        let o = observe_group(self.aws, &g, &mut self.images, true).await?;
+        Ok((g, o))
     }
 
     /// The loop: observe, decide, act, until done or failed.
@@ -952,16 +1018,76 @@ impl<'a> Driver<'a> {
             if self.last_renew.elapsed() >= self.req.lock_ttl / 3 {
                 self.write_lock().await?;
             }
-            let target = self
-                .target_ami_for_phase()
-                .unwrap_or(&rollback_ami)
-                .to_string();
+            let target = self.target(&rollback_ami);
             let s = self.settings();
-            let decision = plan::decide(&s, &self.progress.progress(), &target, &observed);
+            let held = self
+                .held
+                .get_or_insert_with(|| Held::resumed(&s, &target, &observed));
+            let decision = plan::decide(&s, &self.progress.progress(), held, &target, &observed);
+            held.after(&decision, observed.now);
             // After acting, look again at once: the next step may already be possible.
-            let acted = !matches!(decision, Decision::Wait { .. });
+            let acted = !matches!(decision, Decision::Wait { .. } | Decision::Hold { .. });
             match decision {
-                Decision::Done => return Ok(()),
+                Decision::Done => {
+                    let left = plan::left_alone(&s, &target, &observed);
+                    if !left.is_empty() {
+                        let list: Vec<String> = left
+                            .iter()
+                            .map(|(id, why)| format!("{id} ({why})"))
+                            .collect();
+                        self.reporter.emit(Event::Info {
+                            step: "rollout".into(),
+                            message: format!(
+                                "left as they are, still on the old image: {}",
+                                list.join(", ")
+                            ),
+                        });
+                    }
+                    return Ok(());
+                }
+                Decision::DropStandby { ids } => {
+                    for id in &ids {
+                        let fence = self.guard().await?;
+                        self.fenced(
+                            fence,
+                            autoscaling::terminate_instance(&self.aws.autoscaling, id, false),
+                        )
+                        .await?;
+                    }
+                    self.reporter.emit(Event::Info {
+                        step: "rollout".into(),
+                        message: format!(
+                            "terminated {} in Standby on the old image (--standby-instances replace; Standby instances are not counted, so the capacity is unchanged)",
+                            ids.join(", ")
+                        ),
+                    });
+                    changed_at = Instant::now();
+                }
+                Decision::RefreshPool { ids } => {
+                    let fence = self.guard().await?;
+                    self.fenced(fence, ec2::terminate_instances(&self.aws.ec2, &ids))
+                        .await?;
+                    self.reporter
+                        .emit(Event::WarmPoolRefreshed { instances: ids });
+                    changed_at = Instant::now();
+                }
+                Decision::Checkpoint { percent, pause } => {
+                    self.reporter.emit(Event::CheckpointReached {
+                        percent,
+                        pause_s: pause.as_secs(),
+                    });
+                }
+                Decision::Hold { why, .. } => {
+                    if why != self.last_wait {
+                        self.reporter.emit(Event::Waiting { why: why.clone() });
+                        self.last_wait = why;
+                    }
+                }
+                Decision::Halt { reason } => {
+                    return Err(RolloutError::Failed(format!(
+                        "{reason}. The new instances stay; rerun the same command to finish once that is resolved, or add --abort to roll back"
+                    )));
+                }
                 Decision::StartBatch {
                     batch,
                     desired,
