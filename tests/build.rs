@@ -779,7 +779,6 @@ async fn a_manifest_that_cannot_be_written_fails_before_anything_is_made() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "flaky: about one run in two the later bake fails with exit 1 instead of yielding (cause not found yet; see the stop-11 note)"]
 async fn two_bakes_of_one_image_name_at_once_end_with_one_image_and_a_clear_error() {
     // Issue #10 A18: one failed at CreateImage (InvalidAMIName.Duplicate) after provisioning.
     let world = World::get();
@@ -796,7 +795,9 @@ async fn two_bakes_of_one_image_name_at_once_end_with_one_image_and_a_clear_erro
     );
     let a = write(&dir, "a.toml", &text);
     let b = write(&dir, "b.toml", &text);
-    // B starts once A's instance runs (A is then the earlier bake, whatever the build ids).
+    // B starts once A's instance runs and A connects. Both launched within one second half
+    // the time (EC2's launch times are whole seconds): then the smaller build id keeps the name,
+    // and the one that yields may be A, which looks for contenders while it connects.
     let (mut child_a, lines_a) = spawn_build(&world, &a);
     let mut events_a = Vec::new();
     events_until(
@@ -837,10 +838,8 @@ async fn two_bakes_of_one_image_name_at_once_end_with_one_image_and_a_clear_erro
     );
     // It yielded before provisioning, and left nothing.
     assert!(
-        !loser
-            .events
-            .iter()
-            .any(|e| e["event"] == "step_started" && e["step"] == "connect"),
+        !loser.events.iter().any(|e| e["event"] == "step_started"
+            && e["step"].as_str().unwrap().starts_with("provision")),
         "{}",
         loser.describe()
     );

@@ -589,64 +589,80 @@ impl Bake<'_> {
             .step("wait_running", self.wait_running(&instance_id))
             .await?;
         // Another bake of the same image name, launched about now, yields to the earliest one
-        // here, before either provisions. Checked once both instances are running, so two
-        // bakes started together see each other.
-        let others =
-            ec2::instances_tagged(ec2c, bakery_core::marks::IMAGE_NAME_TAG, &image_name).await?;
-        // Only bakes that started about now: an older instance of the name is a bake that would
-        // already have made its image, or a leftover for `gc`.
-        let recent = OffsetDateTime::now_utc().unix_timestamp() - NAME_RACE_WINDOW_S;
-        let mine = others
-            .iter()
-            .find(|i| i.id == instance_id)
-            .map(|i| i.launched)
-            .unwrap_or(i64::MAX);
-        let ids = others
-            .iter()
-            .filter(|i| i.launched >= recent && i.state != "stopped")
-            .filter_map(|i| Some((i.launched, i.build_id.as_deref()?)));
-        if let Some(other) = bakery_core::marks::yield_name_to((mine, &self.build_id), ids) {
-            return Err(BakeError::ImageNameContended {
-                name: image_name.clone(),
-                other: other.to_string(),
-            });
-        }
-        let mut session = match (ssh, &key) {
-            (Some(ssh), Some(key)) => {
-                let host = match &ssh.host {
-                    Some(h) => h.clone(),
-                    None => address(&instance, ssh.interface)?,
-                };
-                self.info("wait_running", format!("{instance_id} at {host}"));
-                let target = SshTarget {
-                    host,
-                    port: ssh.port,
-                    user: ssh.user.clone(),
-                    public_key: key.public_openssh.clone(),
-                    private_key: key.private_openssh.clone(),
-                };
-                Session::Ssh(
-                    self.step(
-                        "connect",
-                        self.connect(&instance_id, target, ssh.connect_timeout),
-                    )
-                    .await?,
-                )
+        // here, before either provisions. It looks once its launch second is over, so two bakes
+        // launched in one second see each other (`marks::name_check_wait_ms`), and it looks
+        // while the bake connects, which takes longer: the wait costs a bake nothing.
+        let name_check = async {
+            let now_ms =
+                i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+                    .unwrap_or(i64::MAX);
+            let wait = bakery_core::marks::name_check_wait_ms(instance.launched, now_ms);
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                () = self.cancel.cancelled() => return Err(BakeError::Cancelled),
             }
-            _ => {
-                let Communicator::Ssm(spec) = &recipe.communicator else {
-                    unreachable!("an SSH recipe always has a key")
-                };
-                let s = SsmSession::new(
-                    self.aws.ssm.clone(),
-                    instance_id.clone(),
-                    self.resolved.get(),
-                );
-                self.step("connect", self.wait_agent(&s, spec.agent_timeout))
+            let others =
+                ec2::instances_tagged(ec2c, bakery_core::marks::IMAGE_NAME_TAG, &image_name)
                     .await?;
-                Session::Ssm(s)
+            // Only bakes that started about now: an older instance of the name is a bake that
+            // would already have made its image, or a leftover for `gc`.
+            let recent = OffsetDateTime::now_utc().unix_timestamp() - NAME_RACE_WINDOW_S;
+            let mine = others
+                .iter()
+                .find(|i| i.id == instance_id)
+                .map(|i| i.launched)
+                .unwrap_or(i64::MAX);
+            let ids = others
+                .iter()
+                .filter(|i| i.launched >= recent && i.state != "stopped")
+                .filter_map(|i| Some((i.launched, i.build_id.as_deref()?)));
+            match bakery_core::marks::yield_name_to((mine, &self.build_id), ids) {
+                Some(other) => Err(BakeError::ImageNameContended {
+                    name: image_name.clone(),
+                    other: other.to_string(),
+                }),
+                None => Ok(()),
             }
         };
+        let connect = async {
+            Ok::<_, BakeError>(match (ssh, &key) {
+                (Some(ssh), Some(key)) => {
+                    let host = match &ssh.host {
+                        Some(h) => h.clone(),
+                        None => address(&instance, ssh.interface)?,
+                    };
+                    self.info("wait_running", format!("{instance_id} at {host}"));
+                    let target = SshTarget {
+                        host,
+                        port: ssh.port,
+                        user: ssh.user.clone(),
+                        public_key: key.public_openssh.clone(),
+                        private_key: key.private_openssh.clone(),
+                    };
+                    Session::Ssh(
+                        self.step(
+                            "connect",
+                            self.connect(&instance_id, target, ssh.connect_timeout),
+                        )
+                        .await?,
+                    )
+                }
+                _ => {
+                    let Communicator::Ssm(spec) = &recipe.communicator else {
+                        unreachable!("an SSH recipe always has a key")
+                    };
+                    let s = SsmSession::new(
+                        self.aws.ssm.clone(),
+                        instance_id.clone(),
+                        self.resolved.get(),
+                    );
+                    self.step("connect", self.wait_agent(&s, spec.agent_timeout))
+                        .await?;
+                    Session::Ssm(s)
+                }
+            })
+        };
+        let (mut session, ()) = tokio::try_join!(connect, name_check)?;
         let connect_timeout = ssh
             .map(|s| s.connect_timeout)
             .unwrap_or(DEFAULT_RECONNECT_TIMEOUT);

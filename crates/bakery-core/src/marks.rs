@@ -219,6 +219,31 @@ pub fn yield_name_to<'a>(
         .map(|o| o.1)
 }
 
+/// How far past the end of its launch second a bake waits before it looks for contenders: the
+/// margin for the client's clock against EC2's and for DescribeInstances catching up with a
+/// RunInstances that just returned.
+pub const NAME_CHECK_MARGIN_MS: i64 = 1000;
+
+/// How long (ms) a bake whose instance launched at `launched` (seconds since the epoch: EC2 gives
+/// launch times to the second) waits at `now_ms` (ms since the epoch) before it looks for other
+/// bakes of its image name. Looking only once the launch second is over is what makes
+/// [`yield_name_to`] sound: every contender ordered before this bake (launched earlier, or in the
+/// same second) then already exists, and two bakes that tie both look after both launched, so
+/// they agree on the one that keeps the name. Looking at once, the first of two bakes launched in
+/// one second could see nobody and go on while the second, ordered first by its smaller build id,
+/// went on too; the second then failed at CreateImage (`InvalidAMIName.Duplicate`, exit 1) after
+/// provisioning. An unknown launch time (0) does not wait.
+pub fn name_check_wait_ms(launched: i64, now_ms: i64) -> u64 {
+    if launched <= 0 {
+        return 0;
+    }
+    let at = launched
+        .saturating_add(1)
+        .saturating_mul(1000)
+        .saturating_add(NAME_CHECK_MARGIN_MS);
+    u64::try_from(at.saturating_sub(now_ms)).unwrap_or(0)
+}
+
 pub fn encode<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
@@ -303,6 +328,21 @@ mod tests {
             "not to itself"
         );
         assert_eq!(yield_name_to((1, "b-1"), []), None);
+    }
+
+    #[test]
+    fn a_bake_looks_for_contenders_only_once_its_launch_second_is_over() {
+        // Launched at second 100: it looks at 101 s plus the margin, whenever it asks.
+        assert_eq!(name_check_wait_ms(100, 100_000), 1000 + 1000);
+        assert_eq!(name_check_wait_ms(100, 100_999), 1 + 1000);
+        assert_eq!(name_check_wait_ms(100, 101_500), 500);
+        assert_eq!(name_check_wait_ms(100, 102_000), 0);
+        assert_eq!(name_check_wait_ms(100, 160_000), 0, "long past: at once");
+        assert_eq!(name_check_wait_ms(0, 5_000), 0, "launch time unknown");
+        assert_eq!(
+            name_check_wait_ms(i64::MAX, 0),
+            u64::try_from(i64::MAX).unwrap()
+        );
     }
 
     #[test]
