@@ -104,9 +104,7 @@ pub async fn run(target: &Target, opts: &Options, reporter: &Reporter) -> Result
     if opts.status {
         return status(&plan, existing, reporter);
     }
-    let clients = observe::connect(&home, &plan)
-        .await
-        .map_err(ReleaseError::BadInput)?;
+    let (clients, unreachable) = observe::connect(&home, &plan).await;
     let (rec, resumed) = match existing {
         Some(rec) if opts.restart && !rec.state.is_over() => {
             return Err(ReleaseError::Conflict(format!(
@@ -123,6 +121,9 @@ pub async fn run(target: &Target, opts: &Options, reporter: &Reporter) -> Result
                 || !rec.state.is_over()
                 || (!opts.restart && rec.plan_sha256 == plan.sha256) =>
         {
+            if !unreachable.is_empty() {
+                return Err(ReleaseError::BadInput(unreachable));
+            }
             if !opts.abort {
                 record::continues(&rec, &plan).map_err(ReleaseError::Conflict)?;
             }
@@ -135,7 +136,7 @@ pub async fn run(target: &Target, opts: &Options, reporter: &Reporter) -> Result
                 store.file().display()
             )]))
         }
-        _ => (resolve(&plan, &clients).await?, false),
+        _ => (resolve(&plan, &clients, unreachable).await?, false),
     };
     if opts.dry_run {
         return dry_run(&plan, &rec, &clients, opts, reporter).await;
@@ -185,15 +186,21 @@ async fn take_lease(
 
 /// Resolves every target to its groups and every region to its image, and checks every alarm
 /// exists: all problems at once, before any change.
-async fn resolve(plan: &Plan, clients: &Clients) -> Result<Record, ReleaseError> {
-    let mut problems = Vec::new();
+async fn resolve(
+    plan: &Plan,
+    clients: &Clients,
+    mut problems: Vec<String>,
+) -> Result<Record, ReleaseError> {
     let at = |a: bakery_core::release::At| format!("{}:{}:{}", plan.file.display(), a.line, a.column);
     let mut images: BTreeMap<String, String> = BTreeMap::new();
     let mut waves = Vec::new();
     for wave in &plan.waves {
         let mut groups = Vec::new();
         for t in &wave.targets {
-            let aws = &clients[&(t.region.clone(), t.role_arn.clone())];
+            // A target whose role could not be assumed has its problem listed already.
+            let Some(aws) = clients.get(&(t.region.clone(), t.role_arn.clone())) else {
+                continue;
+            };
             if !images.contains_key(&t.region) {
                 match observe::image_for(plan, aws, &t.region).await {
                     Ok(id) => {

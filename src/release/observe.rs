@@ -18,8 +18,9 @@ use crate::aws::{autoscaling, ec2, launch_template as lt, Aws, AwsError};
 pub type Clients = BTreeMap<(String, Option<String>), Aws>;
 
 /// Connects to every region and role the plan names. A role is assumed at once
-/// (GetCallerIdentity through it), so a role that cannot be assumed is found before any change.
-pub async fn connect(home: &Aws, plan: &Plan) -> Result<Clients, Vec<String>> {
+/// (GetCallerIdentity through it), so a role that cannot be assumed is found before any change;
+/// the targets that could be reached are returned with the problems of the others.
+pub async fn connect(home: &Aws, plan: &Plan) -> (Clients, Vec<String>) {
     let mut clients = Clients::new();
     let mut errors = Vec::new();
     for t in plan.waves.iter().flat_map(|w| &w.targets) {
@@ -39,11 +40,7 @@ pub async fn connect(home: &Aws, plan: &Plan) -> Result<Clients, Vec<String>> {
             )),
         }
     }
-    if errors.is_empty() {
-        Ok(clients)
-    } else {
-        Err(errors)
-    }
+    (clients, errors)
 }
 
 async fn client_for(home: &Aws, t: &Target) -> Result<Aws, String> {
@@ -68,20 +65,32 @@ async fn client_for(home: &Aws, t: &Target) -> Result<Aws, String> {
         .map_err(|e| e.to_string())?
         .with_policy(home.policy.clone());
     if let Some(role) = &t.role_arn {
-        let sts = aws.sts.clone();
-        crate::aws::call("sts:GetCallerIdentity", role, || {
-            sts.get_caller_identity().send()
-        })
-        .await
-        .map_err(|e| {
+        // One attempt, not the retry policy's: a refused AssumeRole reaches the SDK as a
+        // dispatch failure (it happens while loading credentials), which looks transient, and
+        // asking ten times over half a minute does not change a trust policy.
+        aws.sts.get_caller_identity().send().await.map_err(|e| {
             format!(
-                "role {role} cannot be assumed ({e}); check that it exists, that its trust \
+                "role {role} cannot be assumed ({}); check that it exists, that its trust \
                  policy lets this identity assume it, and that it may act in {}",
+                denial(&aws_sdk_sts::error::DisplayErrorContext(&e).to_string()),
                 t.region
             )
         })?;
     }
     Ok(aws)
+}
+
+/// The gist of a refused AssumeRole: AWS's own sentence ("User: … is not authorized to perform:
+/// sts:AssumeRole on resource: …"), not the credential chain's nested debug output.
+fn denial(m: &str) -> String {
+    match m.find("User: ") {
+        Some(i) => {
+            let rest = &m[i..];
+            let end = rest.find(['"', '\\']).unwrap_or(rest.len());
+            format!("AccessDenied: {}", &rest[..end])
+        }
+        None => m.to_string(),
+    }
 }
 
 /// The groups a target names, in its region: one by name, or every group carrying the tag.
