@@ -192,6 +192,12 @@ impl Store {
         &self.table
     }
 
+    /// The records whose keys start with `prefix` (a consistent scan: the daemons' member
+    /// leases).
+    pub async fn scan(&self, prefix: &str) -> Result<Vec<Lease>, LeaseError> {
+        Ok(dynamodb::scan_leases(&self.db, &self.table, prefix).await?)
+    }
+
     /// The record of `key`, as it stands.
     pub async fn read(&self, key: &str) -> Result<Option<Lease>, LeaseError> {
         Ok(dynamodb::get_lease(&self.db, &self.table, key).await?)
@@ -325,6 +331,9 @@ struct Shared {
     /// Serialises the writes (heartbeat, guard, release): each is conditional on the last.
     holding: tokio::sync::Mutex<Holding>,
     status: watch::Sender<Status>,
+    /// Renewals written, and renewals that failed (not answered, or the lease lost).
+    renewed: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
 }
 
 /// Why a renewal did not happen.
@@ -351,6 +360,17 @@ impl Shared {
     /// One conditional renewal, never sent once the lease ran out on this process's clock, and
     /// abandoned when it runs out while the write is being retried.
     async fn renew(&self) -> Result<(), RenewError> {
+        let r = self.renew_once().await;
+        let counter = if r.is_ok() {
+            &self.renewed
+        } else {
+            &self.failed
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        r
+    }
+
+    async fn renew_once(&self) -> Result<(), RenewError> {
         let mut h = self.holding.lock().await;
         match &h.ended {
             Some(Status::Lost(l)) => return Err(RenewError::Lost(l.clone())),
@@ -437,6 +457,8 @@ impl Keeper {
             timing,
             holding: tokio::sync::Mutex::new(holding),
             status,
+            renewed: Default::default(),
+            failed: Default::default(),
         });
         let cancel = CancellationToken::new();
         let heartbeat = tokio::spawn(heartbeat(shared.clone(), cancel.clone()));
@@ -489,6 +511,23 @@ impl Keeper {
             }
         }
         Ok(self.fence())
+    }
+
+    /// Until when the lease may be acted on, on this process's clock (`None`: lost or released).
+    pub fn valid_until(&self) -> Option<Instant> {
+        match &*self.shared.status.borrow() {
+            Status::Held { valid_until, .. } => Some(*valid_until),
+            _ => None,
+        }
+    }
+
+    /// Renewals written so far, and renewals that failed (not answered, or the lease lost).
+    pub fn renewals(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.shared.renewed.load(Relaxed),
+            self.shared.failed.load(Relaxed),
+        )
     }
 
     /// The fence for calls made now: it ends when the lease is lost or runs out.

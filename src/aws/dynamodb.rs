@@ -156,6 +156,30 @@ pub async fn get_lease(db: &Client, table: &str, key: &str) -> Result<Option<Lea
     Ok(out.item().map(lease_of))
 }
 
+/// The records whose key starts with `prefix` (a consistent `Scan`, every page).
+pub async fn scan_leases(db: &Client, table: &str, prefix: &str) -> Result<Vec<Lease>, AwsError> {
+    let mut out = Vec::new();
+    let mut start: Option<HashMap<String, AttributeValue>> = None;
+    loop {
+        let page = call("dynamodb:Scan", table, || {
+            db.scan()
+                .table_name(table)
+                .consistent_read(true)
+                .filter_expression("begins_with(#pk, :prefix)")
+                .expression_attribute_names("#pk", PARTITION_KEY)
+                .expression_attribute_values(":prefix", AttributeValue::S(prefix.to_string()))
+                .set_exclusive_start_key(start.clone())
+                .send()
+        })
+        .await?;
+        out.extend(page.items().iter().map(lease_of));
+        match page.last_evaluated_key() {
+            Some(k) if !k.is_empty() => start = Some(k.clone()),
+            _ => return Ok(out),
+        }
+    }
+}
+
 /// How a conditional write went.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Put {

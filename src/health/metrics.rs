@@ -33,6 +33,21 @@ pub struct GroupFigures {
     pub frozen: bool,
 }
 
+/// With a `[lease]` table: this daemon's part in sharing the groups.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SharingFigures {
+    pub table: String,
+    /// Until when the membership is valid (milliseconds since the epoch; 0: not a member).
+    pub member_until_ms: u64,
+    /// Live members, this daemon included.
+    pub live: usize,
+    /// The groups whose leases this daemon holds.
+    pub owned: BTreeSet<String>,
+    pub renewals: u64,
+    pub failures: u64,
+    pub takeovers: u64,
+}
+
 /// What the endpoints serve; the loop updates it.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -51,6 +66,10 @@ pub struct Snapshot {
     /// The interval rounds actually come at: longer than `interval` when the API budget cannot
     /// cover a round within it.
     pub effective_interval: Duration,
+    /// With a `[lease]` table.
+    pub sharing: Option<SharingFigures>,
+    /// Fleet events handled (`[events]`), by kind.
+    pub events_handled: BTreeMap<String, u64>,
 }
 
 pub type Shared = Arc<Mutex<Snapshot>>;
@@ -199,7 +218,84 @@ pub fn render(s: &Snapshot, stats: &BTreeMap<&'static str, ActionStats>) -> Stri
     );
     api(&mut out, stats);
     rounds(&mut out, s);
+    sharing(&mut out, s);
     out
+}
+
+fn sharing(out: &mut String, s: &Snapshot) {
+    if !s.events_handled.is_empty() {
+        header(
+            out,
+            "bakery_events_handled_total",
+            "Fleet events (interruption, rebalance, scheduled maintenance) handled, by kind.",
+            "counter",
+        );
+        for (kind, n) in &s.events_handled {
+            let _ = writeln!(
+                out,
+                "bakery_events_handled_total{{kind=\"{}\"}} {n}",
+                esc(kind)
+            );
+        }
+    }
+    let Some(f) = &s.sharing else {
+        return;
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or_default();
+    single(
+        out,
+        "bakery_member",
+        "1 while this daemon's membership in the lease table is valid.",
+        "gauge",
+        u8::from(f.member_until_ms > now_ms),
+    );
+    single(
+        out,
+        "bakery_members_live",
+        "Live daemons sharing the groups, this one included.",
+        "gauge",
+        f.live,
+    );
+    single(
+        out,
+        "bakery_groups_owned",
+        "Groups whose lease this daemon holds (it acts on them alone).",
+        "gauge",
+        f.owned.len(),
+    );
+    header(
+        out,
+        "bakery_group_owned",
+        "1 for each group whose lease this daemon holds.",
+        "gauge",
+    );
+    for g in &f.owned {
+        let _ = writeln!(out, "bakery_group_owned{{group=\"{}\"}} 1", esc(g));
+    }
+    single(
+        out,
+        "bakery_lease_renewals_total",
+        "Lease renewals written (membership and groups).",
+        "counter",
+        f.renewals,
+    );
+    single(
+        out,
+        "bakery_lease_failures_total",
+        "Lease renewals that failed (not answered, or the lease was lost).",
+        "counter",
+        f.failures,
+    );
+    single(
+        out,
+        "bakery_takeovers_total",
+        "Groups taken over from a daemon whose lease ran out.",
+        "counter",
+        f.takeovers,
+    );
 }
 
 /// Healthy while rounds complete (the last one ended within three effective intervals) and
@@ -218,6 +314,18 @@ fn healthz(s: &Snapshot, now: u64) -> (u16, String) {
             format!(
                 "no round completed for {}s\n",
                 now.saturating_sub(s.last_round_at)
+            ),
+        )
+    } else if let Some(f) = s
+        .sharing
+        .as_ref()
+        .filter(|f| f.member_until_ms <= now.saturating_mul(1000))
+    {
+        (
+            503,
+            format!(
+                "no valid membership in lease table {}: this daemon acts on no group\n",
+                f.table
             ),
         )
     } else if !s.missing.is_empty() {

@@ -30,6 +30,7 @@ pub use bakery_core::judge as decide;
 pub use bakery_core::{observe, reads, takeover};
 pub mod metrics;
 pub mod probe;
+pub mod share;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -62,6 +63,8 @@ pub enum DaemonError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("[lease] in the daemon's configuration: {0}")]
+    Lease(#[from] crate::lease::LeaseError),
 }
 
 fn now() -> u64 {
@@ -162,6 +165,11 @@ struct Daemon {
     missing: BTreeSet<String>,
     /// The effective interval: the configured one, or what the API budget allows.
     pace: Duration,
+    /// With a `[lease]` table: the groups shared with other daemons, and the guard before
+    /// every mutating call.
+    share: Option<Arc<share::Sharing>>,
+    /// Groups owned by another daemon whose configuration of them differs (warned once).
+    differs: BTreeSet<String>,
 }
 
 /// The API reads of one round, as they ended.
@@ -223,7 +231,17 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
         since: now(),
         expires: 0,
     };
+    let share = match &config.lease {
+        Some(settings) => {
+            let s = aws.scope(share::Sharing::open(&aws, settings)).await?;
+            tracing::info!(table = %s.table(), member = %s.me(), ttl_s = settings.ttl.as_secs_f64(), "sharing the groups with the other daemons of the lease table");
+            Some(Arc::new(s))
+        }
+        None => None,
+    };
     let d = Daemon {
+        share: share.clone(),
+        differs: BTreeSet::new(),
         aws: aws.clone(),
         me: me.clone(),
         config,
@@ -258,7 +276,10 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
     // The few calls of an orderly stop: no bucket, short retries; within a second on a
     // responsive endpoint, STOP_LIMIT on a loaded one (systemd allows 10 s).
     let stopping = aws.with_policy(Arc::new(CallPolicy::unmetered(Duration::from_millis(300))));
-    end_own_takeovers(&stopping, &me.token, handback, STOP_LIMIT).await;
+    end_own_takeovers(&stopping, &me.token, handback, STOP_LIMIT, share.clone()).await;
+    if let Some(s) = &share {
+        stopping.scope(s.stop(STOP_LIMIT)).await;
+    }
     server.abort();
     if let Err(e) = outcome {
         if e.is_panic() {
@@ -283,8 +304,16 @@ struct Handback {
 
 /// Ends this daemon's takeovers in `handback`: `HealthCheck` is resumed where a daemon
 /// suspended it, then the record is deleted. Another daemon's record is never touched. All
-/// within about `limit` (a third of it for reading groups again, when some must be).
-async fn end_own_takeovers(aws: &Aws, token: &str, handback: Handback, limit: Duration) {
+/// within about `limit` (a third of it for reading groups again, when some must be). With a
+/// lease table, each end is guarded by the group's lease: a group whose lease is not this
+/// daemon's any more is left to its new owner, which inherits the record.
+async fn end_own_takeovers(
+    aws: &Aws,
+    token: &str,
+    handback: Handback,
+    limit: Duration,
+    share: Option<Arc<share::Sharing>>,
+) {
     let started = Instant::now();
     let mut ends = handback.known;
     let read = match handback.recheck {
@@ -320,9 +349,26 @@ async fn end_own_takeovers(aws: &Aws, token: &str, handback: Handback, limit: Du
     let mut set = tokio::task::JoinSet::new();
     for (group, undo) in ends {
         let aws = aws.clone();
+        let share = share.clone();
         set.spawn(async move {
-            let end = aws.scope(end_takeover(&aws, &group, undo.resume));
-            let r = tokio::time::timeout_at(deadline, end).await;
+            let end = async {
+                let Some(s) = share else {
+                    return end_takeover(&aws, &group, undo.resume)
+                        .await
+                        .map_err(|e| e.to_string());
+                };
+                let g = s.guard(std::slice::from_ref(&group)).await;
+                if let Some((_, why)) = g.refused.first() {
+                    return Err(format!(
+                        "not ended: {why}; its new owner inherits the record"
+                    ));
+                }
+                g.fence
+                    .run(end_takeover(&aws, &group, undo.resume))
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            let r = tokio::time::timeout_at(deadline, aws.scope(end)).await;
             (group, undo, r)
         });
     }
@@ -573,6 +619,11 @@ impl Daemon {
     /// Takeovers whose owner is gone (expired, or a dead process on this host) are undone:
     /// `HealthCheck` resumed where their daemon suspended it, the record deleted.
     async fn undo_stale_takeovers(&mut self) -> Result<(), AwsError> {
+        if self.share.is_some() {
+            // Shared groups: a stale takeover is inherited by the group's owner (its lease
+            // guards the calls); ending it here would be a mutating call without one.
+            return Ok(());
+        }
         let groups = autoscaling::describe_many(
             &self.aws.autoscaling,
             &[],
@@ -750,7 +801,30 @@ impl Daemon {
             tracing::info!(group = %group, instance = %id, reason = %why, "replacement held back");
             return;
         }
-        match autoscaling::set_unhealthy(&self.aws.autoscaling, id).await {
+        let marked = match &self.share {
+            Some(s) => {
+                let g = s.guard(&[group.to_string()]).await;
+                if let Some((_, why)) = g.refused.first() {
+                    tracing::info!(group = %group, instance = %id, reason = %why, "replacement held back");
+                    return;
+                }
+                match g
+                    .fence
+                    .run(autoscaling::set_unhealthy(&self.aws.autoscaling, id))
+                    .await
+                {
+                    Ok(()) => Ok(()),
+                    Err(crate::lease::Fenced::Call(e)) => Err(e.to_string()),
+                    Err(crate::lease::Fenced::Lost(_)) => {
+                        Err("abandoned: the group's lease ran out meanwhile".to_string())
+                    }
+                }
+            }
+            None => autoscaling::set_unhealthy(&self.aws.autoscaling, id)
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        match marked {
             Ok(()) => {
                 tracing::warn!(group = %group, instance = %id, reason = %reason, evidence = %evidence, "marked unhealthy: the group replaces it");
                 self.replaced
@@ -916,7 +990,7 @@ impl Daemon {
             autoscaling::describe_many(&self.aws.autoscaling, &names, &self.config.tag_selectors())
                 .await?;
         let read_at = Instant::now();
-        let all: Vec<GroupFacts> = all.into_iter().map(facts_of).collect();
+        let mut all: Vec<GroupFacts> = all.into_iter().map(facts_of).collect();
         self.note_missing(&names, &all);
         let seen: BTreeSet<String> = all.iter().map(|g| g.name.clone()).collect();
         let dropped: Vec<String> = self
@@ -931,11 +1005,22 @@ impl Daemon {
                 known: Vec::new(),
                 recheck: Some(dropped.clone()),
             };
-            end_own_takeovers(&self.aws, &self.me.token, recheck, Duration::from_secs(10)).await;
+            let share = self.share.clone();
+            end_own_takeovers(
+                &self.aws,
+                &self.me.token,
+                recheck,
+                Duration::from_secs(10),
+                share,
+            )
+            .await;
             for n in &dropped {
                 self.taken.remove(n);
                 self.confirmed.remove(n);
             }
+        }
+        if let Some(share) = self.share.clone() {
+            all = self.share_out(&share, all).await;
         }
         let held = self.claim_all(all, read_at).await?;
         let ids: BTreeSet<String> = held
@@ -953,6 +1038,50 @@ impl Daemon {
         self.known.groups = held;
         self.update_pace();
         Ok(())
+    }
+
+    /// With a lease table: the groups of `all` whose leases this daemon holds this round (the
+    /// others are another daemon's: forgotten here, their takeovers inherited by their owners).
+    /// Warns once per group when its owner's configuration of it differs from this daemon's.
+    async fn share_out(&mut self, share: &share::Sharing, all: Vec<GroupFacts>) -> Vec<GroupFacts> {
+        let names: Vec<String> = all.iter().map(|g| g.name.clone()).collect();
+        let own = share.refresh(&names).await;
+        let figures = share.figures().await;
+        let member_until = share.member_until().await;
+        for g in all.iter().filter(|g| !own.owned.contains(&g.name)) {
+            let tag = g.tags.get(TAKEOVER_TAG).map(String::as_str);
+            let mine = self.config.fingerprint(&g.name, &g.tags);
+            match takeover::config_differs(tag, &self.me.token, &mine) {
+                Some((owner, theirs)) => {
+                    if self.differs.insert(g.name.clone()) {
+                        tracing::warn!(group = %g.name, owner = %owner, owners_config = %theirs, this_config = %mine, "another daemon owns this group with a different configuration of it; the owner's configuration acts");
+                    }
+                }
+                None => {
+                    self.differs.remove(&g.name);
+                }
+            }
+            if self.taken.remove(&g.name).is_some() {
+                self.confirmed.remove(&g.name);
+                tracing::info!(group = %g.name, "the group is another daemon's now; its takeover record is the new owner's to inherit");
+            }
+        }
+        let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
+        // A group handed over stops being reported here at once (its owner reports it).
+        m.groups.retain(|g, _| own.owned.contains(g));
+        m.sharing = Some(metrics::SharingFigures {
+            table: share.table().to_string(),
+            member_until_ms: member_until,
+            live: own.live,
+            owned: own.owned.clone(),
+            renewals: figures.renewals,
+            failures: figures.failures,
+            takeovers: figures.takeovers,
+        });
+        drop(m);
+        all.into_iter()
+            .filter(|g| own.owned.contains(&g.name))
+            .collect()
     }
 
     /// Logs named groups that went missing or came back, once each, and tells `/healthz`.
@@ -995,7 +1124,12 @@ impl Daemon {
                 host: &host,
                 pid_alive: crate::host::pid_alive,
             };
-            match takeover::claim(&seen, &me) {
+            let claim = if self.share.is_some() {
+                takeover::claim_leased(&seen, &me)
+            } else {
+                takeover::claim(&seen, &me)
+            };
+            match claim {
                 Claim::Foreign { owner } => {
                     self.taken.remove(&g.name);
                     self.confirmed.remove(&g.name);
@@ -1058,7 +1192,19 @@ impl Daemon {
             }
             // One call renews every group held, not only those due: their expiries then stay
             // aligned (a group taken over later would otherwise cost a call of its own forever).
-            self.write_records(&held, &resumes).await?;
+            let fence = match &self.share {
+                Some(s) => {
+                    let names: Vec<String> = held.iter().map(|g| g.name.clone()).collect();
+                    let g = s.guard(&names).await;
+                    for (name, why) in &g.refused {
+                        tracing::warn!(group = %name, reason = %why, "takeover record not written");
+                    }
+                    held.retain(|h| g.ok.contains(&h.name));
+                    Some(g.fence)
+                }
+                None => None,
+            };
+            self.write_records(&held, &resumes, fence).await?;
         }
         for name in to_suspend {
             let expires = self.taken.get(&name).map(|t| t.lock.expires);
@@ -1067,7 +1213,27 @@ impl Daemon {
                 held.retain(|g| g.name != name);
                 continue;
             }
-            autoscaling::suspend(&self.aws.autoscaling, &name, &[HEALTH_CHECK]).await?;
+            let suspend = autoscaling::suspend(&self.aws.autoscaling, &name, &[HEALTH_CHECK]);
+            match &self.share {
+                Some(s) => {
+                    let g = s.guard(std::slice::from_ref(&name)).await;
+                    if let Some((_, why)) = g.refused.first() {
+                        tracing::warn!(group = %name, reason = %why, "HealthCheck not suspended");
+                        held.retain(|h| h.name != name);
+                        continue;
+                    }
+                    match g.fence.run(suspend).await {
+                        Ok(()) => {}
+                        Err(crate::lease::Fenced::Call(e)) => return Err(e),
+                        Err(crate::lease::Fenced::Lost(_)) => {
+                            tracing::warn!(group = %name, "HealthCheck suspension abandoned: the group's lease ran out meanwhile");
+                            held.retain(|h| h.name != name);
+                            continue;
+                        }
+                    }
+                }
+                None => suspend.await?,
+            }
             tracing::info!(group = %name, "took over health decisions: HealthCheck suspended, ReplaceUnhealthy left on");
         }
         Ok(held)
@@ -1078,6 +1244,7 @@ impl Daemon {
         &mut self,
         held: &[GroupFacts],
         resumes: &BTreeMap<String, bool>,
+        fence: Option<crate::lease::Fence>,
     ) -> Result<(), AwsError> {
         if held.is_empty() {
             return Ok(());
@@ -1096,15 +1263,35 @@ impl Daemon {
                 (g.name.clone(), t)
             })
             .collect();
+        let shared = self.share.is_some();
         let values: Vec<(String, String)> = records
             .iter()
-            .map(|(n, t)| (n.clone(), t.encode()))
+            .zip(held)
+            .map(|((n, t), g)| {
+                let v = if shared {
+                    takeover::with_config(&t.encode(), &self.config.fingerprint(&g.name, &g.tags))
+                } else {
+                    t.encode()
+                };
+                (n.clone(), v)
+            })
             .collect();
         let tags: Vec<(&str, &str, &str)> = values
             .iter()
             .map(|(n, v)| (n.as_str(), TAKEOVER_TAG, v.as_str()))
             .collect();
-        autoscaling::set_tags_many(&self.aws.autoscaling, &tags).await?;
+        let write = autoscaling::set_tags_many(&self.aws.autoscaling, &tags);
+        match fence {
+            Some(f) => match f.run(write).await {
+                Ok(()) => {}
+                Err(crate::lease::Fenced::Call(e)) => return Err(e),
+                Err(crate::lease::Fenced::Lost(_)) => {
+                    tracing::warn!("takeover records abandoned: a group's lease ran out meanwhile");
+                    return Ok(());
+                }
+            },
+            None => write.await?,
+        }
         self.taken.extend(records);
         Ok(())
     }
