@@ -3,6 +3,10 @@
 //! machine), images and snapshots of failed bakes, stale rollout locks, and health-daemon
 //! takeovers whose owner is gone (at once: a group's `HealthCheck` must not wait). Anything else
 //! younger than `--older-than` is left alone, so a bake running right now is never touched.
+//!
+//! The account changes under gc while it runs (another gc, a bake's own cleanup, a person, a
+//! test tearing its fleet down): a removal that fails is followed by a second look, and a thing
+//! that is gone by then is reported `already gone`, not as a failure.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -39,6 +43,8 @@ pub enum Action {
     KeptInUse,
     /// Its bake may still be running: why.
     KeptRunning(String),
+    /// Removed by someone else between gc's listing and its call.
+    AlreadyGone,
     Failed(String),
 }
 
@@ -56,6 +62,7 @@ impl std::fmt::Display for Action {
             Action::KeptTooYoung => f.write_str("kept (too young)"),
             Action::KeptInUse => f.write_str("kept (in use)"),
             Action::KeptRunning(why) => write!(f, "kept ({why})"),
+            Action::AlreadyGone => f.write_str("already gone"),
             Action::Failed(e) => write!(f, "failed: {e}"),
         }
     }
@@ -110,6 +117,57 @@ fn tag_map(tags: &[aws_sdk_ec2::types::Tag]) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// Runs `remove`; when it fails, looks again (`gone`): a thing that vanished since it was listed
+/// is `AlreadyGone`, whatever error the removal met (EC2 answers `…NotFound`, or
+/// `InvalidAMIID.Unavailable` for an image deregistered meanwhile; Auto Scaling a
+/// `ValidationError` for a deleted group). A thing still there, or a second look that fails too,
+/// leaves the removal's own error.
+async fn remove_or_gone<R, G>(remove: R, gone: G) -> Action
+where
+    R: std::future::Future<Output = Result<(), AwsError>>,
+    G: std::future::Future<Output = Result<bool, AwsError>>,
+{
+    match remove.await {
+        Ok(()) => Action::Removed,
+        Err(e) => match gone.await {
+            Ok(true) => Action::AlreadyGone,
+            Ok(false) | Err(_) => Action::Failed(e.to_string()),
+        },
+    }
+}
+
+/// Whether the instance is gone (or going: terminated, shutting down).
+async fn instance_gone(ec2c: &aws_sdk_ec2::Client, id: &str) -> Result<bool, AwsError> {
+    Ok(ec2::describe_instance(ec2c, id)
+        .await?
+        .is_none_or(|i| i.state == "terminated" || i.state == "shutting-down"))
+}
+
+async fn security_group_gone(ec2c: &aws_sdk_ec2::Client, id: &str) -> Result<bool, AwsError> {
+    match call("ec2:DescribeSecurityGroups", id, || {
+        ec2c.describe_security_groups().group_ids(id).send()
+    })
+    .await
+    {
+        Ok(o) => Ok(o.security_groups().is_empty()),
+        Err(e) if e.is_not_found() => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+async fn image_gone(ec2c: &aws_sdk_ec2::Client, id: &str) -> Result<bool, AwsError> {
+    Ok(ec2::describe_image(ec2c, id)
+        .await?
+        .is_none_or(|i| i.state == "deregistered"))
+}
+
+async fn group_gone(asg: &aws_sdk_autoscaling::Client, name: &str) -> Result<bool, AwsError> {
+    Ok(autoscaling::describe_many(asg, &[name.to_string()], &[])
+        .await?
+        .iter()
+        .all(|g| g.name != name))
+}
+
 struct Gc<'a> {
     aws: &'a Aws,
     older_than: Duration,
@@ -139,7 +197,8 @@ impl Gc<'_> {
     }
 
     /// Records a finding and, when its bake is over, it is old enough and this is no dry run,
-    /// removes it. A resource whose bake may still run is never touched, whatever its age.
+    /// removes it (`remove`: what became of it, see [`remove_or_gone`]). A resource whose bake
+    /// may still run is never touched, whatever its age.
     async fn handle<F>(
         &mut self,
         kind: &'static str,
@@ -148,7 +207,7 @@ impl Gc<'_> {
         why: String,
         remove: F,
     ) where
-        F: std::future::Future<Output = Result<(), AwsError>>,
+        F: std::future::Future<Output = Action>,
     {
         let age = created
             .map(|c| (now() - c).max(0) as u64)
@@ -160,10 +219,7 @@ impl Gc<'_> {
         } else if self.dry_run {
             Action::WouldRemove
         } else {
-            match remove.await {
-                Ok(()) => Action::Removed,
-                Err(e) => Action::Failed(e.to_string()),
-            }
+            remove.await
         };
         self.findings.push(Finding {
             kind,
@@ -208,7 +264,10 @@ impl Gc<'_> {
                 id.clone(),
                 (Some(launched), liveness(&tags, Some(launched))),
                 format!("temporary instance of bake {build}"),
-                async { ec2::terminate_instances(ec2c, &ids).await },
+                remove_or_gone(
+                    ec2::terminate_instances(ec2c, &ids),
+                    instance_gone(ec2c, &id),
+                ),
             )
             .await;
             if self
@@ -265,7 +324,10 @@ impl Gc<'_> {
                 id.clone(),
                 (created, liveness(&tags, created)),
                 format!("temporary group of bake {build}"),
-                async { ec2::delete_security_group(ec2c, &id).await },
+                remove_or_gone(
+                    ec2::delete_security_group(ec2c, &id),
+                    security_group_gone(ec2c, &id),
+                ),
             )
             .await;
         }
@@ -299,7 +361,8 @@ impl Gc<'_> {
                 name.clone(),
                 (created, liveness(&tags, created)),
                 format!("temporary key of bake {build}"),
-                async { ec2::delete_key_pair(ec2c, &name).await },
+                // Deleting a key pair that is gone succeeds: nothing to look at again.
+                remove_or_gone(ec2::delete_key_pair(ec2c, &name), async { Ok(false) }),
             )
             .await;
         }
@@ -360,9 +423,13 @@ impl Gc<'_> {
                 continue;
             }
             let live = liveness(&tags, created);
-            self.handle("image", image.id.clone(), (created, live), why, async {
-                ec2::delete_image(ec2c, &image).await
-            })
+            self.handle(
+                "image",
+                image.id.clone(),
+                (created, live),
+                why,
+                remove_or_gone(ec2::delete_image(ec2c, &image), image_gone(ec2c, &image.id)),
+            )
             .await;
         }
         Ok(())
@@ -392,10 +459,8 @@ impl Gc<'_> {
                 }
                 autoscaling::delete_tags(asg, &g.name, &[TAKEOVER_TAG]).await
             };
-            match ended.await {
-                Ok(()) => Action::Removed,
-                Err(e) => Action::Failed(e.to_string()),
-            }
+            // A group deleted since the listing has no takeover left to end.
+            remove_or_gone(ended, group_gone(asg, &g.name)).await
         };
         self.findings.push(Finding {
             kind: "daemon takeover",
@@ -432,7 +497,10 @@ impl Gc<'_> {
                         g.name.clone(),
                         (Some(l.expires as i64), marks::BakeLiveness::Over),
                         why,
-                        async { autoscaling::delete_tags(asg, &name, &[LOCK_TAG]).await },
+                        remove_or_gone(
+                            autoscaling::delete_tags(asg, &name, &[LOCK_TAG]),
+                            group_gone(asg, &name),
+                        ),
                     )
                     .await;
                 }
@@ -535,7 +603,10 @@ impl Gc<'_> {
                 copy.id.clone(),
                 (created, marks::BakeLiveness::Over),
                 why,
-                async { calls::remove_image(ec2c, &copy, false).await },
+                remove_or_gone(
+                    calls::remove_image(ec2c, &copy, false),
+                    image_gone(ec2c, &copy.id),
+                ),
             )
             .await;
         }
@@ -665,4 +736,46 @@ pub fn render(findings: &[Finding]) -> String {
         ]
     }));
     crate::output::table(&rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(code: &str) -> AwsError {
+        AwsError {
+            action: "ec2:DeregisterImage",
+            resource: "ami-1".into(),
+            code: Some(code.into()),
+            message: format!("{code}: gone"),
+            transient: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_removal_that_fails_on_a_thing_gone_since_the_listing_is_no_failure() {
+        let done = remove_or_gone(async { Ok(()) }, async { panic!("not asked") }).await;
+        assert_eq!(done, Action::Removed);
+        let gone = remove_or_gone(async { Err(err("InvalidAMIID.Unavailable")) }, async {
+            Ok(true)
+        })
+        .await;
+        assert_eq!(gone, Action::AlreadyGone);
+        assert!(!gone.failed());
+        assert_eq!(gone.to_string(), "already gone");
+        // Still there: the removal's own error, not the second look's.
+        let there = remove_or_gone(async { Err(err("DependencyViolation")) }, async {
+            Ok(false)
+        })
+        .await;
+        assert!(there.failed() && there.to_string().contains("DependencyViolation"));
+        let unknown = remove_or_gone(async { Err(err("DependencyViolation")) }, async {
+            Err(err("RequestLimitExceeded"))
+        })
+        .await;
+        assert!(
+            unknown.to_string().contains("DependencyViolation"),
+            "{unknown}"
+        );
+    }
 }

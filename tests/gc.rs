@@ -191,6 +191,136 @@ async fn gc_never_touches_a_bake_that_is_still_running() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn gc_reports_a_takeover_whose_group_was_deleted_under_it_as_already_gone() {
+    // Issue #10: gc over the whole account failed (exit 1) when another process deleted a group
+    // between gc's listing and its call to end the group's stale daemon takeover.
+    let world = World::get();
+    let name = format!(
+        "t-gc-gone-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..6]
+    );
+    let lt = world
+        .ec2()
+        .create_launch_template()
+        .launch_template_name(&name)
+        .launch_template_data(
+            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
+                .image_id(world.var("WORLD_BASE_AMI"))
+                .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let lt_id = lt
+        .launch_template()
+        .and_then(|t| t.launch_template_id())
+        .unwrap()
+        .to_string();
+    let expired = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 1;
+    world
+        .asg()
+        .create_auto_scaling_group()
+        .auto_scaling_group_name(&name)
+        .min_size(0)
+        .max_size(0)
+        .desired_capacity(0)
+        .vpc_zone_identifier(world.var("WORLD_PRIVATE_SUBNETS"))
+        .launch_template(
+            aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
+                .launch_template_id(&lt_id)
+                .version("$Latest")
+                .build(),
+        )
+        // Another host's daemon whose record expired: gc resumes HealthCheck and drops the tag.
+        .tags(
+            aws_sdk_autoscaling::types::Tag::builder()
+                .resource_id(&name)
+                .resource_type("auto-scaling-group")
+                .key("bakery:daemon")
+                .value(format!(
+                    "owner=elsewhere:42;token=abc;since={};expires={expired}",
+                    expired - 60
+                ))
+                .propagate_at_launch(false)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    // gc's ResumeProcesses calls wait 2 s before the world serves them; the group is deleted
+    // once gc has listed the groups (both listings served), so it is gone when gc acts on it.
+    let key = format!("gc-gone-{}", std::process::id());
+    world_fault(
+        &world,
+        1,
+        &key,
+        "autoscaling:ResumeProcesses",
+        "latency_ms",
+        2000.0,
+    );
+    let gc = world
+        .bakery()
+        .env("AWS_ACCESS_KEY_ID", &key)
+        .args(["--output", "json", "gc"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let listed = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let calls = world_calls(&world, &key);
+        if calls["counts"]["autoscaling:DescribeAutoScalingGroups"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 2
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < listed,
+            "gc never listed the groups: {calls}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    delete_group(&world, &name).await;
+    let _ = world
+        .ec2()
+        .delete_launch_template()
+        .launch_template_id(&lt_id)
+        .send()
+        .await;
+    let out = gc.wait_with_output().unwrap();
+    clear_world_faults(&world);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The report, then (when something could not be removed) the failure.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = parse_events(&stdout)
+        .into_iter()
+        .find(|e| e.get("findings").is_some())
+        .unwrap_or_else(|| panic!("gc printed no report: {stdout}\n{stderr}"));
+    let finding = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["kind"] == "daemon takeover" && f["id"] == name.as_str())
+        .unwrap_or_else(|| panic!("gc listed the takeover: {report}"));
+    assert_eq!(finding["action"], "already gone", "{report}");
+    // gc fails only for what it could not remove (other tests' leftovers share the world).
+    let failed = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["action"].as_str().unwrap().starts_with("failed"))
+        .count();
+    assert_eq!(out.status.success(), failed == 0, "{report}\n{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn prune_keeps_the_newest_and_any_ami_in_use() {
     let world = World::get();
     let prefix = format!("prune{}-", &uuid::Uuid::new_v4().simple().to_string()[..6]);
