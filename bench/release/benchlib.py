@@ -632,6 +632,7 @@ def group_breakdown(r: dict, k: str) -> dict | None:
             "started_to_retired": x["_ts"] - b["_ts"],
             "to_registered": (max(seen) - b["_ts"]) if seen else None,
             "to_healthy": (last_h - b["_ts"]) if last_h is not None else None,
+            "to_healthy_early": (last_h_lo - b["_ts"]) if last_h_lo is not None else None,
             "notice_lo": max(0.0, x["_ts"] - last_h) if last_h is not None else None,
             "notice_hi": (x["_ts"] - last_h_lo) if last_h_lo is not None else None,
             "retired_to_next": (nxt - x["_ts"]) if nxt is not None else None,
@@ -670,6 +671,22 @@ def release_breakdown(state: dict, r: dict) -> dict | None:
         "lead_in": rs - r["t0"], "to_first_wave": waves[0]["started"] - rs, "waves": waves,
         "between_waves": gaps, "tail": rf - waves[-1]["finished"], "exit": r["t1"] - rf,
     }
+
+
+def bakery_share(r: dict, b: dict) -> tuple[float | None, float | None]:
+    """The run's wall time minus, in each wave, the time the wave's last group to finish spent
+    until each batch's last new target was healthy (the world's part of the critical path): what
+    bakery itself adds, as a range since `healthy` is known to within one sample."""
+    late = early = 0.0
+    for w in b["waves"]:
+        last = max(w["groups"].values(), key=lambda g: g["group_finished"])
+        lt = [x["to_healthy"] for x in last["batches"]]
+        et = [x["to_healthy_early"] for x in last["batches"]]
+        if None in lt or None in et:
+            return None, None
+        late += sum(lt)
+        early += sum(et)
+    return r["wall_s"] - late, r["wall_s"] - early
 
 
 def calls_in(r: dict, lo: float, hi: float) -> list[dict]:
@@ -791,6 +808,11 @@ def report(state_path: str, runs_path: str) -> int:
         print(f"    outside the waves (start, between waves, end, exit): {f2(over)} s")
         slack = med([sum(x["wall"] for x in b["waves"]) - fl["total"] for _, b in bds])
         print(f"    inside the waves over their floors: {f2(slack)} s")
+        shares = [bakery_share(r, b) for r, b in bds]
+        if shares and None not in [x[0] for x in shares]:
+            lo, hi = med([x[0] for x in shares]), med([x[1] for x in shares])
+            print(f"    bakery's own time per run (wall minus, per wave, its last group's waits for new targets to "
+                  f"turn healthy): {rng(lo, hi)} s ({100 * lo / fl['total']:.0f}..{100 * hi / fl['total']:.0f}% of the floor)")
 
         print()
         print("  AWS calls by bakery (the world's call log of the run's own access key):")
