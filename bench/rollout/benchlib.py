@@ -4,13 +4,15 @@ Run with the world's virtualenv python (boto3) and the world's env file exported
 (AWS_ENDPOINT_URL, WORLD_*). Every address used is inside 127.0.0.0/8: the script refuses an
 endpoint elsewhere, and the only other address it reaches is the same endpoint's `/_world/` API.
 
-    benchlib.py prep STATE.json CAPACITY SURGE CANARY TIMEOUT_S
+    benchlib.py prep STATE.json CAPACITY SURGE CANARY TIMEOUT_S [RAMP]
         Reads the floor's inputs (WORLD_BOOT_DELAY; HealthCheckIntervalSeconds and
         HealthyThresholdCount of WORLD_TARGET_GROUP_ARN from DescribeTargetGroups), removes a
         benchmark group left by an earlier, killed run, copies the stack's launch template and
         creates the benchmark group from the copy (WORLD_PRIVATE_SUBNETS, the stack's target
         group, HealthCheckType ELB, the stack group's grace period), then waits until all its
-        instances are InService and healthy in the target group.
+        instances are InService and healthy in the target group. With RAMP `exponential`, the
+        floor counts the ramp's batches (canary, then canary x 2^(n-1) up to SURGE), and the
+        report also gives the floors of fixed batches: of SURGE, and of the canary's size.
     benchlib.py run STATE.json I AMI TIMEOUT_S OUT_DIR RUNS.jsonl -- COMMAND...
         Waits for the world to settle, then runs COMMAND (the rollout, `--output json`) with
         DescribeTargetHealth sampled every 250 ms; records its wall time, its NDJSON events,
@@ -241,7 +243,24 @@ def delete_group(state: dict, timeout: float) -> None:
         say(f"deleted launch template {lt['LaunchTemplateId']} ({state['template_name']})")
 
 
-def prep(state_path: str, capacity: int, surge: int, canary: int, timeout: float) -> None:
+def ramp_batches(capacity: int, surge: int, canary: int, ramp: str) -> list[int]:
+    """Batch sizes as bakery plans them (plan::batch_size): the canary, then `surge` each
+    (fixed) or canary x 2^(n-1) capped at `surge` (exponential), the last one what is left."""
+    sizes, left, n = [], capacity, 1
+    while left > 0:
+        if n == 1:
+            size = canary
+        elif ramp == "exponential":
+            size = min(surge, canary * 2 ** (n - 1))
+        else:
+            size = surge
+        sizes.append(min(max(size, 1), left))
+        left -= sizes[-1]
+        n += 1
+    return sizes
+
+
+def prep(state_path: str, capacity: int, surge: int, canary: int, timeout: float, ramp: str = "fixed") -> None:
     env = os.environ
     for k in ("WORLD_TARGET_GROUP_ARN", "WORLD_LAUNCH_TEMPLATE_ID", "WORLD_PRIVATE_SUBNETS", "WORLD_BOOT_DELAY", "WORLD_ASG"):
         if not env.get(k):
@@ -270,9 +289,17 @@ def prep(state_path: str, capacity: int, surge: int, canary: int, timeout: float
         "endpoint": endpoint(),
         "world_dir": env.get("WORLD_DIR", ""),
     }
-    # Batches as bakery plans them: the canary, then batches of `surge`.
-    state["batches"] = 1 + math.ceil(max(0, capacity - canary) / surge) if capacity > canary else 1
-    state["floor"] = state["batches"] * (state["boot_delay"] + state["healthy_threshold"] * state["interval"])
+    # Batches as bakery plans them: the canary, then batches of `surge` (or the ramp's).
+    per_batch = state["boot_delay"] + state["healthy_threshold"] * state["interval"]
+    state["ramp"] = ramp
+    state["batch_sizes"] = ramp_batches(capacity, surge, canary, ramp)
+    state["batches"] = len(state["batch_sizes"])
+    state["floor"] = state["batches"] * per_batch
+    if ramp == "exponential":
+        fixed = ramp_batches(capacity, surge, canary, "fixed")
+        small = ramp_batches(capacity, canary, canary, "fixed")
+        state["fixed_sizes"], state["fixed_floor"] = fixed, len(fixed) * per_batch
+        state["small_sizes"], state["small_floor"] = small, len(small) * per_batch
     Path(state_path).write_text(json.dumps(state, indent=1))
 
     # A group left behind by a killed run: remove it first (it is ours by name and tag).
@@ -744,6 +771,19 @@ def report(state_path: str, runs_path: str) -> int:
     cap_ok = low is not None and low >= cap and len(mins) == len(runs)
     print(f"  [{'PASS' if cap_ok else 'FAIL'}] healthy targets of the group never below {cap} "
           f"(minimum seen {low}; {sum(len(r['samples']) for r in runs)} samples)")
+    if state.get("ramp") == "exponential" and m:
+        print()
+        print("== the exponential ramp against fixed batches (floors: batches x "
+              f"{state['floor'] / state['batches']:.2f} s) ==")
+        print(f"  ramp            batches {state['batch_sizes']}: floor {state['floor']:6.2f} s, median {m:.2f} s")
+        small, fixed = state["small_floor"], state["fixed_floor"]
+        print(f"  fixed, batches of the ramp's first size ({state['canary']}): {state['small_sizes']}: "
+              f"floor {small:6.2f} s; median / that floor {m / small:.2f}")
+        print(f"  fixed, batches of the same surge ({state['surge']}): {state['fixed_sizes']}: "
+              f"floor {fixed:6.2f} s; median / that floor {m / fixed:.2f} (a ramp never has fewer batches "
+              "than fixed batches of its own cap: it trades speed for a cautious start)")
+        verdict = "PASS" if m / small <= 0.7 and len(ok) == len(runs) else "MISS"
+        print(f"  [{verdict}] median ramped rollout at most 0.7 x the floor of fixed batches of its first size")
     if len(ok) != len(runs) or not cap_ok:
         rc = 1
     return rc
@@ -787,7 +827,7 @@ def _main(argv: list[str]) -> int:
         die(__doc__.strip(), 2)
     cmd, args = argv[0], argv[1:]
     if cmd == "prep":
-        prep(args[0], int(args[1]), int(args[2]), int(args[3]), float(args[4]))
+        prep(args[0], int(args[1]), int(args[2]), int(args[3]), float(args[4]), *(args[5:6]))
     elif cmd == "run":
         if "--" not in args or args.index("--") != 6:
             die("usage: run STATE I AMI TIMEOUT OUT_DIR RUNS -- COMMAND...", 2)

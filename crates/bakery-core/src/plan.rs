@@ -4,8 +4,15 @@
 //!
 //! The strategy is surge-first: raise the desired capacity by one batch, wait until the new
 //! instances are in service, warmed up and healthy in every target group, then retire as many
-//! old instances (old = running another AMI) while lowering the desired capacity again. So the
-//! capacity in service never drops below the original desired capacity minus `max_unavailable`.
+//! old instances (old = not on the target image and version) while lowering the desired
+//! capacity again. So the capacity in service never drops below the original desired capacity
+//! minus `max_unavailable`.
+//!
+//! Inside the group it behaves as ASG Instance Refresh does ([`crate::ingroup`]): instances that
+//! match the [`Target`] (image and launch-template version) are not replaced; scale-in-protected
+//! and Standby instances follow their [`InstancePolicy`]; instances held by lifecycle hooks are
+//! waited for, never released; old warm-pool instances are refreshed before any batch;
+//! checkpoints pause the rollout; the [`Ramp`] sizes the batches.
 
 use std::time::Duration;
 
@@ -824,8 +831,9 @@ pub struct Asked<'a> {
 pub struct Found<'a> {
     /// The AMI of the rollout in progress, from its state tag.
     pub in_progress: Option<&'a str>,
-    /// The launch-template version the group launches already names the AMI asked for, and
-    /// every live instance (at least desired capacity of them) runs it.
+    /// Skip matching is on, the launch-template version the group launches already names the
+    /// AMI asked for, and every instance (at least desired capacity of them) and warm-pool
+    /// instance matches it ([`all_match`]).
     pub already_everywhere: bool,
 }
 
