@@ -508,3 +508,84 @@ async fn a_dry_run_prints_every_groups_batches_and_changes_nothing() {
     a.delete(&world).await;
     b.delete(&world).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_driver_per_release_through_its_lock_or_its_lease() {
+    let world = World::get();
+    let home = home(&world);
+    let (good, _) = sample_amis(&world).clone();
+    let table = format!("release-leases-{}", std::process::id());
+    let init = world.bakery().args(["init", "--lease-table", &table]).output().unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    for lease in [None, Some(table.as_str())] {
+        let fleet = Fleet::create(&world, "rel-one", 2).await;
+        let dir = scratch(&format!("release-one-driver-{}", lease.is_some()));
+        let plan = write(
+            &dir,
+            "web.toml",
+            &format!(
+                "[source]\nami = \"{good}\"\n[[wave]]\nname = \"w\"\ntargets = [{{ region = \"{home}\", group = \"{}\" }}]\nrollout = {{ max_surge = 1 }}\n",
+                fleet.asg
+            ),
+        );
+        let extra: Vec<&str> = lease.map(|t| vec!["--lease-table", t]).unwrap_or_default();
+        let mut first = world
+            .bakery()
+            .args(["--output", "json", "release"])
+            .arg(&plan)
+            .args(&extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = first.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut seen = Vec::new();
+        events_until(&rx, &mut seen, Duration::from_secs(120), "the first driver started its group", |e| {
+            e["event"] == "group_started"
+        });
+        // With a table, the second driver is as on another machine: the same plan elsewhere
+        // (its own record file), the same release name, so the same lease.
+        let second_plan = match lease {
+            None => plan.clone(),
+            Some(_) => {
+                let elsewhere = dir.join("elsewhere");
+                std::fs::create_dir_all(&elsewhere).unwrap();
+                let copy = elsewhere.join("web.toml");
+                std::fs::copy(&plan, &copy).unwrap();
+                copy
+            }
+        };
+        let second = release(&world, &second_plan, &extra);
+        assert_eq!(second.code, Some(7), "{}", second.describe());
+        let err = failure(&second);
+        match lease {
+            None => assert!(err.contains("another bakery process on this machine is driving this release"), "{err}"),
+            Some(t) => assert!(err.contains("release web is being driven by") && err.contains(t), "{err}"),
+        }
+        assert!(first.wait().unwrap().success(), "the first driver finished");
+        assert!(fleet.amis(&world).await.iter().all(|a| *a == good));
+        if let Some(t) = lease {
+            // With a table, the record lives there too: another machine can resume from it.
+            let db = aws_sdk_dynamodb::Client::new(&world.sdk_config());
+            let item = db
+                .get_item()
+                .table_name(t)
+                .key("pk", aws_sdk_dynamodb::types::AttributeValue::S("record#release#web".into()))
+                .send()
+                .await
+                .unwrap();
+            let text = item.item().unwrap()["record"].as_s().unwrap().clone();
+            let rec: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(rec["state"], "done", "{rec}");
+        }
+        fleet.delete(&world).await;
+    }
+}

@@ -100,10 +100,16 @@ pub async fn run(target: &Target, opts: &Options, reporter: &Reporter) -> Result
             .map_err(|e| ReleaseError::BadInput(vec![e.to_string()]))?;
     }
     let store = Store::new(&opts.plan, &plan.name, table);
-    let existing = store.read().await.map_err(ReleaseError::Failed)?;
     if opts.status {
+        let existing = store.read().await.map_err(ReleaseError::Failed)?;
         return status(&plan, existing, reporter);
     }
+    // Held until this run ends; read the record only once it is this run's to write.
+    let _driving = match opts.dry_run {
+        true => None,
+        false => Some(store.lock().map_err(ReleaseError::Conflict)?),
+    };
+    let existing = store.read().await.map_err(ReleaseError::Failed)?;
     let (clients, unreachable) = observe::connect(&home, &plan).await;
     let (rec, resumed) = match existing {
         Some(rec) if opts.restart && !rec.state.is_over() => {

@@ -34,6 +34,30 @@ impl Store {
         &self.file
     }
 
+    /// One driver per record on this machine: an exclusive lock on `<record>.lock`, held while
+    /// the returned file is open (the kernel drops it with the process, SIGKILL included).
+    /// Across machines, the lease table is what fences a release.
+    pub fn lock(&self) -> Result<std::fs::File, String> {
+        let path = self.file.with_extension("lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        match f.try_lock() {
+            Ok(()) => Ok(f),
+            Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+                "another bakery process on this machine is driving this release (it holds {}); \
+                 wait for it to finish, or stop it (a rerun resumes)",
+                path.display()
+            )),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(format!("cannot lock {}: {e}", path.display()))
+            }
+        }
+    }
+
     pub async fn read(&self) -> Result<Option<Record>, String> {
         if let Some((aws, table)) = &self.table {
             let db = aws.dynamodb.clone();
