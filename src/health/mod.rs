@@ -87,6 +87,7 @@ fn facts_of(g: autoscaling::Group) -> GroupFacts {
     GroupFacts {
         name: g.name,
         desired: g.desired,
+        max: g.max,
         grace_period: u64::try_from(g.health_check_grace_period).unwrap_or(0),
         target_groups: g.target_group_arns,
         members: g

@@ -10,6 +10,7 @@
 pub mod audit;
 pub mod daemon_config;
 pub mod diag;
+pub mod fleet_events;
 pub mod ingroup;
 pub mod judge;
 pub mod lease;

@@ -31,10 +31,12 @@ pub struct Member {
 }
 
 /// A watched group as last read.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GroupFacts {
     pub name: String,
     pub desired: u32,
+    /// The group's max size (fleet events raise the desired capacity within it).
+    pub max: u32,
     /// The group's health check grace period, in seconds.
     pub grace_period: u64,
     pub target_groups: Vec<String>,
@@ -405,6 +407,7 @@ mod tests {
         GroupFacts {
             name: name.into(),
             desired: ids.len() as u32,
+            max: 10,
             grace_period: 60,
             target_groups: vec![TG.into()],
             members: ids.iter().map(|i| member(i)).collect(),

@@ -211,6 +211,7 @@ mod tests {
         GroupFacts {
             name: name.into(),
             desired: 1,
+            max: 1,
             grace_period: 0,
             target_groups: tgs.iter().map(|t| t.to_string()).collect(),
             members: ids
