@@ -98,6 +98,15 @@ pub enum Event {
     CanaryBaking {
         seconds: u64,
     },
+    /// `bakery rollout --checkpoints`: the share of instances replaced reached a checkpoint.
+    CheckpointReached {
+        percent: u32,
+        pause_s: u64,
+    },
+    /// `bakery rollout`: old warm-pool instances terminated (the pool refills from the new version).
+    WarmPoolRefreshed {
+        instances: Vec<String>,
+    },
     CanaryPassed,
     RollbackStarted {
         reason: String,
@@ -432,6 +441,13 @@ fn human_line(event: &Event, quiet: bool) -> Option<String> {
         }
         Event::CanaryBaking { seconds } => format!("    canary healthy; baking for {seconds}s"),
         Event::CanaryPassed => "    canary bake passed".to_string(),
+        Event::CheckpointReached { percent, pause_s } => {
+            format!("==> checkpoint {percent}% reached; pausing {pause_s}s")
+        }
+        Event::WarmPoolRefreshed { instances } => format!(
+            "    warm pool: terminated {} (old image or version; the pool refills from the new version)",
+            instances.join(", ")
+        ),
         Event::RollbackStarted { reason, .. } => {
             return Some(format!("!!  rolling back: {reason}"))
         }
@@ -556,6 +572,26 @@ fn render_plan(plan: &serde_json::Value) -> String {
         text("to_ami"), text("capacity"), text("instances_to_replace"), text("max_surge"),
         text("max_unavailable"), text("canary"), text("canary_bake_s"), text("max_size_needed"),
     ));
+    if plan.get("ramp").is_some() {
+        // Trim the blank line above: the in-group line belongs to the header.
+        out.truncate(out.trim_end().len());
+        out.push_str(&format!(
+            "\n    ramp {}, skip matching {}, protected instances: {}, Standby instances: {}, checkpoints {}, warm-pool instances to refresh {}\n\n",
+            text("ramp"),
+            if plan["skip_matching"] == true { "on" } else { "off" },
+            text("protected_instances"),
+            text("standby_instances"),
+            match plan["checkpoints"].as_array() {
+                Some(c) if !c.is_empty() => format!(
+                    "{} (pause {}s)",
+                    c.iter().map(|v| format!("{v}%")).collect::<Vec<_>>().join(", "),
+                    text("checkpoint_pause_s")
+                ),
+                _ => "none".into(),
+            },
+            plan["warm_pool_to_refresh"].as_array().map_or(0, Vec::len),
+        ));
+    }
     let mut rows = vec![[
         "BATCH",
         "LAUNCHED",
@@ -576,6 +612,9 @@ fn render_plan(plan: &serde_json::Value) -> String {
             ]
             .iter()
             .map(|k| b[*k].to_string())
+            .chain(b["checkpoint"].as_u64().map(|c| {
+                format!("(checkpoint {c}%: pause {}s)", text("checkpoint_pause_s"))
+            }))
             .collect(),
         );
     }
