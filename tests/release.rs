@@ -25,7 +25,12 @@ fn config_in(world: &World, region: &str) -> aws_config::SdkConfig {
 fn manifest(dir: &Path, home: &str, images: &[(&str, &str)]) -> PathBuf {
     let regions: serde_json::Map<String, serde_json::Value> = images
         .iter()
-        .map(|(r, id)| (r.to_string(), serde_json::json!({"ami_id": id, "snapshot_ids": []})))
+        .map(|(r, id)| {
+            (
+                r.to_string(),
+                serde_json::json!({"ami_id": id, "snapshot_ids": []}),
+            )
+        })
         .collect();
     let home_ami = images.iter().find(|(r, _)| *r == home).unwrap().1;
     let m = serde_json::json!({
@@ -86,7 +91,12 @@ async fn amis_in(world: &World, region: &str, group: &str) -> Vec<String> {
         return Vec::new();
     }
     let ec2 = aws_sdk_ec2::Client::new(&config);
-    let out = ec2.describe_instances().set_instance_ids(Some(ids)).send().await.unwrap();
+    let out = ec2
+        .describe_instances()
+        .set_instance_ids(Some(ids))
+        .send()
+        .await
+        .unwrap();
     out.reservations()
         .iter()
         .flat_map(|r| r.instances())
@@ -101,7 +111,10 @@ async fn copy_to(world: &World, ami: &str, from: &str, region: &str) -> String {
         .copy_image()
         .source_image_id(ami)
         .source_region(from)
-        .name(format!("release-test-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]))
+        .name(format!(
+            "release-test-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ))
         .send()
         .await
         .unwrap()
@@ -114,7 +127,10 @@ async fn copy_to(world: &World, ami: &str, from: &str, region: &str) -> String {
         if out.images()[0].state().map(|s| s.as_str()) == Some("available") {
             return id;
         }
-        assert!(std::time::Instant::now() < deadline, "copy {id} never became available");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "copy {id} never became available"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
@@ -166,25 +182,54 @@ rollout = {{ max_surge = "100%" }}
     assert!(canary.amis(&world).await.iter().all(|a| *a == good));
     assert!(rest.amis(&world).await.iter().all(|a| *a == good));
     let there = amis_in(&world, region2, group2).await;
-    assert!(!there.is_empty() && there.iter().all(|a| *a == good2), "{region2}/{group2} runs {there:?}, not {good2}");
+    assert!(
+        !there.is_empty() && there.iter().all(|a| *a == good2),
+        "{region2}/{group2} runs {there:?}, not {good2}"
+    );
     // The waves ran in order: every group of the canary wave finished before the next began.
     let order: Vec<String> = run
         .events
         .iter()
         .filter(|e| e["event"] == "wave_started" || e["event"] == "wave_finished")
-        .map(|e| format!("{} {}", e["event"].as_str().unwrap(), e["wave"].as_str().unwrap()))
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["event"].as_str().unwrap(),
+                e["wave"].as_str().unwrap()
+            )
+        })
         .collect();
-    assert_eq!(order, ["wave_started canary", "wave_finished canary", "wave_started everywhere", "wave_finished everywhere"]);
+    assert_eq!(
+        order,
+        [
+            "wave_started canary",
+            "wave_finished canary",
+            "wave_started everywhere",
+            "wave_finished everywhere"
+        ]
+    );
     let http = events(&run, "gate");
-    assert!(http.iter().any(|g| g["gate"] == "http" && g["result"] == "passed"), "{http:?}");
+    assert!(
+        http.iter()
+            .any(|g| g["gate"] == "http" && g["result"] == "passed"),
+        "{http:?}"
+    );
     // Each rollout's own events say which group they are about.
     let batches = events(&run, "batch_started");
-    assert!(batches.iter().any(|b| b["group"] == group2 && b["region"] == region2), "{batches:?}");
+    assert!(
+        batches
+            .iter()
+            .any(|b| b["group"] == group2 && b["region"] == region2),
+        "{batches:?}"
+    );
     let rec = record(&plan);
     assert_eq!(rec["state"], "done");
     let status = release(&world, &plan, &["--status"]);
     assert_eq!(status.code, Some(0), "{}", status.describe());
-    assert_eq!(status.event("release_status").unwrap()["record"]["state"], "done");
+    assert_eq!(
+        status.event("release_status").unwrap()["record"]["state"],
+        "done"
+    );
     canary.delete(&world).await;
     rest.delete(&world).await;
 }
@@ -208,7 +253,9 @@ async fn alarm_in_alarm(world: &World, fleet: &Fleet) -> String {
         .period(10)
         .evaluation_periods(1)
         .threshold(1.0)
-        .comparison_operator(aws_sdk_cloudwatch::types::ComparisonOperator::GreaterThanOrEqualToThreshold)
+        .comparison_operator(
+            aws_sdk_cloudwatch::types::ComparisonOperator::GreaterThanOrEqualToThreshold,
+        )
         .send()
         .await
         .unwrap();
@@ -222,7 +269,15 @@ async fn alarm_in_alarm(world: &World, fleet: &Fleet) -> String {
     name
 }
 
-fn two_wave_plan(dir: &Path, policy: &str, ami: &str, first: &str, second: &str, alarm: &str, home: &str) -> PathBuf {
+fn two_wave_plan(
+    dir: &Path,
+    policy: &str,
+    ami: &str,
+    first: &str,
+    second: &str,
+    alarm: &str,
+    home: &str,
+) -> PathBuf {
     write(
         dir,
         "web.toml",
@@ -260,22 +315,39 @@ async fn an_alarm_halts_the_release_and_on_failure_decides_what_is_reverted() {
         let plan = two_wave_plan(&dir, policy, &good, &first.asg, &second.asg, &alarm, &home);
         let run = release(&world, &plan, &[]);
         assert_eq!(run.code, Some(6), "{policy}: {}", run.describe());
-        assert!(failure(&run).contains(&format!("alarm {alarm} in {home} is in ALARM")), "{}", failure(&run));
+        assert!(
+            failure(&run).contains(&format!("alarm {alarm} in {home} is in ALARM")),
+            "{}",
+            failure(&run)
+        );
         let rec = record(&plan);
-        assert_eq!(rec["state"], serde_json::json!({"ended": "rolled_back"}), "{rec}");
+        assert_eq!(
+            rec["state"],
+            serde_json::json!({"ended": "rolled_back"}),
+            "{rec}"
+        );
         assert_eq!(rec["waves"][1]["state"], "failed");
         // The second wave never got the image.
-        assert!(second.amis(&world).await.iter().all(|a| *a != good), "{policy}");
+        assert!(
+            second.amis(&world).await.iter().all(|a| *a != good),
+            "{policy}"
+        );
         let first_now = first.amis(&world).await;
         match policy {
             "rollback_all" => {
-                assert!(!first_now.is_empty() && first_now.iter().all(|a| before.contains(a)), "first wave reverted: {first_now:?} vs {before:?}");
+                assert!(
+                    !first_now.is_empty() && first_now.iter().all(|a| before.contains(a)),
+                    "first wave reverted: {first_now:?} vs {before:?}"
+                );
                 let started = run.event("release_rollback_started").unwrap();
                 assert_eq!(started["groups"][0], format!("{home}/{}", first.asg));
                 assert_eq!(rec["waves"][0]["groups"][0]["state"], "reverted");
             }
             _ => {
-                assert!(first_now.iter().all(|a| *a == good), "first wave kept: {first_now:?}");
+                assert!(
+                    first_now.iter().all(|a| *a == good),
+                    "first wave kept: {first_now:?}"
+                );
                 assert_eq!(rec["waves"][0]["groups"][0]["state"], "done");
             }
         }
@@ -319,9 +391,13 @@ async fn a_release_killed_mid_rollout_resumes_where_it_stopped() {
     });
     let mut seen = Vec::new();
     // Killed once its rollout has replaced one instance: mid-rollout, the worst moment.
-    events_until(&rx, &mut seen, Duration::from_secs(240), "a first batch retired", |e| {
-        e["event"] == "retired"
-    });
+    events_until(
+        &rx,
+        &mut seen,
+        Duration::from_secs(240),
+        "a first batch retired",
+        |e| e["event"] == "retired",
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     let rec = record(&plan);
@@ -330,11 +406,19 @@ async fn a_release_killed_mid_rollout_resumes_where_it_stopped() {
     assert_eq!(run.code, Some(0), "{}", run.describe());
     assert_eq!(run.event("release_started").unwrap()["resumed"], true);
     let rollout = run.event("rollout_started").unwrap();
-    assert_eq!(rollout["resumed"], true, "the group's rollout resumed from its tags: {rollout}");
+    assert_eq!(
+        rollout["resumed"], true,
+        "the group's rollout resumed from its tags: {rollout}"
+    );
     assert!(fleet.amis(&world).await.iter().all(|a| *a == good));
     let rec = record(&plan);
     assert_eq!(rec["state"], "done");
-    assert!(before.contains(&rec["waves"][0]["groups"][0]["previous_ami"].as_str().unwrap().to_string()));
+    assert!(before.contains(
+        &rec["waves"][0]["groups"][0]["previous_ami"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    ));
     fleet.delete(&world).await;
 }
 
@@ -382,18 +466,40 @@ targets = [{{ region = "{home}", group = "no-such-group-b" }},
     ] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
-    assert!(!plan.with_extension("release.json").exists(), "no record for a release that never started");
+    assert!(
+        !plan.with_extension("release.json").exists(),
+        "no record for a release that never started"
+    );
     let after = fleet.group(&world).await;
-    assert_eq!(before.launch_template(), after.launch_template(), "the group was not touched");
+    assert_eq!(
+        before.launch_template(),
+        after.launch_template(),
+        "the group was not touched"
+    );
     // A plan with a mistake in it is located before AWS is asked anything.
-    let bad = write(&dir, "bad.toml", "[source]\nami = \"ami-0123456789abcdef0\"\n[[wave]]\nname = \"w\"\ntargets = []\n");
+    let bad = write(
+        &dir,
+        "bad.toml",
+        "[source]\nami = \"ami-0123456789abcdef0\"\n[[wave]]\nname = \"w\"\ntargets = []\n",
+    );
     let run = release(&world, &bad, &[]);
     assert_eq!(run.code, Some(2));
-    assert!(failure(&run).contains("bad.toml:5:11: wave \"w\" has no targets"), "{}", failure(&run));
+    assert!(
+        failure(&run).contains("bad.toml:5:11: wave \"w\" has no targets"),
+        "{}",
+        failure(&run)
+    );
     fleet.delete(&world).await;
 }
 
-fn gate_plan(dir: &Path, policy: &str, ami: &str, first: &str, second: &str, home: &str) -> PathBuf {
+fn gate_plan(
+    dir: &Path,
+    policy: &str,
+    ami: &str,
+    first: &str,
+    second: &str,
+    home: &str,
+) -> PathBuf {
     write(
         dir,
         "web.toml",
@@ -432,12 +538,23 @@ async fn a_failed_http_gate_reverts_what_on_failure_names_and_abort_reverts_the_
     let run = release(&world, &plan, &[]);
     assert_eq!(run.code, Some(6), "{}", run.describe());
     let err = failure(&run);
-    assert!(err.contains("without \"a body the app never answers\" in its body"), "{err}");
+    assert!(
+        err.contains("without \"a body the app never answers\" in its body"),
+        "{err}"
+    );
     let gate = events(&run, "gate");
-    assert!(gate.iter().any(|g| g["gate"] == "http" && g["result"] == "failed"), "{gate:?}");
+    assert!(
+        gate.iter()
+            .any(|g| g["gate"] == "http" && g["result"] == "failed"),
+        "{gate:?}"
+    );
     for f in [&first, &second] {
         let now = f.amis(&world).await;
-        assert!(!now.is_empty() && now.iter().all(|a| before.contains(a)), "{} reverted: {now:?}", f.asg);
+        assert!(
+            !now.is_empty() && now.iter().all(|a| before.contains(a)),
+            "{} reverted: {now:?}",
+            f.asg
+        );
     }
     let rec = record(&plan);
     assert_eq!(rec["state"], serde_json::json!({"ended": "rolled_back"}));
@@ -453,23 +570,44 @@ async fn a_failed_http_gate_reverts_what_on_failure_names_and_abort_reverts_the_
     let plan = gate_plan(&dir, "stop", &good, &first.asg, &second.asg, &home);
     let run = release(&world, &plan, &[]);
     assert_eq!(run.code, Some(6), "{}", run.describe());
-    assert_eq!(record(&plan)["state"], serde_json::json!({"ended": "stopped"}));
+    assert_eq!(
+        record(&plan)["state"],
+        serde_json::json!({"ended": "stopped"})
+    );
     for f in [&first, &second] {
-        assert!(f.amis(&world).await.iter().all(|a| *a == good), "{} left for inspection", f.asg);
+        assert!(
+            f.amis(&world).await.iter().all(|a| *a == good),
+            "{} left for inspection",
+            f.asg
+        );
     }
     // A rerun of an ended release does nothing and says how it ended.
     let ended = record(&plan);
     let again = release(&world, &plan, &[]);
     assert_eq!(again.code, Some(6), "{}", again.describe());
-    assert!(failure(&again).contains("release web stopped"), "{}", failure(&again));
-    assert!(events(&again, "group_started").is_empty(), "nothing was rolled again");
+    assert!(
+        failure(&again).contains("release web stopped"),
+        "{}",
+        failure(&again)
+    );
+    assert!(
+        events(&again, "group_started").is_empty(),
+        "nothing was rolled again"
+    );
     assert_eq!(record(&plan)["waves"], ended["waves"]);
     let abort = release(&world, &plan, &["--abort"]);
     assert_eq!(abort.code, Some(0), "{}", abort.describe());
-    assert_eq!(abort.event("release_finished").unwrap()["result"], "aborted");
+    assert_eq!(
+        abort.event("release_finished").unwrap()["result"],
+        "aborted"
+    );
     for f in [&first, &second] {
         let now = f.amis(&world).await;
-        assert!(!now.is_empty() && now.iter().all(|a| before.contains(a)), "{} aborted: {now:?}", f.asg);
+        assert!(
+            !now.is_empty() && now.iter().all(|a| before.contains(a)),
+            "{} aborted: {now:?}",
+            f.asg
+        );
     }
     first.delete(&world).await;
     second.delete(&world).await;
@@ -500,7 +638,12 @@ async fn a_dry_run_prints_every_groups_batches_and_changes_nothing() {
     assert_eq!(plans[0]["wave"], "one");
     assert_eq!(plans[1]["group"], b.asg);
     // Four instances, one at a time after a canary of one: four batches.
-    assert_eq!(plans[1]["plan"]["batches"].as_array().unwrap().len(), 4, "{}", plans[1]);
+    assert_eq!(
+        plans[1]["plan"]["batches"].as_array().unwrap().len(),
+        4,
+        "{}",
+        plans[1]
+    );
     assert!(!plan.with_extension("release.json").exists());
     let after = (a.group(&world).await, b.group(&world).await);
     assert_eq!(before.0.launch_template(), after.0.launch_template());
@@ -515,8 +658,16 @@ async fn one_driver_per_release_through_its_lock_or_its_lease() {
     let home = home(&world);
     let (good, _) = sample_amis(&world).clone();
     let table = format!("release-leases-{}", std::process::id());
-    let init = world.bakery().args(["init", "--lease-table", &table]).output().unwrap();
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let init = world
+        .bakery()
+        .args(["init", "--lease-table", &table])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
     for lease in [None, Some(table.as_str())] {
         let fleet = Fleet::create(&world, "rel-one", 2).await;
         let dir = scratch(&format!("release-one-driver-{}", lease.is_some()));
@@ -548,9 +699,13 @@ async fn one_driver_per_release_through_its_lock_or_its_lease() {
             }
         });
         let mut seen = Vec::new();
-        events_until(&rx, &mut seen, Duration::from_secs(120), "the first driver started its group", |e| {
-            e["event"] == "group_started"
-        });
+        events_until(
+            &rx,
+            &mut seen,
+            Duration::from_secs(120),
+            "the first driver started its group",
+            |e| e["event"] == "group_started",
+        );
         // With a table, the second driver is as on another machine: the same plan elsewhere
         // (its own record file), the same release name, so the same lease.
         let second_plan = match lease {
@@ -567,8 +722,14 @@ async fn one_driver_per_release_through_its_lock_or_its_lease() {
         assert_eq!(second.code, Some(7), "{}", second.describe());
         let err = failure(&second);
         match lease {
-            None => assert!(err.contains("another bakery process on this machine is driving this release"), "{err}"),
-            Some(t) => assert!(err.contains("release web is being driven by") && err.contains(t), "{err}"),
+            None => assert!(
+                err.contains("another bakery process on this machine is driving this release"),
+                "{err}"
+            ),
+            Some(t) => assert!(
+                err.contains("release web is being driven by") && err.contains(t),
+                "{err}"
+            ),
         }
         assert!(first.wait().unwrap().success(), "the first driver finished");
         assert!(fleet.amis(&world).await.iter().all(|a| *a == good));
@@ -578,7 +739,10 @@ async fn one_driver_per_release_through_its_lock_or_its_lease() {
             let item = db
                 .get_item()
                 .table_name(t)
-                .key("pk", aws_sdk_dynamodb::types::AttributeValue::S("record#release#web".into()))
+                .key(
+                    "pk",
+                    aws_sdk_dynamodb::types::AttributeValue::S("record#release#web".into()),
+                )
                 .send()
                 .await
                 .unwrap();

@@ -87,7 +87,11 @@ fn now() -> u64 {
 }
 
 /// Runs (or resumes, reverts, shows, plans) the release; `Ok` with how it ended.
-pub async fn run(target: &Target, opts: &Options, reporter: &Reporter) -> Result<String, ReleaseError> {
+pub async fn run(
+    target: &Target,
+    opts: &Options,
+    reporter: &Reporter,
+) -> Result<String, ReleaseError> {
     let started = Instant::now();
     let plan = bakery_core::release::load(&opts.plan)?;
     let home = Aws::connect(target)
@@ -197,7 +201,8 @@ async fn resolve(
     clients: &Clients,
     mut problems: Vec<String>,
 ) -> Result<Record, ReleaseError> {
-    let at = |a: bakery_core::release::At| format!("{}:{}:{}", plan.file.display(), a.line, a.column);
+    let at =
+        |a: bakery_core::release::At| format!("{}:{}:{}", plan.file.display(), a.line, a.column);
     let mut images: BTreeMap<String, String> = BTreeMap::new();
     let mut waves = Vec::new();
     for wave in &plan.waves {
@@ -273,7 +278,13 @@ fn client<'a>(clients: &'a Clients, g: &record::GroupRecord) -> &'a Aws {
 }
 
 /// A rollout request for one group of a wave, with the wave's settings over the CLI defaults.
-fn request(wave: &Wave, opts: &Options, group: &str, ami: Option<AmiSource>, abort: bool) -> rollout::Request {
+fn request(
+    wave: &Wave,
+    opts: &Options,
+    group: &str,
+    ami: Option<AmiSource>,
+    abort: bool,
+) -> rollout::Request {
     let r = &wave.rollout;
     rollout::Request {
         group: group.to_string(),
@@ -324,9 +335,16 @@ fn render_status(rec: &Record) -> String {
             .unwrap_or_default(),
         rec.on_failure.as_str()
     );
-    let mut rows = vec![["WAVE", "WAVE STATE", "GROUP", "GROUP STATE", "IMAGE", "PREVIOUS"]
-        .map(String::from)
-        .to_vec()];
+    let mut rows = vec![[
+        "WAVE",
+        "WAVE STATE",
+        "GROUP",
+        "GROUP STATE",
+        "IMAGE",
+        "PREVIOUS",
+    ]
+    .map(String::from)
+    .to_vec()];
     for w in &rec.waves {
         for g in &w.groups {
             rows.push(vec![
@@ -359,7 +377,13 @@ async fn dry_run(
         });
         for g in &wr.groups {
             let scoped = scope(reporter, &wave.name, g);
-            let req = request(wave, opts, &g.group, Some(AmiSource::Id(g.ami.clone())), false);
+            let req = request(
+                wave,
+                opts,
+                &g.group,
+                Some(AmiSource::Id(g.ami.clone())),
+                false,
+            );
             rollout::run(client(clients, g), &req, &scoped)
                 .await
                 .map_err(|e| ReleaseError::Failed(format!("{}: {e}", g.label())))?;
@@ -424,7 +448,10 @@ struct Driver<'a> {
 impl Driver<'_> {
     async fn save(&mut self) -> Result<(), ReleaseError> {
         self.rec.updated = now();
-        self.store.write(&self.rec).await.map_err(ReleaseError::Failed)
+        self.store
+            .write(&self.rec)
+            .await
+            .map_err(ReleaseError::Failed)
     }
 
     /// Takes the release from its record to its end, one decision at a time.
@@ -504,7 +531,11 @@ impl Driver<'_> {
         self.save().await.map_err(|e| Halt::Failed(e.to_string()))?;
         self.reporter.emit(Event::WaveStarted {
             wave: wave.name.clone(),
-            groups: self.rec.waves[wi].groups.iter().map(|g| g.label()).collect(),
+            groups: self.rec.waves[wi]
+                .groups
+                .iter()
+                .map(|g| g.label())
+                .collect(),
         });
         let mut queue: Vec<usize> = (0..self.rec.waves[wi].groups.len())
             .filter(|&gi| {
@@ -601,12 +632,21 @@ impl Driver<'_> {
             ami: g.ami.clone(),
             previous_ami: g.previous_ami.clone().unwrap_or_else(|| "-".into()),
         });
-        let req = request(wave, self.opts, &g.group, Some(AmiSource::Id(g.ami.clone())), false);
+        let req = request(
+            wave,
+            self.opts,
+            &g.group,
+            Some(AmiSource::Id(g.ami.clone())),
+            false,
+        );
         let reporter = scope(self.reporter, &wave.name, g);
         let token = halt.clone();
         running.spawn(async move {
             let r = aws
-                .scope(halting(token, Box::pin(rollout::run(&aws, &req, &reporter))))
+                .scope(halting(
+                    token,
+                    Box::pin(rollout::run(&aws, &req, &reporter)),
+                ))
                 .await;
             (gi, r)
         });
@@ -630,9 +670,11 @@ impl Driver<'_> {
                 "rolled_back",
                 Some(format!("{label} rolled back: {reason}")),
             ),
-            Err(e @ (RolloutError::Locked { .. } | RolloutError::OtherRollout { .. })) => {
-                (GroupState::Pending, "refused", Some(format!("{label}: {e}")))
-            }
+            Err(e @ (RolloutError::Locked { .. } | RolloutError::OtherRollout { .. })) => (
+                GroupState::Pending,
+                "refused",
+                Some(format!("{label}: {e}")),
+            ),
             Err(e) => (GroupState::Failed, "failed", Some(format!("{label}: {e}"))),
         };
         let g = &mut self.rec.waves[wi].groups[gi];
@@ -702,7 +744,8 @@ impl Driver<'_> {
             };
             for (id, ip) in observe::new_instances(aws, &now.instances, &g.ami).await? {
                 let answer = observe::http_get(ip, port, gate).await;
-                let verdict = answer.and_then(|(status, body)| record::check_http(gate, status, &body));
+                let verdict =
+                    answer.and_then(|(status, body)| record::check_http(gate, status, &body));
                 if let Err(e) = verdict {
                     let detail = format!("{} {id}: {e}", g.label());
                     self.reporter.emit(Event::Gate {
@@ -720,7 +763,10 @@ impl Driver<'_> {
             wave: wave.name.clone(),
             gate: "http".into(),
             result: "passed".into(),
-            detail: format!("{checked} new instance(s) answered GET {} as expected", gate.path),
+            detail: format!(
+                "{checked} new instance(s) answered GET {} as expected",
+                gate.path
+            ),
         });
         Ok(())
     }
@@ -828,17 +874,23 @@ async fn revert_group(
     };
     match record::revert(g, now.in_progress, now.launching.as_deref()) {
         Revert::Nothing => Ok("on its previous image already"),
-        Revert::Abort => match rollout::run(aws, &request(wave, &opts, &g.group, None, true), reporter).await {
-            Ok(_) | Err(RolloutError::RolledBack { .. }) | Err(RolloutError::NothingToAbort(_)) => {
-                Ok("its rollout was aborted and rolled back")
+        Revert::Abort => {
+            match rollout::run(aws, &request(wave, &opts, &g.group, None, true), reporter).await {
+                Ok(_)
+                | Err(RolloutError::RolledBack { .. })
+                | Err(RolloutError::NothingToAbort(_)) => {
+                    Ok("its rollout was aborted and rolled back")
+                }
+                Err(e) => Err(e.to_string()),
             }
-            Err(e) => Err(e.to_string()),
-        },
-        Revert::RollTo(prev) => {
-            rollout::run(aws, &request(wave, &opts, &g.group, Some(AmiSource::Id(prev)), false), reporter)
-                .await
-                .map(|_| "rolled back to its previous image")
-                .map_err(|e| e.to_string())
         }
+        Revert::RollTo(prev) => rollout::run(
+            aws,
+            &request(wave, &opts, &g.group, Some(AmiSource::Id(prev)), false),
+            reporter,
+        )
+        .await
+        .map(|_| "rolled back to its previous image")
+        .map_err(|e| e.to_string()),
     }
 }

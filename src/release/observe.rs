@@ -202,7 +202,12 @@ pub async fn group_now(aws: &Aws, name: &str) -> Result<GroupNow, String> {
     let g = autoscaling::describe(&aws.autoscaling, name)
         .await
         .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("Auto Scaling group {name} no longer exists in {}", aws.region))?;
+        .ok_or_else(|| {
+            format!(
+                "Auto Scaling group {name} no longer exists in {}",
+                aws.region
+            )
+        })?;
     let launching = match &g.launch_template {
         Some(r) => {
             let id = match (&r.id, &r.name) {
@@ -213,14 +218,10 @@ pub async fn group_now(aws: &Aws, name: &str) -> Result<GroupNow, String> {
                 _ => None,
             };
             match id {
-                Some(id) => lt::describe(
-                    &aws.ec2,
-                    &id,
-                    r.version.as_deref().unwrap_or("$Default"),
-                )
-                .await
-                .map_err(|e| e.to_string())?
-                .and_then(|v| v.image_id),
+                Some(id) => lt::describe(&aws.ec2, &id, r.version.as_deref().unwrap_or("$Default"))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .and_then(|v| v.image_id),
                 None => None,
             }
         }
@@ -264,20 +265,26 @@ pub async fn alarms(aws: &Aws, names: &[String]) -> Result<Vec<AlarmReading>, St
                 .unwrap_or_default(),
             reason: a.state_reason().map(str::to_string),
         })
-        .chain(out.composite_alarms().iter().map(|a| AlarmReading {
-            region: aws.region.clone(),
-            name: a.alarm_name().unwrap_or_default().to_string(),
-            state: a
-                .state_value()
-                .map(|s| s.as_str().to_string())
-                .unwrap_or_default(),
-            reason: a.state_reason().map(str::to_string),
+        .chain(out.composite_alarms().iter().map(|a| {
+            AlarmReading {
+                region: aws.region.clone(),
+                name: a.alarm_name().unwrap_or_default().to_string(),
+                state: a
+                    .state_value()
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_default(),
+                reason: a.state_reason().map(str::to_string),
+            }
         }))
         .collect())
 }
 
 /// The private addresses of instances that run `ami`, among `ids`.
-pub async fn new_instances(aws: &Aws, ids: &[String], ami: &str) -> Result<Vec<(String, IpAddr)>, String> {
+pub async fn new_instances(
+    aws: &Aws,
+    ids: &[String],
+    ami: &str,
+) -> Result<Vec<(String, IpAddr)>, String> {
     let found = ec2::instances_by_id(&aws.ec2, ids)
         .await
         .map_err(|e| e.to_string())?;

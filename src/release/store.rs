@@ -74,9 +74,9 @@ impl Store {
             .await
             .map_err(|e| format!("reading the release record from table {table}: {e}"))?;
             if let Some(AttributeValue::S(text)) = out.item().and_then(|i| i.get("record")) {
-                return serde_json::from_str(text)
-                    .map(Some)
-                    .map_err(|e| format!("the release record in table {table} is unreadable: {e}"));
+                return serde_json::from_str(text).map(Some).map_err(|e| {
+                    format!("the release record in table {table} is unreadable: {e}")
+                });
             }
         }
         match std::fs::read_to_string(&self.file) {

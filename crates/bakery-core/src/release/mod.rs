@@ -107,7 +107,10 @@ pub struct Target {
 pub enum Selector {
     Group(String),
     /// Every group in the region carrying this tag (resolved once, when the release starts).
-    Tag { key: String, value: String },
+    Tag {
+        key: String,
+        value: String,
+    },
 }
 
 impl std::fmt::Display for Selector {
@@ -384,7 +387,9 @@ pub fn check_role_arn(arn: &str) -> Result<(), String> {
         && parts[3].is_empty()
         && parts[4].len() == 12
         && parts[4].chars().all(|c| c.is_ascii_digit())
-        && parts[5].strip_prefix("role/").is_some_and(|n| !n.is_empty());
+        && parts[5]
+            .strip_prefix("role/")
+            .is_some_and(|n| !n.is_empty());
     if ok {
         Ok(())
     } else {
@@ -474,7 +479,11 @@ impl Checker<'_> {
                 let value = v.get_ref().trim().to_string();
                 match *kind {
                     "manifest" if value.is_empty() => {
-                        self.error(v.span().start, "`manifest` is empty", "give the manifest's path");
+                        self.error(
+                            v.span().start,
+                            "`manifest` is empty",
+                            "give the manifest's path",
+                        );
                         None
                     }
                     "manifest" => Some(Source::Manifest(dir.join(value))),
@@ -548,7 +557,11 @@ impl Checker<'_> {
         if let (Some(n), Some(first)) = (&raw.name, names.insert(name.clone(), index)) {
             self.error(
                 n.span().start,
-                format!("wave name {name:?} is used twice (waves {} and {})", first + 1, index + 1),
+                format!(
+                    "wave name {name:?} is used twice (waves {} and {})",
+                    first + 1,
+                    index + 1
+                ),
                 "give each wave its own name",
             );
         }
@@ -629,7 +642,11 @@ impl Checker<'_> {
             (None, Some(t)) => {
                 let tag = t.get_ref();
                 if tag.key.get_ref().is_empty() {
-                    self.error(tag.key.span().start, "the tag's key is empty", "name the tag key, e.g. \"app\"");
+                    self.error(
+                        tag.key.span().start,
+                        "the tag's key is empty",
+                        "name the tag key, e.g. \"app\"",
+                    );
                 }
                 Selector::Tag {
                     key: tag.key.get_ref().clone(),
@@ -698,7 +715,11 @@ impl Checker<'_> {
                     p.into_inner()
                 }
                 None => {
-                    self.error(start, "the http gate has no path", "add path = \"/healthz\"");
+                    self.error(
+                        start,
+                        "the http gate has no path",
+                        "add path = \"/healthz\"",
+                    );
                     "/".into()
                 }
             };
@@ -757,7 +778,10 @@ impl Checker<'_> {
                 Ok(_) => {
                     c.error(
                         s.span().start,
-                        format!("`{field}` = {:?} must be at least {least} instance", s.get_ref()),
+                        format!(
+                            "`{field}` = {:?} must be at least {least} instance",
+                            s.get_ref()
+                        ),
                         "a count (2) or a percentage of the group's desired capacity (\"25%\")",
                     );
                     None
@@ -790,7 +814,11 @@ impl Checker<'_> {
             max_surge,
             max_unavailable,
             canary,
-            canary_bake: self.duration(raw.canary_bake.as_ref(), "canary_bake", (Duration::ZERO, 24 * hour)),
+            canary_bake: self.duration(
+                raw.canary_bake.as_ref(),
+                "canary_bake",
+                (Duration::ZERO, 24 * hour),
+            ),
             health_timeout: self.duration(
                 raw.health_timeout.as_ref(),
                 "health_timeout",
@@ -800,7 +828,12 @@ impl Checker<'_> {
         }
     }
 
-    fn duration(&mut self, s: Option<&S>, field: &str, (lo, hi): (Duration, Duration)) -> Option<Duration> {
+    fn duration(
+        &mut self,
+        s: Option<&S>,
+        field: &str,
+        (lo, hi): (Duration, Duration),
+    ) -> Option<Duration> {
         let s = s?;
         match humantime::parse_duration(s.get_ref().trim()) {
             Ok(d) if d >= lo && d <= hi => Some(d),

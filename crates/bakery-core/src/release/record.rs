@@ -238,7 +238,10 @@ pub fn restore_set(rec: &Record, failed: Option<usize>, policy: OnFailure) -> Ve
             let take = match (failed, policy) {
                 // Under `stop`, only a group left mid-rollout (or unknown) finishes its rollback.
                 (Some(_), OnFailure::Stop) => {
-                    matches!(g.state, GroupState::Rolling | GroupState::Failed | GroupState::Reverting)
+                    matches!(
+                        g.state,
+                        GroupState::Rolling | GroupState::Failed | GroupState::Reverting
+                    )
                 }
                 _ => g.state.touched(),
             };

@@ -41,7 +41,10 @@ fn one_error(text: &str) -> Diagnostic {
 fn the_issues_example_plan_is_valid() {
     let p = plan(EXAMPLE);
     assert_eq!(p.name, "web");
-    assert_eq!(p.source, Source::Manifest("plans/bakery-manifest.json".into()));
+    assert_eq!(
+        p.source,
+        Source::Manifest("plans/bakery-manifest.json".into())
+    );
     assert_eq!(p.on_failure, OnFailure::RollbackAll);
     assert_eq!(p.waves.len(), 2);
     let canary = &p.waves[0];
@@ -49,7 +52,10 @@ fn the_issues_example_plan_is_valid() {
     assert_eq!(canary.gates.alarms[0].0, "web-5xx");
     assert_eq!(canary.gates.alarms[0].1.line, 10);
     let http = canary.gates.http.as_ref().unwrap();
-    assert_eq!((http.path.as_str(), http.expect_status, http.port), ("/healthz", 200, None));
+    assert_eq!(
+        (http.path.as_str(), http.expect_status, http.port),
+        ("/healthz", 200, None)
+    );
     assert_eq!(canary.rollout.max_surge, Some(Amount::Percent(25)));
     assert_eq!(canary.rollout.canary, Some(1));
     assert_eq!(canary.max_parallel, 1, "default: all of the wave's targets");
@@ -91,7 +97,9 @@ fn the_source_names_exactly_one_image() {
     let d = one_error(&format!("[source]\nami = \"ami-xyz\"\n{waves}"));
     assert!(d.message.contains("not an AMI id"), "{d}");
     assert_eq!(d.line, 2);
-    let d = one_error(&format!("[source]\nssm_parameter = \"bakery/web\"\n{waves}"));
+    let d = one_error(&format!(
+        "[source]\nssm_parameter = \"bakery/web\"\n{waves}"
+    ));
     assert!(d.message.contains("does not start with `/`"), "{d}");
     let d = one_error(&format!(
         "[source]\nmanifest = \"m.json\"\non_failure = \"rollback\"\n{waves}"
@@ -100,7 +108,9 @@ fn the_source_names_exactly_one_image() {
     assert_eq!(d.line, 3);
     let d = one_error(waves);
     assert!(d.message.contains("no [source]"), "{d}");
-    let p = plan(&format!("[source]\nssm_parameter = \"/bakery/web\"\non_failure = \"rollback_wave\"\n{waves}"));
+    let p = plan(&format!(
+        "[source]\nssm_parameter = \"/bakery/web\"\non_failure = \"rollback_wave\"\n{waves}"
+    ));
     assert_eq!(p.source, Source::Param("/bakery/web".into()));
     assert_eq!(p.on_failure, OnFailure::RollbackWave);
 }
@@ -111,7 +121,10 @@ fn one_ami_id_cannot_serve_two_regions() {
         "[source]\nami = \"ami-0123456789abcdef0\"\n[[wave]]\nname = \"a\"\n\
          targets = [{ region = \"us-east-1\", group = \"g\" },\n  { region = \"eu-west-1\", group = \"g\" }]\n",
     );
-    assert!(d.message.contains("2 regions (eu-west-1, us-east-1)"), "{d}");
+    assert!(
+        d.message.contains("2 regions (eu-west-1, us-east-1)"),
+        "{d}"
+    );
     assert_eq!(d.line, 6, "located at the second region's target");
 }
 
@@ -128,7 +141,10 @@ fn waves_and_targets_are_checked_each_and_all_at_once() {
          gates = { http = { path = \"healthz\", expect_status = 700, port = 70000 }, alarms = [\"\"] }\n\
          rollout = { max_surge = \"0\", max_unavailable = \"120%\", canary = -1, health_timeout = \"1s\" }\n",
     );
-    let messages: Vec<String> = d.iter().map(|d| format!("{}: {}", d.line, d.message)).collect();
+    let messages: Vec<String> = d
+        .iter()
+        .map(|d| format!("{}: {}", d.line, d.message))
+        .collect();
     let want = [
         "5: wave \"a\" has no targets",
         "7: wave name \"a\" is used twice (waves 1 and 2)",
@@ -165,7 +181,11 @@ fn a_group_listed_twice_is_refused() {
          [[wave]]\nname = \"a\"\ntargets = [{ region = \"us-east-1\", group = \"web\" }]\n\
          [[wave]]\nname = \"b\"\ntargets = [{ region = \"us-east-1\", group = \"web\" }]\n",
     );
-    assert!(d.message.contains("group web in us-east-1 is listed twice (first in wave \"a\")"), "{d}");
+    assert!(
+        d.message
+            .contains("group web in us-east-1 is listed twice (first in wave \"a\")"),
+        "{d}"
+    );
     assert_eq!(d.line, 8);
 }
 
@@ -231,13 +251,29 @@ fn rollback_all_reverts_every_group_the_release_touched() {
     set(&mut rec, 0, &[GroupState::Done]);
     rec.waves[0].state = WaveState::Passed;
     set(&mut rec, 1, &[GroupState::Rolling, GroupState::Pending]);
-    assert_eq!(restore_set(&rec, Some(1), OnFailure::RollbackAll), vec![(0, 0), (1, 0)]);
+    assert_eq!(
+        restore_set(&rec, Some(1), OnFailure::RollbackAll),
+        vec![(0, 0), (1, 0)]
+    );
     begin_rollback(&mut rec, Some(1), "alarm web-5xx", 7);
-    assert_eq!(rec.state, State::RollingBack { then: Ended::RolledBack });
+    assert_eq!(
+        rec.state,
+        State::RollingBack {
+            then: Ended::RolledBack
+        }
+    );
     assert_eq!(rec.waves[1].state, WaveState::Failed);
     assert_eq!(rec.waves[0].groups[0].state, GroupState::Reverting);
-    assert_eq!(rec.waves[1].groups[1].state, GroupState::Pending, "never touched");
-    assert_eq!(end_rollback(&mut rec, 8), None, "two groups still reverting");
+    assert_eq!(
+        rec.waves[1].groups[1].state,
+        GroupState::Pending,
+        "never touched"
+    );
+    assert_eq!(
+        end_rollback(&mut rec, 8),
+        None,
+        "two groups still reverting"
+    );
     rec.waves[0].groups[0].state = GroupState::Reverted;
     rec.waves[1].groups[0].state = GroupState::Reverted;
     assert_eq!(end_rollback(&mut rec, 9), Some(Ended::RolledBack));
@@ -249,7 +285,10 @@ fn rollback_wave_keeps_the_waves_before_it() {
     let mut rec = record("rollback_wave");
     set(&mut rec, 0, &[GroupState::Done]);
     set(&mut rec, 1, &[GroupState::Done, GroupState::RolledBack]);
-    assert_eq!(restore_set(&rec, Some(1), OnFailure::RollbackWave), vec![(1, 0)]);
+    assert_eq!(
+        restore_set(&rec, Some(1), OnFailure::RollbackWave),
+        vec![(1, 0)]
+    );
 }
 
 #[test]
@@ -259,8 +298,17 @@ fn stop_only_finishes_the_rollback_of_groups_caught_mid_rollout() {
     set(&mut rec, 1, &[GroupState::Done, GroupState::Rolling]);
     assert_eq!(restore_set(&rec, Some(1), OnFailure::Stop), vec![(1, 1)]);
     begin_rollback(&mut rec, Some(1), "gate", 1);
-    assert_eq!(rec.state, State::RollingBack { then: Ended::Stopped });
-    assert_eq!(rec.waves[1].groups[0].state, GroupState::Done, "left for inspection");
+    assert_eq!(
+        rec.state,
+        State::RollingBack {
+            then: Ended::Stopped
+        }
+    );
+    assert_eq!(
+        rec.waves[1].groups[0].state,
+        GroupState::Done,
+        "left for inspection"
+    );
 }
 
 #[test]
@@ -268,9 +316,17 @@ fn abort_reverts_everything_whatever_the_policy() {
     let mut rec = record("stop");
     set(&mut rec, 0, &[GroupState::Done]);
     set(&mut rec, 1, &[GroupState::Unchanged, GroupState::Failed]);
-    assert_eq!(restore_set(&rec, None, OnFailure::Stop), vec![(0, 0), (1, 1)]);
+    assert_eq!(
+        restore_set(&rec, None, OnFailure::Stop),
+        vec![(0, 0), (1, 1)]
+    );
     begin_rollback(&mut rec, None, "--abort", 1);
-    assert_eq!(rec.state, State::RollingBack { then: Ended::Aborted });
+    assert_eq!(
+        rec.state,
+        State::RollingBack {
+            then: Ended::Aborted
+        }
+    );
 }
 
 #[test]
@@ -281,16 +337,26 @@ fn a_changed_plan_cannot_continue_a_release_in_progress() {
     assert!(err.contains("another version of the plan"), "{err}");
     assert!(continues(&rec, &plan(EXAMPLE)).is_ok());
     rec.state = State::Done;
-    assert!(continues(&rec, &other).is_ok(), "a finished release may be rerun with a new plan");
+    assert!(
+        continues(&rec, &other).is_ok(),
+        "a finished release may be rerun with a new plan"
+    );
 }
 
 #[test]
 fn a_revert_aborts_a_paused_rollout_else_rolls_the_previous_image_in() {
     let mut g = record("stop").waves[0].groups[0].clone();
-    assert_eq!(revert(&g, false, Some("ami-new")), Revert::Nothing, "no previous image recorded");
+    assert_eq!(
+        revert(&g, false, Some("ami-new")),
+        Revert::Nothing,
+        "no previous image recorded"
+    );
     g.previous_ami = Some("ami-old".into());
     assert_eq!(revert(&g, true, Some("ami-new")), Revert::Abort);
-    assert_eq!(revert(&g, false, Some("ami-new")), Revert::RollTo("ami-old".into()));
+    assert_eq!(
+        revert(&g, false, Some("ami-new")),
+        Revert::RollTo("ami-old".into())
+    );
     assert_eq!(revert(&g, false, Some("ami-old")), Revert::Nothing);
 }
 
@@ -302,7 +368,10 @@ fn the_first_alarm_in_alarm_halts_and_insufficient_data_does_not() {
         state: state.into(),
         reason: Some("Threshold Crossed".into()),
     };
-    assert_eq!(alarm_verdict(&[a("x", "OK"), a("y", "INSUFFICIENT_DATA")]), Ok(()));
+    assert_eq!(
+        alarm_verdict(&[a("x", "OK"), a("y", "INSUFFICIENT_DATA")]),
+        Ok(())
+    );
     assert_eq!(
         alarm_verdict(&[a("x", "OK"), a("web-5xx", "ALARM")]),
         Err("alarm web-5xx in us-east-1 is in ALARM: Threshold Crossed".into())
@@ -323,7 +392,9 @@ fn the_http_gate_checks_status_and_body() {
         check_http(&gate, 503, "ok"),
         Err("GET /healthz answered 503, expected 200".into())
     );
-    assert!(check_http(&gate, 200, "degraded").unwrap_err().contains("without \"ok\""));
+    assert!(check_http(&gate, 200, "degraded")
+        .unwrap_err()
+        .contains("without \"ok\""));
 }
 
 #[test]
@@ -331,6 +402,9 @@ fn the_record_reads_back_what_it_wrote() {
     let mut rec = record("rollback_all");
     begin_rollback(&mut rec, Some(0), "x", 3);
     let text = serde_json::to_string(&rec).unwrap();
-    assert!(text.contains("\"state\":{\"rolling_back\":{\"then\":\"rolled_back\"}}"), "{text}");
+    assert!(
+        text.contains("\"state\":{\"rolling_back\":{\"then\":\"rolled_back\"}}"),
+        "{text}"
+    );
     assert_eq!(serde_json::from_str::<Record>(&text).unwrap(), rec);
 }
