@@ -612,9 +612,11 @@ fn render_plan(plan: &serde_json::Value) -> String {
             ]
             .iter()
             .map(|k| b[*k].to_string())
-            .chain(b["checkpoint"].as_u64().map(|c| {
-                format!("(checkpoint {c}%: pause {}s)", text("checkpoint_pause_s"))
-            }))
+            .chain(
+                b["checkpoint"]
+                    .as_u64()
+                    .map(|c| format!("(checkpoint {c}%: pause {}s)", text("checkpoint_pause_s"))),
+            )
             .collect(),
         );
     }
