@@ -10,6 +10,7 @@ pub mod ec2;
 pub mod elbv2;
 pub mod launch_template;
 pub mod references;
+pub mod sqs;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -28,6 +28,7 @@
 pub use bakery_core::daemon_config as config;
 pub use bakery_core::judge as decide;
 pub use bakery_core::{observe, reads, takeover};
+mod events;
 pub mod metrics;
 pub mod probe;
 pub mod share;
@@ -65,6 +66,8 @@ pub enum DaemonError {
     },
     #[error("[lease] in the daemon's configuration: {0}")]
     Lease(#[from] crate::lease::LeaseError),
+    #[error("[events] queue_url = {queue:?}: {reason}")]
+    Events { queue: String, reason: String },
 }
 
 fn now() -> u64 {
@@ -171,6 +174,11 @@ struct Daemon {
     share: Option<Arc<share::Sharing>>,
     /// Groups owned by another daemon whose configuration of them differs (warned once).
     differs: BTreeSet<String>,
+    /// With `[events]`: the queue's messages and the replacements in progress.
+    events: Option<events::Events>,
+    /// Every instance of every watched group, owned here or not (a fleet event for one owned
+    /// elsewhere is left on the queue for its owner).
+    watched_instances: BTreeSet<String>,
 }
 
 /// The API reads of one round, as they ended.
@@ -240,7 +248,13 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
         }
         None => None,
     };
+    let events = match &config.events {
+        Some(e) => Some(aws.scope(events::start(&aws, &e.queue_url)).await?),
+        None => None,
+    };
     let d = Daemon {
+        events,
+        watched_instances: BTreeSet::new(),
         share: share.clone(),
         differs: BTreeSet::new(),
         aws: aws.clone(),
@@ -660,7 +674,33 @@ impl Daemon {
             o = self.read_all(deadline) => o,
             sig = stop.next() => return RoundEnd::Stop(sig),
         };
-        RoundEnd::Done(self.report_reads(outcome, budget))
+        let done = self.report_reads(outcome, budget);
+        // Fleet events act on what the round just read.
+        self.handle_events().await;
+        RoundEnd::Done(done)
+    }
+
+    /// A mutating call on `group`: with a lease table, preceded by the guard of the group's lease
+    /// and run inside its fence; refused (with why) when the lease is not this daemon's.
+    async fn fenced<T>(
+        &self,
+        group: &str,
+        call: impl std::future::Future<Output = Result<T, AwsError>>,
+    ) -> Result<T, String> {
+        let Some(s) = &self.share else {
+            return call.await.map_err(|e| e.to_string());
+        };
+        let g = s.guard(&[group.to_string()]).await;
+        if let Some((_, why)) = g.refused.first() {
+            return Err(format!("refused: {why}"));
+        }
+        match g.fence.run(call).await {
+            Ok(t) => Ok(t),
+            Err(crate::lease::Fenced::Call(e)) => Err(e.to_string()),
+            Err(crate::lease::Fenced::Lost(_)) => {
+                Err("abandoned: the group's lease ran out meanwhile".to_string())
+            }
+        }
     }
 
     /// Probes the in-service instances of held groups, all at once within the concurrency
@@ -993,6 +1033,10 @@ impl Daemon {
         let read_at = Instant::now();
         let mut all: Vec<GroupFacts> = all.into_iter().map(facts_of).collect();
         self.note_missing(&names, &all);
+        self.watched_instances = all
+            .iter()
+            .flat_map(|g| g.members.iter().map(|m| m.id.clone()))
+            .collect();
         let seen: BTreeSet<String> = all.iter().map(|g| g.name.clone()).collect();
         let dropped: Vec<String> = self
             .taken
