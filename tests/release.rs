@@ -42,6 +42,33 @@ fn manifest(dir: &Path, home: &str, images: &[(&str, &str)]) -> PathBuf {
     write(dir, "bakery-manifest.json", &m.to_string())
 }
 
+/// A release running in the background: its process and its stdout's lines.
+fn spawn_release(
+    world: &World,
+    plan: &Path,
+    args: &[&str],
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = world
+        .bakery()
+        .args(["--output", "json", "release"])
+        .arg(plan)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
 fn release(world: &World, plan: &Path, args: &[&str]) -> Run {
     Run::from_output(
         world
@@ -372,23 +399,7 @@ async fn a_release_killed_mid_rollout_resumes_where_it_stopped() {
             fleet.asg
         ),
     );
-    let mut child = world
-        .bakery()
-        .args(["--output", "json", "release"])
-        .arg(&plan)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut child, rx) = spawn_release(&world, &plan, &[]);
     let mut seen = Vec::new();
     // Killed once its rollout has replaced one instance: mid-rollout, the worst moment.
     events_until(
@@ -680,24 +691,7 @@ async fn one_driver_per_release_through_its_lock_or_its_lease() {
             ),
         );
         let extra: Vec<&str> = lease.map(|t| vec!["--lease-table", t]).unwrap_or_default();
-        let mut first = world
-            .bakery()
-            .args(["--output", "json", "release"])
-            .arg(&plan)
-            .args(&extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = first.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let (mut first, rx) = spawn_release(&world, &plan, &extra);
         let mut seen = Vec::new();
         events_until(
             &rx,

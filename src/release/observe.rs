@@ -253,30 +253,23 @@ pub async fn alarms(aws: &Aws, names: &[String]) -> Result<Vec<AlarmReading>, St
     })
     .await
     .map_err(|e| format!("reading alarms in {}: {e}", aws.region))?;
-    Ok(out
+    use aws_sdk_cloudwatch::types::StateValue;
+    let reading =
+        |name: Option<&str>, state: Option<&StateValue>, reason: Option<&str>| AlarmReading {
+            region: aws.region.clone(),
+            name: name.unwrap_or_default().to_string(),
+            state: state.map(|s| s.as_str().to_string()).unwrap_or_default(),
+            reason: reason.map(str::to_string),
+        };
+    let metric = out
         .metric_alarms()
         .iter()
-        .map(|a| AlarmReading {
-            region: aws.region.clone(),
-            name: a.alarm_name().unwrap_or_default().to_string(),
-            state: a
-                .state_value()
-                .map(|s| s.as_str().to_string())
-                .unwrap_or_default(),
-            reason: a.state_reason().map(str::to_string),
-        })
-        .chain(out.composite_alarms().iter().map(|a| {
-            AlarmReading {
-                region: aws.region.clone(),
-                name: a.alarm_name().unwrap_or_default().to_string(),
-                state: a
-                    .state_value()
-                    .map(|s| s.as_str().to_string())
-                    .unwrap_or_default(),
-                reason: a.state_reason().map(str::to_string),
-            }
-        }))
-        .collect())
+        .map(|a| reading(a.alarm_name(), a.state_value(), a.state_reason()));
+    let composite = out
+        .composite_alarms()
+        .iter()
+        .map(|a| reading(a.alarm_name(), a.state_value(), a.state_reason()));
+    Ok(metric.chain(composite).collect())
 }
 
 /// The private addresses of instances that run `ami`, among `ids`.
