@@ -1010,3 +1010,48 @@ async fn a_driver_paused_past_its_lock_stops_without_another_mutating_call() {
     assert!(tag(&g, "bakery:rollout").is_none(), "B finished cleanly");
     fleet.delete(world).await;
 }
+
+/// The dry run's plan is the rollout's: the same batches, sizes and desired capacities as the
+/// real run's `batch_started` events, in order (issue #10: a plan that lies is worse than none).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dry_run_plan_is_what_the_rollout_then_does() {
+    let world = world();
+    let (good, _) = web_amis(world).await;
+    let fleet = Fleet::create(world, "plan-real", 5).await;
+    let key = format!("planreal-{}", &fleet.name);
+    let args = ["--asg", &fleet.asg, "--ami", &good, "--max-surge", "2"];
+    let dry = rollout(world, &key, &[&args[..], &["--dry-run"]].concat());
+    assert_eq!(dry.code, Some(0), "{}", dry.describe());
+    let planned: Vec<(u64, u64, u64)> = dry.event("rollout_plan").unwrap()["plan"]["batches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["batch"].as_u64().unwrap(),
+                b["launched"].as_u64().unwrap(),
+                b["desired"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let run = rollout(world, &key, &args);
+    assert_eq!(run.code, Some(0), "{}", run.describe());
+    let done: Vec<(u64, u64, u64)> = run
+        .events
+        .iter()
+        .filter(|e| e["event"] == "batch_started")
+        .map(|e| {
+            (
+                e["batch"].as_u64().unwrap(),
+                e["size"].as_u64().unwrap(),
+                e["desired"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(planned.len(), 3, "canary of 1, then 2 and 2: {planned:?}");
+    assert_eq!(
+        done, planned,
+        "the real batches differ from the dry run's plan"
+    );
+    fleet.delete(world).await;
+}
