@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -126,6 +127,7 @@ def main() -> int:
     ap.add_argument("--min-free-mb", type=int, default=3000)
     ap.add_argument("--port0", type=int, default=19700)
     ap.add_argument("--bakery", default=os.environ.get("BAKERY", "target/debug/bakery"))
+    ap.add_argument("--reuse", help="the state.json of an earlier run whose fleet is still up: skip the scale-up")
     a = ap.parse_args()
     bakery = os.path.abspath(a.bakery)
     scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-share-{os.getpid()}"
@@ -135,7 +137,10 @@ def main() -> int:
     ds: list[D] = []
     try:
         say(f"fleet: {a.groups} groups x {a.size}")
-        bl.prep(state_path, a.groups, a.size, a.wave, 5, False, a.grace, 1, a.wave_timeout, a.min_free_mb)
+        if a.reuse:
+            state_path = a.reuse
+        else:
+            bl.prep(state_path, a.groups, a.size, a.wave, 5, False, a.grace, 1, a.wave_timeout, a.min_free_mb)
         st = bl.load_state(state_path)
         names = [g["name"] for g in st["groups"]]
         out["fleet"] = {"groups": len(names), "instances": len(names) * a.size, "limit": st.get("limit"),
@@ -145,17 +150,17 @@ def main() -> int:
         subprocess.run([bakery, "init", "--lease-table", table], check=True, stdout=subprocess.DEVNULL)
         t0 = time.monotonic()
         ds = [D(i, bakery, scratch, table, names, a) for i in range(a.daemons)]
-        r = wait("one owner per group", 120, lambda: partitioned_ok(ds, names)
+        r = wait("one owner per group", 300, lambda: partitioned_ok(ds, names)
                  if all((d.m() or {}).get("bakery_members_live") == a.daemons for d in ds) else None)
         out["converged_s"] = round(time.monotonic() - t0, 2) if r else None
         say(f"converged after {out['converged_s']}s")
         # Rounds: warm-up of 3, then --loops.
         base = [d.m() for d in ds]
-        wait("warm-up", 120, lambda: all((d.m() or {}).get("bakery_loops_total", 0) >= (b or {}).get("bakery_loops_total", 0) + 3
+        wait("warm-up", 600, lambda: all((d.m() or {}).get("bakery_loops_total", 0) >= (b or {}).get("bakery_loops_total", 0) + 3
                                          for d, b in zip(ds, base)), 0.5)
         before = [d.m() for d in ds]
         calls_before = [bl.calls_of_key(d.key) for d in ds]
-        wait("measured rounds", 300, lambda: all((d.m() or {}).get("bakery_loops_total", 0) >= b["bakery_loops_total"] + a.loops
+        wait("measured rounds", 900, lambda: all((d.m() or {}).get("bakery_loops_total", 0) >= b["bakery_loops_total"] + a.loops
                                                  for d, b in zip(ds, before)), 0.5)
         after = [d.m() for d in ds]
         calls_after = [bl.calls_of_key(d.key) for d in ds]
@@ -252,5 +257,12 @@ def main() -> int:
             say(f"cleanup failed: {e}")
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    # TERM and INT (ignored by default in a background job) end the run through its cleanup.
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     sys.exit(main())
