@@ -338,19 +338,21 @@ pub async fn warm_pool(asg: &Client, group: &str) -> Result<Vec<GroupInstance>, 
                 .send()
         })
         .await?;
-        out.extend(page.instances().iter().map(|i| GroupInstance {
-            id: i.instance_id().unwrap_or_default().to_string(),
-            lifecycle: i
-                .lifecycle_state()
-                .map(|l| l.as_str().to_string())
-                .unwrap_or_default(),
-            health: i.health_status().unwrap_or_default().to_string(),
-            launch_template_version: i
-                .launch_template()
-                .and_then(|lt| lt.version())
-                .map(str::to_string),
-            availability_zone: i.availability_zone().unwrap_or_default().to_string(),
-            protected: i.protected_from_scale_in().unwrap_or_default(),
+        out.extend(page.instances().iter().map(|i| {
+            GroupInstance {
+                id: i.instance_id().unwrap_or_default().to_string(),
+                lifecycle: i
+                    .lifecycle_state()
+                    .map(|l| l.as_str().to_string())
+                    .unwrap_or_default(),
+                health: i.health_status().unwrap_or_default().to_string(),
+                launch_template_version: i
+                    .launch_template()
+                    .and_then(|lt| lt.version())
+                    .map(str::to_string),
+                availability_zone: i.availability_zone().unwrap_or_default().to_string(),
+                protected: i.protected_from_scale_in().unwrap_or_default(),
+            }
         }));
         token = page.next_token().map(str::to_string);
         if token.is_none() {
