@@ -1027,6 +1027,17 @@ async fn gc_ends_a_dead_or_expired_daemons_takeover_at_once() {
     let fleet = Fleet::create(world, "gc-takeover", 2).await;
     // A daemon killed with -9: its record has a minute to run, but its process is gone.
     let d = Daemon::start(world, "gc-takeover", &fleet.asg, "", "daemon-gc-takeover");
+    // Killed only once its takeover is on the group (a loaded machine may start it later than
+    // the daemon answers its first /healthz).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while takeover_tag(world, &fleet).await.is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon never took the group over: {}",
+            d.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let gc_turn = GC.lock().await;
     d.kill9();
     let asg = fleet.asg.clone();
