@@ -302,7 +302,7 @@ fn two_wave_plan(
     ami: &str,
     first: &str,
     second: &str,
-    alarm: &str,
+    gates: &str,
     home: &str,
 ) -> PathBuf {
     write(
@@ -321,7 +321,7 @@ rollout = {{ max_surge = "100%" }}
 [[wave]]
 name = "second"
 targets = [{{ region = "{home}", group = "{second}" }}]
-gates = {{ alarms = ["{alarm}"] }}
+gates = {gates}
 rollout = {{ max_surge = "100%" }}
 "#
         ),
@@ -339,7 +339,8 @@ async fn an_alarm_halts_the_release_and_on_failure_decides_what_is_reverted() {
         let before = first.amis(&world).await;
         let alarm = alarm_in_alarm(&world, &second).await;
         let dir = scratch(&format!("release-alarm-{policy}"));
-        let plan = two_wave_plan(&dir, policy, &good, &first.asg, &second.asg, &alarm, &home);
+        let gates = format!("{{ alarms = [\"{alarm}\"] }}");
+        let plan = two_wave_plan(&dir, policy, &good, &first.asg, &second.asg, &gates, &home);
         let run = release(&world, &plan, &[]);
         assert_eq!(run.code, Some(6), "{policy}: {}", run.describe());
         assert!(
@@ -503,36 +504,9 @@ targets = [{{ region = "{home}", group = "no-such-group-b" }},
     fleet.delete(&world).await;
 }
 
-fn gate_plan(
-    dir: &Path,
-    policy: &str,
-    ami: &str,
-    first: &str,
-    second: &str,
-    home: &str,
-) -> PathBuf {
-    write(
-        dir,
-        "web.toml",
-        &format!(
-            r#"[source]
-ami = "{ami}"
-on_failure = "{policy}"
-
-[[wave]]
-name = "first"
-targets = [{{ region = "{home}", group = "{first}" }}]
-rollout = {{ max_surge = "100%" }}
-
-[[wave]]
-name = "second"
-targets = [{{ region = "{home}", group = "{second}" }}]
-gates = {{ http = {{ path = "/healthz", expect_body = "a body the app never answers" }} }}
-rollout = {{ max_surge = "100%" }}
-"#
-        ),
-    )
-}
+/// An HTTP gate no instance passes: the app never answers this body.
+const HTTP_GATE: &str =
+    r#"{ http = { path = "/healthz", expect_body = "a body the app never answers" } }"#;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_http_gate_reverts_what_on_failure_names_and_abort_reverts_the_rest() {
@@ -545,7 +519,15 @@ async fn a_failed_http_gate_reverts_what_on_failure_names_and_abort_reverts_the_
     let second = Fleet::create(&world, "rel-gate-b", 2).await;
     let before = first.amis(&world).await;
     let dir = scratch("release-gate-all");
-    let plan = gate_plan(&dir, "rollback_all", &good, &first.asg, &second.asg, &home);
+    let plan = two_wave_plan(
+        &dir,
+        "rollback_all",
+        &good,
+        &first.asg,
+        &second.asg,
+        HTTP_GATE,
+        &home,
+    );
     let run = release(&world, &plan, &[]);
     assert_eq!(run.code, Some(6), "{}", run.describe());
     let err = failure(&run);
@@ -578,7 +560,15 @@ async fn a_failed_http_gate_reverts_what_on_failure_names_and_abort_reverts_the_
     let first = Fleet::create(&world, "rel-stop-a", 2).await;
     let second = Fleet::create(&world, "rel-stop-b", 2).await;
     let dir = scratch("release-gate-stop");
-    let plan = gate_plan(&dir, "stop", &good, &first.asg, &second.asg, &home);
+    let plan = two_wave_plan(
+        &dir,
+        "stop",
+        &good,
+        &first.asg,
+        &second.asg,
+        HTTP_GATE,
+        &home,
+    );
     let run = release(&world, &plan, &[]);
     assert_eq!(run.code, Some(6), "{}", run.describe());
     assert_eq!(
