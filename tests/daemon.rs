@@ -19,9 +19,20 @@ const MARKED: &str = "marked unhealthy: the group replaces it";
 /// The world's fault spec is one for the whole world: the tests that set it take turns.
 static FAULTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// `bakery gc` ends every stale takeover of the world: a test that leaves one for its own gc to
-/// find holds this from the kill to its gc, so that another test's gc does not take it first.
-static GC: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// `bakery gc` ends every stale takeover of the world, and so does every daemon as it starts
+/// (before its first round). A test that leaves a stale takeover for its own gc to find holds
+/// this exclusively from the kill to its gc; another test's gc takes turns, and a daemon's start
+/// holds it shared until the daemon's first round ([`starting`]), so neither ends the takeover
+/// first. (In the full suite a daemon starting beside a gc test did: the CI failure at e83c60b.)
+static GC: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// The shared turn of a starting daemon (see [`GC`]); held until its first round.
+fn starting() -> tokio::sync::RwLockReadGuard<'static, ()> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => tokio::task::block_in_place(|| h.block_on(GC.read())),
+        Err(_) => GC.blocking_read(),
+    }
+}
 
 fn world() -> &'static World {
     static W: std::sync::OnceLock<World> = std::sync::OnceLock::new();
@@ -39,6 +50,7 @@ impl Daemon {
     /// Starts a daemon watching `group` with the world's interval of 1 s and a threshold of 2,
     /// and waits for its first round.
     fn start(world: &World, name: &str, group: &str, extra: &str, key: &str) -> Daemon {
+        let _starting = starting();
         let d = Daemon::spawn(world, name, group, extra, key);
         d.wait_ready();
         d
@@ -675,6 +687,7 @@ fn under_systemd_it_notifies_ready_and_feeds_the_watchdog_between_long_rounds() 
     .unwrap();
     // systemd names the main process in WATCHDOG_PID: the shell execs into bakery, same pid.
     let cmd = world.bakery();
+    let mut started_turn = Some(starting());
     let mut child = Command::new("sh")
         .args(["-c", "WATCHDOG_PID=$$ exec \"$0\" daemon --config \"$1\""])
         .arg(cmd.get_program())
@@ -699,8 +712,12 @@ fn under_systemd_it_notifies_ready_and_feeds_the_watchdog_between_long_rounds() 
                 started.elapsed().as_secs_f64(),
                 String::from_utf8_lossy(&buf[..n]).trim().to_string(),
             ));
+            if got.last().is_some_and(|(_, m)| m == "READY=1") {
+                started_turn = None;
+            }
         }
     }
+    drop(started_turn);
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -783,25 +800,17 @@ async fn wait_takeover(
 /// a listing that meets a resource deleted under it can end a run before its report (nothing
 /// to do with takeovers), so a run without a report is tried again, a few times.
 fn gc_finding(world: &World, group: &str) -> Option<serde_json::Value> {
-    // Up to three gc runs: in the full suite (CI, stop 12) one gc run at times reported no
-    // takeover for a group that had one, though it finds it alone and with the rest of this
-    // file; the cause is not known yet (see the closing note). A takeover no run finds fails.
-    let mut reports = Vec::new();
-    for _ in 0..3 {
-        let report = gc_report(world);
-        let found = report["findings"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|f| f["kind"] == "daemon takeover" && f["id"] == group)
-            .cloned();
-        if found.is_some() {
-            return found;
-        }
-        reports.push(report);
+    let report = gc_report(world);
+    let found = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["kind"] == "daemon takeover" && f["id"] == group)
+        .cloned();
+    if found.is_none() {
+        eprintln!("gc reported no takeover of {group}: {report:#}");
     }
-    eprintln!("gc never reported a takeover of {group}: {reports:#?}");
-    None
+    found
 }
 
 /// One `bakery gc` run's report.
@@ -855,7 +864,7 @@ async fn a_group_a_person_suspended_stays_suspended_through_stop_kill_gc_and_res
 
     // kill -9, then gc: the record goes, the suspension stays.
     let d = Daemon::start(world, "person-2", &fleet.asg, "", "daemon-person");
-    let gc_turn = GC.lock().await;
+    let gc_turn = GC.write().await;
     d.kill9();
     let finding = tokio::task::spawn_blocking({
         let asg = fleet.asg.clone();
@@ -942,10 +951,12 @@ async fn a_losing_daemon_never_ends_the_winners_takeover() {
         "latency_ms",
         1500.0,
     );
+    let started = starting();
     let a = Daemon::spawn(world, "race-a", &fleet.asg, "", &key);
     let b = Daemon::spawn(world, "race-b", &fleet.asg, "", &key);
     a.wait_ready();
     b.wait_ready();
+    drop(started);
     clear_world_faults(world);
     drop(faults);
     let (a_pid, b_pid) = (a.pid(), b.pid());
@@ -984,7 +995,7 @@ async fn a_losing_daemon_never_ends_the_winners_takeover() {
         "the winner's record stays: {tag:?}"
     );
     // The winner dies without a word; gc ends its takeover at once and resumes HealthCheck.
-    let gc_turn = GC.lock().await;
+    let gc_turn = GC.write().await;
     winner.kill9();
     let asg = fleet.asg.clone();
     let finding = tokio::task::spawn_blocking(move || gc_finding(world, &asg))
@@ -1039,6 +1050,61 @@ async fn a_stop_hands_the_takeover_back_within_a_second_even_when_the_api_is_slo
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_stop_that_comes_while_health_check_is_being_suspended_waits_for_it_and_hands_it_back() {
+    // Found in the full suite (daemon_share at fb7998c): a stop cut the round short while its
+    // mutating call was under way and handed back at once; the call landed after the hand-back
+    // and stayed (a takeover record there; here a suspension with no record, which nobody would
+    // ever resume).
+    let world = world();
+    let fleet = Fleet::create(world, "stop-midway", 2).await;
+    let key = format!("daemon-stop-midway-{}", std::process::id());
+    let faults = FAULTS.lock().await;
+    world_fault(
+        world,
+        16,
+        &key,
+        "autoscaling:SuspendProcesses",
+        "latency_ms",
+        1500.0,
+    );
+    let turn = starting();
+    let d = Daemon::spawn(world, "stop-midway", &fleet.asg, "", &key);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let in_flight = |action: &str| {
+        world_calls(world, &key)["in_flight"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["action"] == action)
+    };
+    while !in_flight("SuspendProcesses") {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never began to suspend HealthCheck: {}",
+            d.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, took, logs) = d.stop();
+    drop(turn);
+    assert!(
+        !in_flight("SuspendProcesses"),
+        "the daemon exited before its call was answered"
+    );
+    clear_world_faults(world);
+    drop(faults);
+    assert_eq!(code, Some(0), "{logs}");
+    // Within systemd's TimeoutStopSec (10 s): the latency, then the hand-back.
+    assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
+    assert!(
+        !health_check_suspended(world, &fleet).await,
+        "HealthCheck stays suspended after the stop: {logs}"
+    );
+    assert_eq!(takeover_tag(world, &fleet).await, None, "{logs}");
+    fleet.delete(world).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn gc_ends_a_dead_or_expired_daemons_takeover_at_once() {
     let world = world();
     let fleet = Fleet::create(world, "gc-takeover", 2).await;
@@ -1055,7 +1121,7 @@ async fn gc_ends_a_dead_or_expired_daemons_takeover_at_once() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let gc_turn = GC.lock().await;
+    let gc_turn = GC.write().await;
     d.kill9();
     let asg = fleet.asg.clone();
     let finding = tokio::task::spawn_blocking(move || gc_finding(world, &asg))
@@ -1075,7 +1141,7 @@ async fn gc_ends_a_dead_or_expired_daemons_takeover_at_once() {
     // Another host's daemon whose record expired a second ago (written by an older daemon,
     // without the flag: it suspended HealthCheck itself).
     health_check_by_hand(world, &fleet, true).await;
-    let gc_turn = GC.lock().await;
+    let gc_turn = GC.write().await;
     let expired = unix_now() as u64 - 1;
     world
         .asg()

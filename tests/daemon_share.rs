@@ -503,7 +503,6 @@ async fn a_killed_daemons_groups_are_owned_again_within_ttl_and_an_interval_and_
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "in the full suite (CI, stop 12) a takeover tag was left on a stack group after both daemons stopped (the last assertion); passes alone: see the closing note"]
 async fn a_daemon_cut_off_for_twice_the_ttl_makes_no_mutating_call_once_its_lease_ran_out() {
     let _turn = STACK.lock().await;
     let world = world();

@@ -176,6 +176,9 @@ struct Daemon {
     differs: BTreeSet<String>,
     /// With `[events]`: the queue's messages and the replacements in progress.
     events: Option<events::Events>,
+    /// Mutating calls of a round cut short (by a stop or its read deadline) while they were
+    /// under way: awaited, never abandoned ([`Daemon::run_to_the_end`]).
+    unsettled: Vec<Unsettled>,
     /// Every instance of every watched group, owned here or not (a fleet event for one owned
     /// elsewhere is left on the queue for its owner).
     watched_instances: BTreeSet<String>,
@@ -266,6 +269,7 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
         replaced: BTreeMap::new(),
         replaced_total: BTreeMap::new(),
         taken: BTreeMap::new(),
+        unsettled: Vec::new(),
         confirmed: BTreeSet::new(),
         frozen: BTreeSet::new(),
         foreign: BTreeSet::new(),
@@ -429,6 +433,32 @@ fn release_freed_memory() {
 /// the round the stop cut short are still being served).
 const STOP_LIMIT: Duration = Duration::from_secs(3);
 
+/// A mutating call run to its end in a task of its own, and the takeover records it writes.
+struct Unsettled {
+    records: Vec<(String, Takeover)>,
+    call: tokio::task::JoinHandle<Landed>,
+}
+
+/// How a mutating call ended.
+enum Landed {
+    Done,
+    /// Abandoned by its fence: the group's lease ran out meanwhile.
+    Lost,
+    Failed(AwsError),
+}
+
+async fn joined(call: &mut tokio::task::JoinHandle<Landed>) -> Landed {
+    call.await.unwrap_or_else(|e| {
+        Landed::Failed(AwsError {
+            action: "autoscaling",
+            resource: "takeover".to_string(),
+            code: None,
+            message: format!("the call's task ended: {e}"),
+            transient: true,
+        })
+    })
+}
+
 /// How a round ended.
 enum RoundEnd {
     /// The round ran; whether the API answered its reads.
@@ -491,7 +521,7 @@ impl Daemon {
         loop {
             let started = Instant::now();
             let ok = match self.supervised_round(&mut stop, watchdog, started).await {
-                RoundEnd::Stop(sig) => return (sig, self.handback()),
+                RoundEnd::Stop(sig) => return (sig, self.stop_handback().await),
                 RoundEnd::Done(ok) => ok,
             };
             self.after_round(started.elapsed(), ok);
@@ -501,9 +531,76 @@ impl Daemon {
             }
             feed_watchdog();
             if let Some(sig) = self.pause(started, watchdog, &mut stop, &mut hup).await {
-                return (sig, self.handback());
+                return (sig, self.stop_handback().await);
             }
         }
+    }
+
+    /// What a stop hands back, once the mutating calls a cut-short round left under way have
+    /// ended (a record still being written when the stop came would otherwise land after the
+    /// stop read the group, and stay: the CI failure of daemon_share at fb7998c). Calls still
+    /// under way after [`STOP_LIMIT`] leave their groups to be read again. (With the hand-back's
+    /// own limits, a stop stays within systemd's `TimeoutStopSec=10s`.)
+    async fn stop_handback(&mut self) -> Handback {
+        let unknown = self.settle_calls(STOP_LIMIT).await;
+        let mut h = self.handback();
+        if let Some(r) = &mut h.recheck {
+            r.extend(unknown);
+        }
+        h
+    }
+
+    /// Awaits the mutating calls left under way (within `limit`) and keeps the records of those
+    /// that landed. Returns the groups of calls still under way at `limit`. Cancel-safe: a call
+    /// stays listed until it has ended.
+    async fn settle_calls(&mut self, limit: Duration) -> Vec<String> {
+        let deadline = after(limit);
+        while let Some(u) = self.unsettled.last_mut() {
+            let Ok(landed) = tokio::time::timeout_at(deadline, joined(&mut u.call)).await else {
+                break;
+            };
+            if let Some(u) = self.unsettled.pop() {
+                if matches!(landed, Landed::Done) {
+                    self.taken.extend(u.records);
+                }
+            }
+        }
+        std::mem::take(&mut self.unsettled)
+            .into_iter()
+            .flat_map(|u| u.records.into_iter().map(|(n, _)| n))
+            .collect()
+    }
+
+    /// Runs a mutating call (inside `fence`, if any) in a task of its own, so that it runs to
+    /// its end even when the round awaiting it is cut short: a request dropped half-way may
+    /// still be acted on by AWS, and a stop must hand back what the daemon made. A stop, and
+    /// the next round, await what is still under way first ([`Daemon::settle_calls`]). `records` are
+    /// the takeover records the call writes.
+    async fn run_to_the_end(
+        &mut self,
+        records: Vec<(String, Takeover)>,
+        call: impl std::future::Future<Output = Result<(), AwsError>> + Send + 'static,
+        fence: Option<crate::lease::Fence>,
+    ) -> Landed {
+        let fenced = async move {
+            let Some(f) = fence else {
+                return call.await.map_or_else(Landed::Failed, |()| Landed::Done);
+            };
+            match f.run(call).await {
+                Ok(()) => Landed::Done,
+                Err(crate::lease::Fenced::Call(e)) => Landed::Failed(e),
+                Err(crate::lease::Fenced::Lost(_)) => Landed::Lost,
+            }
+        };
+        let aws = self.aws.clone();
+        let call = tokio::spawn(async move { aws.scope(fenced).await });
+        self.unsettled.push(Unsettled { records, call });
+        let Some(u) = self.unsettled.last_mut() else {
+            unreachable!("pushed just above")
+        };
+        let landed = joined(&mut u.call).await;
+        self.unsettled.pop();
+        landed
     }
 
     /// The takeovers a stop ends: those its last round read back as its own and unexpired
@@ -1026,6 +1123,8 @@ impl Daemon {
     /// ones judged. Held groups no longer selected (a reload, a tag removed) or gone have their
     /// takeovers ended.
     async fn read_groups(&mut self) -> Result<(), AwsError> {
+        // What the last round left under way ends before the groups are read again.
+        self.settle_calls(Duration::MAX).await;
         let names = self.config.named_groups();
         let all =
             autoscaling::describe_many(&self.aws.autoscaling, &names, &self.config.tag_selectors())
@@ -1258,8 +1357,7 @@ impl Daemon {
                 held.retain(|g| g.name != name);
                 continue;
             }
-            let suspend = autoscaling::suspend(&self.aws.autoscaling, &name, &[HEALTH_CHECK]);
-            match &self.share {
+            let fence = match &self.share {
                 Some(s) => {
                     let g = s.guard(std::slice::from_ref(&name)).await;
                     if let Some((_, why)) = g.refused.first() {
@@ -1267,17 +1365,21 @@ impl Daemon {
                         held.retain(|h| h.name != name);
                         continue;
                     }
-                    match g.fence.run(suspend).await {
-                        Ok(()) => {}
-                        Err(crate::lease::Fenced::Call(e)) => return Err(e),
-                        Err(crate::lease::Fenced::Lost(_)) => {
-                            tracing::warn!(group = %name, "HealthCheck suspension abandoned: the group's lease ran out meanwhile");
-                            held.retain(|h| h.name != name);
-                            continue;
-                        }
-                    }
+                    Some(g.fence)
                 }
-                None => suspend.await?,
+                None => None,
+            };
+            let (client, group) = (self.aws.autoscaling.clone(), name.clone());
+            let suspend =
+                async move { autoscaling::suspend(&client, &group, &[HEALTH_CHECK]).await };
+            match self.run_to_the_end(Vec::new(), suspend, fence).await {
+                Landed::Done => {}
+                Landed::Failed(e) => return Err(e),
+                Landed::Lost => {
+                    tracing::warn!(group = %name, "HealthCheck suspension abandoned: the group's lease ran out meanwhile");
+                    held.retain(|h| h.name != name);
+                    continue;
+                }
             }
             tracing::info!(group = %name, "took over health decisions: HealthCheck suspended, ReplaceUnhealthy left on");
         }
@@ -1321,21 +1423,21 @@ impl Daemon {
                 (n.clone(), v)
             })
             .collect();
-        let tags: Vec<(&str, &str, &str)> = values
-            .iter()
-            .map(|(n, v)| (n.as_str(), TAKEOVER_TAG, v.as_str()))
-            .collect();
-        let write = autoscaling::set_tags_many(&self.aws.autoscaling, &tags);
-        match fence {
-            Some(f) => match f.run(write).await {
-                Ok(()) => {}
-                Err(crate::lease::Fenced::Call(e)) => return Err(e),
-                Err(crate::lease::Fenced::Lost(_)) => {
-                    tracing::warn!("takeover records abandoned: a group's lease ran out meanwhile");
-                    return Ok(());
-                }
-            },
-            None => write.await?,
+        let client = self.aws.autoscaling.clone();
+        let write = async move {
+            let tags: Vec<(&str, &str, &str)> = values
+                .iter()
+                .map(|(n, v)| (n.as_str(), TAKEOVER_TAG, v.as_str()))
+                .collect();
+            autoscaling::set_tags_many(&client, &tags).await
+        };
+        match self.run_to_the_end(records.clone(), write, fence).await {
+            Landed::Done => {}
+            Landed::Failed(e) => return Err(e),
+            Landed::Lost => {
+                tracing::warn!("takeover records abandoned: a group's lease ran out meanwhile");
+                return Ok(());
+            }
         }
         self.taken.extend(records);
         Ok(())

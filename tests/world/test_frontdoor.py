@@ -59,6 +59,28 @@ def test_500_drop_and_latency(world, faults):
     assert ("DescribeSubnets", "error500") in faults_seen and ("DescribeVpcs", "drop") in faults_seen
 
 
+def test_a_call_waiting_out_its_latency_is_listed_in_flight_until_answered(world, faults):
+    import threading
+
+    key = f"AKIDFLIGHT{uuid.uuid4().hex[:8].upper()}"
+    faults({"seed": 4, "rules": [{"action": "ec2:DescribeRegions", "latency_ms": 1500, "access_key": key}]})
+    ec2 = world.client("ec2", retries=1, access_key=key)
+    caller = threading.Thread(target=ec2.describe_regions)
+    t = time.time()
+    caller.start()
+    flying: list = []
+    while not flying and time.time() - t < 1.2:
+        flying = world.control("GET", f"/_world/calls?access_key={key}")[1]["in_flight"]
+    assert [(c["action"], c["access_key"], c["mutating"]) for c in flying] == [("DescribeRegions", key, False)]
+    assert flying[0]["t"] >= t - 0.01
+    # nobody else's call is listed under this key, and the log has no entry for it yet
+    assert not world.control("GET", f"/_world/calls?access_key={key}")[1]["calls"]
+    caller.join()
+    answered = world.control("GET", f"/_world/calls?access_key={key}")[1]
+    assert answered["in_flight"] == []
+    assert [c["action"] for c in answered["calls"]] == ["DescribeRegions"]
+
+
 def test_a_lost_answer_means_the_call_took_effect(world, faults):
     ec2 = world.client("ec2", retries=0)
     name = f"lose-{uuid.uuid4().hex[:8]}"

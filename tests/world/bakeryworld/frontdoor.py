@@ -191,6 +191,10 @@ class FrontDoor:
         # Partitioned callers: access key id -> since when. Every call signed with such a key is
         # dropped (connection closed, no answer), for every service, whatever the fault rules.
         self.partitions: dict[str, float] = {}
+        # Calls received and not answered yet (waiting out a latency fault, or being served),
+        # by a number of their own: what a caller that gave up on its answer may still cause.
+        self.in_flight: dict[int, dict] = {}
+        self._next_call = 0
 
     # -------------------------------------------------------------- accessors
     def total_calls(self) -> int:
@@ -244,6 +248,10 @@ class FrontDoor:
                         break
                 calls.reverse()
             out["calls"] = calls
+            out["in_flight"] = [
+                c for c in self.in_flight.values()
+                if access_key is None or c["access_key"] == access_key
+            ]
         return out
 
     # -------------------------------------------------------------- partitions
@@ -428,11 +436,17 @@ class FrontDoor:
             fault, latency = "partition", 0
         else:
             fault, latency = self._decide(key, service, access_key)
+        with self.lock:
+            self._next_call += 1
+            number = self._next_call
+            self.in_flight[number] = {"t": round(t0, 3), "service": service, "action": action,
+                                      "access_key": access_key, "mutating": mutating}
         if latency:
             time.sleep(latency / 1000.0)
 
         def record(status: int | str) -> None:
             with self.lock:
+                self.in_flight.pop(number, None)
                 self.tally.add(key, mutating, fault)
                 if access_key is not None:
                     tally = self.by_key.get(access_key)
