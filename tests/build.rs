@@ -579,6 +579,69 @@ inline = [
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_link_out_of_the_source_folder_made_after_validate_is_refused_at_upload() {
+    // Issue #10 A6 at upload time: the recipe's links are checked when the bake starts; a link
+    // made while it runs (here, during the provisioner before the upload) is refused too, and
+    // never followed.
+    let world = World::get();
+    let dir = scratch("late-link");
+    std::fs::create_dir_all(dir.join("files")).unwrap();
+    write(&dir, "files/a.conf", "alpha\n");
+    write(&dir, "outside.txt", "not for the image\n");
+    // The first provisioner waits on the instance until the test opens this port.
+    let port = free_port();
+    let r = write(
+        &dir,
+        "recipe.toml",
+        &recipe(
+            &world,
+            &format!(
+                r#"
+[[provisioner]]
+type = "shell"
+inline = ["until python3 -c \"import socket; socket.create_connection(('127.0.0.1', {port}), 1)\" 2>/dev/null; do sleep 0.1; done"]
+
+[[provisioner]]
+type = "file"
+source = "files"
+destination = "/opt/late"
+"#
+            ),
+            "",
+        ),
+    );
+    let (mut child, lines) = spawn_build(&world, &r);
+    let mut events = Vec::new();
+    events_until(
+        &lines,
+        &mut events,
+        Duration::from_secs(120),
+        "the first provisioner never started",
+        |e| e["event"] == "step_started" && e["step"] == "provision: shell 1",
+    );
+    std::os::unix::fs::symlink(dir.join("outside.txt"), dir.join("files/lnk")).unwrap();
+    let go = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    drop(go);
+    events.extend(lines.iter().filter_map(|l| serde_json::from_str(&l).ok()));
+    assert_eq!(status.code(), Some(3), "{events:?}");
+    let failed = events
+        .iter()
+        .find(|e| e["event"] == "build_failed")
+        .expect("build_failed");
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains("files/lnk is a symbolic link to")
+            && error.contains("outside.txt, outside the source folder"),
+        "{error}"
+    );
+    let build_id = events[0]["build_id"].as_str().unwrap().to_string();
+    assert_clean(&world, &build_id, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_provisioner_that_drops_the_connection_as_expected_is_followed_after_a_reconnect() {
     let world = World::get();
     let dir = scratch("disconnect");

@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use common::*;
 
+/// The world's fault spec is one for the whole world: the tests that set it take turns.
+static FAULTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Runs `bakery --output json rollout ARGS` with its own access key, for call-log attribution.
 fn rollout(world: &World, key: &str, args: &[&str]) -> Run {
     let out = world
@@ -595,6 +598,123 @@ async fn a_rollout_prunes_old_versions_but_never_one_another_group_uses() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_sigint_while_old_versions_are_pruned_skips_the_pruning_and_the_rollout_still_succeeds() {
+    // Issue #10 B: "a SIGINT during a rollout's finish/prune phase is ignored". Pruning is
+    // housekeeping after a rollout that is done: a SIGINT skips it at once, says so, and the
+    // rollout ends as it would have, its tags cleared; the next rollout prunes.
+    let world = world();
+    let (good, _) = web_amis(world).await;
+    let fleet = Fleet::create(world, "prune-sigint", 2).await;
+    for _ in 0..2 {
+        fleet
+            .add_version(world, "1", world.var("WORLD_STACK_AMI"))
+            .await;
+    }
+    let before = sizes(&fleet.group(world).await);
+    let key = format!("rollout-prune-sigint-{}", std::process::id());
+    // Every DescribeLaunchTemplateVersions of this rollout takes 2 s: pruning begins with one
+    // (the rollout's only other is at its start).
+    let faults = FAULTS.lock().await;
+    world_fault(
+        world,
+        6,
+        &key,
+        "ec2:DescribeLaunchTemplateVersions",
+        "latency_ms",
+        2000.0,
+    );
+    let mut child = world
+        .bakery()
+        .env("AWS_ACCESS_KEY_ID", &key)
+        .args(["--output", "json", "rollout", "--asg", &fleet.asg])
+        .args(["--ami", &good, "--health-timeout", "60s"])
+        .args(["--keep-versions", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let (mut lines, mut retired) = (Vec::new(), 0);
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Ok(e) = serde_json::from_str::<serde_json::Value>(&line) {
+                if e["event"] == "retired" {
+                    retired += e["instances"].as_array().map_or(0, Vec::len);
+                    if retired >= 2 {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    // Every old instance retired: the next DescribeLaunchTemplateVersions is the pruning's.
+    tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(120)))
+        .await
+        .unwrap()
+        .expect("both old instances were retired");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !world_calls(world, &key)["in_flight"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["action"] == "DescribeLaunchTemplateVersions")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rollout never began to prune"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let interrupted = std::time::Instant::now();
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let took = interrupted.elapsed();
+    clear_world_faults(world);
+    drop(faults);
+    let events = parse_events(&reader.join().unwrap().join("\n"));
+    let stderr = String::from_utf8_lossy(&status.stderr);
+    assert_eq!(status.status.code(), Some(0), "{events:?}\n{stderr}");
+    // At once: not after the pruning's slow read (2 s) and deletions.
+    assert!(took < Duration::from_millis(1500), "SIGINT took {took:?}");
+    assert!(
+        events.iter().any(|e| e["event"] == "waiting"
+            && e["why"].as_str().is_some_and(
+                |w| w.contains("SIGINT: pruning of old launch template versions skipped")
+            )),
+        "{events:?}"
+    );
+    let finished = events
+        .iter()
+        .find(|e| e["event"] == "rollout_finished")
+        .expect("rollout_finished");
+    assert_eq!(finished["result"], "succeeded", "{finished}");
+    let g = fleet.group(world).await;
+    assert_eq!(lt_version(&g), "4", "the rollout's own version");
+    assert_eq!(sizes(&g), before, "desired/min/max restored");
+    for t in ["bakery:rollout", "bakery:rollout-lock"] {
+        assert_eq!(tag(&g, t), None, "{t} cleared");
+    }
+    assert_eq!(
+        versions(world, &fleet.lt_id).await,
+        vec![1, 2, 3, 4],
+        "nothing pruned: the next rollout prunes"
+    );
+    fleet.delete(world).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_canary_that_turns_unhealthy_during_its_bake_rolls_back() {
     let world = world();
     let (good, _) = web_amis(world).await;
@@ -814,6 +934,7 @@ async fn a_throttling_storm_longer_than_one_calls_retries_does_not_end_the_rollo
     let fleet = Fleet::create(world, "storm", 2).await;
     let before = sizes(&fleet.group(world).await);
     let key = format!("rollout-storm-{}", std::process::id());
+    let faults = FAULTS.lock().await;
     let (stop, sampler) = sample_health(world, &fleet);
     let mut child = world
         .bakery()
@@ -830,17 +951,16 @@ async fn a_throttling_storm_longer_than_one_calls_retries_does_not_end_the_rollo
     // Once the canary batch starts, every DescribeAutoScalingGroups of this rollout is
     // throttled for 40 s.
     let key2 = key.clone();
-    let events = tokio::task::spawn_blocking(move || {
+    let (events, calm) = tokio::task::spawn_blocking(move || {
         use std::io::BufRead;
         let mut events = Vec::new();
-        let mut stormed = false;
+        let mut calm = None;
         for line in std::io::BufReader::new(stdout)
             .lines()
             .map_while(Result::ok)
         {
             let e: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if !stormed && e["event"] == "batch_started" {
-                stormed = true;
+            if calm.is_none() && e["event"] == "batch_started" {
                 world_fault(
                     world,
                     5,
@@ -850,18 +970,22 @@ async fn a_throttling_storm_longer_than_one_calls_retries_does_not_end_the_rollo
                     1.0,
                 );
                 let world_ref = world;
-                std::thread::spawn(move || {
+                calm = Some(std::thread::spawn(move || {
                     std::thread::sleep(Duration::from_secs(40));
                     clear_world_faults(world_ref);
-                });
+                }));
             }
             events.push(e);
         }
-        events
+        (events, calm)
     })
     .await
     .unwrap();
     let status = child.wait().unwrap();
+    if let Some(calm) = calm {
+        calm.join().unwrap();
+    }
+    drop(faults);
     stop.store(true, Ordering::Relaxed);
     let samples = sampler.await.unwrap();
     assert_eq!(status.code(), Some(0), "{events:?}");

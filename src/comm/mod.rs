@@ -8,7 +8,7 @@ pub mod ssh;
 pub mod ssm;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -189,4 +189,31 @@ impl Session {
             Session::Ssm(s) => s.upload(local, remote, mode, cancel).await,
         }
     }
+}
+
+/// The uploads of a file provisioner's source, walked again at upload time
+/// ([`bakery_core::recipe::upload_files`]): a link made after `validate` that leaves the
+/// source folder is refused here too.
+pub fn uploads_of(local: &Path) -> Result<Vec<bakery_core::recipe::Upload>, CommError> {
+    bakery_core::recipe::upload_files(local).map_err(CommError::Transfer)
+}
+
+/// Where an upload goes: `relative` under `remote` (`remote` itself for a one-file source).
+pub fn remote_path(remote: &Path, relative: &Path) -> PathBuf {
+    if relative.as_os_str().is_empty() {
+        remote.to_path_buf()
+    } else {
+        remote.join(relative)
+    }
+}
+
+/// Opens a file to upload without following a link: a file swapped for a link since the walk
+/// is refused, not read.
+pub fn open_upload(local: &Path) -> Result<std::fs::File, CommError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(local)
+        .map_err(|e| CommError::Transfer(format!("{}: {e}", local.display())))
 }

@@ -15,6 +15,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bakery_core::recipe::Upload;
 use ssh2::{HashType, OpenFlags, OpenType, Session};
 use tokio_util::sync::CancellationToken;
 
@@ -240,36 +241,38 @@ fn upload_path(
     mode: Option<u32>,
     cancel: &CancellationToken,
 ) -> Result<u64, CommError> {
-    let meta = std::fs::metadata(local)
-        .map_err(|e| CommError::Transfer(format!("{}: {e}", local.display())))?;
-    if meta.is_dir() {
-        mkdir_parents(sftp, remote);
-        // An existing directory is fine: mkdir fails, the uploads below succeed.
-        let _ = sftp.mkdir(remote, 0o755);
-        let mut total = 0;
-        let mut entries: Vec<_> = std::fs::read_dir(local)
-            .map_err(|e| CommError::Transfer(format!("{}: {e}", local.display())))?
-            .filter_map(Result::ok)
-            .collect();
-        entries.sort_by_key(|e| e.file_name());
-        for entry in entries {
-            total += upload_path(
-                sftp,
-                &entry.path(),
-                &remote.join(entry.file_name()),
-                mode,
-                cancel,
-            )?;
+    let mut total = 0;
+    for upload in super::uploads_of(local)? {
+        match upload {
+            Upload::Folder { relative } => {
+                let dir = super::remote_path(remote, &relative);
+                mkdir_parents(sftp, &dir);
+                // An existing directory is fine: mkdir fails, the uploads below succeed.
+                let _ = sftp.mkdir(&dir, 0o755);
+            }
+            Upload::File {
+                local,
+                relative,
+                mode: own,
+                ..
+            } => {
+                let dest = super::remote_path(remote, &relative);
+                total += upload_file(sftp, &local, &dest, mode.unwrap_or(own), cancel)?;
+            }
         }
-        return Ok(total);
     }
+    Ok(total)
+}
+
+fn upload_file(
+    sftp: &ssh2::Sftp,
+    local: &Path,
+    remote: &Path,
+    mode: u32,
+    cancel: &CancellationToken,
+) -> Result<u64, CommError> {
     mkdir_parents(sftp, remote);
-    let mode = mode.unwrap_or_else(|| {
-        use std::os::unix::fs::PermissionsExt;
-        meta.permissions().mode() & 0o7777
-    });
-    let mut src = std::fs::File::open(local)
-        .map_err(|e| CommError::Transfer(format!("{}: {e}", local.display())))?;
+    let mut src = super::open_upload(local)?;
     let mut dst = sftp
         .open_mode(
             remote,

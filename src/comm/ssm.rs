@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_ssm::types::InstanceInformationStringFilter;
 use aws_sdk_ssm::Client;
+use bakery_core::recipe::Upload;
 use bakery_core::secret::Sealer;
 use base64::Engine;
 use tokio_util::sync::CancellationToken;
@@ -399,12 +400,26 @@ impl SsmSession {
         mode: Option<u32>,
         cancel: &CancellationToken,
     ) -> Result<u64, CommError> {
-        let mut files = Vec::new();
-        collect(local, Path::new(remote), &mut files)?;
-        let total: u64 = files
-            .iter()
-            .map(|(l, _)| std::fs::metadata(l).map(|m| m.len()).unwrap_or(0))
-            .sum();
+        let files: Vec<(std::path::PathBuf, std::path::PathBuf, u64, u32)> =
+            super::uploads_of(local)?
+                .into_iter()
+                .filter_map(|u| match u {
+                    // Folders come with their files (missing parents are made).
+                    Upload::Folder { .. } => None,
+                    Upload::File {
+                        local,
+                        relative,
+                        len,
+                        mode: own,
+                    } => Some((
+                        local,
+                        super::remote_path(Path::new(remote), &relative),
+                        len,
+                        own,
+                    )),
+                })
+                .collect();
+        let total: u64 = files.iter().map(|f| f.2).sum();
         if total > MAX_UPLOAD {
             return Err(CommError::Transfer(format!(
                 "{} is {total} bytes; over SSM bakery uploads at most {MAX_UPLOAD} bytes: put large payloads in S3 and fetch them in a shell provisioner",
@@ -412,17 +427,12 @@ impl SsmSession {
             )));
         }
         let mut sent = 0;
-        for (path, dest) in files {
-            let data = std::fs::read(&path)
+        for (path, dest, _, own) in files {
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut super::open_upload(&path)?, &mut data)
                 .map_err(|e| CommError::Transfer(format!("{}: {e}", path.display())))?;
-            let file_mode = mode.unwrap_or_else(|| {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::metadata(&path)
-                    .map(|m| m.permissions().mode() & 0o7777)
-                    .unwrap_or(0o644)
-            });
             sent += self
-                .upload_data(&data, &dest.to_string_lossy(), file_mode, cancel)
+                .upload_data(&data, &dest.to_string_lossy(), mode.unwrap_or(own), cancel)
                 .await?;
         }
         Ok(sent)
@@ -511,28 +521,6 @@ impl SsmSession {
             }
         }
     }
-}
-
-fn collect(
-    local: &Path,
-    remote: &Path,
-    out: &mut Vec<(std::path::PathBuf, std::path::PathBuf)>,
-) -> Result<(), CommError> {
-    let meta = std::fs::metadata(local)
-        .map_err(|e| CommError::Transfer(format!("{}: {e}", local.display())))?;
-    if meta.is_dir() {
-        let mut entries: Vec<_> = std::fs::read_dir(local)
-            .map_err(|e| CommError::Transfer(format!("{}: {e}", local.display())))?
-            .filter_map(Result::ok)
-            .collect();
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            collect(&e.path(), &remote.join(e.file_name()), out)?;
-        }
-    } else {
-        out.push((local.to_path_buf(), remote.to_path_buf()));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

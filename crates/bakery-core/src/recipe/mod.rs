@@ -424,10 +424,32 @@ fn collect_references(s: &str, into: &mut std::collections::BTreeSet<String>) {
 /// Uploads over SSM larger than this are refused (Run Command carries them in chunks).
 pub const SSM_MAX_UPLOAD: u64 = 16 * 1024 * 1024;
 
-/// The bytes a file provisioner would upload from `path` (a file, or a folder walked without
-/// following links). A symbolic link is refused when it resolves outside the folder named
-/// (`/etc/shadow`, or `/` itself): bakery never reads outside what the user named.
-pub fn upload_size(path: &Path) -> Result<u64, String> {
+/// What a file provisioner uploads from its source, in upload order: folders to make and
+/// files to send, each with its path relative to the destination (empty: the destination
+/// itself, for a source that is one file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upload {
+    Folder {
+        relative: PathBuf,
+    },
+    File {
+        /// Where to read it: the file itself, or what a link inside the folder points to.
+        local: PathBuf,
+        relative: PathBuf,
+        len: u64,
+        /// Its permission bits (`mode` of the provisioner, if any, wins).
+        mode: u32,
+    },
+}
+
+/// The uploads of a file provisioner's source `path` (a file, or a folder walked without
+/// following links, entries by name). A symbolic link is refused when it resolves outside the
+/// folder named (`/etc/shadow`, or `/` itself): bakery never reads outside what the user
+/// named. A link inside the folder is uploaded as the file it points to; a link to a folder
+/// inside is not walked (the folder is, where it lies). `validate` and the uploaders both walk
+/// with this, so a link made after `validate` is refused at upload as well.
+pub fn upload_files(path: &Path) -> Result<Vec<Upload>, String> {
+    use std::os::unix::fs::PermissionsExt;
     let root = path
         .canonicalize()
         .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -436,9 +458,10 @@ pub fn upload_size(path: &Path) -> Result<u64, String> {
     } else {
         root.parent().map(Path::to_path_buf).unwrap_or_default()
     };
-    let mut total = 0u64;
-    let mut stack = vec![path.to_path_buf()];
-    while let Some(p) = stack.pop() {
+    let mut out = Vec::new();
+    // (path on this machine, path under the destination); the source itself follows its link.
+    let mut stack = vec![(root, PathBuf::new())];
+    while let Some((p, relative)) = stack.pop() {
         let meta = std::fs::symlink_metadata(&p).map_err(|e| format!("{}: {e}", p.display()))?;
         if meta.file_type().is_symlink() {
             let target = p
@@ -451,22 +474,52 @@ pub fn upload_size(path: &Path) -> Result<u64, String> {
                     target.display()
                 ));
             }
-            // Inside the folder: uploaded as what it points to (a folder is walked where it lies).
-            if target.is_file() {
-                total += std::fs::metadata(&target).map(|m| m.len()).unwrap_or(0);
+            let meta =
+                std::fs::metadata(&target).map_err(|e| format!("{}: {e}", target.display()))?;
+            if meta.is_file() {
+                out.push(Upload::File {
+                    local: target,
+                    relative,
+                    len: meta.len(),
+                    mode: meta.permissions().mode() & 0o7777,
+                });
             }
             continue;
         }
         if meta.is_dir() {
-            let entries = std::fs::read_dir(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+            out.push(Upload::Folder {
+                relative: relative.clone(),
+            });
+            let mut entries: Vec<std::fs::DirEntry> = std::fs::read_dir(&p)
+                .map_err(|e| format!("{}: {e}", p.display()))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("{}: {e}", p.display()))?;
+            // Popped from the end: pushed in reverse for name order.
+            entries.sort_by_key(|e| std::cmp::Reverse(e.file_name()));
             for e in entries {
-                stack.push(e.map_err(|e| format!("{}: {e}", p.display()))?.path());
+                stack.push((e.path(), relative.join(e.file_name())));
             }
-        } else {
-            total += meta.len();
+        } else if meta.is_file() {
+            out.push(Upload::File {
+                local: p,
+                relative,
+                len: meta.len(),
+                mode: meta.permissions().mode() & 0o7777,
+            });
         }
     }
-    Ok(total)
+    Ok(out)
+}
+
+/// The bytes a file provisioner would upload from `path` ([`upload_files`]).
+pub fn upload_size(path: &Path) -> Result<u64, String> {
+    Ok(upload_files(path)?
+        .iter()
+        .map(|u| match u {
+            Upload::File { len, .. } => *len,
+            Upload::Folder { .. } => 0,
+        })
+        .sum())
 }
 
 const DEFAULT_PROVISIONER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -1482,6 +1535,61 @@ tags = { Role = "web" }
             }
             other => panic!("expected a located error, got {other:?}"),
         }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn the_uploads_of_a_folder_come_in_name_order_with_links_inside_as_their_files() {
+        let d = scratch("uploads");
+        std::fs::create_dir_all(d.join("src/b/empty")).unwrap();
+        std::fs::write(d.join("src/a.txt"), "aa").unwrap();
+        std::fs::write(d.join("src/b/c.txt"), "ccc").unwrap();
+        std::os::unix::fs::symlink("b/c.txt", d.join("src/link")).unwrap();
+        std::os::unix::fs::symlink("b", d.join("src/to-folder")).unwrap();
+        let src = d.join("src").canonicalize().unwrap();
+        let got: Vec<(String, String)> = upload_files(&d.join("src"))
+            .unwrap()
+            .into_iter()
+            .map(|u| match u {
+                Upload::Folder { relative } => ("dir".into(), relative.display().to_string()),
+                Upload::File {
+                    local, relative, ..
+                } => (
+                    local.strip_prefix(&src).unwrap().display().to_string(),
+                    relative.display().to_string(),
+                ),
+            })
+            .collect();
+        let want = [
+            ("dir", ""),
+            ("a.txt", "a.txt"),
+            ("dir", "b"),
+            ("b/c.txt", "b/c.txt"),
+            ("dir", "b/empty"),
+            ("b/c.txt", "link"),
+        ];
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(l, r)| (l.to_string(), r.to_string()))
+            .collect();
+        assert_eq!(got, want, "the link to a folder is not walked");
+        // A source that is one file: its one upload is the destination itself.
+        assert_eq!(
+            upload_files(&d.join("src/a.txt")).unwrap(),
+            vec![Upload::File {
+                local: src.join("a.txt"),
+                relative: PathBuf::new(),
+                len: 2,
+                mode: {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::metadata(src.join("a.txt"))
+                        .unwrap()
+                        .permissions()
+                        .mode()
+                        & 0o7777
+                },
+            }]
+        );
         let _ = std::fs::remove_dir_all(&d);
     }
 
