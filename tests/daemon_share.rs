@@ -288,6 +288,38 @@ async fn in_service(world: &World, group: &str) -> Vec<String> {
     ids
 }
 
+/// Heals a partitioned access key when dropped (a failed test must not leave its partition in
+/// the world for the tests after it).
+struct Healed(&'static World, String);
+
+impl Drop for Healed {
+    fn drop(&mut self) {
+        world_control(
+            self.0,
+            "DELETE",
+            &format!("/_world/partitions/{}", self.1),
+            "",
+        );
+    }
+}
+
+/// Whether every group in `groups` has `HealthCheck` suspended.
+async fn health_check_suspended_everywhere(world: &World, groups: &[String]) -> bool {
+    let out = world
+        .asg()
+        .describe_auto_scaling_groups()
+        .set_auto_scaling_group_names(Some(groups.to_vec()))
+        .send()
+        .await
+        .unwrap();
+    out.auto_scaling_groups().len() == groups.len()
+        && out.auto_scaling_groups().iter().all(|g| {
+            g.suspended_processes()
+                .iter()
+                .any(|p| p.process_name() == Some("HealthCheck"))
+        })
+}
+
 /// Waits until every stack group has 4 healthy targets again (a test leaves the stack as it
 /// found it for the next).
 async fn wait_stack_healthy(world: &World, groups: &[String]) {
@@ -512,6 +544,26 @@ async fn a_daemon_cut_off_for_twice_the_ttl_makes_no_mutating_call_once_its_leas
     let b = Daemon::spawn(world, "cut-b", &table, &groups, 2);
     let before = assignment(&groups, &[&a, &b]);
     wait_owners(&[&a, &b], &before, Duration::from_secs(30)).await;
+    // Both have completed a round, so every group's takeover is whole (record written and
+    // HealthCheck suspended) before one is cut off: a cut between a daemon's record and its
+    // suspension leaves the group's own health check on, which replaces the dead app itself
+    // (as AWS would), and the test would prove nothing.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = [&a, &b]
+            .iter()
+            .all(|d| d.get("/healthz").is_some_and(|(c, _)| c == 200));
+        if ok && health_check_suspended_everywhere(world, &groups).await {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemons never completed a round with every group taken over:\n{}\n{}",
+            a.logs(),
+            b.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let a_count = before.values().filter(|o| *o == "cut-a").count();
     let (cut, other) = if a_count > 0 { (&a, &b) } else { (&b, &a) };
     let cut_groups: Vec<String> = before
@@ -528,6 +580,7 @@ async fn a_daemon_cut_off_for_twice_the_ttl_makes_no_mutating_call_once_its_leas
         &serde_json::json!({ "access_key": cut.key }).to_string(),
     );
     assert_eq!(status, 200, "{body}");
+    let _heal = Healed(world, cut.key.clone());
     let cut_at = unix_now();
     let cut_instant = Instant::now();
     world_kill(world, &app);
@@ -606,13 +659,25 @@ async fn a_daemon_cut_off_for_twice_the_ttl_makes_no_mutating_call_once_its_leas
     }
     wait_stack_healthy(world, &groups).await;
     let m = marked(&[&a, &b]);
-    assert_eq!(m.get(&app), Some(&1), "{m:?}");
+    assert_eq!(
+        m.get(&app),
+        Some(&1),
+        "{m:?}\n{}:\n{}\n{}:\n{}",
+        a.name,
+        a.logs(),
+        b.name,
+        b.logs()
+    );
     assert!(cut.events(MARKED).is_empty() || other.events(MARKED).is_empty());
+    let mut stopped = Vec::new();
     for d in [a, b] {
+        let name = d.name.clone();
         let (code, logs) = d.stop();
         assert_eq!(code, Some(0), "{logs}");
+        stopped.push(format!("{name}:\n{logs}"));
     }
-    assert!(tag_owners(world, &groups).await.is_empty());
+    let left = tag_owners(world, &groups).await;
+    assert!(left.is_empty(), "{left:?}\n{}", stopped.join("\n"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -298,47 +298,52 @@ fn sharing(out: &mut String, s: &Snapshot) {
     );
 }
 
-/// Healthy while rounds complete (the last one ended within three effective intervals) and
-/// every group named in the configuration exists. A missing group is a 503 naming it: the
-/// daemon runs, but a group someone meant to protect is not watched, which is what an on-call
-/// engineer must hear about (a typo in the config, a group deleted or renamed). Restarting the
-/// daemon does not fix it: the unit's restart logic listens to the watchdog, not to `/healthz`.
+/// Healthy while rounds complete (the last one ended within three effective intervals), the
+/// daemon holds a valid membership (with a lease table), and every group named in the
+/// configuration exists. Otherwise a 503 listing every reason, one a line (a daemon cut off
+/// from the API both misses rounds and loses its membership: the on-call engineer reads both).
+/// A missing group is a 503 naming it: the daemon runs, but a group someone meant to protect is
+/// not watched (a typo in the config, a group deleted or renamed). Restarting the daemon does
+/// not fix it: the unit's restart logic listens to the watchdog, not to `/healthz`.
 fn healthz(s: &Snapshot, now: u64) -> (u16, String) {
+    if s.loops == 0 {
+        return (503, "starting\n".into());
+    }
     let pace = s.interval.max(s.effective_interval);
     let stale = pace.saturating_mul(3).as_secs().max(30);
-    if s.loops == 0 {
-        (503, "starting\n".into())
+    let mut reasons = Vec::new();
+    if s.last_round_at == 0 {
+        reasons.push(format!(
+            "no round has completed since the start ({} failed)",
+            s.loop_errors
+        ));
     } else if now.saturating_sub(s.last_round_at) > stale {
-        (
-            503,
-            format!(
-                "no round completed for {}s\n",
-                now.saturating_sub(s.last_round_at)
-            ),
-        )
-    } else if let Some(f) = s
+        reasons.push(format!(
+            "no round completed for {}s",
+            now.saturating_sub(s.last_round_at)
+        ));
+    }
+    if let Some(f) = s
         .sharing
         .as_ref()
         .filter(|f| f.member_until_ms <= now.saturating_mul(1000))
     {
-        (
-            503,
-            format!(
-                "no valid membership in lease table {}: this daemon acts on no group\n",
-                f.table
-            ),
-        )
-    } else if !s.missing.is_empty() {
+        reasons.push(format!(
+            "no valid membership in lease table {}: this daemon acts on no group",
+            f.table
+        ));
+    }
+    if !s.missing.is_empty() {
         let names: Vec<&str> = s.missing.iter().map(String::as_str).collect();
-        (
-            503,
-            format!(
-                "degraded: watched group(s) not found: {} (the others are watched)\n",
-                names.join(", ")
-            ),
-        )
-    } else {
+        reasons.push(format!(
+            "degraded: watched group(s) not found: {} (the others are watched)",
+            names.join(", ")
+        ));
+    }
+    if reasons.is_empty() {
         (200, "ok\n".into())
+    } else {
+        (503, reasons.join("\n") + "\n")
     }
 }
 
@@ -492,6 +497,40 @@ mod tests {
         s.last_round_at = 100;
         assert_eq!(healthz(&s, 110).0, 200);
         assert_eq!(healthz(&s, 200).0, 503);
+    }
+
+    #[test]
+    fn healthz_names_every_reason_and_a_daemon_that_never_completed_a_round_says_so() {
+        let mut s = Snapshot {
+            interval: Duration::from_secs(1),
+            loops: 4,
+            loop_errors: 4,
+            last_round_at: 0,
+            ..Default::default()
+        };
+        s.sharing = Some(SharingFigures {
+            table: "leases".into(),
+            member_until_ms: 99_000,
+            ..Default::default()
+        });
+        s.missing.insert("web-typo".into());
+        let (code, body) = healthz(&s, 100);
+        assert_eq!(code, 503);
+        assert_eq!(
+            body,
+            "no round has completed since the start (4 failed)\n\
+             no valid membership in lease table leases: this daemon acts on no group\n\
+             degraded: watched group(s) not found: web-typo (the others are watched)\n"
+        );
+        // Rounds complete and the membership is valid: only the missing group is left.
+        s.last_round_at = 99;
+        s.sharing = Some(SharingFigures {
+            table: "leases".into(),
+            member_until_ms: 101_000,
+            ..Default::default()
+        });
+        let (code, body) = healthz(&s, 100);
+        assert_eq!((code, body.lines().count()), (503, 1), "{body}");
     }
 
     #[test]
