@@ -28,6 +28,49 @@ fn rollout(world: &World, key: &str, args: &[&str]) -> Run {
     Run::from_output(out)
 }
 
+/// A running `bakery --output json rollout ARGS` signed with `key`: its stdout lines are kept
+/// (`lines` hands them over once it exits), and `seen` receives one `()` each time `watch`,
+/// fed every event in turn, says so.
+struct Watched {
+    child: std::process::Child,
+    seen: std::sync::mpsc::Receiver<()>,
+    lines: std::thread::JoinHandle<Vec<String>>,
+}
+
+fn spawn_rollout(
+    world: &World,
+    key: &str,
+    args: &[&str],
+    mut watch: impl FnMut(&serde_json::Value) -> bool + Send + 'static,
+) -> Watched {
+    let mut child = world
+        .bakery()
+        .env("AWS_ACCESS_KEY_ID", key)
+        .args(["--output", "json", "rollout"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, seen) = std::sync::mpsc::channel::<()>();
+    let lines = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if serde_json::from_str::<serde_json::Value>(&line).is_ok_and(|e| watch(&e)) {
+                let _ = tx.send(());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    Watched { child, seen, lines }
+}
+
 /// Samples the number of healthy targets every 200 ms until stopped.
 fn sample_health(
     world: &'static World,
@@ -623,39 +666,26 @@ async fn a_sigint_while_old_versions_are_pruned_skips_the_pruning_and_the_rollou
         "latency_ms",
         2000.0,
     );
-    let mut child = world
-        .bakery()
-        .env("AWS_ACCESS_KEY_ID", &key)
-        .args(["--output", "json", "rollout", "--asg", &fleet.asg])
-        .args(["--ami", &good, "--health-timeout", "60s"])
-        .args(["--keep-versions", "1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let reader = std::thread::spawn(move || {
-        use std::io::BufRead;
-        let (mut lines, mut retired) = (Vec::new(), 0);
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Ok(e) = serde_json::from_str::<serde_json::Value>(&line) {
-                if e["event"] == "retired" {
-                    retired += e["instances"].as_array().map_or(0, Vec::len);
-                    if retired >= 2 {
-                        let _ = tx.send(());
-                    }
-                }
-            }
-            lines.push(line);
+    let mut retired = 0;
+    let args = [
+        "--asg",
+        &fleet.asg,
+        "--ami",
+        &good,
+        "--health-timeout",
+        "60s",
+        "--keep-versions",
+        "1",
+    ];
+    let Watched { child, seen, lines } = spawn_rollout(world, &key, &args, move |e| {
+        if e["event"] != "retired" {
+            return false;
         }
-        lines
+        retired += e["instances"].as_array().map_or(0, Vec::len);
+        retired >= 2
     });
     // Every old instance retired: the next DescribeLaunchTemplateVersions is the pruning's.
-    tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(120)))
+    tokio::task::spawn_blocking(move || seen.recv_timeout(Duration::from_secs(120)))
         .await
         .unwrap()
         .expect("both old instances were retired");
@@ -683,7 +713,7 @@ async fn a_sigint_while_old_versions_are_pruned_skips_the_pruning_and_the_rollou
     let took = interrupted.elapsed();
     clear_world_faults(world);
     drop(faults);
-    let events = parse_events(&reader.join().unwrap().join("\n"));
+    let events = parse_events(&lines.join().unwrap().join("\n"));
     let stderr = String::from_utf8_lossy(&status.stderr);
     assert_eq!(status.status.code(), Some(0), "{events:?}\n{stderr}");
     // At once: not after the pruning's slow read (2 s) and deletions.
@@ -720,34 +750,27 @@ async fn a_canary_that_turns_unhealthy_during_its_bake_rolls_back() {
     let (good, _) = web_amis(world).await;
     let fleet = Fleet::create(world, "canary", 4).await;
     let before = sizes(&fleet.group(world).await);
-    let mut child = world
-        .bakery()
-        .env("AWS_ACCESS_KEY_ID", "rollout-canary")
-        .args(["--output", "json", "rollout", "--asg", &fleet.asg])
-        .args(["--ami", &good, "--canary", "1", "--canary-bake", "30s"])
-        .args(["--health-timeout", "60s"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let args = [
+        "--asg",
+        &fleet.asg,
+        "--ami",
+        &good,
+        "--canary",
+        "1",
+        "--canary-bake",
+        "30s",
+        "--health-timeout",
+        "60s",
+    ];
     // When the canary is healthy and its bake begins, its app dies (the instance stays up).
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let reader = std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut lines = Vec::new();
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line.contains("\"canary_baking\"") {
-                let _ = tx.send(());
-            }
-            lines.push(line);
-        }
-        lines
+    let Watched {
+        mut child,
+        seen,
+        lines,
+    } = spawn_rollout(world, "rollout-canary", &args, |e| {
+        e["event"] == "canary_baking"
     });
-    tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(90)))
+    tokio::task::spawn_blocking(move || seen.recv_timeout(Duration::from_secs(90)))
         .await
         .unwrap()
         .expect("the canary's bake began");
@@ -764,7 +787,7 @@ async fn a_canary_that_turns_unhealthy_during_its_bake_rolls_back() {
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
         .await
         .unwrap();
-    let events = parse_events(&reader.join().unwrap().join("\n"));
+    let events = parse_events(&lines.join().unwrap().join("\n"));
     assert_eq!(
         status.code(),
         Some(6),

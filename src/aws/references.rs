@@ -92,43 +92,46 @@ pub async fn resolve(
                     }
                 }
             }
-            Reference::Rds { instance, field } => {
-                let rds = &aws.rds;
-                let out = call("rds:DescribeDBInstances", &instance, || {
-                    rds.describe_db_instances()
-                        .db_instance_identifier(&instance)
-                        .send()
-                })
-                .await;
-                let out = match out {
-                    Ok(o) => o,
-                    Err(e) if e.code() == Some("DBInstanceNotFound") => {
-                        return Err(ReferenceError::DbNotFound(instance))
-                    }
-                    Err(e) => return Err(e.into()),
-                };
-                let db = out
-                    .db_instances()
-                    .first()
-                    .ok_or_else(|| ReferenceError::DbNotFound(instance.clone()))?;
-                match field {
-                    RdsField::Engine => db.engine().unwrap_or_default().to_string(),
-                    RdsField::Address => db
-                        .endpoint()
-                        .and_then(|e| e.address())
-                        .map(str::to_string)
-                        .ok_or(ReferenceError::NoEndpoint(instance))?,
-                    RdsField::Port => db
-                        .endpoint()
-                        .and_then(|e| e.port())
-                        .map(|p| p.to_string())
-                        .ok_or(ReferenceError::NoEndpoint(instance))?,
-                }
-            }
+            Reference::Rds { instance, field } => rds_value(aws, instance, field).await?,
         };
         values.insert(text.clone(), value);
     }
     Ok((values, redactor))
+}
+
+/// The value of `{{rds:INSTANCE.FIELD}}`: the database's engine, address or port.
+async fn rds_value(aws: &Aws, instance: String, field: RdsField) -> Result<String, ReferenceError> {
+    let rds = &aws.rds;
+    let out = call("rds:DescribeDBInstances", &instance, || {
+        rds.describe_db_instances()
+            .db_instance_identifier(&instance)
+            .send()
+    })
+    .await;
+    let out = match out {
+        Ok(o) => o,
+        Err(e) if e.code() == Some("DBInstanceNotFound") => {
+            return Err(ReferenceError::DbNotFound(instance))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let db = out
+        .db_instances()
+        .first()
+        .ok_or_else(|| ReferenceError::DbNotFound(instance.clone()))?;
+    Ok(match field {
+        RdsField::Engine => db.engine().unwrap_or_default().to_string(),
+        RdsField::Address => db
+            .endpoint()
+            .and_then(|e| e.address())
+            .map(str::to_string)
+            .ok_or(ReferenceError::NoEndpoint(instance))?,
+        RdsField::Port => db
+            .endpoint()
+            .and_then(|e| e.port())
+            .map(|p| p.to_string())
+            .ok_or(ReferenceError::NoEndpoint(instance))?,
+    })
 }
 
 async fn secret_string(aws: &Aws, id: &str, stage: Option<&str>) -> Result<String, ReferenceError> {

@@ -68,6 +68,32 @@ def finished(ssm, cmd_id, iid, timeout=30):
     return wait_for(done, timeout=timeout, what=f"command {cmd_id} on {iid}")
 
 
+def test_the_cli_shim_runs_the_bodys_python3_when_the_worlds_interpreter_is_out_of_its_sight(tmp_path):
+    # A body's overlay of `/` does not show other mounts (check-fresh bind-mounts ~/.pyenv, the
+    # world's interpreter): the shim then runs the body's own python3.
+    import shutil
+    import subprocess
+    import sys
+
+    from bakeryworld.ssm import cli_script
+
+    module = tmp_path / "cli.py"
+    module.write_text("import sys\nprint(sys.argv[1:], sys.path[1] if len(sys.path) > 1 else '')\n")
+    shim = tmp_path / "aws"
+    env = {"PATH": f"{os.path.dirname(shutil.which('python3'))}:/usr/bin:/bin"}
+    for python in (str(tmp_path / "gone" / "python3.11"), sys.executable):
+        shim.write_text(cli_script(python, tmp_path / "packages", module))
+        shim.chmod(0o755)
+        out = subprocess.run([str(shim), "sts", "get-caller-identity"], capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split(" ", 2)[:2] == ["['sts',", "'get-caller-identity']"], out.stdout
+        assert str(tmp_path / "packages") in out.stdout, "the packages come with either interpreter"
+    # No python3 anywhere: a clear error, not a shell's riddle.
+    shim.write_text(cli_script(str(tmp_path / "gone" / "python3.11"), tmp_path / "packages", module))
+    out = subprocess.run(["/bin/sh", str(shim)], capture_output=True, text=True, env={"PATH": str(tmp_path)})
+    assert out.returncode == 127 and "aws: no python3" in out.stderr, out
+
+
 def test_instance_information_lists_booted_instances_with_a_profile(world, ssm, managed):
     info = {i["InstanceId"]: i for i in ssm.describe_instance_information()["InstanceInformationList"]}
     for iid, ip in zip(managed["ids"], managed["ips"]):

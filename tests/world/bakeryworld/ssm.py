@@ -298,14 +298,22 @@ def _install_cli(world: Any) -> None:
         except OSError:
             shutil.rmtree(packages, ignore_errors=True)
             shutil.copytree(site, packages)
-    python = os.path.realpath(sys.executable)
     cli = folder / "aws"
-    cli.write_text(
-        f"#!/bin/sh\nPYTHONPATH={shlex.quote(str(packages))} exec {shlex.quote(python)} "
-        f"{shlex.quote(str(module))} \"$@\"\n"
-    )
+    cli.write_text(cli_script(os.path.realpath(sys.executable), packages, module))
     cli.chmod(0o755)
     AGENT_BIN = str(folder)
+
+
+def cli_script(python: str, packages: Path, module: Path) -> str:
+    """The `aws` shim: the world's interpreter where the body sees it, else the body's own
+    `python3` (an interpreter on a mount of its own, such as a read-only bind mount of
+    ~/.pyenv, is not in a body's overlay of `/`; the packages the CLI needs are pure Python)."""
+    return (
+        "#!/bin/sh\n"
+        f"py={shlex.quote(python)}\n"
+        '[ -x "$py" ] || py=$(command -v python3) || { echo "aws: no python3" >&2; exit 127; }\n'
+        f'PYTHONPATH={shlex.quote(str(packages))} exec "$py" {shlex.quote(str(module))} "$@"\n'
+    )
 
 
 def _append_line(text: str, line: str) -> str:
