@@ -178,24 +178,7 @@ fn group_of(g: &aws_sdk_autoscaling::types::AutoScalingGroup) -> Group {
             .collect(),
         health_check_type: g.health_check_type().unwrap_or_default().to_string(),
         health_check_grace_period: g.health_check_grace_period().unwrap_or_default(),
-        instances: g
-            .instances()
-            .iter()
-            .map(|i| GroupInstance {
-                id: i.instance_id().unwrap_or_default().to_string(),
-                lifecycle: i
-                    .lifecycle_state()
-                    .map(|l| l.as_str().to_string())
-                    .unwrap_or_default(),
-                health: i.health_status().unwrap_or_default().to_string(),
-                launch_template_version: i
-                    .launch_template()
-                    .and_then(|lt| lt.version())
-                    .map(str::to_string),
-                availability_zone: i.availability_zone().unwrap_or_default().to_string(),
-                protected: i.protected_from_scale_in().unwrap_or_default(),
-            })
-            .collect(),
+        instances: g.instances().iter().map(instance_of).collect(),
         tags: g
             .tags()
             .iter()
@@ -325,6 +308,24 @@ pub async fn update(
     .map(|_| ())
 }
 
+/// An instance as DescribeAutoScalingGroups and DescribeWarmPool both give it (one SDK type).
+fn instance_of(i: &aws_sdk_autoscaling::types::Instance) -> GroupInstance {
+    GroupInstance {
+        id: i.instance_id().unwrap_or_default().to_string(),
+        lifecycle: i
+            .lifecycle_state()
+            .map(|l| l.as_str().to_string())
+            .unwrap_or_default(),
+        health: i.health_status().unwrap_or_default().to_string(),
+        launch_template_version: i
+            .launch_template()
+            .and_then(|lt| lt.version())
+            .map(str::to_string),
+        availability_zone: i.availability_zone().unwrap_or_default().to_string(),
+        protected: i.protected_from_scale_in().unwrap_or_default(),
+    }
+}
+
 /// The instances of the group's warm pool (none without a pool), with their pool lifecycle
 /// state (`Warmed:Stopped`, ...) and launch-template version.
 pub async fn warm_pool(asg: &Client, group: &str) -> Result<Vec<GroupInstance>, AwsError> {
@@ -338,22 +339,7 @@ pub async fn warm_pool(asg: &Client, group: &str) -> Result<Vec<GroupInstance>, 
                 .send()
         })
         .await?;
-        out.extend(page.instances().iter().map(|i| {
-            GroupInstance {
-                id: i.instance_id().unwrap_or_default().to_string(),
-                lifecycle: i
-                    .lifecycle_state()
-                    .map(|l| l.as_str().to_string())
-                    .unwrap_or_default(),
-                health: i.health_status().unwrap_or_default().to_string(),
-                launch_template_version: i
-                    .launch_template()
-                    .and_then(|lt| lt.version())
-                    .map(str::to_string),
-                availability_zone: i.availability_zone().unwrap_or_default().to_string(),
-                protected: i.protected_from_scale_in().unwrap_or_default(),
-            }
-        }));
+        out.extend(page.instances().iter().map(instance_of));
         token = page.next_token().map(str::to_string);
         if token.is_none() {
             return Ok(out);
