@@ -143,11 +143,9 @@ impl Session {
     ) -> Result<ExecOutcome, CommError> {
         match self {
             Session::Ssh(s) => {
-                s.upload_bytes(script.as_bytes().to_vec(), remote, 0o700)
-                    .await?;
                 s.exec(
-                    ssh::shell_command(remote, sudo, timeout),
-                    ssh::env_assignments(env),
+                    ssh::script_command(remote, script.len(), sudo, timeout),
+                    format!("{script}{}", ssh::env_assignments(env)),
                     timeout,
                     cancel.clone(),
                     sink,
