@@ -180,16 +180,7 @@ async fn build(
     target: &aws::Target,
     args: bakery::cli::BuildArgs,
 ) -> ExitCode {
-    let fail = |e: &dyn std::fmt::Display, code: u8| {
-        reporter.emit(Event::BuildFailed {
-            error: e.to_string(),
-            exit_code: code.into(),
-        });
-        if reporter.format() == Format::Human {
-            eprintln!("error: {e}");
-        }
-        ExitCode::from(code)
-    };
+    let fail = |e: &dyn std::fmt::Display, code: u8| build_failed(reporter, e, code);
     let sources = recipe::VarSources::from_env(args.recipe.var_files, args.recipe.vars);
     let recipe = match recipe::load(&args.recipe.recipe, &sources) {
         Ok(r) => r,
@@ -217,20 +208,7 @@ async fn build(
                 exit::USAGE,
             );
         };
-        let manifest = match bakery::promote::resume_manifest(&aws, &args.manifest, build_id).await
-        {
-            Ok(m) => m,
-            Err(e) => return fail(&e, u8::try_from(e.exit_code()).unwrap_or(exit::FAILURE)),
-        };
-        return match bakery::promote::run(clients, &manifest, &args.manifest, d, reporter).await {
-            Ok(m) => {
-                reporter.emit(Event::BuildFinished {
-                    manifest: serde_json::to_value(&m).unwrap_or_default(),
-                });
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(&e, u8::try_from(e.exit_code()).unwrap_or(exit::FAILURE)),
-        };
+        return resume_build(reporter, &aws, clients, d, &args.manifest, build_id).await;
     }
     let opts = bake::Options {
         on_error: args.on_error,
@@ -259,6 +237,50 @@ async fn build(
         return fail(&message, code);
     }
     finish_build(reporter, outcome)
+}
+
+/// Reports a build that failed before (or instead of) a bake: the event, and the error on
+/// stderr for a human.
+fn build_failed(reporter: &Reporter, e: &dyn std::fmt::Display, code: u8) -> ExitCode {
+    reporter.emit(Event::BuildFailed {
+        error: e.to_string(),
+        exit_code: code.into(),
+    });
+    if reporter.format() == Format::Human {
+        eprintln!("error: {e}");
+    }
+    ExitCode::from(code)
+}
+
+/// `bakery build --resume BUILD_ID`: the bake is complete; only its promotion is left.
+async fn resume_build(
+    reporter: &Reporter,
+    aws: &aws::Aws,
+    clients: &bakery::promote::Clients,
+    d: &recipe::distribute::Distribute,
+    manifest_path: &std::path::Path,
+    build_id: &str,
+) -> ExitCode {
+    let manifest = match bakery::promote::resume_manifest(aws, manifest_path, build_id).await {
+        Ok(m) => m,
+        Err(e) => {
+            let code = u8::try_from(e.exit_code()).unwrap_or(exit::FAILURE);
+            return build_failed(reporter, &e, code);
+        }
+    };
+    match bakery::promote::run(clients, &manifest, manifest_path, d, reporter).await {
+        Ok(m) => {
+            reporter.emit(Event::BuildFinished {
+                manifest: serde_json::to_value(&m).unwrap_or_default(),
+            });
+            ExitCode::SUCCESS
+        }
+        Err(e) => build_failed(
+            reporter,
+            &e,
+            u8::try_from(e.exit_code()).unwrap_or(exit::FAILURE),
+        ),
+    }
 }
 
 async fn promote(

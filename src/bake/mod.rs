@@ -215,18 +215,7 @@ pub async fn run(aws: &Aws, recipe: &Recipe, opts: &Options, reporter: &Reporter
         tail: Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new())),
         inflight: inflight.clone(),
     };
-    let mut running = unwind::CatchUnwind::new(bake.run());
-    let result = tokio::select! {
-        r = &mut running => r.unwrap_or_else(|panic| Err(BakeError::Panicked(panic))),
-        sig = signals.next() => {
-            // The running step sees the token and ends what it started (over SSM, the command:
-            // CancelCommand); the others end at once (`Bake::step`).
-            cancel.cancel();
-            let _ = tokio::time::timeout(CANCEL_GRACE, &mut running).await;
-            Err(BakeError::Interrupted(sig))
-        }
-    };
-    drop(running);
+    let result = bake_until_signal(&bake, &cancel, &mut signals).await;
     let redactor = redactor.get();
     if let Err(e) = &result {
         reporter.emit(Event::BuildFailed {
@@ -236,30 +225,13 @@ pub async fn run(aws: &Aws, recipe: &Recipe, opts: &Options, reporter: &Reporter
     }
     // A create call already sent when the bake was interrupted still creates its resource:
     // wait for it, so the cleanup below finds what it made.
-    let pending: Vec<_> = std::mem::take(&mut *inflight.lock().unwrap_or_else(|p| p.into_inner()));
-    if !pending.is_empty() {
-        let all = async {
-            for h in pending {
-                let _ = h.await;
-            }
-        };
-        tokio::select! {
-            _ = tokio::time::timeout(INFLIGHT_TIMEOUT, all) => {}
-            _ = signals.next() => {}
-        }
-    }
+    await_inflight(&inflight, &mut signals).await;
     let mut stack = std::mem::take(&mut *undo.lock().await);
     if result.is_ok() {
         stack.keep_images();
     }
     if result.is_err() && opts.on_error == OnError::Abort {
-        for t in stack.items() {
-            reporter.emit(Event::ResourceKept {
-                kind: t.kind().into(),
-                id: t.label(),
-                remove_with: t.removal_hint(&aws.region),
-            });
-        }
+        report_kept(aws, stack.items(), reporter);
         return Outcome {
             result,
             cleanup_failures: Vec::new(),
@@ -273,6 +245,56 @@ pub async fn run(aws: &Aws, recipe: &Recipe, opts: &Options, reporter: &Reporter
         cleanup_failures,
         left_behind,
         redactor,
+    }
+}
+
+/// Runs the bake until it ends, a panic included, or until a signal: then the bake is
+/// cancelled and given [`CANCEL_GRACE`] to end what it started.
+async fn bake_until_signal(
+    bake: &Bake<'_>,
+    cancel: &CancellationToken,
+    signals: &mut Signals,
+) -> Result<Manifest, BakeError> {
+    let mut running = unwind::CatchUnwind::new(bake.run());
+    let result = tokio::select! {
+        r = &mut running => r.unwrap_or_else(|panic| Err(BakeError::Panicked(panic))),
+        sig = signals.next() => {
+            // The running step sees the token and ends what it started (over SSM, the command:
+            // CancelCommand); the others end at once (`Bake::step`).
+            cancel.cancel();
+            let _ = tokio::time::timeout(CANCEL_GRACE, &mut running).await;
+            Err(BakeError::Interrupted(sig))
+        }
+    };
+    drop(running);
+    result
+}
+
+/// Waits (up to [`INFLIGHT_TIMEOUT`], or until another signal) for the create calls still on
+/// the wire.
+async fn await_inflight(inflight: &Inflight, signals: &mut Signals) {
+    let pending: Vec<_> = std::mem::take(&mut *inflight.lock().unwrap_or_else(|p| p.into_inner()));
+    if !pending.is_empty() {
+        let all = async {
+            for h in pending {
+                let _ = h.await;
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::timeout(INFLIGHT_TIMEOUT, all) => {}
+            _ = signals.next() => {}
+        }
+    }
+}
+
+/// Reports each of `items` as kept, with how to remove it.
+fn report_kept(aws: &Aws, items: &[Temp], reporter: &Reporter) {
+    for t in items {
+        reporter.emit(Event::ResourceKept {
+            kind: t.kind().into(),
+            id: t.label(),
+            remove_with: t.removal_hint(&aws.region),
+        });
     }
 }
 
@@ -471,118 +493,35 @@ impl Bake<'_> {
         ])
     }
 
+    /// The bake, as its sequence of steps: check, prepare, launch, connect, provision, stop,
+    /// make the image, release the temporaries, complete.
     async fn run(&self) -> Result<Manifest, BakeError> {
-        let ec2c = &self.aws.ec2;
         let recipe = self.recipe;
         let ssh = match &recipe.communicator {
             Communicator::Ssh(ssh) => Some(ssh),
             Communicator::Ssm(_) => None,
         };
-        let timestamp = {
-            let n = self.started;
-            format!(
-                "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
-                n.year(),
-                n.month() as u8,
-                n.day(),
-                n.hour(),
-                n.minute(),
-                n.second()
-            )
-        };
-        let image_name = recipe.image_name(&timestamp, &self.build_id);
+        let image_name = recipe.image_name(&self.timestamp(), &self.build_id);
 
         // Everything to check before creating anything, asked at once.
         let (source, subnet) = self
-            .step("resolve_source", async {
-                let subnet = async {
-                    match &recipe.instance.subnet {
-                        Some(id) => ec2::subnet(ec2c, id)
-                            .await?
-                            .ok_or_else(|| BakeError::SubnetNotFound(id.clone())),
-                        None => ec2::default_subnet(ec2c).await?.ok_or(BakeError::NoSubnet),
-                    }
-                };
-                let name_free = async {
-                    match ec2::image_named(ec2c, &image_name).await? {
-                        Some(existing) => Err(BakeError::ImageNameTaken {
-                            name: image_name.clone(),
-                            id: existing.id,
-                        }),
-                        None => Ok(()),
-                    }
-                };
-                let (source, subnet, ()) =
-                    tokio::try_join!(self.resolve_source(), subnet, name_free)?;
-                self.info("resolve_source", format!("{} ({})", source.id, source.name));
-                Ok((source, subnet))
-            })
+            .step("resolve_source", self.preflight(&image_name))
             .await?;
         if !recipe.references.is_empty() {
-            self.step("resolve_references", async {
-                let (values, redactor) =
-                    crate::aws::references::resolve(self.aws, &recipe.references).await?;
-                self.redactor.set(redactor);
-                let n = values.len();
-                let _ = self.resolved.set(values);
-                self.info(
-                    "resolve_references",
-                    format!(
-                        "{n} reference(s) resolved; secret values are redacted from all output"
-                    ),
-                );
-                Ok(())
-            })
-            .await?;
+            self.step("resolve_references", self.resolve_references())
+                .await?;
         }
 
         let name = format!("bakery-{}", self.build_id);
         let (key, group) = self
-            .step("prepare", async {
-                let key = async {
-                    match ssh {
-                        Some(_) => self.make_key_pair(&name).await.map(Some),
-                        None => Ok(None),
-                    }
-                };
-                tokio::try_join!(key, self.make_security_group(&name, &subnet, ssh))
-            })
+            .step("prepare", self.prepare(&name, &subnet, ssh))
             .await?;
 
         let instance_id = self
-            .step("launch", async {
-                self.undo.lock().await.push(Temp::Instances {
-                    build_id: self.build_id.clone(),
-                });
-                let mut groups = recipe.instance.security_groups.clone();
-                groups.extend(group);
-                let spec = ec2::LaunchSpec {
-                    image_id: source.id.clone(),
-                    instance_type: recipe.instance.instance_type.clone(),
-                    subnet_id: subnet.id.clone(),
-                    security_group_ids: groups,
-                    key_name: key.as_ref().map(|_| name.clone()),
-                    instance_profile: recipe.instance.instance_profile.clone(),
-                    associate_public_ip: recipe.instance.associate_public_ip,
-                    root_device_name: source.root_device_name.clone(),
-                    root_volume: recipe.instance.root_volume.clone(),
-                    client_token: self.build_id.clone(),
-                    tags: {
-                        let mut t = self.temporary_tags(&name);
-                        t.insert(
-                            bakery_core::marks::IMAGE_NAME_TAG.into(),
-                            image_name.clone(),
-                        );
-                        t
-                    },
-                };
-                let client = ec2c.clone();
-                let id = self
-                    .shielded(async move { ec2::run_instance(&client, &spec).await })
-                    .await?;
-                self.created("instance", &id);
-                Ok(id)
-            })
+            .step(
+                "launch",
+                self.launch(&name, &image_name, &source, &subnet, key.as_ref(), group),
+            )
             .await?;
 
         let instance = self
@@ -592,82 +531,247 @@ impl Bake<'_> {
         // here, before either provisions. It looks once its launch second is over, so two bakes
         // launched in one second see each other (`marks::name_check_wait_ms`), and it looks
         // while the bake connects, which takes longer: the wait costs a bake nothing.
-        let name_check = async {
-            let now_ms =
-                i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
-                    .unwrap_or(i64::MAX);
-            let wait = bakery_core::marks::name_check_wait_ms(instance.launched, now_ms);
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_millis(wait)) => {}
-                () = self.cancel.cancelled() => return Err(BakeError::Cancelled),
+        let name_check = self.check_name(&instance, &instance_id, &image_name);
+        let connect = self.open_session(&instance, &instance_id, ssh, key.as_ref());
+        let (session, ()) = tokio::try_join!(connect, name_check)?;
+        let connect_timeout = ssh
+            .map(|s| s.connect_timeout)
+            .unwrap_or(DEFAULT_RECONNECT_TIMEOUT);
+        self.provision_all(session, connect_timeout).await?;
+
+        if !recipe.image.no_reboot {
+            self.step("stop", self.stop(&instance_id)).await?;
+        }
+
+        let image = self
+            .step(
+                "create_image",
+                self.make_image(&instance_id, &image_name, &source),
+            )
+            .await?;
+
+        // Release the temporaries now, as a timed step; `run` releases whatever is left. The
+        // image stays on the undo stack until the bake is complete.
+        self.step("cleanup_temporaries", self.release_temporaries())
+            .await?;
+
+        self.complete(&source, &image).await
+    }
+
+    /// The `{{timestamp}}` of the image name: when the bake started, in UTC.
+    fn timestamp(&self) -> String {
+        let n = self.started;
+        format!(
+            "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+            n.year(),
+            n.month() as u8,
+            n.day(),
+            n.hour(),
+            n.minute(),
+            n.second()
+        )
+    }
+
+    /// The `resolve_source` step: the source image, the subnet, and that the image name is
+    /// free, asked at once.
+    async fn preflight(
+        &self,
+        image_name: &str,
+    ) -> Result<(ec2::ImageInfo, ec2::SubnetInfo), BakeError> {
+        let ec2c = &self.aws.ec2;
+        let recipe = self.recipe;
+        let subnet = async {
+            match &recipe.instance.subnet {
+                Some(id) => ec2::subnet(ec2c, id)
+                    .await?
+                    .ok_or_else(|| BakeError::SubnetNotFound(id.clone())),
+                None => ec2::default_subnet(ec2c).await?.ok_or(BakeError::NoSubnet),
             }
-            let others =
-                ec2::instances_tagged(ec2c, bakery_core::marks::IMAGE_NAME_TAG, &image_name)
-                    .await?;
-            // Only bakes that started about now: an older instance of the name is a bake that
-            // would already have made its image, or a leftover for `gc`.
-            let recent = OffsetDateTime::now_utc().unix_timestamp() - NAME_RACE_WINDOW_S;
-            let mine = others
-                .iter()
-                .find(|i| i.id == instance_id)
-                .map(|i| i.launched)
-                .unwrap_or(i64::MAX);
-            let ids = others
-                .iter()
-                .filter(|i| i.launched >= recent && i.state != "stopped")
-                .filter_map(|i| Some((i.launched, i.build_id.as_deref()?)));
-            match bakery_core::marks::yield_name_to((mine, &self.build_id), ids) {
-                Some(other) => Err(BakeError::ImageNameContended {
-                    name: image_name.clone(),
-                    other: other.to_string(),
+        };
+        let name_free = async {
+            match ec2::image_named(ec2c, image_name).await? {
+                Some(existing) => Err(BakeError::ImageNameTaken {
+                    name: image_name.to_string(),
+                    id: existing.id,
                 }),
                 None => Ok(()),
             }
         };
-        let connect = async {
-            Ok::<_, BakeError>(match (ssh, &key) {
-                (Some(ssh), Some(key)) => {
-                    let host = match &ssh.host {
-                        Some(h) => h.clone(),
-                        None => address(&instance, ssh.interface)?,
-                    };
-                    self.info("wait_running", format!("{instance_id} at {host}"));
-                    let target = SshTarget {
-                        host,
-                        port: ssh.port,
-                        user: ssh.user.clone(),
-                        public_key: key.public_openssh.clone(),
-                        private_key: key.private_openssh.clone(),
-                    };
-                    Session::Ssh(
-                        self.step(
-                            "connect",
-                            self.connect(&instance_id, target, ssh.connect_timeout),
-                        )
-                        .await?,
-                    )
-                }
-                _ => {
-                    let Communicator::Ssm(spec) = &recipe.communicator else {
-                        unreachable!("an SSH recipe always has a key")
-                    };
-                    let s = SsmSession::new(
-                        self.aws.ssm.clone(),
-                        instance_id.clone(),
-                        self.resolved.get(),
-                    );
-                    self.step("connect", self.wait_agent(&s, spec.agent_timeout))
-                        .await?;
-                    Session::Ssm(s)
-                }
-            })
-        };
-        let (mut session, ()) = tokio::try_join!(connect, name_check)?;
-        let connect_timeout = ssh
-            .map(|s| s.connect_timeout)
-            .unwrap_or(DEFAULT_RECONNECT_TIMEOUT);
+        let (source, subnet, ()) = tokio::try_join!(self.resolve_source(), subnet, name_free)?;
+        self.info("resolve_source", format!("{} ({})", source.id, source.name));
+        Ok((source, subnet))
+    }
 
-        for (i, p) in recipe.provisioners.iter().enumerate() {
+    /// The `resolve_references` step: the recipe's `secret:` / `rds:` references, and the
+    /// redactor for their secret values.
+    async fn resolve_references(&self) -> Result<(), BakeError> {
+        let (values, redactor) =
+            crate::aws::references::resolve(self.aws, &self.recipe.references).await?;
+        self.redactor.set(redactor);
+        let n = values.len();
+        let _ = self.resolved.set(values);
+        self.info(
+            "resolve_references",
+            format!("{n} reference(s) resolved; secret values are redacted from all output"),
+        );
+        Ok(())
+    }
+
+    /// The `prepare` step: the key pair (SSH only) and the security group, made at once.
+    async fn prepare(
+        &self,
+        name: &str,
+        subnet: &ec2::SubnetInfo,
+        ssh: Option<&crate::recipe::SshSpec>,
+    ) -> Result<(Option<keys::KeyPair>, Option<String>), BakeError> {
+        let key = async {
+            match ssh {
+                Some(_) => self.make_key_pair(name).await.map(Some),
+                None => Ok(None),
+            }
+        };
+        tokio::try_join!(key, self.make_security_group(name, subnet, ssh))
+    }
+
+    /// The `launch` step: the build instance, recorded on the undo stack first.
+    async fn launch(
+        &self,
+        name: &str,
+        image_name: &str,
+        source: &ec2::ImageInfo,
+        subnet: &ec2::SubnetInfo,
+        key: Option<&keys::KeyPair>,
+        group: Option<String>,
+    ) -> Result<String, BakeError> {
+        let recipe = self.recipe;
+        self.undo.lock().await.push(Temp::Instances {
+            build_id: self.build_id.clone(),
+        });
+        let mut groups = recipe.instance.security_groups.clone();
+        groups.extend(group);
+        let spec = ec2::LaunchSpec {
+            image_id: source.id.clone(),
+            instance_type: recipe.instance.instance_type.clone(),
+            subnet_id: subnet.id.clone(),
+            security_group_ids: groups,
+            key_name: key.map(|_| name.to_string()),
+            instance_profile: recipe.instance.instance_profile.clone(),
+            associate_public_ip: recipe.instance.associate_public_ip,
+            root_device_name: source.root_device_name.clone(),
+            root_volume: recipe.instance.root_volume.clone(),
+            client_token: self.build_id.clone(),
+            tags: {
+                let mut t = self.temporary_tags(name);
+                t.insert(
+                    bakery_core::marks::IMAGE_NAME_TAG.into(),
+                    image_name.to_string(),
+                );
+                t
+            },
+        };
+        let client = self.aws.ec2.clone();
+        let id = self
+            .shielded(async move { ec2::run_instance(&client, &spec).await })
+            .await?;
+        self.created("instance", &id);
+        Ok(id)
+    }
+
+    /// Yields the image name to an earlier bake of the same name that launched about now
+    /// ([`BakeError::ImageNameContended`]).
+    async fn check_name(
+        &self,
+        instance: &ec2::InstanceInfo,
+        instance_id: &str,
+        image_name: &str,
+    ) -> Result<(), BakeError> {
+        let now_ms = i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+            .unwrap_or(i64::MAX);
+        let wait = bakery_core::marks::name_check_wait_ms(instance.launched, now_ms);
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(wait)) => {}
+            () = self.cancel.cancelled() => return Err(BakeError::Cancelled),
+        }
+        let others = ec2::instances_tagged(
+            &self.aws.ec2,
+            bakery_core::marks::IMAGE_NAME_TAG,
+            image_name,
+        )
+        .await?;
+        // Only bakes that started about now: an older instance of the name is a bake that
+        // would already have made its image, or a leftover for `gc`.
+        let recent = OffsetDateTime::now_utc().unix_timestamp() - NAME_RACE_WINDOW_S;
+        let mine = others
+            .iter()
+            .find(|i| i.id == instance_id)
+            .map(|i| i.launched)
+            .unwrap_or(i64::MAX);
+        let ids = others
+            .iter()
+            .filter(|i| i.launched >= recent && i.state != "stopped")
+            .filter_map(|i| Some((i.launched, i.build_id.as_deref()?)));
+        match bakery_core::marks::yield_name_to((mine, &self.build_id), ids) {
+            Some(other) => Err(BakeError::ImageNameContended {
+                name: image_name.to_string(),
+                other: other.to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The `connect` step: an SSH session with a verified host key, or the SSM agent online.
+    async fn open_session(
+        &self,
+        instance: &ec2::InstanceInfo,
+        instance_id: &str,
+        ssh: Option<&crate::recipe::SshSpec>,
+        key: Option<&keys::KeyPair>,
+    ) -> Result<Session, BakeError> {
+        Ok(match (ssh, key) {
+            (Some(ssh), Some(key)) => {
+                let host = match &ssh.host {
+                    Some(h) => h.clone(),
+                    None => address(instance, ssh.interface)?,
+                };
+                self.info("wait_running", format!("{instance_id} at {host}"));
+                let target = SshTarget {
+                    host,
+                    port: ssh.port,
+                    user: ssh.user.clone(),
+                    public_key: key.public_openssh.clone(),
+                    private_key: key.private_openssh.clone(),
+                };
+                Session::Ssh(
+                    self.step(
+                        "connect",
+                        self.connect(instance_id, target, ssh.connect_timeout),
+                    )
+                    .await?,
+                )
+            }
+            _ => {
+                let Communicator::Ssm(spec) = &self.recipe.communicator else {
+                    unreachable!("an SSH recipe always has a key")
+                };
+                let s = SsmSession::new(
+                    self.aws.ssm.clone(),
+                    instance_id.to_string(),
+                    self.resolved.get(),
+                );
+                self.step("connect", self.wait_agent(&s, spec.agent_timeout))
+                    .await?;
+                Session::Ssm(s)
+            }
+        })
+    }
+
+    /// Runs the recipe's provisioners in order, each a step; the session ends with them.
+    async fn provision_all(
+        &self,
+        mut session: Session,
+        connect_timeout: Duration,
+    ) -> Result<(), BakeError> {
+        for (i, p) in self.recipe.provisioners.iter().enumerate() {
             let label = p.label(i);
             session = self
                 .step_watching_cancel(
@@ -677,77 +781,91 @@ impl Bake<'_> {
                 .await?;
         }
         drop(session);
+        Ok(())
+    }
 
-        if !recipe.image.no_reboot {
-            self.step("stop", async {
-                wait::persist(|| ec2::stop_instance(ec2c, &instance_id)).await?;
-                self.wait_state(&instance_id, "stopped", STOP_TIMEOUT).await
+    /// The `stop` step: stops the build instance and waits until it is stopped.
+    async fn stop(&self, instance_id: &str) -> Result<(), BakeError> {
+        wait::persist(|| ec2::stop_instance(&self.aws.ec2, instance_id)).await?;
+        self.wait_state(instance_id, "stopped", STOP_TIMEOUT).await
+    }
+
+    /// The `create_image` step: the image (recorded on the undo stack first), waited for until
+    /// available, announced to `image_ready`, and its snapshots tagged.
+    async fn make_image(
+        &self,
+        instance_id: &str,
+        image_name: &str,
+        source: &ec2::ImageInfo,
+    ) -> Result<ec2::ImageInfo, BakeError> {
+        let ec2c = &self.aws.ec2;
+        let recipe = self.recipe;
+        self.undo.lock().await.push(Temp::Images {
+            build_id: self.build_id.clone(),
+        });
+        let mut tags = recipe.image.tags.clone();
+        tags.insert(BUILD_ID_TAG.into(), self.build_id.clone());
+        tags.insert(bakery_core::marks::SOURCE_AMI_TAG.into(), source.id.clone());
+        // Until the bake completes, gc knows the image's bake by its process.
+        tags.insert(OWNER_TAG.into(), crate::host::owner());
+        tags.insert(
+            bakery_core::marks::RECIPE_SHA_TAG.into(),
+            recipe.sha256.clone(),
+        );
+        // Asked again after an outage: a repeat meets its own image (`or_own`).
+        let id = wait::persist(|| {
+            let (client, instance, name) = (
+                ec2c.clone(),
+                instance_id.to_string(),
+                image_name.to_string(),
+            );
+            let (description, tags) = (recipe.image.description.clone(), tags.clone());
+            self.shielded(async move {
+                // Already stopped unless the recipe asked not to reboot.
+                ec2::create_image(
+                    &client,
+                    &instance,
+                    &name,
+                    description.as_deref(),
+                    true,
+                    &tags,
+                )
+                .await
             })
-            .await?;
-        }
-
-        let image = self
-            .step("create_image", async {
-                self.undo.lock().await.push(Temp::Images {
-                    build_id: self.build_id.clone(),
-                });
-                let mut tags = recipe.image.tags.clone();
-                tags.insert(BUILD_ID_TAG.into(), self.build_id.clone());
-                tags.insert(bakery_core::marks::SOURCE_AMI_TAG.into(), source.id.clone());
-                // Until the bake completes, gc knows the image's bake by its process.
-                tags.insert(OWNER_TAG.into(), crate::host::owner());
-                tags.insert(
-                    bakery_core::marks::RECIPE_SHA_TAG.into(),
-                    recipe.sha256.clone(),
-                );
-                // Asked again after an outage: a repeat meets its own image (`or_own`).
-                let id = wait::persist(|| {
-                    let (client, instance, name) =
-                        (ec2c.clone(), instance_id.clone(), image_name.clone());
-                    let (description, tags) = (recipe.image.description.clone(), tags.clone());
-                    self.shielded(async move {
-                        // Already stopped unless the recipe asked not to reboot.
-                        ec2::create_image(
-                            &client,
-                            &instance,
-                            &name,
-                            description.as_deref(),
-                            true,
-                            &tags,
-                        )
-                        .await
-                    })
-                })
-                .await?;
-                self.created("image", &id);
-                let image = self.wait_image(&id, recipe.image.timeout).await?;
-                if let Some(ready) = &self.opts.image_ready {
-                    let _ =
-                        ready.send((self.build_id.clone(), image.id.clone(), image.name.clone()));
-                }
-                let mut snap_tags = recipe.image.snapshot_tags.clone();
-                snap_tags.insert(BUILD_ID_TAG.into(), self.build_id.clone());
-                snap_tags.insert(bakery_core::marks::IMAGE_TAG.into(), id.clone());
-                wait::persist(|| ec2::create_tags(ec2c, &image.snapshot_ids, &snap_tags)).await?;
-                Ok(image)
-            })
-            .await?;
-
-        // Release the temporaries now, as a timed step; `run` releases whatever is left. The
-        // image stays on the undo stack until the bake is complete.
-        self.step("cleanup_temporaries", async {
-            loop {
-                // Look, release, then forget: interrupted mid-release, the record is still on
-                // the stack for the final cleanup.
-                let next = self.undo.lock().await.last_temporary().cloned();
-                let Some(t) = next else { break };
-                undo::release(ec2c, &t, self.reporter).await?;
-                self.undo.lock().await.forget(&t);
-            }
-            Ok(())
         })
         .await?;
+        self.created("image", &id);
+        let image = self.wait_image(&id, recipe.image.timeout).await?;
+        if let Some(ready) = &self.opts.image_ready {
+            let _ = ready.send((self.build_id.clone(), image.id.clone(), image.name.clone()));
+        }
+        let mut snap_tags = recipe.image.snapshot_tags.clone();
+        snap_tags.insert(BUILD_ID_TAG.into(), self.build_id.clone());
+        snap_tags.insert(bakery_core::marks::IMAGE_TAG.into(), id.clone());
+        wait::persist(|| ec2::create_tags(ec2c, &image.snapshot_ids, &snap_tags)).await?;
+        Ok(image)
+    }
 
+    /// The `cleanup_temporaries` step: releases every temporary but the image, newest first.
+    async fn release_temporaries(&self) -> Result<(), BakeError> {
+        loop {
+            // Look, release, then forget: interrupted mid-release, the record is still on
+            // the stack for the final cleanup.
+            let next = self.undo.lock().await.last_temporary().cloned();
+            let Some(t) = next else { break };
+            undo::release(&self.aws.ec2, &t, self.reporter).await?;
+            self.undo.lock().await.forget(&t);
+        }
+        Ok(())
+    }
+
+    /// Writes the manifest, then marks the image complete: only now is it a product.
+    async fn complete(
+        &self,
+        source: &ec2::ImageInfo,
+        image: &ec2::ImageInfo,
+    ) -> Result<Manifest, BakeError> {
+        let recipe = self.recipe;
         let finished = OffsetDateTime::now_utc();
         let manifest = Manifest {
             bakery_version: env!("CARGO_PKG_VERSION").into(),
@@ -775,9 +893,10 @@ impl Bake<'_> {
         }
         // Only now is the image a product: `bakery gc` collects build images without this tag.
         let complete = BTreeMap::from([(COMPLETE_TAG.to_string(), "true".to_string())]);
-        if let Err(e) =
-            wait::persist(|| ec2::create_tags(ec2c, std::slice::from_ref(&image.id), &complete))
-                .await
+        if let Err(e) = wait::persist(|| {
+            ec2::create_tags(&self.aws.ec2, std::slice::from_ref(&image.id), &complete)
+        })
+        .await
         {
             if let Some(path) = &self.opts.manifest_path {
                 let _ = std::fs::remove_file(path);
@@ -1206,15 +1325,7 @@ impl Bake<'_> {
         if !s.pause_before.is_zero() {
             tokio::time::sleep(s.pause_before).await;
         }
-        let script = match &s.body {
-            ShellBody::Inline(lines) => format!("#!/bin/sh -e\n{}\n", lines.join("\n")),
-            ShellBody::Script(path) => {
-                std::fs::read_to_string(path).map_err(|e| BakeError::ProvisionerError {
-                    label: label.into(),
-                    source: CommError::Transfer(format!("{}: {e}", path.display())),
-                })?
-            }
-        };
+        let script = script_of(s, label)?;
         let remote = format!(
             "/tmp/bakery-{}-{}.sh",
             self.build_id,
@@ -1224,27 +1335,14 @@ impl Bake<'_> {
             label: label.into(),
             source,
         };
-        let mut env = BTreeMap::new();
-        for (k, v) in &s.env {
-            env.insert(k.clone(), self.render(v)?);
-        }
+        let env = self.render_env(s)?;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (sink, state) = self.sink(label);
-            let outcome = session
-                .run_script(
-                    &script,
-                    &env,
-                    s.sudo,
-                    &remote,
-                    s.timeout,
-                    &self.cancel,
-                    sink,
-                )
-                .await;
-            self.flush(label, &state);
-            match outcome {
+            match self
+                .run_once(&session, s, &script, &env, &remote, label)
+                .await
+            {
                 Ok(o) if o.success() => return Ok(session),
                 Err(CommError::Disconnected(why)) if s.expect_disconnect => {
                     self.info(
@@ -1287,6 +1385,33 @@ impl Bake<'_> {
                 Err(e) => return Err(perr(e)),
             }
         }
+    }
+
+    /// One run of a shell provisioner's script, its output shown as it comes.
+    async fn run_once(
+        &self,
+        session: &Session,
+        s: &ShellProvisioner,
+        script: &str,
+        env: &BTreeMap<String, String>,
+        remote: &str,
+        label: &str,
+    ) -> Result<crate::comm::ExecOutcome, CommError> {
+        let (sink, state) = self.sink(label);
+        let outcome = session
+            .run_script(script, env, s.sudo, remote, s.timeout, &self.cancel, sink)
+            .await;
+        self.flush(label, &state);
+        outcome
+    }
+
+    /// The provisioner's environment, its values rendered with the bake's references.
+    fn render_env(&self, s: &ShellProvisioner) -> Result<BTreeMap<String, String>, BakeError> {
+        let mut env = BTreeMap::new();
+        for (k, v) in &s.env {
+            env.insert(k.clone(), self.render(v)?);
+        }
+        Ok(env)
     }
 
     async fn reconnect(&self, old: &Session, timeout: Duration) -> Result<Session, BakeError> {
@@ -1339,6 +1464,19 @@ fn emit_line(
         }
         t.push_back(line.to_string());
     }
+}
+
+/// The script a shell provisioner runs: its inline lines under `#!/bin/sh -e`, or its file.
+fn script_of(s: &ShellProvisioner, label: &str) -> Result<String, BakeError> {
+    Ok(match &s.body {
+        ShellBody::Inline(lines) => format!("#!/bin/sh -e\n{}\n", lines.join("\n")),
+        ShellBody::Script(path) => {
+            std::fs::read_to_string(path).map_err(|e| BakeError::ProvisionerError {
+                label: label.into(),
+                source: CommError::Transfer(format!("{}: {e}", path.display())),
+            })?
+        }
+    })
 }
 
 fn status_text(o: &crate::comm::ExecOutcome) -> String {

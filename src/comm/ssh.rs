@@ -319,6 +319,8 @@ fn mkdir_parents(sftp: &ssh2::Sftp, remote: &Path) {
     }
 }
 
+/// Runs `command` on a channel of its own, `stdin` sent first, its output streamed to `sink`
+/// until it ends, is cancelled or runs out of `timeout`.
 fn exec_blocking(
     session: &Session,
     command: &str,
@@ -330,64 +332,9 @@ fn exec_blocking(
     if cancel.is_cancelled() {
         return Err(CommError::Cancelled);
     }
-    session.set_blocking(true);
-    let mut channel = session
-        .channel_session()
-        .map_err(|e| CommError::Disconnected(format!("cannot open a channel: {e}")))?;
-    channel
-        .exec(command)
-        .map_err(|e| CommError::Disconnected(format!("cannot start the command: {e}")))?;
-    channel
-        .write_all(stdin.as_bytes())
-        .and_then(|()| channel.send_eof().map_err(std::io::Error::from))
-        .map_err(|e| CommError::Disconnected(format!("cannot send the environment: {e}")))?;
+    let mut channel = start_command(session, command, stdin)?;
     session.set_blocking(false);
-    let started = Instant::now();
-    let mut buf = [0u8; 16 * 1024];
-    let mut next_keepalive = Instant::now() + Duration::from_secs(KEEPALIVE_INTERVAL_S.into());
-    let result = loop {
-        if cancel.is_cancelled() {
-            break Err(CommError::Cancelled);
-        }
-        if started.elapsed() > timeout {
-            break Err(CommError::Timeout(timeout));
-        }
-        let mut progressed = false;
-        match channel.read(&mut buf) {
-            Ok(0) => {}
-            Ok(n) => {
-                sink(Stream::Stdout, &buf[..n]);
-                progressed = true;
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-            Err(e) => break Err(CommError::Disconnected(e.to_string())),
-        }
-        match channel.stderr().read(&mut buf) {
-            Ok(0) => {}
-            Ok(n) => {
-                sink(Stream::Stderr, &buf[..n]);
-                progressed = true;
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-            Err(e) => break Err(CommError::Disconnected(e.to_string())),
-        }
-        if channel.eof() && !progressed {
-            break Ok(());
-        }
-        if Instant::now() >= next_keepalive {
-            match session.keepalive_send() {
-                Ok(secs) => {
-                    next_keepalive = Instant::now() + Duration::from_secs(secs.max(1).into())
-                }
-                Err(e) if e.code() == ssh2::ErrorCode::Session(-37) => {} // EAGAIN
-                Err(e) => break Err(CommError::Disconnected(format!("keepalive: {e}"))),
-            }
-        }
-        if !progressed {
-            // A blocking thread of its own: a short OS sleep here does not stall the runtime.
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
+    let result = pump_output(session, &mut channel, timeout, cancel, sink);
     if let Err(e) = result {
         // Still non-blocking: ask the server to close and return now. A blocking close waits
         // for the server's own close, which does not come while the command runs (twice the
@@ -410,6 +357,84 @@ fn exec_blocking(
         exit_status: if signal.is_some() { None } else { Some(status) },
         signal,
     })
+}
+
+/// Opens a channel, starts `command` on it and sends it `stdin` and the end of input.
+fn start_command(
+    session: &Session,
+    command: &str,
+    stdin: &str,
+) -> Result<ssh2::Channel, CommError> {
+    session.set_blocking(true);
+    let mut channel = session
+        .channel_session()
+        .map_err(|e| CommError::Disconnected(format!("cannot open a channel: {e}")))?;
+    channel
+        .exec(command)
+        .map_err(|e| CommError::Disconnected(format!("cannot start the command: {e}")))?;
+    channel
+        .write_all(stdin.as_bytes())
+        .and_then(|()| channel.send_eof().map_err(std::io::Error::from))
+        .map_err(|e| CommError::Disconnected(format!("cannot send the environment: {e}")))?;
+    Ok(channel)
+}
+
+/// Reads stdout and stderr alongside (non-blocking) into `sink` until the command's output
+/// ends, sending keepalives on the way; stops early when cancelled or out of `timeout`.
+fn pump_output(
+    session: &Session,
+    channel: &mut ssh2::Channel,
+    timeout: Duration,
+    cancel: &CancellationToken,
+    sink: &LineSink,
+) -> Result<(), CommError> {
+    let started = Instant::now();
+    let mut buf = [0u8; 16 * 1024];
+    let mut next_keepalive = Instant::now() + Duration::from_secs(KEEPALIVE_INTERVAL_S.into());
+    loop {
+        if cancel.is_cancelled() {
+            return Err(CommError::Cancelled);
+        }
+        if started.elapsed() > timeout {
+            return Err(CommError::Timeout(timeout));
+        }
+        let mut progressed = read_some(channel, Stream::Stdout, &mut buf, sink)?;
+        progressed |= read_some(&mut channel.stderr(), Stream::Stderr, &mut buf, sink)?;
+        if channel.eof() && !progressed {
+            return Ok(());
+        }
+        if Instant::now() >= next_keepalive {
+            match session.keepalive_send() {
+                Ok(secs) => {
+                    next_keepalive = Instant::now() + Duration::from_secs(secs.max(1).into())
+                }
+                Err(e) if e.code() == ssh2::ErrorCode::Session(-37) => {} // EAGAIN
+                Err(e) => return Err(CommError::Disconnected(format!("keepalive: {e}"))),
+            }
+        }
+        if !progressed {
+            // A blocking thread of its own: a short OS sleep here does not stall the runtime.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Passes what `from` has ready to `sink` as `stream`; true if there was anything.
+fn read_some(
+    from: &mut impl Read,
+    stream: Stream,
+    buf: &mut [u8],
+    sink: &LineSink,
+) -> Result<bool, CommError> {
+    match from.read(buf) {
+        Ok(0) => Ok(false),
+        Ok(n) => {
+            sink(stream, &buf[..n]);
+            Ok(true)
+        }
+        Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(CommError::Disconnected(e.to_string())),
+    }
 }
 
 /// The command that receives a script ahead of its environment on stdin and runs it: the first

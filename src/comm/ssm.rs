@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use aws_sdk_ssm::operation::get_command_invocation::GetCommandInvocationOutput;
 use aws_sdk_ssm::types::InstanceInformationStringFilter;
 use aws_sdk_ssm::Client;
 use bakery_core::recipe::Upload;
@@ -54,6 +55,55 @@ const COMMAND_POLL: Poll = Poll {
     max: Duration::from_secs(2),
     ratio: 0.05,
 };
+
+/// How much of each output stream of a command was passed on.
+struct Shown {
+    /// Bytes passed on, per stream (stdout, stderr).
+    bytes: [usize; 2],
+    /// Whether each stream's last byte passed on was a newline (for the note on a cut).
+    at_line_start: [bool; 2],
+}
+
+impl Shown {
+    fn new() -> Self {
+        Shown {
+            bytes: [0; 2],
+            at_line_start: [true; 2],
+        }
+    }
+
+    /// Passes on to `sink` what each stream printed since the last poll; once `done`, notes
+    /// a stream that SSM cut at [`INLINE_OUTPUT_LIMIT`].
+    fn pass_on(&mut self, inv: &GetCommandInvocationOutput, done: bool, sink: &LineSink) {
+        for (i, (stream, text)) in [
+            (
+                Stream::Stdout,
+                inv.standard_output_content().unwrap_or_default(),
+            ),
+            (
+                Stream::Stderr,
+                inv.standard_error_content().unwrap_or_default(),
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if text.len() > self.bytes[i] && text.is_char_boundary(self.bytes[i]) {
+                let new = &text.as_bytes()[self.bytes[i]..];
+                sink(stream, new);
+                self.at_line_start[i] = new.ends_with(b"\n");
+                self.bytes[i] = text.len();
+            }
+            if done && text.chars().count() >= INLINE_OUTPUT_LIMIT {
+                let note = format!(
+                    "{}[bakery: SSM keeps only the first {INLINE_OUTPUT_LIMIT} characters of this stream; the rest is not shown]\n",
+                    if self.at_line_start[i] { "" } else { "\n" }
+                );
+                sink(stream, note.as_bytes());
+            }
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct SsmSession {
@@ -182,26 +232,13 @@ impl SsmSession {
         let lines: Vec<String> = command.lines().map(str::to_string).collect();
         let command_id = self.send(lines, timeout).await?;
         let started = Instant::now();
-        let mut shown = [0usize; 2];
-        // Whether each stream's last byte passed on was a newline (for the note on a cut).
-        let mut at_line_start = [true; 2];
+        let mut shown = Shown::new();
         // The script runs on the instance whether or not SSM answers us: a throttling storm
         // longer than one call's retries is ridden out, a longer outage ends the run.
         let mut outage = Tolerance::new(OUTAGE_LIMIT);
         loop {
-            let get = async {
-                tokio::time::sleep(COMMAND_POLL.next_interval(started.elapsed())).await;
-                call("ssm:GetCommandInvocation", &command_id, || {
-                    self.ssm
-                        .get_command_invocation()
-                        .command_id(&command_id)
-                        .instance_id(&self.instance_id)
-                        .send()
-                })
-                .await
-            };
             let got = tokio::select! {
-                r = get => r,
+                r = self.poll_invocation(&command_id, started) => r,
                 () = cancel.cancelled() => {
                     self.cancel_command(&command_id).await;
                     return Err(CommError::Cancelled);
@@ -232,56 +269,58 @@ impl SsmSession {
                 .map(|s| s.as_str().to_string())
                 .unwrap_or_default();
             let done = !matches!(status.as_str(), "Pending" | "InProgress" | "Delayed" | "");
-            for (i, (stream, text)) in [
-                (
-                    Stream::Stdout,
-                    inv.standard_output_content().unwrap_or_default(),
-                ),
-                (
-                    Stream::Stderr,
-                    inv.standard_error_content().unwrap_or_default(),
-                ),
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                if text.len() > shown[i] && text.is_char_boundary(shown[i]) {
-                    let new = &text.as_bytes()[shown[i]..];
-                    sink(stream, new);
-                    at_line_start[i] = new.ends_with(b"\n");
-                    shown[i] = text.len();
-                }
-                if done && text.chars().count() >= INLINE_OUTPUT_LIMIT {
-                    let note = format!(
-                        "{}[bakery: SSM keeps only the first {INLINE_OUTPUT_LIMIT} characters of this stream; the rest is not shown]\n",
-                        if at_line_start[i] { "" } else { "\n" }
-                    );
-                    sink(stream, note.as_bytes());
-                }
-            }
+            shown.pass_on(&inv, done, &sink);
             if !done {
                 continue;
             }
-            let code = inv.response_code();
-            return match status.as_str() {
-                "Success" => Ok(ExecOutcome {
-                    exit_status: Some(0),
-                    signal: None,
-                }),
-                "Failed" => Ok(ExecOutcome {
-                    exit_status: Some(code),
-                    signal: None,
-                }),
-                "TimedOut" | "ExecutionTimedOut" => Err(CommError::Timeout(timeout)),
-                "Cancelled" | "Cancelling" => Err(CommError::Cancelled),
-                other => Err(CommError::Disconnected(format!(
-                    "SSM command {command_id} on {} ended {other}{}",
-                    self.instance_id,
-                    inv.status_details()
-                        .map(|d| format!(" ({d})"))
-                        .unwrap_or_default()
-                ))),
-            };
+            return self.outcome(&inv, &status, timeout, &command_id);
+        }
+    }
+
+    /// Asks for the command's invocation, after the poll interval.
+    async fn poll_invocation(
+        &self,
+        command_id: &str,
+        started: Instant,
+    ) -> Result<GetCommandInvocationOutput, AwsError> {
+        tokio::time::sleep(COMMAND_POLL.next_interval(started.elapsed())).await;
+        call("ssm:GetCommandInvocation", command_id, || {
+            self.ssm
+                .get_command_invocation()
+                .command_id(command_id)
+                .instance_id(&self.instance_id)
+                .send()
+        })
+        .await
+    }
+
+    /// What a command that ended with `status` came to.
+    fn outcome(
+        &self,
+        inv: &GetCommandInvocationOutput,
+        status: &str,
+        timeout: Duration,
+        command_id: &str,
+    ) -> Result<ExecOutcome, CommError> {
+        let code = inv.response_code();
+        match status {
+            "Success" => Ok(ExecOutcome {
+                exit_status: Some(0),
+                signal: None,
+            }),
+            "Failed" => Ok(ExecOutcome {
+                exit_status: Some(code),
+                signal: None,
+            }),
+            "TimedOut" | "ExecutionTimedOut" => Err(CommError::Timeout(timeout)),
+            "Cancelled" | "Cancelling" => Err(CommError::Cancelled),
+            other => Err(CommError::Disconnected(format!(
+                "SSM command {command_id} on {} ended {other}{}",
+                self.instance_id,
+                inv.status_details()
+                    .map(|d| format!(" ({d})"))
+                    .unwrap_or_default()
+            ))),
         }
     }
 

@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use bakery_core::fleet_events::{self, Doom, Parsed, Raised, Step};
+use bakery_core::observe::GroupFacts;
 use tokio::sync::mpsc;
 
 use crate::aws::{autoscaling, sqs, Aws};
@@ -184,6 +185,7 @@ impl super::Daemon {
         out
     }
 
+    /// Takes each replacement in progress one step further ([`fleet_events::step`]).
     async fn step_dooms(&mut self, ev: &mut Events) {
         let now = super::now();
         let ids: Vec<String> = ev.dooms.keys().cloned().collect();
@@ -202,11 +204,7 @@ impl super::Daemon {
                 ev.dooms.remove(&id);
                 continue;
             };
-            let total = u32::try_from(group.members.len()).unwrap_or(u32::MAX);
-            let window = self.replaced.get(&group.name).map_or(0, Vec::len);
-            let allows = !self.frozen.contains(&group.name)
-                && u32::try_from(window).unwrap_or(u32::MAX)
-                    < self.config.max_replace.resolve(total).max(1);
+            let allows = self.may_replace(&group);
             let targets = self.healthy_targets(&group.target_groups);
             match fleet_events::step(&doom, &group, group.max, targets.as_ref(), allows) {
                 Step::Wait(_) => {}
@@ -220,53 +218,83 @@ impl super::Daemon {
                     ev.dooms.remove(&id);
                     ev.held.remove(&id);
                 }
-                Step::Raise { to } => {
-                    let call = autoscaling::set_desired(&self.aws.autoscaling, &group.name, to);
-                    match self.fenced(&group.name, call).await {
-                        Ok(()) => {
-                            tracing::info!(group = %group.name, instance = %id, desired = to, "fleet event: desired capacity raised to launch the replacement first");
-                            if let Some(d) = ev.dooms.get_mut(&id) {
-                                d.raised = Some(Raised {
-                                    desired: group.desired,
-                                    members: group.members.iter().map(|m| m.id.clone()).collect(),
-                                });
-                            }
-                            ev.held.remove(&id);
-                        }
-                        Err(e) => {
-                            tracing::warn!(group = %group.name, instance = %id, error = %e, "fleet event: could not raise the desired capacity; trying again next round")
-                        }
-                    }
-                }
+                Step::Raise { to } => self.raise_for(ev, &id, &group, to).await,
                 Step::Retire { replacement } => {
-                    let call = autoscaling::terminate_instance(&self.aws.autoscaling, &id, true);
-                    match self.fenced(&group.name, call).await {
-                        Ok(()) => {
-                            tracing::warn!(group = %group.name, instance = %id, replacement = %replacement, kind = doom.kind.as_str(), "fleet event: replacement in service; the doomed instance is retired");
-                            self.replaced
-                                .entry(group.name.clone())
-                                .or_default()
-                                .push(now);
-                            *self.replaced_total.entry(group.name.clone()).or_default() += 1;
-                            ev.dooms.remove(&id);
-                        }
-                        Err(e) => {
-                            tracing::warn!(group = %group.name, instance = %id, error = %e, "fleet event: could not retire the instance; trying again next round")
-                        }
-                    }
+                    self.retire_doomed(ev, &id, &group, &doom, &replacement, now)
+                        .await
                 }
-                Step::Lower { to } => {
-                    let call = autoscaling::set_desired(&self.aws.autoscaling, &group.name, to);
-                    match self.fenced(&group.name, call).await {
-                        Ok(()) => {
-                            tracing::info!(group = %group.name, instance = %id, desired = to, "fleet event: the instance ended first; the extra capacity is given back");
-                            ev.dooms.remove(&id);
-                        }
-                        Err(e) => {
-                            tracing::warn!(group = %group.name, instance = %id, error = %e, "fleet event: could not lower the desired capacity; trying again next round")
-                        }
-                    }
+                Step::Lower { to } => self.lower_after(ev, &id, &group, to).await,
+            }
+        }
+    }
+
+    /// Whether the group's breaker and replacement window allow one more replacement.
+    fn may_replace(&self, group: &GroupFacts) -> bool {
+        let total = u32::try_from(group.members.len()).unwrap_or(u32::MAX);
+        let window = self.replaced.get(&group.name).map_or(0, Vec::len);
+        !self.frozen.contains(&group.name)
+            && u32::try_from(window).unwrap_or(u32::MAX)
+                < self.config.max_replace.resolve(total).max(1)
+    }
+
+    /// Raises the desired capacity to `to`, so the replacement of `id` launches first.
+    async fn raise_for(&self, ev: &mut Events, id: &str, group: &GroupFacts, to: u32) {
+        let call = autoscaling::set_desired(&self.aws.autoscaling, &group.name, to);
+        match self.fenced(&group.name, call).await {
+            Ok(()) => {
+                tracing::info!(group = %group.name, instance = %id, desired = to, "fleet event: desired capacity raised to launch the replacement first");
+                if let Some(d) = ev.dooms.get_mut(id) {
+                    d.raised = Some(Raised {
+                        desired: group.desired,
+                        members: group.members.iter().map(|m| m.id.clone()).collect(),
+                    });
                 }
+                ev.held.remove(id);
+            }
+            Err(e) => {
+                tracing::warn!(group = %group.name, instance = %id, error = %e, "fleet event: could not raise the desired capacity; trying again next round")
+            }
+        }
+    }
+
+    /// Retires the doomed instance `id` now that its replacement is in service, counting the
+    /// replacement in the group's window.
+    async fn retire_doomed(
+        &mut self,
+        ev: &mut Events,
+        id: &str,
+        group: &GroupFacts,
+        doom: &Doom,
+        replacement: &str,
+        now: u64,
+    ) {
+        let call = autoscaling::terminate_instance(&self.aws.autoscaling, id, true);
+        match self.fenced(&group.name, call).await {
+            Ok(()) => {
+                tracing::warn!(group = %group.name, instance = %id, replacement = %replacement, kind = doom.kind.as_str(), "fleet event: replacement in service; the doomed instance is retired");
+                self.replaced
+                    .entry(group.name.clone())
+                    .or_default()
+                    .push(now);
+                *self.replaced_total.entry(group.name.clone()).or_default() += 1;
+                ev.dooms.remove(id);
+            }
+            Err(e) => {
+                tracing::warn!(group = %group.name, instance = %id, error = %e, "fleet event: could not retire the instance; trying again next round")
+            }
+        }
+    }
+
+    /// Gives back the extra capacity (desired to `to`): the doomed instance ended first.
+    async fn lower_after(&self, ev: &mut Events, id: &str, group: &GroupFacts, to: u32) {
+        let call = autoscaling::set_desired(&self.aws.autoscaling, &group.name, to);
+        match self.fenced(&group.name, call).await {
+            Ok(()) => {
+                tracing::info!(group = %group.name, instance = %id, desired = to, "fleet event: the instance ended first; the extra capacity is given back");
+                ev.dooms.remove(id);
+            }
+            Err(e) => {
+                tracing::warn!(group = %group.name, instance = %id, error = %e, "fleet event: could not lower the desired capacity; trying again next round")
             }
         }
     }

@@ -219,24 +219,7 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
         retry_budget(config.interval),
     ));
     let aws = aws.with_policy(policy.clone());
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| DaemonError::Listen {
-            addr: config.listen.to_string(),
-            source,
-        })?;
-    let estimate = reads::from_config(&config);
-    let pace = reads::effective_interval(&estimate, config.api_rate, config.interval);
-    let metrics: metrics::Shared = Arc::new(Mutex::new(metrics::Snapshot {
-        interval: config.interval,
-        effective_interval: pace,
-        ..Default::default()
-    }));
-    let server = tokio::spawn(metrics::serve(listener, metrics.clone(), policy));
-    tracing::info!(config = %config.path.display(), listen = %config.listen, interval_s = config.interval.as_secs_f64(), groups = config.groups.len(), "daemon starting");
-    if let Some(a) = reads::advice(&estimate, config.api_rate, config.interval) {
-        tracing::warn!(advice = %a, "the API budget cannot cover a round within the interval (estimated from the configuration, one target group per group)");
-    }
+    let (metrics, pace, server) = serve_metrics(&config, policy).await?;
     let me = Lock {
         owner: crate::host::owner(),
         token: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
@@ -280,7 +263,52 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
     // the takeovers recorded under this daemon's token are handed back.
     let scoped = aws.clone();
     let outcome = tokio::spawn(async move { scoped.scope(d.run()).await }).await;
-    let (reason, handback) = match &outcome {
+    hand_back(&aws, &me, &outcome, share).await;
+    server.abort();
+    if let Err(e) = outcome {
+        if e.is_panic() {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+    Ok(())
+}
+
+/// Binds the metrics listener and serves it; returns the shared metrics, the effective
+/// interval (the configured one, or what the API budget allows) and the server's task.
+async fn serve_metrics(
+    config: &Config,
+    policy: Arc<CallPolicy>,
+) -> Result<(metrics::Shared, Duration, tokio::task::JoinHandle<()>), DaemonError> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            addr: config.listen.to_string(),
+            source,
+        })?;
+    let estimate = reads::from_config(config);
+    let pace = reads::effective_interval(&estimate, config.api_rate, config.interval);
+    let metrics: metrics::Shared = Arc::new(Mutex::new(metrics::Snapshot {
+        interval: config.interval,
+        effective_interval: pace,
+        ..Default::default()
+    }));
+    let server = tokio::spawn(metrics::serve(listener, metrics.clone(), policy));
+    tracing::info!(config = %config.path.display(), listen = %config.listen, interval_s = config.interval.as_secs_f64(), groups = config.groups.len(), "daemon starting");
+    if let Some(a) = reads::advice(&estimate, config.api_rate, config.interval) {
+        tracing::warn!(advice = %a, "the API budget cannot cover a round within the interval (estimated from the configuration, one target group per group)");
+    }
+    Ok((metrics, pace, server))
+}
+
+/// The orderly stop, however the loop ended: hands the health decisions back to the groups
+/// (this daemon's takeovers) and leaves the lease table.
+async fn hand_back(
+    aws: &Aws,
+    me: &Lock,
+    outcome: &Result<(Signal, Handback), tokio::task::JoinError>,
+    share: Option<Arc<share::Sharing>>,
+) {
+    let (reason, handback) = match outcome {
         Ok((sig, handback)) => (sig.to_string(), handback.clone()),
         Err(e) => {
             tracing::error!(error = %e, "the daemon's loop failed; handing health decisions back");
@@ -299,13 +327,6 @@ pub async fn run(aws: Aws, config: Config) -> Result<(), DaemonError> {
     if let Some(s) = &share {
         stopping.scope(s.stop(STOP_LIMIT)).await;
     }
-    server.abort();
-    if let Err(e) = outcome {
-        if e.is_panic() {
-            std::panic::resume_unwind(e.into_panic());
-        }
-    }
-    Ok(())
 }
 
 /// The takeovers a stopping daemon ends.

@@ -42,6 +42,9 @@ pub struct Figures {
     pub takeovers: u64,
 }
 
+/// A group lease taken, with the owner it was taken over from; or why it was not.
+type Taken = Result<(Keeper, Option<String>), LeaseError>;
+
 #[derive(Default)]
 struct State {
     member: Option<Keeper>,
@@ -142,20 +145,7 @@ impl Sharing {
     pub async fn refresh(&self, watched: &[String]) -> Ownership {
         let mut st = self.state.lock().await;
         let member = self.ensure_member(&mut st).await;
-        // Leases lost or run out since the last round: forgotten (the heartbeat stopped).
-        let lost: Vec<String> = st
-            .groups
-            .iter()
-            .filter(|(_, k)| k.check().is_err())
-            .map(|(g, _)| g.clone())
-            .collect();
-        for g in lost {
-            if let Some(k) = st.groups.remove(&g) {
-                let why = k.check().err().map(|l| describe_loss(&l, self.table()));
-                tracing::warn!(group = %g, now_held_by = ?why, "group lease lost: no further mutating call for this group");
-                st.retire(&k);
-            }
-        }
+        self.forget_lost(&mut st);
         let records = match self
             .store
             .scan(&membership::member_prefix(&self.region))
@@ -171,8 +161,36 @@ impl Sharing {
         let live = membership::live_members(&records, &self.me, member, wall_ms(), self.timing);
         let held: BTreeSet<String> = st.groups.keys().cloned().collect();
         let plan = membership::plan(watched, &live, &self.me, &held);
+        let mut releases = self.hand_over(&mut st, &plan.release);
+        let mut takes = self.start_takes(plan.take);
+        while let Some(Ok((g, taken))) = takes.join_next().await {
+            self.record_take(&mut st, g, taken);
+        }
+        while releases.join_next().await.is_some() {}
+        self.ownership(&st, member, live.len())
+    }
+
+    /// Forgets the leases lost or run out since the last round (the heartbeat stopped).
+    fn forget_lost(&self, st: &mut State) {
+        let lost: Vec<String> = st
+            .groups
+            .iter()
+            .filter(|(_, k)| k.check().is_err())
+            .map(|(g, _)| g.clone())
+            .collect();
+        for g in lost {
+            if let Some(k) = st.groups.remove(&g) {
+                let why = k.check().err().map(|l| describe_loss(&l, self.table()));
+                tracing::warn!(group = %g, now_held_by = ?why, "group lease lost: no further mutating call for this group");
+                st.retire(&k);
+            }
+        }
+    }
+
+    /// Starts releasing the leases of the groups assigned elsewhere now.
+    fn hand_over(&self, st: &mut State, release: &[String]) -> tokio::task::JoinSet<()> {
         let mut releases = tokio::task::JoinSet::new();
-        for g in &plan.release {
+        for g in release {
             if let Some(k) = st.groups.remove(g) {
                 st.retire(&k);
                 tracing::info!(group = %g, "handing the group over: it is assigned to another daemon now");
@@ -181,8 +199,14 @@ impl Sharing {
                 }
             }
         }
+        releases
+    }
+
+    /// Starts taking the leases of the groups assigned here; each task answers with the group,
+    /// and the lease with the owner it was taken over from (if it ran out in another's hands).
+    fn start_takes(&self, take: Vec<String>) -> tokio::task::JoinSet<(String, Taken)> {
         let mut takes = tokio::task::JoinSet::new();
-        for g in plan.take {
+        for g in take {
             let (store, me, timing) = (self.store.clone(), self.me.clone(), self.timing);
             let key = membership::group_key(&self.region, &g);
             takes.spawn(async move {
@@ -197,30 +221,31 @@ impl Sharing {
                 (g, taken)
             });
         }
-        while let Some(Ok((g, taken))) = takes.join_next().await {
-            match taken {
-                Ok((k, from)) => {
-                    match &from {
-                        Some(from) => {
-                            self.takeovers.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(group = %g, previous = %from, token = k.lease().token, "group taken over from a daemon whose lease ran out");
-                        }
-                        None => {
-                            tracing::info!(group = %g, token = k.lease().token, "group lease taken")
-                        }
+        takes
+    }
+
+    /// Records the answer of one take: the lease held now, or why not.
+    fn record_take(&self, st: &mut State, g: String, taken: Taken) {
+        match taken {
+            Ok((k, from)) => {
+                match &from {
+                    Some(from) => {
+                        self.takeovers.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(group = %g, previous = %from, token = k.lease().token, "group taken over from a daemon whose lease ran out");
                     }
-                    st.groups.insert(g, Arc::new(k));
+                    None => {
+                        tracing::info!(group = %g, token = k.lease().token, "group lease taken")
+                    }
                 }
-                Err(LeaseError::Held { holder }) => {
-                    tracing::debug!(group = %g, holder = %holder.owner, "the group is assigned here; waiting for its holder to hand it over or its lease to run out");
-                }
-                Err(e) => {
-                    tracing::warn!(group = %g, error = %e, "could not take the group's lease; trying again next round")
-                }
+                st.groups.insert(g, Arc::new(k));
+            }
+            Err(LeaseError::Held { holder }) => {
+                tracing::debug!(group = %g, holder = %holder.owner, "the group is assigned here; waiting for its holder to hand it over or its lease to run out");
+            }
+            Err(e) => {
+                tracing::warn!(group = %g, error = %e, "could not take the group's lease; trying again next round")
             }
         }
-        while releases.join_next().await.is_some() {}
-        self.ownership(&st, member, live.len())
     }
 
     fn ownership(&self, st: &State, member: bool, live: usize) -> Ownership {

@@ -226,162 +226,53 @@ async fn run_as(
     lease: Option<&Keeper>,
 ) -> Result<Summary, RolloutError> {
     let started = Instant::now();
-    let ami = match (&req.ami, req.abort) {
-        (Some(src), _) => Some(resolve_ami(aws, src).await?),
-        (None, true) => None,
-        (None, false) => {
-            return Err(RolloutError::BadInput(
-                "name the AMI: --ami, --manifest or --ami-param".into(),
-            ))
-        }
-    };
-    let group = autoscaling::describe(&aws.autoscaling, &req.group)
-        .await?
-        .ok_or_else(|| RolloutError::GroupNotFound(req.group.clone()))?;
-    let template_id = template_of(aws, &group).await?;
-    let existing: Option<RolloutState> = group.tags.get(STATE_TAG).and_then(|s| state::decode(s));
-    let progress: ProgressTag = group
-        .tags
-        .get(PROGRESS_TAG)
-        .and_then(|s| state::decode(s))
-        .unwrap_or(ProgressTag::new(Phase::Rolling, &Progress::START));
+    let ami = requested_ami(aws, req).await?;
     // Observe what the start decision needs, then decide, then act.
-    let source = match &existing {
-        Some(_) => None,
-        None if req.abort => None,
-        None => Some(source_version(aws, &group, &template_id).await?),
+    let found = find(aws, req).await?;
+    let start = start_decision(aws, req, &found, ami.as_deref()).await?;
+    let (group, progress) = (&found.group, &found.progress);
+    let me = my_lock(req, lease);
+    let driver = |st, progress| {
+        Driver::new(
+            aws,
+            req,
+            reporter,
+            group.name.clone(),
+            st,
+            progress,
+            me,
+            lease,
+        )
     };
-    // Skip matching: the group needs nothing when its version already names the AMI and every
-    // instance (and warm-pool instance) runs it from that version. Without, every run replaces.
-    let already_everywhere = match (&source, &ami) {
-        (Some(src), Some(ami))
-            if req.in_group.skip_matching && src.image_id.as_deref() == Some(ami.as_str()) =>
-        {
-            let version = src.number.to_string();
-            let o = observe_group(aws, &group, &mut BTreeMap::new(), false).await?;
-            let t = Target::rolling(ami, &version, &version, true);
-            plan::all_match(&settings(req, group.desired), &t, &o)
-        }
-        _ => false,
-    };
-    let start = plan::decide_start(
-        plan::Asked {
-            ami: ami.as_deref(),
-            abort: req.abort,
-            force: req.force,
-            dry_run: req.dry_run,
-        },
-        plan::Found {
-            in_progress: existing.as_ref().map(|st| st.ami.as_str()),
-            already_everywhere,
-        },
-    );
-    let unchanged = |ami: String, version: String| Summary {
-        group: group.name.clone(),
-        ami,
-        version,
-        changed: false,
-    };
-    let me = Lock {
-        owner: crate::host::owner(),
-        token: match lease {
-            Some(keeper) => format!("{LEASE_TOKEN_PREFIX}{}", keeper.lease().token),
-            None => uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
-        },
-        since: now(),
-        expires: now() + req.lock_ttl.as_secs(),
-    };
-    let mut driver = match (start, existing, source) {
+    let mut driver = match (start, found.existing, found.source) {
         (Start::NothingToAbort, ..) => {
             return Err(RolloutError::NothingToAbort(group.name.clone()))
         }
-        (Start::Refuse, Some(st), _) => {
-            return Err(RolloutError::OtherRollout {
-                group: group.name.clone(),
-                ami: st.ami.clone(),
-                since: rfc3339(st.t),
-                batch: progress.b,
-                requested: ami.clone().unwrap_or_default(),
-            })
-        }
+        (Start::Refuse, Some(st), _) => return Err(other_rollout(group, &st, progress, ami)),
         (Start::PlanInProgress { would }, Some(st), _) => {
-            let plan = serde_json::json!({
-                "group": group.name,
-                "in_progress": {
-                    "rollout_id": st.id, "ami": st.ami, "phase": progress.ph,
-                    "batch": progress.b, "from_version": st.from, "to_version": st.to,
-                    "started": rfc3339(st.t),
-                },
-                "would": would,
-            });
-            reporter.emit(Event::RolloutPlan { plan });
-            return Ok(unchanged(st.ami, st.to));
+            return Ok(plan_in_progress(reporter, group, st, progress, would))
         }
         (Start::PlanNew, None, Some(source)) => {
             let ami = ami.unwrap_or_default();
-            let plan = initial_plan(req, &group, &source, &ami, aws).await?;
+            let plan = initial_plan(req, group, &source, &ami, aws).await?;
             reporter.emit(Event::RolloutPlan { plan });
-            return Ok(unchanged(ami, source.number.to_string()));
+            return Ok(unchanged(group, ami, source.number.to_string()));
         }
         (Start::AlreadyRunning, None, Some(source)) => {
             let ami = ami.unwrap_or_default();
-            reporter.emit(Event::Info {
-                step: "rollout".into(),
-                message: format!(
-                    "every instance of {} already runs {ami} from launch template version {} (skip matching): nothing to replace, nothing changed; --no-skip-matching replaces them all",
-                    group.name, source.number
-                ),
-            });
-            reporter.emit(Event::RolloutFinished {
-                result: "already running".into(),
-                group: group.name.clone(),
-                ami: ami.clone(),
-                version: source.number.to_string(),
-                duration_s: started.elapsed().as_secs_f64(),
-            });
-            return Ok(unchanged(ami, source.number.to_string()));
+            return Ok(already_running(reporter, group, &source, ami, started));
         }
         (Start::New, None, Some(source)) => {
-            let st = RolloutState {
-                id: format!("r-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
-                ami: ami.unwrap_or_default(),
-                lt: template_id.clone(),
-                from: source.number.to_string(),
-                to: String::new(),
-                d: group.desired,
-                mn: group.min,
-                mx: group.max,
-                az: false,
-                t: now(),
-            };
-            let progress = ProgressTag::new(Phase::Rolling, &Progress::START);
-            let mut d = Driver::new(
-                aws,
-                req,
-                reporter,
-                group.name.clone(),
-                st,
-                progress,
-                me,
-                lease,
-            );
-            d.lock(&group).await?;
+            let st = new_state(group, &found.template_id, &source, ami.unwrap_or_default());
+            let mut d = driver(st, ProgressTag::new(Phase::Rolling, &Progress::START));
+            d.lock(group).await?;
             d.point_at_new_version(&source).await?;
             d
         }
         (start @ (Start::Resume | Start::Abort | Start::Replace), Some(st), _) => {
-            let mut d = Driver::new(
-                aws,
-                req,
-                reporter,
-                group.name.clone(),
-                st,
-                progress,
-                me,
-                lease,
-            );
-            d.lock(&group).await?;
-            d.resume(start, &group, &template_id, ami.unwrap_or_default())
+            let mut d = driver(st, found.progress);
+            d.lock(group).await?;
+            d.resume(start, group, &found.template_id, ami.unwrap_or_default())
                 .await?;
             d
         }
@@ -395,6 +286,206 @@ async fn run_as(
     driver.suspend_rebalance(&group.suspended).await?;
     let result = driver.drive().await;
     driver.finish(result, started).await
+}
+
+/// What a run finds of the group before it decides how to start.
+struct Found {
+    group: autoscaling::Group,
+    template_id: String,
+    /// The rollout in progress, if any.
+    existing: Option<RolloutState>,
+    progress: ProgressTag,
+    /// The version the group launches now, unless a rollout is in progress (or `--abort`).
+    source: Option<lt::Version>,
+}
+
+/// Reads the group, its launch template, the rollout recorded on it and its current version.
+async fn find(aws: &Aws, req: &Request) -> Result<Found, RolloutError> {
+    let group = autoscaling::describe(&aws.autoscaling, &req.group)
+        .await?
+        .ok_or_else(|| RolloutError::GroupNotFound(req.group.clone()))?;
+    let template_id = template_of(aws, &group).await?;
+    let existing: Option<RolloutState> = group.tags.get(STATE_TAG).and_then(|s| state::decode(s));
+    let progress: ProgressTag = group
+        .tags
+        .get(PROGRESS_TAG)
+        .and_then(|s| state::decode(s))
+        .unwrap_or(ProgressTag::new(Phase::Rolling, &Progress::START));
+    let source = match &existing {
+        Some(_) => None,
+        None if req.abort => None,
+        None => Some(source_version(aws, &group, &template_id).await?),
+    };
+    Ok(Found {
+        group,
+        template_id,
+        existing,
+        progress,
+        source,
+    })
+}
+
+/// How the run starts ([`plan::decide_start`]), from the request and what was found.
+async fn start_decision(
+    aws: &Aws,
+    req: &Request,
+    found: &Found,
+    ami: Option<&str>,
+) -> Result<Start, RolloutError> {
+    let already_everywhere =
+        already_everywhere(aws, req, &found.group, found.source.as_ref(), ami).await?;
+    Ok(plan::decide_start(
+        plan::Asked {
+            ami,
+            abort: req.abort,
+            force: req.force,
+            dry_run: req.dry_run,
+        },
+        plan::Found {
+            in_progress: found.existing.as_ref().map(|st| st.ami.as_str()),
+            already_everywhere,
+        },
+    ))
+}
+
+/// The AMI the request names, resolved and checked available; `None` only with `--abort`.
+async fn requested_ami(aws: &Aws, req: &Request) -> Result<Option<String>, RolloutError> {
+    match (&req.ami, req.abort) {
+        (Some(src), _) => Ok(Some(resolve_ami(aws, src).await?)),
+        (None, true) => Ok(None),
+        (None, false) => Err(RolloutError::BadInput(
+            "name the AMI: --ami, --manifest or --ami-param".into(),
+        )),
+    }
+}
+
+/// Skip matching: the group needs nothing when its version already names the AMI and every
+/// instance (and warm-pool instance) runs it from that version. Without, every run replaces.
+async fn already_everywhere(
+    aws: &Aws,
+    req: &Request,
+    group: &autoscaling::Group,
+    source: Option<&lt::Version>,
+    ami: Option<&str>,
+) -> Result<bool, RolloutError> {
+    Ok(match (source, ami) {
+        (Some(src), Some(ami))
+            if req.in_group.skip_matching && src.image_id.as_deref() == Some(ami) =>
+        {
+            let version = src.number.to_string();
+            let o = observe_group(aws, group, &mut BTreeMap::new(), false).await?;
+            let t = Target::rolling(ami, &version, &version, true);
+            plan::all_match(&settings(req, group.desired), &t, &o)
+        }
+        _ => false,
+    })
+}
+
+/// This driver's lock: its token is its lease's fencing token, with a lease table.
+fn my_lock(req: &Request, lease: Option<&Keeper>) -> Lock {
+    Lock {
+        owner: crate::host::owner(),
+        token: match lease {
+            Some(keeper) => format!("{LEASE_TOKEN_PREFIX}{}", keeper.lease().token),
+            None => uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
+        },
+        since: now(),
+        expires: now() + req.lock_ttl.as_secs(),
+    }
+}
+
+/// The refusal of a run while another rollout (of another AMI) is in progress.
+fn other_rollout(
+    group: &autoscaling::Group,
+    st: &RolloutState,
+    progress: &ProgressTag,
+    ami: Option<String>,
+) -> RolloutError {
+    RolloutError::OtherRollout {
+        group: group.name.clone(),
+        ami: st.ami.clone(),
+        since: rfc3339(st.t),
+        batch: progress.b,
+        requested: ami.unwrap_or_default(),
+    }
+}
+
+/// The summary of a run that changed nothing.
+fn unchanged(group: &autoscaling::Group, ami: String, version: String) -> Summary {
+    Summary {
+        group: group.name.clone(),
+        ami,
+        version,
+        changed: false,
+    }
+}
+
+/// `--dry-run` on a group with a rollout in progress: what it is, and what the run would do.
+fn plan_in_progress(
+    reporter: &Reporter,
+    group: &autoscaling::Group,
+    st: RolloutState,
+    progress: &ProgressTag,
+    would: &'static str,
+) -> Summary {
+    let plan = serde_json::json!({
+        "group": group.name,
+        "in_progress": {
+            "rollout_id": st.id, "ami": st.ami, "phase": progress.ph,
+            "batch": progress.b, "from_version": st.from, "to_version": st.to,
+            "started": rfc3339(st.t),
+        },
+        "would": would,
+    });
+    reporter.emit(Event::RolloutPlan { plan });
+    unchanged(group, st.ami, st.to)
+}
+
+/// Every instance already runs the AMI from the group's version (skip matching): says so and
+/// finishes at once.
+fn already_running(
+    reporter: &Reporter,
+    group: &autoscaling::Group,
+    source: &lt::Version,
+    ami: String,
+    started: Instant,
+) -> Summary {
+    reporter.emit(Event::Info {
+        step: "rollout".into(),
+        message: format!(
+            "every instance of {} already runs {ami} from launch template version {} (skip matching): nothing to replace, nothing changed; --no-skip-matching replaces them all",
+            group.name, source.number
+        ),
+    });
+    reporter.emit(Event::RolloutFinished {
+        result: "already running".into(),
+        group: group.name.clone(),
+        ami: ami.clone(),
+        version: source.number.to_string(),
+        duration_s: started.elapsed().as_secs_f64(),
+    });
+    unchanged(group, ami, source.number.to_string())
+}
+
+/// The state of a new rollout from the group's version `source`.
+fn new_state(
+    group: &autoscaling::Group,
+    template_id: &str,
+    source: &lt::Version,
+    ami: String,
+) -> RolloutState {
+    RolloutState {
+        id: format!("r-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+        ami,
+        lt: template_id.to_string(),
+        from: source.number.to_string(),
+        to: String::new(),
+        d: group.desired,
+        mn: group.min,
+        mx: group.max,
+        az: false,
+        t: now(),
+    }
 }
 
 /// The launch-template version the group launches now.
@@ -633,6 +724,28 @@ async fn initial_plan(
         "max_size_needed": max_needed.max(group.max),
         "changes": "none (dry run)",
     }))
+}
+
+/// What acting on one decision came to.
+enum Acted {
+    /// The rollout is complete.
+    Done,
+    /// The group changed: poll quickly.
+    Changed,
+    Unchanged,
+}
+
+/// The pause before the next observation: quick right after a change, then less often (at
+/// most every 2 s).
+fn poll_pause(acted: bool, changed_at: Instant) -> Duration {
+    if acted {
+        // A floor, so an action that changed nothing visible cannot spin the loop.
+        Duration::from_millis(20)
+    } else {
+        Duration::from_millis(200)
+            .max(changed_at.elapsed().mul_f64(0.05))
+            .min(Duration::from_secs(2))
+    }
 }
 
 struct Driver<'a> {
@@ -971,16 +1084,7 @@ impl<'a> Driver<'a> {
     /// The loop: observe, decide, act, until done or failed.
     async fn drive(&mut self) -> Result<(), RolloutError> {
         let mut signals = Signals::new();
-        self.reporter.emit(Event::RolloutStarted {
-            rollout_id: self.st.id.clone(),
-            group: self.group.clone(),
-            ami: self.st.ami.clone(),
-            launch_template: self.st.lt.clone(),
-            from_version: self.st.from.clone(),
-            to_version: self.st.to.clone(),
-            capacity: self.st.d,
-            resumed: self.resumed,
-        });
+        self.report_started();
         let rollback_ami = lt::describe(&self.aws.ec2, &self.st.lt, &self.st.from)
             .await?
             .and_then(|v| v.image_id)
@@ -994,23 +1098,10 @@ impl<'a> Driver<'a> {
             if let Some(keeper) = self.lease {
                 keeper.check().map_err(|lost| self.lost(&lost))?;
             }
-            let (group, observed) = match self.observe().await {
-                Ok(o) => {
-                    outage.clear();
-                    o
-                }
-                Err(e) if outage.ride_out(&e) => {
-                    self.reporter.emit(Event::Waiting {
-                        why: format!("AWS did not answer ({e}); asking again"),
-                    });
-                    self.last_wait.clear();
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        sig = signals.next() => return Err(RolloutError::Interrupted(sig)),
-                    }
-                    continue;
-                }
-                Err(e) => return Err(e),
+            let Some((group, observed)) =
+                self.observe_riding_out(&mut outage, &mut signals).await?
+            else {
+                continue;
             };
             // Every observation re-checks who holds the group; the lock is renewed only by
             // its owner.
@@ -1027,190 +1118,266 @@ impl<'a> Driver<'a> {
             held.after(&decision, observed.now);
             // After acting, look again at once: the next step may already be possible.
             let acted = !matches!(decision, Decision::Wait { .. } | Decision::Hold { .. });
-            match decision {
-                Decision::Done => {
-                    let left = plan::left_alone(&s, &target, &observed);
-                    if !left.is_empty() {
-                        let list: Vec<String> = left
-                            .iter()
-                            .map(|(id, why)| format!("{id} ({why})"))
-                            .collect();
-                        self.reporter.emit(Event::Info {
-                            step: "rollout".into(),
-                            message: format!(
-                                "left as they are, still on the old image: {}",
-                                list.join(", ")
-                            ),
-                        });
-                    }
-                    return Ok(());
-                }
-                Decision::DropStandby { ids } => {
-                    for id in &ids {
-                        let fence = self.guard().await?;
-                        self.fenced(
-                            fence,
-                            autoscaling::terminate_instance(&self.aws.autoscaling, id, false),
-                        )
-                        .await?;
-                    }
-                    self.reporter.emit(Event::Info {
-                        step: "rollout".into(),
-                        message: format!(
-                            "terminated {} in Standby on the old image (--standby-instances replace; Standby instances are not counted, so the capacity is unchanged)",
-                            ids.join(", ")
-                        ),
-                    });
-                    changed_at = Instant::now();
-                }
-                Decision::RefreshPool { ids } => {
-                    let fence = self.guard().await?;
-                    self.fenced(fence, ec2::terminate_instances(&self.aws.ec2, &ids))
-                        .await?;
-                    self.reporter
-                        .emit(Event::WarmPoolRefreshed { instances: ids });
-                    changed_at = Instant::now();
-                }
-                Decision::Checkpoint { percent, pause } => {
-                    self.reporter.emit(Event::CheckpointReached {
-                        percent,
-                        pause_s: pause.as_secs(),
-                    });
-                }
-                Decision::Hold { why, .. } => {
-                    if why != self.last_wait {
-                        self.reporter.emit(Event::Waiting { why: why.clone() });
-                        self.last_wait = why;
-                    }
-                }
-                Decision::Halt { reason } => {
-                    return Err(RolloutError::Failed(format!(
-                        "{reason}. The new instances stay; rerun the same command to finish once that is resolved, or add --abort to roll back"
-                    )));
-                }
-                Decision::StartBatch {
-                    batch,
-                    desired,
-                    retire,
-                } => {
-                    // Write-ahead: record the batch before acting, so a resumed driver waits
-                    // for it instead of retiring old instances early.
-                    self.progress.b = batch;
-                    self.progress.bt = Some(now());
-                    self.save_progress().await?;
-                    if desired > group.max {
-                        let fence = self.guard().await?;
-                        self.fenced(
-                            fence,
-                            autoscaling::update(
-                                &self.aws.autoscaling,
-                                &self.group,
-                                None,
-                                None,
-                                Some(desired),
-                                None,
-                            ),
-                        )
-                        .await?;
-                    }
-                    let fence = self.guard().await?;
-                    self.fenced(
-                        fence,
-                        autoscaling::set_desired(&self.aws.autoscaling, &self.group, desired),
-                    )
-                    .await?;
-                    for id in &retire {
-                        let fence = self.guard().await?;
-                        self.fenced(
-                            fence,
-                            autoscaling::terminate_instance(&self.aws.autoscaling, id, false),
-                        )
-                        .await?;
-                    }
-                    self.reporter.emit(Event::BatchStarted {
-                        batch,
-                        size: desired - s.capacity,
-                        desired,
-                        retiring: retire,
-                    });
-                    changed_at = Instant::now();
-                }
-                Decision::Retire { ids } => {
-                    if ids.is_empty() {
-                        let fence = self.guard().await?;
-                        self.fenced(
-                            fence,
-                            autoscaling::set_desired(
-                                &self.aws.autoscaling,
-                                &self.group,
-                                s.capacity,
-                            ),
-                        )
-                        .await?;
-                    }
-                    for id in &ids {
-                        let fence = self.guard().await?;
-                        self.fenced(
-                            fence,
-                            autoscaling::terminate_instance(&self.aws.autoscaling, id, true),
-                        )
-                        .await?;
-                    }
-                    self.progress.bt = None;
-                    self.save_progress().await?;
-                    self.reporter.emit(Event::Retired {
-                        instances: ids,
-                        desired: s.capacity,
-                    });
-                    changed_at = Instant::now();
-                }
-                Decision::StartCanaryBake => {
-                    self.progress.ch = Some(now());
-                    self.save_progress().await?;
-                    self.reporter.emit(Event::CanaryBaking {
-                        seconds: s.canary_bake.as_secs(),
-                    });
-                }
-                Decision::CanaryBaked => {
-                    self.progress.cd = true;
-                    self.save_progress().await?;
-                    self.reporter.emit(Event::CanaryPassed);
-                }
-                Decision::Fail { reason, instances } => {
-                    if self.progress.ph == Phase::Rolling && self.req.rollback {
-                        self.start_rollback(reason, instances).await?;
-                        changed_at = Instant::now();
-                    } else if self.progress.ph == Phase::Rolling {
-                        return Err(RolloutError::Failed(format!(
-                            "{reason} (--no-rollback: the group stays as it is; rerun to retry, or add --abort to roll back)"
-                        )));
-                    } else {
-                        return Err(RolloutError::Failed(format!(
-                            "the rollback itself failed: {reason}; the group runs launch template version {}; inspect it with `bakery status --asg {}`",
-                            self.st.from, self.group
-                        )));
-                    }
-                }
-                Decision::Wait { why } => {
-                    if why != self.last_wait {
-                        self.reporter.emit(Event::Waiting { why: why.clone() });
-                        self.last_wait = why;
-                    }
-                }
+            match self.act(decision, &group, &s, &target, &observed).await? {
+                Acted::Done => return Ok(()),
+                Acted::Changed => changed_at = Instant::now(),
+                Acted::Unchanged => {}
             }
-            // Poll quickly right after a change, then less often (at most every 2 s).
-            let pause = if acted {
-                // A floor, so an action that changed nothing visible cannot spin the loop.
-                Duration::from_millis(20)
-            } else {
-                Duration::from_millis(200)
-                    .max(changed_at.elapsed().mul_f64(0.05))
-                    .min(Duration::from_secs(2))
-            };
             tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
+                _ = tokio::time::sleep(poll_pause(acted, changed_at)) => {}
                 sig = signals.next() => return Err(RolloutError::Interrupted(sig)),
             }
+        }
+    }
+
+    /// Announces the rollout (started or resumed).
+    fn report_started(&self) {
+        self.reporter.emit(Event::RolloutStarted {
+            rollout_id: self.st.id.clone(),
+            group: self.group.clone(),
+            ami: self.st.ami.clone(),
+            launch_template: self.st.lt.clone(),
+            from_version: self.st.from.clone(),
+            to_version: self.st.to.clone(),
+            capacity: self.st.d,
+            resumed: self.resumed,
+        });
+    }
+
+    /// Observes the group; `None` when AWS did not answer and `outage` rides it out (after a
+    /// second's pause, which a signal interrupts).
+    async fn observe_riding_out(
+        &mut self,
+        outage: &mut Tolerance,
+        signals: &mut Signals,
+    ) -> Result<Option<(autoscaling::Group, Observed)>, RolloutError> {
+        match self.observe().await {
+            Ok(o) => {
+                outage.clear();
+                Ok(Some(o))
+            }
+            Err(e) if outage.ride_out(&e) => {
+                self.reporter.emit(Event::Waiting {
+                    why: format!("AWS did not answer ({e}); asking again"),
+                });
+                self.last_wait.clear();
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    sig = signals.next() => return Err(RolloutError::Interrupted(sig)),
+                }
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Carries out one decision of [`plan::decide`]; says whether the rollout is done, or
+    /// whether the group changed.
+    async fn act(
+        &mut self,
+        decision: Decision,
+        group: &autoscaling::Group,
+        s: &Settings,
+        target: &Target,
+        observed: &Observed,
+    ) -> Result<Acted, RolloutError> {
+        match decision {
+            Decision::Done => {
+                self.report_left_alone(s, target, observed);
+                return Ok(Acted::Done);
+            }
+            Decision::DropStandby { ids } => self.drop_standby(&ids).await?,
+            Decision::RefreshPool { ids } => {
+                let fence = self.guard().await?;
+                self.fenced(fence, ec2::terminate_instances(&self.aws.ec2, &ids))
+                    .await?;
+                self.reporter
+                    .emit(Event::WarmPoolRefreshed { instances: ids });
+            }
+            Decision::Checkpoint { percent, pause } => {
+                self.reporter.emit(Event::CheckpointReached {
+                    percent,
+                    pause_s: pause.as_secs(),
+                });
+                return Ok(Acted::Unchanged);
+            }
+            Decision::Hold { why, .. } | Decision::Wait { why } => {
+                self.report_wait(why);
+                return Ok(Acted::Unchanged);
+            }
+            Decision::Halt { reason } => {
+                return Err(RolloutError::Failed(format!(
+                    "{reason}. The new instances stay; rerun the same command to finish once that is resolved, or add --abort to roll back"
+                )));
+            }
+            Decision::StartBatch {
+                batch,
+                desired,
+                retire,
+            } => {
+                self.start_batch(batch, desired, retire, group.max, s.capacity)
+                    .await?
+            }
+            Decision::Retire { ids } => self.retire(ids, s.capacity).await?,
+            Decision::StartCanaryBake => {
+                self.progress.ch = Some(now());
+                self.save_progress().await?;
+                self.reporter.emit(Event::CanaryBaking {
+                    seconds: s.canary_bake.as_secs(),
+                });
+                return Ok(Acted::Unchanged);
+            }
+            Decision::CanaryBaked => {
+                self.progress.cd = true;
+                self.save_progress().await?;
+                self.reporter.emit(Event::CanaryPassed);
+                return Ok(Acted::Unchanged);
+            }
+            Decision::Fail { reason, instances } => self.fail(reason, instances).await?,
+        }
+        Ok(Acted::Changed)
+    }
+
+    /// Says, once per reason, why the rollout waits.
+    fn report_wait(&mut self, why: String) {
+        if why != self.last_wait {
+            self.reporter.emit(Event::Waiting { why: why.clone() });
+            self.last_wait = why;
+        }
+    }
+
+    /// At the end, names the instances left on the old image, and why.
+    fn report_left_alone(&self, s: &Settings, target: &Target, observed: &Observed) {
+        let left = plan::left_alone(s, target, observed);
+        if !left.is_empty() {
+            let list: Vec<String> = left
+                .iter()
+                .map(|(id, why)| format!("{id} ({why})"))
+                .collect();
+            self.reporter.emit(Event::Info {
+                step: "rollout".into(),
+                message: format!(
+                    "left as they are, still on the old image: {}",
+                    list.join(", ")
+                ),
+            });
+        }
+    }
+
+    /// Terminates the Standby instances on the old image (`--standby-instances replace`).
+    async fn drop_standby(&mut self, ids: &[String]) -> Result<(), RolloutError> {
+        for id in ids {
+            let fence = self.guard().await?;
+            self.fenced(
+                fence,
+                autoscaling::terminate_instance(&self.aws.autoscaling, id, false),
+            )
+            .await?;
+        }
+        self.reporter.emit(Event::Info {
+            step: "rollout".into(),
+            message: format!(
+                "terminated {} in Standby on the old image (--standby-instances replace; Standby instances are not counted, so the capacity is unchanged)",
+                ids.join(", ")
+            ),
+        });
+        Ok(())
+    }
+
+    /// Starts a batch: records it first (write-ahead), raises the group's maximum if it must,
+    /// sets the desired capacity and terminates the instances the batch retires at once.
+    async fn start_batch(
+        &mut self,
+        batch: u32,
+        desired: u32,
+        retire: Vec<String>,
+        max: u32,
+        capacity: u32,
+    ) -> Result<(), RolloutError> {
+        // Write-ahead: record the batch before acting, so a resumed driver waits
+        // for it instead of retiring old instances early.
+        self.progress.b = batch;
+        self.progress.bt = Some(now());
+        self.save_progress().await?;
+        if desired > max {
+            let fence = self.guard().await?;
+            self.fenced(
+                fence,
+                autoscaling::update(
+                    &self.aws.autoscaling,
+                    &self.group,
+                    None,
+                    None,
+                    Some(desired),
+                    None,
+                ),
+            )
+            .await?;
+        }
+        let fence = self.guard().await?;
+        self.fenced(
+            fence,
+            autoscaling::set_desired(&self.aws.autoscaling, &self.group, desired),
+        )
+        .await?;
+        for id in &retire {
+            let fence = self.guard().await?;
+            self.fenced(
+                fence,
+                autoscaling::terminate_instance(&self.aws.autoscaling, id, false),
+            )
+            .await?;
+        }
+        self.reporter.emit(Event::BatchStarted {
+            batch,
+            size: desired - capacity,
+            desired,
+            retiring: retire,
+        });
+        Ok(())
+    }
+
+    /// Retires old instances, decrementing the desired capacity (or, with none to retire,
+    /// sets it back to `capacity`), and records that the batch is over.
+    async fn retire(&mut self, ids: Vec<String>, capacity: u32) -> Result<(), RolloutError> {
+        if ids.is_empty() {
+            let fence = self.guard().await?;
+            self.fenced(
+                fence,
+                autoscaling::set_desired(&self.aws.autoscaling, &self.group, capacity),
+            )
+            .await?;
+        }
+        for id in &ids {
+            let fence = self.guard().await?;
+            self.fenced(
+                fence,
+                autoscaling::terminate_instance(&self.aws.autoscaling, id, true),
+            )
+            .await?;
+        }
+        self.progress.bt = None;
+        self.save_progress().await?;
+        self.reporter.emit(Event::Retired {
+            instances: ids,
+            desired: capacity,
+        });
+        Ok(())
+    }
+
+    /// The new instances failed: rolls back when allowed, else ends the run with why.
+    async fn fail(&mut self, reason: String, instances: Vec<String>) -> Result<(), RolloutError> {
+        if self.progress.ph == Phase::Rolling && self.req.rollback {
+            self.start_rollback(reason, instances).await
+        } else if self.progress.ph == Phase::Rolling {
+            Err(RolloutError::Failed(format!(
+                "{reason} (--no-rollback: the group stays as it is; rerun to retry, or add --abort to roll back)"
+            )))
+        } else {
+            Err(RolloutError::Failed(format!(
+                "the rollback itself failed: {reason}; the group runs launch template version {}; inspect it with `bakery status --asg {}`",
+                self.st.from, self.group
+            )))
         }
     }
 
@@ -1272,7 +1439,6 @@ impl<'a> Driver<'a> {
         if let Err(e @ RolloutError::LockLost { .. }) = result {
             return Err(e);
         }
-        let asg = &self.aws.autoscaling;
         let resumable = matches!(
             result,
             Err(RolloutError::Interrupted(_))
@@ -1280,52 +1446,13 @@ impl<'a> Driver<'a> {
                 | Err(RolloutError::Aws(_))
         );
         if self.st.az {
-            let resumed = match self.guard().await {
-                Ok(fence) => {
-                    self.fenced(
-                        fence,
-                        autoscaling::resume(asg, &self.group, &[AZ_REBALANCE]),
-                    )
-                    .await
-                }
-                Err(e) => Err(e),
-            };
-            if let Err(e) = resumed {
-                tracing::warn!(group = %self.group, error = %e, "could not resume AZRebalance");
-            } else {
-                self.st.az = false;
-            }
+            self.resume_rebalance().await;
         }
         if resumable {
-            // Keep the state for the next driver; free the lock now rather than at expiry.
-            let _ = self.save_state().await;
-            if let Ok(fence) = self.guard().await {
-                let _ = self
-                    .fenced(
-                        fence,
-                        autoscaling::delete_tags(asg, &self.group, &[LOCK_TAG]),
-                    )
-                    .await;
-            }
-            return Err(result
-                .err()
-                .unwrap_or_else(|| RolloutError::Failed("unknown".into())));
+            return Err(self.keep_resumable(result).await);
         }
         result?;
-        let asg = &self.aws.autoscaling;
-        let fence = self.guard().await?;
-        self.fenced(
-            fence,
-            autoscaling::update(
-                asg,
-                &self.group,
-                None,
-                Some(self.st.mn),
-                Some(self.st.mx),
-                Some(self.st.d),
-            ),
-        )
-        .await?;
+        self.restore_sizes().await?;
         let reason = self.rollback_reason.clone().or_else(|| {
             (self.progress.ph == Phase::RollingBack)
                 .then(|| ("the rollout was rolled back".to_string(), Vec::new()))
@@ -1336,29 +1463,9 @@ impl<'a> Driver<'a> {
             self.st.to.clone()
         };
         if reason.is_none() {
-            // Pruning is housekeeping: SIGINT/SIGTERM skips it (the rollout is done; the next
-            // rollout prunes), and the group's tags are still cleared below.
-            let mut signals = Signals::new();
-            let fence = self.guard().await?;
-            tokio::select! {
-                r = self.fenced(fence, self.prune()) => if let Err(e) = r {
-                    tracing::warn!(error = %e, "could not prune old launch template versions");
-                },
-                sig = signals.next() => self.reporter.emit(Event::Waiting {
-                    why: format!("{sig}: pruning of old launch template versions skipped; the next rollout prunes them"),
-                }),
-            }
+            self.prune_unless_signalled().await?;
         }
-        let fence = self.guard().await?;
-        self.fenced(
-            fence,
-            autoscaling::delete_tags(
-                asg,
-                &self.group,
-                &[STATE_TAG, PROGRESS_TAG, REASON_TAG, LOCK_TAG],
-            ),
-        )
-        .await?;
+        self.clear_tags().await?;
         let ami = if reason.is_some() {
             lt::describe(&self.aws.ec2, &self.st.lt, &self.st.from)
                 .await?
@@ -1387,6 +1494,91 @@ impl<'a> Driver<'a> {
                 changed: true,
             }),
         }
+    }
+
+    /// Resumes the `AZRebalance` this rollout suspended; a failure is logged.
+    async fn resume_rebalance(&mut self) {
+        let asg = &self.aws.autoscaling;
+        let resumed = match self.guard().await {
+            Ok(fence) => {
+                self.fenced(
+                    fence,
+                    autoscaling::resume(asg, &self.group, &[AZ_REBALANCE]),
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = resumed {
+            tracing::warn!(group = %self.group, error = %e, "could not resume AZRebalance");
+        } else {
+            self.st.az = false;
+        }
+    }
+
+    /// Keeps the state for the next driver and frees the lock now rather than at expiry;
+    /// returns the run's error.
+    async fn keep_resumable(&mut self, result: Result<(), RolloutError>) -> RolloutError {
+        let asg = &self.aws.autoscaling;
+        let _ = self.save_state().await;
+        if let Ok(fence) = self.guard().await {
+            let _ = self
+                .fenced(
+                    fence,
+                    autoscaling::delete_tags(asg, &self.group, &[LOCK_TAG]),
+                )
+                .await;
+        }
+        result
+            .err()
+            .unwrap_or_else(|| RolloutError::Failed("unknown".into()))
+    }
+
+    /// Gives the group back its minimum, maximum and desired capacity from before the rollout.
+    async fn restore_sizes(&mut self) -> Result<(), RolloutError> {
+        let fence = self.guard().await?;
+        self.fenced(
+            fence,
+            autoscaling::update(
+                &self.aws.autoscaling,
+                &self.group,
+                None,
+                Some(self.st.mn),
+                Some(self.st.mx),
+                Some(self.st.d),
+            ),
+        )
+        .await
+    }
+
+    /// Prunes old launch-template versions. Pruning is housekeeping: SIGINT/SIGTERM skips it
+    /// (the rollout is done; the next rollout prunes), and the group's tags are still cleared.
+    async fn prune_unless_signalled(&mut self) -> Result<(), RolloutError> {
+        let mut signals = Signals::new();
+        let fence = self.guard().await?;
+        tokio::select! {
+            r = self.fenced(fence, self.prune()) => if let Err(e) = r {
+                tracing::warn!(error = %e, "could not prune old launch template versions");
+            },
+            sig = signals.next() => self.reporter.emit(Event::Waiting {
+                why: format!("{sig}: pruning of old launch template versions skipped; the next rollout prunes them"),
+            }),
+        }
+        Ok(())
+    }
+
+    /// Removes the rollout's tags (state, progress, reason, lock) from the group.
+    async fn clear_tags(&mut self) -> Result<(), RolloutError> {
+        let fence = self.guard().await?;
+        self.fenced(
+            fence,
+            autoscaling::delete_tags(
+                &self.aws.autoscaling,
+                &self.group,
+                &[STATE_TAG, PROGRESS_TAG, REASON_TAG, LOCK_TAG],
+            ),
+        )
+        .await
     }
 
     async fn prune(&self) -> Result<(), AwsError> {
