@@ -128,6 +128,8 @@ def main() -> int:
     ap.add_argument("--port0", type=int, default=19700)
     ap.add_argument("--bakery", default=os.environ.get("BAKERY", "target/debug/bakery"))
     ap.add_argument("--reuse", help="the state.json of an earlier run whose fleet is still up: skip the scale-up")
+    ap.add_argument("--keep", action="store_true",
+                    help="leave the fleet up at the end (for --reuse; its state.json path is printed)")
     a = ap.parse_args()
     bakery = os.path.abspath(a.bakery)
     scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-share-{os.getpid()}"
@@ -250,11 +252,14 @@ def main() -> int:
     finally:
         for d in ds:
             d.stop()
-        say("deleting the fleet")
-        try:
-            bl.delete_fleet(bl.load_state(state_path) if Path(state_path).exists() else {}, 300)
-        except Exception as e:  # noqa: BLE001
-            say(f"cleanup failed: {e}")
+        if a.keep:
+            say(f"fleet kept (--keep): rerun with --reuse {state_path}; a run without --keep deletes it")
+        else:
+            say("deleting the fleet")
+            try:
+                bl.delete_fleet(bl.load_state(state_path) if Path(state_path).exists() else {}, 300)
+            except Exception as e:  # noqa: BLE001
+                say(f"cleanup failed: {e}")
 
 
 def _stop(signum, frame):

@@ -428,28 +428,10 @@ impl<'a> Promotion<'a> {
         }
         let source_region = clients.source_region.as_str();
         // Who holds the name in each region to copy to, asked while the image is described.
-        let holders = async {
-            let Some(name) = name else {
-                return Ok(BTreeMap::new());
-            };
-            let looks: Vec<Boxed<'_, Result<NameHolder, PromoteError>>> = settings
-                .copy_regions(source_region)
-                .map(|r| {
-                    Box::pin(async move {
-                        let found = calls::own_image_named(&clients.get(r).ec2, name)
-                            .await
-                            .map_err(aws_in(r))?;
-                        Ok((r.to_string(), found))
-                    }) as Boxed<'_, _>
-                })
-                .collect();
-            join_all(looks)
-                .await
-                .into_iter()
-                .collect::<Result<BTreeMap<_, _>, PromoteError>>()
-        };
-        let (source, holders) =
-            tokio::join!(calls::describe(&clients.source().ec2, source_ami), holders);
+        let (source, holders) = tokio::join!(
+            calls::describe(&clients.source().ec2, source_ami),
+            name_holders(clients, settings, name)
+        );
         let holders = holders?;
         let source = source.map_err(aws_in(source_region))?.ok_or_else(|| {
             PromoteError::BadInput(format!(
@@ -467,86 +449,19 @@ impl<'a> Promotion<'a> {
             .filter(|j| j.source_ami == source.id)
             .unwrap_or_default();
         let publish = plan::publish_hash(settings);
-        let record_of = |region: &str| {
-            let tag = source
-                .tags
-                .get(&plan::tag_key(region))
-                .and_then(|t| Record::decode(t));
-            plan::merge(local.regions.get(region).map(|e| e.record.clone()), tag)
-        };
-        let mut starts = BTreeMap::new();
-        let mut to_check = Vec::new();
-        for region in settings.copy_regions(source_region) {
-            let record = record_of(region);
-            let copy = plan::copy_hash(settings, region);
-            let next = plan::next(region, record.as_ref(), &copy, &publish);
-            match &next {
-                Next::Refuse(why) => return Err(PromoteError::BadInput(why.clone())),
-                Next::Copy { .. } => to_check.push(region),
-                _ => {}
-            }
-            starts.insert(region.to_string(), (record, next));
-        }
-        // The name must be free in every region about to get a copy (asked at once, unless
-        // asked already with the name given).
-        let checks: Vec<Boxed<'_, Result<(), PromoteError>>> = to_check
-            .iter()
-            .map(|r| {
-                let known = (name == Some(source.name.as_str()))
-                    .then(|| holders.get(*r).cloned())
-                    .flatten();
-                Box::pin(check_name_free(clients.get(r), r, &source, build_id, known))
-                    as Boxed<'_, Result<(), PromoteError>>
-            })
-            .collect();
-        first_error(join_all(checks).await)?;
-        let source_record = record_of(source_region);
-        let source_next = plan::next_source(source_record.as_ref(), &source.id, &publish);
-        starts.insert(source_region.to_string(), (source_record, source_next));
-        let unchanged: Vec<String> = starts
-            .iter()
-            .filter(|(_, (_, n))| matches!(n, Next::Nothing { .. }))
-            .map(|(r, _)| r.clone())
-            .collect();
-
-        let mut journal = local;
-        journal.build_id = build_id.to_string();
-        journal.source_region = source_region.to_string();
-        journal.source_ami = source.id.clone();
-        journal.settings = settings.clone();
-        journal.outcome = "running".into();
-        // What the tags say wins where they got further (another machine's run).
-        for (region, (record, _)) in &starts {
-            if let Some(r) = record {
-                let e = journal
-                    .regions
-                    .entry(region.clone())
-                    .or_insert_with(|| RegionEntry {
-                        record: r.clone(),
-                        snapshot_ids: Vec::new(),
-                        parameter_before: None,
-                    });
-                e.record = r.clone();
-            }
-        }
-        if let Some(e) = journal.regions.get_mut(source_region) {
-            e.snapshot_ids = source.snapshot_ids.clone();
-        }
-        reporter.emit(Event::PromoteStarted {
-            build_id: build_id.to_string(),
-            source_ami: source.id.clone(),
-            source_region: source_region.to_string(),
-            regions: settings
-                .copy_regions(source_region)
-                .map(str::to_string)
-                .collect(),
-        });
-        for r in &unchanged {
-            reporter.emit(Event::Info {
-                step: "promote".into(),
-                message: format!("{r}: already promoted with these settings; nothing to do"),
-            });
-        }
+        let (starts, unchanged) = first_steps(
+            clients, settings, &source, &local, build_id, name, &holders, &publish,
+        )
+        .await?;
+        let journal = running_journal(local, build_id, source_region, &source, settings, &starts);
+        announce(
+            reporter,
+            build_id,
+            &source,
+            source_region,
+            settings,
+            &unchanged,
+        );
         let p = Promotion {
             clients,
             source,
@@ -729,6 +644,149 @@ async fn check_name_free(
     }
 }
 
+/// Who holds `name` (if given) in each region the promotion copies to, asked at once.
+async fn name_holders(
+    clients: &Clients,
+    settings: &Distribute,
+    name: Option<&str>,
+) -> Result<BTreeMap<String, Option<calls::Image>>, PromoteError> {
+    let Some(name) = name else {
+        return Ok(BTreeMap::new());
+    };
+    let looks: Vec<Boxed<'_, Result<NameHolder, PromoteError>>> = settings
+        .copy_regions(clients.source_region.as_str())
+        .map(|r| {
+            Box::pin(async move {
+                let found = calls::own_image_named(&clients.get(r).ec2, name)
+                    .await
+                    .map_err(aws_in(r))?;
+                Ok((r.to_string(), found))
+            }) as Boxed<'_, _>
+        })
+        .collect();
+    join_all(looks).await.into_iter().collect()
+}
+
+/// Each region's record and first step (the source region's too), refusing what cannot work
+/// before anything is made: a copy made with other settings, an image name taken in a region
+/// about to get a copy. Also the regions done already with these settings.
+#[allow(clippy::too_many_arguments)]
+async fn first_steps(
+    clients: &Clients,
+    settings: &Distribute,
+    source: &calls::Image,
+    local: &Journal,
+    build_id: &str,
+    name: Option<&str>,
+    holders: &BTreeMap<String, Option<calls::Image>>,
+    publish: &str,
+) -> Result<(BTreeMap<String, (Option<Record>, Next)>, Vec<String>), PromoteError> {
+    let source_region = clients.source_region.as_str();
+    let record_of = |region: &str| {
+        let tag = source
+            .tags
+            .get(&plan::tag_key(region))
+            .and_then(|t| Record::decode(t));
+        plan::merge(local.regions.get(region).map(|e| e.record.clone()), tag)
+    };
+    let mut starts = BTreeMap::new();
+    let mut to_check = Vec::new();
+    for region in settings.copy_regions(source_region) {
+        let record = record_of(region);
+        let copy = plan::copy_hash(settings, region);
+        let next = plan::next(region, record.as_ref(), &copy, publish);
+        match &next {
+            Next::Refuse(why) => return Err(PromoteError::BadInput(why.clone())),
+            Next::Copy { .. } => to_check.push(region),
+            _ => {}
+        }
+        starts.insert(region.to_string(), (record, next));
+    }
+    // The name must be free in every region about to get a copy (asked at once, unless
+    // asked already with the name given).
+    let checks: Vec<Boxed<'_, Result<(), PromoteError>>> = to_check
+        .iter()
+        .map(|r| {
+            let known = (name == Some(source.name.as_str()))
+                .then(|| holders.get(*r).cloned())
+                .flatten();
+            Box::pin(check_name_free(clients.get(r), r, source, build_id, known))
+                as Boxed<'_, Result<(), PromoteError>>
+        })
+        .collect();
+    first_error(join_all(checks).await)?;
+    let source_record = record_of(source_region);
+    let source_next = plan::next_source(source_record.as_ref(), &source.id, publish);
+    starts.insert(source_region.to_string(), (source_record, source_next));
+    let unchanged: Vec<String> = starts
+        .iter()
+        .filter(|(_, (_, n))| matches!(n, Next::Nothing { .. }))
+        .map(|(r, _)| r.clone())
+        .collect();
+    Ok((starts, unchanged))
+}
+
+/// The journal of a promotion that starts now: the local one, with what the tags say where
+/// they got further (another machine's run).
+fn running_journal(
+    local: Journal,
+    build_id: &str,
+    source_region: &str,
+    source: &calls::Image,
+    settings: &Distribute,
+    starts: &BTreeMap<String, (Option<Record>, Next)>,
+) -> Journal {
+    let mut journal = local;
+    journal.build_id = build_id.to_string();
+    journal.source_region = source_region.to_string();
+    journal.source_ami = source.id.clone();
+    journal.settings = settings.clone();
+    journal.outcome = "running".into();
+    for (region, (record, _)) in starts {
+        if let Some(r) = record {
+            let e = journal
+                .regions
+                .entry(region.clone())
+                .or_insert_with(|| RegionEntry {
+                    record: r.clone(),
+                    snapshot_ids: Vec::new(),
+                    parameter_before: None,
+                });
+            e.record = r.clone();
+        }
+    }
+    if let Some(e) = journal.regions.get_mut(source_region) {
+        e.snapshot_ids = source.snapshot_ids.clone();
+    }
+    journal
+}
+
+/// Says the promotion started, and which regions are done already with these settings.
+fn announce(
+    reporter: &Reporter,
+    build_id: &str,
+    source: &calls::Image,
+    source_region: &str,
+    settings: &Distribute,
+    unchanged: &[String],
+) {
+    reporter.emit(Event::PromoteStarted {
+        build_id: build_id.to_string(),
+        source_ami: source.id.clone(),
+        source_region: source_region.to_string(),
+        regions: settings
+            .copy_regions(source_region)
+            .map(str::to_string)
+            .collect(),
+    });
+    for r in unchanged {
+        reporter.emit(Event::Info {
+            step: "promote".into(),
+            message: format!("{r}: already promoted with these settings; nothing to do"),
+        });
+    }
+}
+
 type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// A region and the image of this account that has the name there, if any.
 type NameHolder = (String, Option<calls::Image>);
@@ -869,7 +927,6 @@ impl Promotion<'_> {
 
     /// Makes sure `region` has an available copy.
     async fn copy_region(&self, region: &str, next: Next) -> Result<(), PromoteError> {
-        let ec2 = &self.clients.get(region).ec2;
         let (mut attempt, mut ami) = match next {
             Next::Copy { attempt } => (attempt, None),
             Next::Wait { attempt, ami } => (attempt, Some(ami)),
@@ -877,13 +934,7 @@ impl Promotion<'_> {
             Next::Publish { .. } | Next::Nothing { .. } | Next::Refuse(_) => return Ok(()),
         };
         if let Some(id) = &ami {
-            // Resumed: the copy must still be there (a person or gc may have removed it).
-            let seen = calls::describe(ec2, id).await.map_err(aws_in(region))?;
-            if seen.is_none_or(|i| i.state == "deregistered") {
-                self.reporter.emit(Event::Info {
-                    step: "promote".into(),
-                    message: format!("{region}: the copy {id} is gone; copying again"),
-                });
+            if self.copy_gone(region, id).await? {
                 attempt += 1;
                 ami = None;
             }
@@ -891,56 +942,7 @@ impl Promotion<'_> {
         let (ami, known) = match ami {
             Some(id) => (id, None),
             None => {
-                // Ahead in the journal. On the tag, alongside the call: the token is the build's,
-                // the region's and the attempt's, so a resume from a tag that missed this write
-                // (no record, or the attempt before rolled back) asks with the same token and
-                // gets this copy.
-                let ahead = self.copy_record(region, Stage::Copying, attempt, None);
-                self.record_local(region, &ahead)?;
-                let request = calls::CopyRequest {
-                    source_ami: self.source.id.clone(),
-                    source_region: self.source_region().to_string(),
-                    name: self.source.name.clone(),
-                    description: format!(
-                        "{} (copied from {} in {} by bakery build {})",
-                        self.source
-                            .description
-                            .as_deref()
-                            .unwrap_or(&self.source.name),
-                        self.source.id,
-                        self.source_region(),
-                        self.build_id
-                    ),
-                    encrypted: self.settings.encrypted,
-                    kms_key_id: self.settings.kms_key_ids.get(region).cloned(),
-                    tags: plan::copy_tags(
-                        self.settings,
-                        &self.build_id,
-                        &self.source.id,
-                        self.source_region(),
-                    ),
-                    client_token: plan::client_token(&self.build_id, region, attempt),
-                };
-                let copied = async {
-                    wait::persist(|| calls::copy_image(ec2, &request))
-                        .await
-                        .map_err(|e| match e.code() {
-                            Some("IdempotentParameterMismatch") => {
-                                PromoteError::BadInput(format!(
-                                    "{region}: the copy of this attempt was asked with other settings; \
-                                     rerun with the settings the promotion started with"
-                                ))
-                            }
-                            _ => aws_in(region)(e),
-                        })
-                };
-                let (id, ()) = tokio::try_join!(copied, self.record_tag(region, &ahead))?;
-                self.reporter.emit(Event::ResourceCreated {
-                    kind: format!("image copy in {region}"),
-                    id: id.clone(),
-                });
-                let known = self.copy_record(region, Stage::Copying, attempt, Some(&id));
-                self.record_local(region, &known)?;
+                let (id, known) = self.start_copy(region, attempt).await?;
                 (id, Some(known))
             }
         };
@@ -964,6 +966,87 @@ impl Promotion<'_> {
             region,
             &self.copy_record(region, Stage::Copied, attempt, Some(&ami)),
         )
+    }
+
+    /// Resumed: whether the copy `id` is gone from `region` (a person or gc may have removed
+    /// it), which says so; it is then copied again.
+    async fn copy_gone(&self, region: &str, id: &str) -> Result<bool, PromoteError> {
+        let seen = calls::describe(&self.clients.get(region).ec2, id)
+            .await
+            .map_err(aws_in(region))?;
+        let gone = seen.is_none_or(|i| i.state == "deregistered");
+        if gone {
+            self.reporter.emit(Event::Info {
+                step: "promote".into(),
+                message: format!("{region}: the copy {id} is gone; copying again"),
+            });
+        }
+        Ok(gone)
+    }
+
+    /// Asks for the copy of `attempt` in `region`, written ahead in the journal; gives its id
+    /// and the record that names it (for the tag).
+    async fn start_copy(
+        &self,
+        region: &str,
+        attempt: u32,
+    ) -> Result<(String, Record), PromoteError> {
+        // Ahead in the journal. On the tag, alongside the call: the token is the build's, the
+        // region's and the attempt's, so a resume from a tag that missed this write (no
+        // record, or the attempt before rolled back) asks with the same token and gets this
+        // copy.
+        let ahead = self.copy_record(region, Stage::Copying, attempt, None);
+        self.record_local(region, &ahead)?;
+        let request = self.copy_request(region, attempt);
+        let ec2 = &self.clients.get(region).ec2;
+        let copied = async {
+            wait::persist(|| calls::copy_image(ec2, &request))
+                .await
+                .map_err(|e| match e.code() {
+                    Some("IdempotentParameterMismatch") => PromoteError::BadInput(format!(
+                        "{region}: the copy of this attempt was asked with other settings; \
+                         rerun with the settings the promotion started with"
+                    )),
+                    _ => aws_in(region)(e),
+                })
+        };
+        let (id, ()) = tokio::try_join!(copied, self.record_tag(region, &ahead))?;
+        self.reporter.emit(Event::ResourceCreated {
+            kind: format!("image copy in {region}"),
+            id: id.clone(),
+        });
+        let known = self.copy_record(region, Stage::Copying, attempt, Some(&id));
+        self.record_local(region, &known)?;
+        Ok((id, known))
+    }
+
+    /// The CopyImage request of `attempt` in `region`: tagged at creation, its client token
+    /// the build's, the region's and the attempt's.
+    fn copy_request(&self, region: &str, attempt: u32) -> calls::CopyRequest {
+        calls::CopyRequest {
+            source_ami: self.source.id.clone(),
+            source_region: self.source_region().to_string(),
+            name: self.source.name.clone(),
+            description: format!(
+                "{} (copied from {} in {} by bakery build {})",
+                self.source
+                    .description
+                    .as_deref()
+                    .unwrap_or(&self.source.name),
+                self.source.id,
+                self.source_region(),
+                self.build_id
+            ),
+            encrypted: self.settings.encrypted,
+            kms_key_id: self.settings.kms_key_ids.get(region).cloned(),
+            tags: plan::copy_tags(
+                self.settings,
+                &self.build_id,
+                &self.source.id,
+                self.source_region(),
+            ),
+            client_token: plan::client_token(&self.build_id, region, attempt),
+        }
     }
 
     /// Waits until the copy is available: no fixed deadline, only a limit on how long it may
@@ -1041,6 +1124,32 @@ impl Promotion<'_> {
     /// Applies the shares, deprecation, protection and parameter in `region` (idempotent:
     /// a rerun applies them again).
     async fn publish_region(&self, region: &str) -> Result<(), PromoteError> {
+        let Some((attempt, ami, snapshots)) = self.to_publish(region).await? else {
+            return Ok(());
+        };
+        // Written ahead in the journal; on the tag, alongside the calls (a resume from the tag
+        // alone publishes again either way: every call here is idempotent).
+        let publishing = self.copy_record(region, Stage::Publishing, attempt, Some(&ami));
+        self.record_local(region, &publishing)?;
+        let calls = async {
+            self.apply_publication(region, &ami, &snapshots)
+                .await
+                .map_err(aws_in(region))
+        };
+        tokio::try_join!(calls, self.record_tag(region, &publishing))?;
+        self.record(
+            region,
+            self.copy_record(region, Stage::Done, attempt, Some(&ami)),
+        )
+        .await
+    }
+
+    /// What `region` publishes: its attempt, image and snapshots; `None` when there is nothing
+    /// to publish there (published already with these settings, or never copied).
+    async fn to_publish(
+        &self,
+        region: &str,
+    ) -> Result<Option<(u32, String, Vec<String>)>, PromoteError> {
         let (record, snapshots) = {
             let j = self.journal();
             match j.regions.get(region) {
@@ -1056,16 +1165,12 @@ impl Promotion<'_> {
                 // Nothing to do; the manifest still needs its snapshots (a journal from
                 // another machine's run has none).
                 if let (Some(ami), true, false) = (&r.ami, snapshots.is_empty(), is_source) {
-                    let found = calls::describe(&self.clients.get(region).ec2, ami)
-                        .await
-                        .map_err(aws_in(region))?
-                        .map(|i| i.snapshot_ids)
-                        .unwrap_or_default();
+                    let found = self.snapshots_of(region, ami).await?;
                     if let Some(e) = self.journal().regions.get_mut(region) {
                         e.snapshot_ids = found;
                     }
                 }
-                return Ok(());
+                return Ok(None);
             }
             (_, true) => (0, self.source.id.clone(), self.source.snapshot_ids.clone()),
             (Some(r), false) => match &r.ami {
@@ -1077,15 +1182,11 @@ impl Promotion<'_> {
                     })
                 }
             },
-            (None, false) => return Ok(()),
+            (None, false) => return Ok(None),
         };
         let snapshots = if snapshots.is_empty() && !is_source {
             // Resumed on another machine: the journal there has no snapshot ids.
-            calls::describe(&self.clients.get(region).ec2, &ami)
-                .await
-                .map_err(aws_in(region))?
-                .map(|i| i.snapshot_ids)
-                .unwrap_or_default()
+            self.snapshots_of(region, &ami).await?
         } else {
             snapshots
         };
@@ -1099,17 +1200,32 @@ impl Promotion<'_> {
                     parameter_before: None,
                 });
         }
-        // Written ahead in the journal; on the tag, alongside the calls (a resume from the tag
-        // alone publishes again either way: every call here is idempotent).
-        let publishing = self.copy_record(region, Stage::Publishing, attempt, Some(&ami));
-        self.record_local(region, &publishing)?;
+        Ok(Some((attempt, ami, snapshots)))
+    }
+
+    /// The snapshots of `ami` in `region` (none if it is gone).
+    async fn snapshots_of(&self, region: &str, ami: &str) -> Result<Vec<String>, PromoteError> {
+        Ok(calls::describe(&self.clients.get(region).ec2, ami)
+            .await
+            .map_err(aws_in(region))?
+            .map(|i| i.snapshot_ids)
+            .unwrap_or_default())
+    }
+
+    /// The shares of `ami` and its `snapshots`, its deprecation, protection and parameter in
+    /// `region`, all at once.
+    async fn apply_publication(
+        &self,
+        region: &str,
+        ami: &str,
+        snapshots: &[String],
+    ) -> Result<(), AwsError> {
         let aws = self.clients.get(region);
         let s = self.settings;
-        let err = aws_in(region);
         let shares = async {
             calls::set_launch_permissions(
                 &aws.ec2,
-                &ami,
+                ami,
                 true,
                 &s.accounts,
                 &s.organization_arns,
@@ -1117,16 +1233,16 @@ impl Promotion<'_> {
             )
             .await
         };
-        let volumes = calls::set_volume_permissions(&aws.ec2, &snapshots, true, &s.accounts);
+        let volumes = calls::set_volume_permissions(&aws.ec2, snapshots, true, &s.accounts);
         let deprecation = async {
             match self.deprecate_unix {
-                Some(t) => calls::set_deprecation(&aws.ec2, &ami, Some(t)).await,
+                Some(t) => calls::set_deprecation(&aws.ec2, ami, Some(t)).await,
                 None => Ok(()),
             }
         };
         let protection = async {
             if s.deregistration_protection {
-                calls::set_protection(&aws.ec2, &ami, true).await
+                calls::set_protection(&aws.ec2, ami, true).await
             } else {
                 Ok(())
             }
@@ -1135,39 +1251,44 @@ impl Promotion<'_> {
             let Some(name) = &s.ssm_parameter else {
                 return Ok(());
             };
-            let known = self
-                .journal()
-                .regions
-                .get(region)
-                .and_then(|e| e.parameter_before.clone());
-            if known.is_none() {
-                let before = calls::get_parameter(&aws.ssm, name).await?;
-                // A rerun finds its own earlier write: that is not the value to restore.
-                if before.as_deref() != Some(ami.as_str()) {
-                    let mut j = self.journal();
-                    if let Some(e) = j.regions.get_mut(region) {
-                        e.parameter_before = Some(before);
-                    }
-                    write_journal(&self.journal_path, &j).map_err(|e| AwsError {
-                        action: "bakery",
-                        resource: self.journal_path.display().to_string(),
-                        code: None,
-                        message: e.to_string(),
-                        transient: false,
-                    })?;
-                }
-            }
-            calls::put_parameter(&aws.ssm, name, Some(&ami)).await
+            self.remember_parameter(region, name, ami).await?;
+            calls::put_parameter(&aws.ssm, name, Some(ami)).await
         };
-        let calls = async {
-            tokio::try_join!(shares, volumes, deprecation, protection, parameter).map_err(err)
-        };
-        tokio::try_join!(calls, self.record_tag(region, &publishing))?;
-        self.record(
-            region,
-            self.copy_record(region, Stage::Done, attempt, Some(&ami)),
-        )
-        .await
+        tokio::try_join!(shares, volumes, deprecation, protection, parameter).map(|_| ())
+    }
+
+    /// Keeps the parameter's value before this promotion wrote it, in the journal (once), so a
+    /// rollback can restore it.
+    async fn remember_parameter(
+        &self,
+        region: &str,
+        name: &str,
+        ami: &str,
+    ) -> Result<(), AwsError> {
+        let known = self
+            .journal()
+            .regions
+            .get(region)
+            .and_then(|e| e.parameter_before.clone());
+        if known.is_some() {
+            return Ok(());
+        }
+        let before = calls::get_parameter(&self.clients.get(region).ssm, name).await?;
+        // A rerun finds its own earlier write: that is not the value to restore.
+        if before.as_deref() == Some(ami) {
+            return Ok(());
+        }
+        let mut j = self.journal();
+        if let Some(e) = j.regions.get_mut(region) {
+            e.parameter_before = Some(before);
+        }
+        write_journal(&self.journal_path, &j).map_err(|e| AwsError {
+            action: "bakery",
+            resource: self.journal_path.display().to_string(),
+            code: None,
+            message: e.to_string(),
+            transient: false,
+        })
     }
 
     /// Undoes what this run could not finish in `region` (one whose copy was not done before
@@ -1177,20 +1298,13 @@ impl Promotion<'_> {
     async fn undo_region(&self, region: &str) {
         let aws = self.clients.get(region);
         let entry = self.journal().regions.get(region).cloned();
-        let warn = |what: &str, e: &dyn std::fmt::Display| {
-            self.reporter.emit(Event::CleanupFailed {
-                kind: what.into(),
-                id: region.into(),
-                error: e.to_string(),
-            });
-        };
         let published = entry
             .as_ref()
             .is_some_and(|e| e.record.stage >= Stage::Publishing);
         if let (true, Some(name)) = (published, &self.settings.ssm_parameter) {
             if let Some(before) = entry.as_ref().and_then(|e| e.parameter_before.clone()) {
                 if let Err(e) = calls::put_parameter(&aws.ssm, name, before.as_deref()).await {
-                    warn("SSM parameter", &e);
+                    self.cleanup_failed(region, "SSM parameter", &e);
                 }
             }
         }
@@ -1198,54 +1312,11 @@ impl Promotion<'_> {
             if !published {
                 return;
             }
-            let s = self.settings;
-            let id = &self.source.id;
-            let undone = async {
-                calls::set_launch_permissions(
-                    &aws.ec2,
-                    id,
-                    false,
-                    &s.accounts,
-                    &s.organization_arns,
-                    &s.ou_arns,
-                )
-                .await?;
-                calls::set_volume_permissions(
-                    &aws.ec2,
-                    &self.source.snapshot_ids,
-                    false,
-                    &s.accounts,
-                )
-                .await?;
-                if self.deprecate_unix.is_some() {
-                    calls::set_deprecation(&aws.ec2, id, None).await?;
-                }
-                if s.deregistration_protection {
-                    calls::set_protection(&aws.ec2, id, false).await?;
-                }
-                Ok::<_, AwsError>(())
-            };
-            if let Err(e) = undone.await {
-                warn("shares of the source image", &e);
+            if let Err(e) = self.unshare_source(aws).await {
+                self.cleanup_failed(region, "shares of the source image", &e);
             }
         } else {
-            match calls::own_images_tagged(&aws.ec2, BUILD_ID_TAG, &self.build_id).await {
-                Ok(images) => {
-                    for i in images.iter().filter(|i| {
-                        i.tags.get(plan::SOURCE_REGION_TAG).map(String::as_str)
-                            == Some(self.source_region())
-                    }) {
-                        match calls::remove_image(&aws.ec2, i, true).await {
-                            Ok(()) => self.reporter.emit(Event::ResourceReleased {
-                                kind: format!("image copy in {region}"),
-                                id: i.id.clone(),
-                            }),
-                            Err(e) => warn("image copy", &e),
-                        }
-                    }
-                }
-                Err(e) => warn("image copies", &e),
-            }
+            self.remove_copies(region).await;
         }
         let attempt = entry.as_ref().map_or(0, |e| e.record.attempt);
         let ami = entry.as_ref().and_then(|e| e.record.ami.clone());
@@ -1256,7 +1327,63 @@ impl Promotion<'_> {
             )
             .await
         {
-            warn("promotion record", &e);
+            self.cleanup_failed(region, "promotion record", &e);
+        }
+    }
+
+    /// Reports what could not be undone in `region`.
+    fn cleanup_failed(&self, region: &str, what: &str, e: &dyn std::fmt::Display) {
+        self.reporter.emit(Event::CleanupFailed {
+            kind: what.into(),
+            id: region.into(),
+            error: e.to_string(),
+        });
+    }
+
+    /// Takes back what publishing gave the source image: its shares and its snapshots',
+    /// deprecation and protection.
+    async fn unshare_source(&self, aws: &Aws) -> Result<(), AwsError> {
+        let s = self.settings;
+        let id = &self.source.id;
+        calls::set_launch_permissions(
+            &aws.ec2,
+            id,
+            false,
+            &s.accounts,
+            &s.organization_arns,
+            &s.ou_arns,
+        )
+        .await?;
+        calls::set_volume_permissions(&aws.ec2, &self.source.snapshot_ids, false, &s.accounts)
+            .await?;
+        if self.deprecate_unix.is_some() {
+            calls::set_deprecation(&aws.ec2, id, None).await?;
+        }
+        if s.deregistration_protection {
+            calls::set_protection(&aws.ec2, id, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Deregisters the build's copies of the source in `region`, with their snapshots.
+    async fn remove_copies(&self, region: &str) {
+        let ec2 = &self.clients.get(region).ec2;
+        let images = match calls::own_images_tagged(ec2, BUILD_ID_TAG, &self.build_id).await {
+            Ok(images) => images,
+            Err(e) => return self.cleanup_failed(region, "image copies", &e),
+        };
+        let source_region = Some(self.source_region());
+        for i in images
+            .iter()
+            .filter(|i| i.tags.get(plan::SOURCE_REGION_TAG).map(String::as_str) == source_region)
+        {
+            match calls::remove_image(ec2, i, true).await {
+                Ok(()) => self.reporter.emit(Event::ResourceReleased {
+                    kind: format!("image copy in {region}"),
+                    id: i.id.clone(),
+                }),
+                Err(e) => self.cleanup_failed(region, "image copy", &e),
+            }
         }
     }
 }
