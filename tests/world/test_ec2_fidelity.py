@@ -118,3 +118,25 @@ def test_create_launch_template_version_honours_its_client_token(world, faults, 
     assert sorted(v["VersionNumber"] for v in listed) == [1, 2]
     other = ec2.create_launch_template_version(LaunchTemplateId=lt, LaunchTemplateData={"ImageId": ami})
     assert other["LaunchTemplateVersion"]["VersionNumber"] == 3
+
+
+def test_instances_are_found_by_id_as_they_are_launched_and_an_unknown_id_is_not_found(world):
+    """The world's index of instances by id (patches_ec2.py) answers what moto's scan did: every
+    instance of a reservation, however many lookups came before it was made."""
+    ec2 = world.client("ec2")
+    kw = dict(ImageId=world.env["WORLD_BASE_AMI"], InstanceType="t3.micro",
+              SubnetId=world.env["WORLD_PRIVATE_SUBNETS"].split(",")[0])
+    first = ec2.run_instances(MinCount=1, MaxCount=1, **kw)["Instances"][0]["InstanceId"]
+    pair = [i["InstanceId"] for i in ec2.run_instances(MinCount=2, MaxCount=2, **kw)["Instances"]]
+    try:
+        for iid in [first, *pair]:
+            a = ec2.describe_instance_attribute(InstanceId=iid, Attribute="instanceType")
+            assert (a["InstanceId"], a["InstanceType"]["Value"]) == (iid, "t3.micro")
+        ec2.terminate_instances(InstanceIds=[pair[0]])
+        a = ec2.describe_instance_attribute(InstanceId=pair[0], Attribute="instanceType")
+        assert a["InstanceId"] == pair[0], "a terminated instance is still known, as on AWS"
+        code = err_of(lambda: ec2.describe_instance_attribute(InstanceId="i-0123456789abcdef0",
+                                                              Attribute="instanceType"))
+        assert code and code[0] == "InvalidInstanceID.NotFound", code
+    finally:
+        ec2.terminate_instances(InstanceIds=[first, *pair])

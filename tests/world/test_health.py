@@ -170,3 +170,22 @@ def test_terminated_instance_drains_out_of_its_target_group(world, elb, ec2, lau
     ec2.terminate_instances(InstanceIds=[box.id])
     assert health_of(elb, arn, box.id)["State"] == "draining"
     wait_for(lambda: health_of(elb, arn, box.id) is None, timeout=5, what="drained")
+
+
+def test_health_checks_turned_off_by_modify_target_group_leave_targets_unavailable(world, elb, launch):
+    """ModifyTargetGroup(HealthCheckEnabled=false), as AWS does: no more checks, every target
+    `unavailable` (moto kept the string "false", which counted as on)."""
+    tg = make_target_group(world, elb)
+    arn = tg["TargetGroupArn"]
+    box = launch(user_data=APP_USER_DATA)
+    elb.register_targets(TargetGroupArn=arn, Targets=[{"Id": box.id}])
+    wait_for(lambda: health_of(elb, arn, box.id)["State"] == "healthy", timeout=30, what="healthy")
+    elb.modify_target_group(TargetGroupArn=arn, HealthCheckEnabled=False)
+    h = health_of(elb, arn, box.id)
+    assert (h["State"], h["Reason"]) == ("unavailable", "Target.HealthCheckDisabled"), h
+    # A crash is no longer seen by checks that do not run.
+    assert world.cli("kill", box.id).returncode == 0
+    time.sleep(INTERVAL * UNHEALTHY + SLACK)
+    assert health_of(elb, arn, box.id)["State"] == "unavailable"
+    elb.modify_target_group(TargetGroupArn=arn, HealthCheckEnabled=True)
+    wait_for(lambda: health_of(elb, arn, box.id)["State"] == "unhealthy", timeout=15, what="checked again")

@@ -401,7 +401,7 @@ def _patch_moto() -> None:
                 "Target.NotInUse",
                 "Target group is not configured to receive traffic from the load balancer",
             )
-        if not self.health_check_enabled:
+        if not checks_enabled(self):
             return FakeHealthStatus(
                 tid,
                 reg["Port"],
@@ -554,7 +554,7 @@ class HealthChecker:
             return jobs
         ec2 = elbv2.ec2_backend
         for tg in list(elbv2.target_groups.values()):
-            if tg.target_type == "lambda" or not tg.health_check_enabled:
+            if tg.target_type == "lambda" or not checks_enabled(tg):
                 continue
             if not tg.load_balancer_arns:
                 continue  # AWS runs no checks for a target group no load balancer uses
@@ -635,6 +635,16 @@ def install(world: Any) -> HealthChecker:
         CHECKER = HealthChecker(world)
         CHECKER.start()
     return CHECKER
+
+
+def checks_enabled(tg: Any) -> bool:
+    """Whether the target group's health checks are on. moto keeps what ModifyTargetGroup was
+    given as it came, the string "false" included (which is true to Python); CreateTargetGroup
+    parses it."""
+    v = tg.health_check_enabled
+    if isinstance(v, str):
+        return v.strip().lower() != "false"
+    return True if v is None else bool(v)
 
 
 def target_state(tg_arn: str, target_id: str) -> str | None:

@@ -95,6 +95,44 @@ def install(world) -> None:
 
     Instance = inst_models.Instance
 
+    # --- instances by id -------------------------------------------------------------
+    # moto finds one instance by copying every reservation the account ever had
+    # (`all_reservations`) and scanning them, once per lookup. The health checker and
+    # DescribeTargetHealth look up every target, so at 1,000 instances (with every terminated
+    # one still kept) a health tick held the moto lock for seconds and every call waited. An
+    # index answers the same objects: rebuilt when the number of reservations changes (moto
+    # never removes one), and once more on a miss (a reservation is stored before its
+    # instances are added to it).
+    InstanceBackend = inst_models.InstanceBackend
+    orig_get_instance_by_id = InstanceBackend.get_instance_by_id
+
+    def instance_index(backend, fresh: bool = False) -> dict:
+        n = len(backend.reservations)
+        cached = backend.__dict__.get("_bakeryworld_instances")
+        if fresh or cached is None or cached[0] != n:
+            index = {i.id: i for r in list(backend.reservations.values()) for i in r.instances}
+            cached = (n, index)
+            backend.__dict__["_bakeryworld_instances"] = cached
+        return cached[1]
+
+    def get_instance_by_id(self, instance_id: str):
+        found = instance_index(self).get(instance_id)
+        if found is None:
+            found = instance_index(self, fresh=True).get(instance_id)
+        return found
+
+    def get_instance(self, instance_id: str):
+        found = get_instance_by_id(self, instance_id)
+        if found is None:
+            from moto.ec2.exceptions import InvalidInstanceIdError
+
+            raise InvalidInstanceIdError(instance_id)
+        return found
+
+    InstanceBackend.get_instance_by_id = get_instance_by_id
+    InstanceBackend.get_instance = get_instance
+    InstanceBackend._bakeryworld_orig_get_instance_by_id = orig_get_instance_by_id
+
     # --- status checks -------------------------------------------------------------
     Instance.instance_status = property(lambda self: _status_block(self, system=False))
     Instance.system_status = property(lambda self: _status_block(self, system=True))
