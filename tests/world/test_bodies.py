@@ -160,6 +160,24 @@ def test_kill_keeps_the_instance_and_crash_impairs_it(world, ec2, launch):
     st = ec2.describe_instance_status(InstanceIds=[box.id])["InstanceStatuses"][0]
     assert st["InstanceStatus"]["Details"][0]["Status"] == "failed"
     assert st["SystemStatus"]["Status"] == "ok"
+    # Filtered on the status, as a fleet's health check asks: the impaired one, not the others
+    # (moto answered every instance whatever the filter).
+    other = launch()
+    other.wait_ssh()
+    impaired = ec2.describe_instance_status(
+        Filters=[{"Name": "instance-status.status", "Values": ["impaired"]}])["InstanceStatuses"]
+    assert box.id in [s["InstanceId"] for s in impaired] and other.id not in [s["InstanceId"] for s in impaired]
+    assert {s["InstanceStatus"]["Status"] for s in impaired} == {"impaired"}
+    failed = ec2.describe_instance_status(
+        Filters=[{"Name": "instance-status.reachability", "Values": ["failed"]}])["InstanceStatuses"]
+    assert box.id in [s["InstanceId"] for s in failed] and other.id not in [s["InstanceId"] for s in failed]
+    ok = ec2.describe_instance_status(
+        InstanceIds=[box.id, other.id], Filters=[{"Name": "instance-status.status", "Values": ["ok"]}]
+    )["InstanceStatuses"]
+    assert [s["InstanceId"] for s in ok] == [other.id]
+    assert not ec2.describe_instance_status(
+        InstanceIds=[box.id, other.id],
+        Filters=[{"Name": "system-status.status", "Values": ["impaired"]}])["InstanceStatuses"]
     assert box.state() == "running"
     assert not body_pids(world.dir, box.id)
     # a reboot brings the body back

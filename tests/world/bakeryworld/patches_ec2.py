@@ -137,6 +137,30 @@ def install(world) -> None:
     Instance.instance_status = property(lambda self: _status_block(self, system=False))
     Instance.system_status = property(lambda self: _status_block(self, system=True))
 
+    # --- DescribeInstanceStatus filters on the statuses ------------------------------------
+    # moto ignores `instance-status.status`, `system-status.status` and their `.reachability`
+    # filters and answers every instance. AWS answers only the matching ones, which is why a
+    # fleet's health check asks for `impaired` alone: at 1,000 instances moto serialized every
+    # status, 0.23 s a call with the moto lock held.
+    status_filters = {
+        "instance-status.status": lambda i: i.instance_status["Status"],
+        "system-status.status": lambda i: i.system_status["Status"],
+        "instance-status.reachability": lambda i: i.instance_status["Details"][0]["Status"],
+        "system-status.reachability": lambda i: i.system_status["Details"][0]["Status"],
+    }
+    orig_describe_instance_status = InstanceBackend.describe_instance_status
+
+    def describe_instance_status(self, instance_ids, include_all_instances, filters):
+        ours = [f for f in filters or [] if f.get("name") in status_filters]
+        rest = [f for f in filters or [] if f.get("name") not in status_filters]
+        found = orig_describe_instance_status(self, instance_ids, include_all_instances, rest)
+        for f in ours:
+            value_of, wanted = status_filters[f["name"]], set(f.get("values") or [])
+            found = [i for i in found if value_of(i) in wanted]
+        return found
+
+    InstanceBackend.describe_instance_status = describe_instance_status
+
     # --- console output --------------------------------------------------------------
     def get_console_output(self):
         instance_id = self._get_param("InstanceId")
