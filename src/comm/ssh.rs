@@ -525,6 +525,25 @@ mod tests {
         );
     }
 
+    /// Runs `command` with `sh -c`, `stdin` as its input.
+    fn sh(command: &str, stdin: &str) -> std::process::Output {
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(command)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
     /// The script arrives on stdin ahead of the environment; a short one is not run.
     #[test]
     fn the_script_and_its_environment_arrive_on_stdin_and_a_short_script_is_not_run() {
@@ -535,21 +554,10 @@ mod tests {
         let script = "#!/bin/sh\nprintf '%s|%s' \"$MSG\" \"$(stat -c %a \"$0\")\"\n";
         let env = BTreeMap::from([("MSG".to_string(), "it's $HOME\nline 2".to_string())]);
         let run = |len: usize, stdin: String| {
-            let mut child = std::process::Command::new("sh")
-                .arg("-c")
-                .arg(script_command(remote, len, false, Duration::from_secs(10)))
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(stdin.as_bytes())
-                .unwrap();
-            child.wait_with_output().unwrap()
+            sh(
+                &script_command(remote, len, false, Duration::from_secs(10)),
+                &stdin,
+            )
         };
         let out = run(script.len(), format!("{script}{}", env_assignments(&env)));
         assert!(out.status.success(), "{out:?}");
@@ -584,24 +592,8 @@ mod tests {
             ("MSG".to_string(), "it's $HOME\nline 2".to_string()),
             ("OTHER".to_string(), "x".to_string()),
         ]);
-        let mut child = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(shell_command(
-                script.to_str().unwrap(),
-                false,
-                Duration::from_secs(10),
-            ))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(env_assignments(&env).as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let command = shell_command(script.to_str().unwrap(), false, Duration::from_secs(10));
+        let out = sh(&command, &env_assignments(&env));
         assert_eq!(String::from_utf8_lossy(&out.stdout), "it's $HOME\nline 2|x");
         assert!(!script.exists(), "the script is removed");
         let _ = std::fs::remove_dir_all(&dir);

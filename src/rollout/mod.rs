@@ -1264,16 +1264,37 @@ impl<'a> Driver<'a> {
         }
     }
 
-    /// Terminates the Standby instances on the old image (`--standby-instances replace`).
-    async fn drop_standby(&mut self, ids: &[String]) -> Result<(), RolloutError> {
+    /// Terminates `ids` one by one, each call fenced; `decrement`: the desired capacity
+    /// goes down with each.
+    async fn terminate_each(
+        &mut self,
+        ids: &[String],
+        decrement: bool,
+    ) -> Result<(), RolloutError> {
         for id in ids {
             let fence = self.guard().await?;
             self.fenced(
                 fence,
-                autoscaling::terminate_instance(&self.aws.autoscaling, id, false),
+                autoscaling::terminate_instance(&self.aws.autoscaling, id, decrement),
             )
             .await?;
         }
+        Ok(())
+    }
+
+    /// Sets the group's desired capacity, fenced.
+    async fn set_desired(&mut self, desired: u32) -> Result<(), RolloutError> {
+        let fence = self.guard().await?;
+        self.fenced(
+            fence,
+            autoscaling::set_desired(&self.aws.autoscaling, &self.group, desired),
+        )
+        .await
+    }
+
+    /// Terminates the Standby instances on the old image (`--standby-instances replace`).
+    async fn drop_standby(&mut self, ids: &[String]) -> Result<(), RolloutError> {
+        self.terminate_each(ids, false).await?;
         self.reporter.emit(Event::Info {
             step: "rollout".into(),
             message: format!(
@@ -1314,20 +1335,8 @@ impl<'a> Driver<'a> {
             )
             .await?;
         }
-        let fence = self.guard().await?;
-        self.fenced(
-            fence,
-            autoscaling::set_desired(&self.aws.autoscaling, &self.group, desired),
-        )
-        .await?;
-        for id in &retire {
-            let fence = self.guard().await?;
-            self.fenced(
-                fence,
-                autoscaling::terminate_instance(&self.aws.autoscaling, id, false),
-            )
-            .await?;
-        }
+        self.set_desired(desired).await?;
+        self.terminate_each(&retire, false).await?;
         self.reporter.emit(Event::BatchStarted {
             batch,
             size: desired - capacity,
@@ -1341,21 +1350,9 @@ impl<'a> Driver<'a> {
     /// sets it back to `capacity`), and records that the batch is over.
     async fn retire(&mut self, ids: Vec<String>, capacity: u32) -> Result<(), RolloutError> {
         if ids.is_empty() {
-            let fence = self.guard().await?;
-            self.fenced(
-                fence,
-                autoscaling::set_desired(&self.aws.autoscaling, &self.group, capacity),
-            )
-            .await?;
+            self.set_desired(capacity).await?;
         }
-        for id in &ids {
-            let fence = self.guard().await?;
-            self.fenced(
-                fence,
-                autoscaling::terminate_instance(&self.aws.autoscaling, id, true),
-            )
-            .await?;
-        }
+        self.terminate_each(&ids, true).await?;
         self.progress.bt = None;
         self.save_progress().await?;
         self.reporter.emit(Event::Retired {
