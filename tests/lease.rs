@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::io::BufRead;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -54,27 +53,15 @@ fn spawn_rollout(
     key: &str,
     args: &[String],
 ) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
-    let mut child = world
-        .bakery()
-        .env("AWS_ACCESS_KEY_ID", key)
-        .env_remove("BAKERY_LEASE_TABLE")
-        .args(["--output", "json", "rollout"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    (child, rx)
+    spawn_lines(
+        world
+            .bakery()
+            .env("AWS_ACCESS_KEY_ID", key)
+            .env_remove("BAKERY_LEASE_TABLE")
+            .args(["--output", "json", "rollout"])
+            .args(args)
+            .stderr(Stdio::piped()),
+    )
 }
 
 /// A spawned run's exit code and events, once it ended.

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -48,25 +47,14 @@ fn spawn_release(
     plan: &Path,
     args: &[&str],
 ) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
-    let mut child = world
-        .bakery()
-        .args(["--output", "json", "release"])
-        .arg(plan)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    (child, rx)
+    spawn_lines(
+        world
+            .bakery()
+            .args(["--output", "json", "release"])
+            .arg(plan)
+            .args(args)
+            .stderr(Stdio::null()),
+    )
 }
 
 fn release(world: &World, plan: &Path, args: &[&str]) -> Run {

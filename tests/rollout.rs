@@ -43,24 +43,18 @@ fn spawn_rollout(
     args: &[&str],
     mut watch: impl FnMut(&serde_json::Value) -> bool + Send + 'static,
 ) -> Watched {
-    let mut child = world
-        .bakery()
-        .env("AWS_ACCESS_KEY_ID", key)
-        .args(["--output", "json", "rollout"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let (child, rx) = spawn_lines(
+        world
+            .bakery()
+            .env("AWS_ACCESS_KEY_ID", key)
+            .args(["--output", "json", "rollout"])
+            .args(args)
+            .stderr(Stdio::piped()),
+    );
     let (tx, seen) = std::sync::mpsc::channel::<()>();
     let lines = std::thread::spawn(move || {
-        use std::io::BufRead;
         let mut lines = Vec::new();
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
+        for line in rx {
             if serde_json::from_str::<serde_json::Value>(&line).is_ok_and(|e| watch(&e)) {
                 let _ = tx.send(());
             }
@@ -1058,28 +1052,16 @@ async fn a_driver_paused_past_its_lock_stops_without_another_mutating_call() {
         "--health-timeout",
         "60s",
     ];
-    let mut a = world
-        .bakery()
-        .env("AWS_ACCESS_KEY_ID", &key_a)
-        .args(["--output", "json", "rollout"])
-        .args(common)
-        .args(["--canary-bake", "20s"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = a.stdout.take().unwrap();
+    let (a, rx) = spawn_lines(
+        world
+            .bakery()
+            .env("AWS_ACCESS_KEY_ID", &key_a)
+            .args(["--output", "json", "rollout"])
+            .args(common)
+            .args(["--canary-bake", "20s"])
+            .stderr(Stdio::piped()),
+    );
     let pid = a.id().to_string();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
     let mut events = Vec::new();
     events_until(
         &rx,

@@ -242,15 +242,23 @@ pub fn spawn_build_as(
     recipe: &Path,
     key: &str,
 ) -> (Child, std::sync::mpsc::Receiver<String>) {
-    let mut child = world
-        .bakery()
-        .env("AWS_ACCESS_KEY_ID", key)
-        .args(["--output", "json", "build"])
-        .arg(recipe)
-        .arg("--manifest")
-        .arg(recipe.with_extension("manifest.json"))
+    spawn_lines(
+        world
+            .bakery()
+            .env("AWS_ACCESS_KEY_ID", key)
+            .args(["--output", "json", "build"])
+            .arg(recipe)
+            .arg("--manifest")
+            .arg(recipe.with_extension("manifest.json"))
+            .stderr(Stdio::piped()),
+    )
+}
+
+/// Starts `command` with its stdout piped; its lines arrive on the receiver as they are written
+/// (until the receiver is dropped). Its stderr is as `command` says.
+pub fn spawn_lines(command: &mut Command) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = command
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn bakery");
     let stdout = child.stdout.take().unwrap();
