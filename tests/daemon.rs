@@ -300,7 +300,9 @@ async fn a_crashed_app_is_replaced_within_interval_times_threshold_and_the_group
             "bakery_group_replaced_total{{group=\"{}\"}}",
             fleet.asg
         )),
-        Some(1.0)
+        Some(1.0),
+        "{:?}",
+        d.metrics()
     );
 
     let (code, took, logs) = d.stop();

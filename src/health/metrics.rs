@@ -19,6 +19,8 @@ use crate::aws::budget::{ActionStats, CallPolicy};
 pub const MAX_CONNECTIONS: usize = 32;
 /// How long one connection may take, request and answer.
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most of a request's head read; the rest is not looked at.
+const MAX_HEAD: usize = 8192;
 /// The pause after a failed accept doubles from this to [`ACCEPT_BACKOFF_MAX`].
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -381,15 +383,34 @@ fn respond(path: &str, shared: &Shared, policy: &CallPolicy) -> String {
     )
 }
 
+/// The request's head: read until the blank line that ends it (a client may send it in
+/// several pieces, and a request line cut after `GET ` would otherwise be answered as `/`), until
+/// [`MAX_HEAD`] bytes, or until the client stops sending. Reading it all also keeps the close
+/// from resetting the connection before the client reads the answer.
+async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while head.len() < MAX_HEAD
+        && !head.windows(4).any(|w| w == b"\r\n\r\n")
+        && !head.windows(2).any(|w| w == b"\n\n")
+    {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    Some(head)
+}
+
 async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     shared: Shared,
     policy: Arc<CallPolicy>,
 ) {
     let _ = tokio::time::timeout(CONNECTION_TIMEOUT, async {
-        let mut buf = [0u8; 1024];
-        let n = stream.read(&mut buf).await.ok()?;
-        let head = String::from_utf8_lossy(&buf[..n]);
+        let head = read_head(&mut stream).await?;
+        let head = String::from_utf8_lossy(&head);
         let path = head.split_whitespace().nth(1).unwrap_or("/");
         let response = respond(path, &shared, &policy);
         stream.write_all(response.as_bytes()).await.ok()
@@ -606,6 +627,27 @@ mod tests {
                 None => std::future::pending().await,
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_request_that_arrives_in_pieces_is_answered_for_its_whole_path() {
+        let (mut client, server_end) = tokio::io::duplex(4096);
+        // The first piece is there before the server reads; the rest comes after its first read.
+        client.write_all(b"GET ").await.unwrap();
+        let (_, answer) = tokio::join!(
+            handle(server_end, shared(), Arc::new(CallPolicy::default())),
+            async {
+                tokio::task::yield_now().await;
+                client.write_all(b"/metrics HTTP/1.0\r\n").await.unwrap();
+                tokio::task::yield_now().await;
+                client.write_all(b"Host: 127.0.0.1\r\n\r\n").await.unwrap();
+                let mut answer = String::new();
+                client.read_to_string(&mut answer).await.unwrap();
+                answer
+            }
+        );
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        assert!(answer.contains("bakery_loops_total "), "{answer}");
     }
 
     #[tokio::test]
