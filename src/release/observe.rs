@@ -278,17 +278,16 @@ pub async fn new_instances(
     ids: &[String],
     ami: &str,
 ) -> Result<Vec<(String, IpAddr)>, String> {
-    let found = ec2::instances_by_id(&aws.ec2, ids)
+    let pick = |i: &aws_sdk_ec2::types::Instance| {
+        if i.image_id() != Some(ami) {
+            return None;
+        }
+        let ip = i.private_ip_address()?.parse().ok()?;
+        Some((i.instance_id()?.to_string(), ip))
+    };
+    ec2::instances_by_id(&aws.ec2, ids, &pick)
         .await
-        .map_err(|e| e.to_string())?;
-    Ok(found
-        .iter()
-        .filter(|i| i.image_id() == Some(ami))
-        .filter_map(|i| {
-            let ip = i.private_ip_address()?.parse().ok()?;
-            Some((i.instance_id()?.to_string(), ip))
-        })
-        .collect())
+        .map_err(|e| e.to_string())
 }
 
 /// The port of the first target group (the HTTP gate's default).
