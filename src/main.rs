@@ -33,6 +33,9 @@ fn main() -> ExitCode {
         cli.global.quiet,
         json_logs,
     );
+    if daemon {
+        bakery::health::malloc::use_one_arena();
+    }
     // A release runs its groups' rollouts on worker threads; a rollout's future is deep (more
     // so unoptimized), so workers get the main thread's 8 MiB of stack, not tokio's 2 MiB
     // (virtual: only the pages touched are resident).
