@@ -745,9 +745,8 @@ pub async fn impaired(ec2: &Client) -> Result<BTreeMap<String, String>, AwsError
 }
 
 /// Instance ids asked for in one DescribeInstances call. An answer is parsed whole before it is
-/// used (a few KB an instance), so a smaller chunk bounds what a call holds in memory: 200
-/// instances' answer is about a MB, where 1,000 made the daemon's resident memory jump by ~8 MB
-/// when it took over a large fleet.
+/// used (a few KB of XML an instance), so fewer ids a call bound what one answer holds in memory:
+/// a daemon taking over a large fleet asks for the addresses of hundreds of instances at once.
 const IDS_PER_CALL: usize = 200;
 
 /// `pick` of each instance with one of these ids, however many: ids in chunks of

@@ -438,9 +438,10 @@ async fn end_takeover(aws: &Aws, group: &str, resume: bool) -> Result<(), AwsErr
     autoscaling::delete_tags(&aws.autoscaling, group, &[TAKEOVER_TAG]).await
 }
 
-/// A round's reads in flight at once. An SDK call's future is some 30 KB until its answer is
-/// parsed (heaptrack): 40 target groups read at once held over a MB. Sixteen keep the bucket's
-/// pace (a call takes tens of milliseconds; tokens come 20 a second by default) and bound that.
+/// A round's reads in flight at once. An SDK call's task is some 30 KB until its answer is
+/// parsed (heaptrack): the reads of bench-daemon's fleet (40 target groups), spawned at once, held
+/// 2.6 MB at the daemon's peak. Sixteen keep up with the bucket (a call takes tens of milliseconds; tokens
+/// come 20 a second at most by default) and bound that to half a MB.
 const READS_IN_FLIGHT: usize = 16;
 
 /// How long a stop may take to hand the takeovers back, at most (a loaded endpoint: the calls of
